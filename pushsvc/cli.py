@@ -1,0 +1,164 @@
+"""Command line: ``pushsvc serve | token | check-config | plugins``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import secrets
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from pushsvc import __version__, auth, logs
+from pushsvc import config as config_module
+from pushsvc.config import Config, ConfigError
+from pushsvc.plugins import PluginError, load_plugins
+
+log = logging.getLogger("pushsvc")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pushsvc", description="Notification push service.")
+    parser.add_argument("--version", action="version", version=f"pushsvc {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the service in the foreground")
+    serve.add_argument("--config", help="TOML config file (default: $PUSHSVC_CONFIG)")
+    serve.add_argument("--host", help="listen address (server.host)")
+    serve.add_argument("--port", type=int, help="listen port (server.port)")
+    serve.add_argument("--data-dir", help="state folder (server.data_dir)")
+    serve.add_argument(
+        "--dev",
+        action="store_true",
+        help="development mode: generate a JWT secret when none is set",
+    )
+
+    token = commands.add_parser("token", help="print an HS256 token signed with the secret")
+    token.add_argument("--config", help="TOML config file")
+    token.add_argument("--sub", required=True, help="user id")
+    token.add_argument("--scope", default="", help='space-separated, e.g. "publish notify"')
+    token.add_argument("--rooms", default=None, help='space-separated globs, e.g. "a b*"')
+    token.add_argument("--ttl", type=float, default=3600, help="seconds until expiry")
+    token.add_argument("--name", default=None, help="display name")
+    token.add_argument("--secret", default=None, help="secret to sign with (default: config)")
+
+    check = commands.add_parser("check-config", help="validate and print the effective config")
+    check.add_argument("--config", help="TOML config file")
+
+    plugins = commands.add_parser("plugins", help="list loaded plugins and their message types")
+    plugins.add_argument("--config", help="TOML config file")
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    server: dict[str, Any] = {}
+    for flag, key in (("host", "host"), ("port", "port"), ("data_dir", "data_dir")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            server[key] = value
+    return {"server": server} if server else {}
+
+
+def _serve(args: argparse.Namespace, config: Config) -> int:
+    overrides = _overrides(args)
+    if (
+        not config.secret()
+        and "HS256" in config.auth.algorithms
+        and not (config.auth.public_key_file or config.auth.jwks_url)
+    ):
+        if not args.dev:
+            print(
+                "pushsvc: no JWT secret configured: set auth.jwt_secret, auth.jwt_secret_file "
+                "or PUSHSVC_JWT_SECRET (or run with --dev for a generated one)",
+                file=sys.stderr,
+            )
+            return 2
+        secret = secrets.token_urlsafe(32)
+        overrides.setdefault("auth", {})["jwt_secret"] = secret
+        config = dataclasses.replace(
+            config, auth=dataclasses.replace(config.auth, jwt_secret=secret)
+        )
+        print(f"pushsvc: --dev: generated JWT secret {secret}", file=sys.stderr)
+        print(f"pushsvc: --dev: try token: {auth.mint(secret, 'dev', ttl=86400)}", file=sys.stderr)
+    try:
+        import uvloop
+    except ImportError:
+        runner = asyncio.run
+    else:
+        runner = uvloop.run
+    return int(runner(_run(config, args.config, overrides)))
+
+
+async def _run(config: Config, path: str | None, overrides: dict[str, dict[str, Any]]) -> int:
+    from pushsvc import app, sdnotify
+
+    try:
+        service = await app.start(config, config_path=path, overrides=overrides)
+    except PluginError as exc:
+        print(f"pushsvc: {exc}", file=sys.stderr)
+        return 3
+    except Exception as exc:
+        log.exception("startup failed")
+        print(f"pushsvc: startup failed: {exc}", file=sys.stderr)
+        return 1
+    service.install_signals()
+    host, port = service.sockets[0].getsockname()[:2]
+    print(f"pushsvc listening on http://{host}:{port} (ws://{host}:{port}/ws)", flush=True)
+    sdnotify.notify("READY=1", "STATUS=serving 0 connections")
+    await service.stopped.wait()
+    log.info("stopped")
+    return 0
+
+
+def _token(args: argparse.Namespace, config: Config) -> int:
+    secret = args.secret or config.secret()
+    if not secret:
+        print("pushsvc: no JWT secret: set auth.jwt_secret or PUSHSVC_JWT_SECRET", file=sys.stderr)
+        return 2
+    rooms = args.rooms.split() if args.rooms is not None else None
+    print(auth.mint(secret, args.sub, ttl=args.ttl, scope=args.scope, rooms=rooms, name=args.name))
+    return 0
+
+
+def _plugins(config: Config) -> int:
+    plugins = load_plugins(config.plugins.disabled, config.auth.default_rooms)
+    for plugin in plugins.loaded:
+        print(f"{plugin.name}  ({plugin.distribution}, module {plugin.module})")
+        for name in plugin.message_types:
+            declared = plugins.types[name].message_type
+            scope = f", scope {declared.scope}" if declared.scope else ""
+            print(
+                f"    {name}: {declared.guarantee.value}, cost {declared.cost:g}{scope}"
+                f"  {declared.description}"
+            )
+    for name in config.plugins.disabled:
+        print(f"{name}  (disabled by plugins.disabled)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``pushsvc`` command."""
+    args = _parser().parse_args(argv)
+    try:
+        config = config_module.load(args.config, overrides=_overrides(args))
+    except ConfigError as exc:
+        print(f"pushsvc: bad config: {exc}", file=sys.stderr)
+        return 2
+    logs.setup(config.log.level, config.log.format)
+    try:
+        if args.command == "serve":
+            return _serve(args, config)
+        if args.command == "token":
+            return _token(args, config)
+        if args.command == "check-config":
+            print(config_module.to_toml(config), end="")
+            return 0
+        return _plugins(config)
+    except ConfigError as exc:
+        print(f"pushsvc: bad config: {exc}", file=sys.stderr)
+        return 2
+    except PluginError as exc:
+        print(f"pushsvc: {exc}", file=sys.stderr)
+        return 3

@@ -1,0 +1,446 @@
+"""Configuration: TOML file, then environment, then command line, all validated.
+
+Every key is declared once below with its default, its documentation and its
+bounds; ``config/pushsvc.toml`` documents the same keys for operators (a test
+keeps the two in step). A bad value raises :class:`ConfigError` naming the key.
+
+Precedence, highest first: command-line flags, ``PUSHSVC_<SECTION>__<KEY>``
+environment variables (plus ``PUSHSVC_JWT_SECRET``), the file named by
+``--config`` or ``PUSHSVC_CONFIG``, the defaults here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "PUSHSVC_"
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message starts with the key's full name."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+def setting(
+    default: Any,
+    doc: str,
+    *,
+    minimum: float | None = None,
+    choices: tuple[str, ...] | None = None,
+    reloadable: bool = False,
+    secret: bool = False,
+) -> Any:
+    """Declare a config key with its default, documentation and checks."""
+    meta = {
+        "doc": doc,
+        "minimum": minimum,
+        "choices": choices,
+        "reloadable": reloadable,
+        "secret": secret,
+    }
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """``[server]``: listening, origins, frame limits, heartbeat, drain."""
+
+    host: str = setting("127.0.0.1", "Listen address; 0.0.0.0 or :: for every interface.")
+    port: int = setting(8888, "Listen port.", minimum=0)
+    data_dir: str = setting("pushsvc-data", "State folder (SQLite store); created if missing.")
+    allowed_origins: list[str] = setting(
+        [],
+        "Allowed browser Origin values, globs allowed ('https://*.example.com', '*'). "
+        "Empty: only same-host origins. A request without Origin is always allowed.",
+        reloadable=True,
+    )
+    max_message_bytes: int = setting(
+        65536, "Largest accepted client frame; larger frames close with 1009.", minimum=64
+    )
+    max_buffer_bytes: int = setting(
+        4 * 1024 * 1024,
+        "Unsent bytes a connection may queue before it is closed as a slow consumer (4008).",
+        minimum=1024,
+    )
+    heartbeat: float = setting(
+        25.0, "Seconds between protocol pings; also sent in 'welcome'.", minimum=0.5
+    )
+    heartbeat_timeout: float = setting(
+        20.0, "Seconds without any pong or frame before a connection is closed.", minimum=0.5
+    )
+    drain_seconds: float = setting(
+        10.0, "SIGTERM closes connections with 1001 spread over this many seconds.", minimum=0
+    )
+    xheaders: bool = setting(
+        False, "Trust X-Real-Ip / X-Forwarded-For (only behind a proxy you run)."
+    )
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """``[auth]``: how tokens are verified."""
+
+    jwt_secret: str = setting(
+        "", "HS256 shared secret (or env PUSHSVC_JWT_SECRET).", reloadable=True, secret=True
+    )
+    jwt_secret_file: str = setting(
+        "", "File holding the HS256 secret (systemd LoadCredential).", reloadable=True
+    )
+    algorithms: list[str] = setting(
+        ["HS256"],
+        "Accepted JWT algorithms (allow-list); 'none' is never accepted.",
+        reloadable=True,
+    )
+    audience: str = setting("", "Required 'aud' claim; empty: not checked.", reloadable=True)
+    issuer: str = setting("", "Required 'iss' claim; empty: not checked.", reloadable=True)
+    leeway: float = setting(
+        30.0, "Seconds of clock skew allowed for exp, nbf, iat.", minimum=0, reloadable=True
+    )
+    require_exp: bool = setting(True, "Reject tokens without 'exp'.", reloadable=True)
+    public_key_file: str = setting("", "PEM public key for RS256/ES256 tokens.", reloadable=True)
+    jwks_url: str = setting(
+        "", "JWKS URL for RS256/ES256 keys, selected by 'kid'.", reloadable=True
+    )
+    jwks_refresh_interval: float = setting(
+        300.0, "Seconds between JWKS refreshes.", minimum=1, reloadable=True
+    )
+    jwks_min_refetch_interval: float = setting(
+        30.0,
+        "Least seconds between refetches caused by an unknown 'kid'.",
+        minimum=0,
+        reloadable=True,
+    )
+    default_rooms: list[str] = setting(
+        ["*"], "Rooms (globs) a token without a 'rooms' claim may join.", reloadable=True
+    )
+
+
+@dataclass(frozen=True)
+class RateLimitConfig:
+    """``[ratelimit]``: token buckets and connection caps."""
+
+    rate: float = setting(20.0, "Frames per second per connection.", minimum=0, reloadable=True)
+    burst: float = setting(40.0, "Bucket size per connection.", minimum=1, reloadable=True)
+    user_rate: float = setting(
+        50.0, "Frames per second per user, over all connections.", minimum=0, reloadable=True
+    )
+    user_burst: float = setting(100.0, "Bucket size per user.", minimum=1, reloadable=True)
+    max_connections_per_user: int = setting(
+        20, "Open connections per user; 429 above.", minimum=1, reloadable=True
+    )
+    max_connections_per_ip: int = setting(
+        1000, "Open connections per address; 429 above.", minimum=1, reloadable=True
+    )
+    handshake_rate: float = setting(
+        20.0,
+        "Handshakes per second per address (reconnect storms).",
+        minimum=0,
+        reloadable=True,
+    )
+    handshake_burst: float = setting(
+        200.0, "Handshake bucket size per address.", minimum=1, reloadable=True
+    )
+    abuse_violations: int = setting(
+        20,
+        "Rate-limited frames allowed within abuse_window before close 1008.",
+        minimum=1,
+        reloadable=True,
+    )
+    abuse_window: float = setting(
+        10.0, "Seconds over which abuse_violations are counted.", minimum=0.1, reloadable=True
+    )
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    """``[delivery]``: at-least-once retry policy."""
+
+    ack_timeout: float = setting(10.0, "Seconds to wait for an ack before resending.", minimum=0.01)
+    max_attempts: int = setting(8, "Sends before a message is dead-lettered.", minimum=1)
+    backoff_max: float = setting(300.0, "Longest wait between resends, seconds.", minimum=0.01)
+    ttl: float = setting(
+        7 * 86400.0, "Seconds a message may stay pending before it is dead-lettered.", minimum=1
+    )
+    window: int = setting(
+        100, "Unacked messages in flight per connection (redelivery flow control).", minimum=1
+    )
+    dead_letter_retention: float = setting(
+        7 * 86400.0, "Seconds dead letters stay visible through the API.", minimum=0
+    )
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """``[store]``: where accepted messages are persisted."""
+
+    url: str = setting(
+        "", "'sqlite:///PATH'; empty: sqlite under server.data_dir (pushsvc.sqlite3)."
+    )
+    synchronous: str = setting(
+        "normal",
+        "SQLite durability: 'normal' survives a process crash (kill -9); "
+        "'full' also survives power loss, at a cost in throughput.",
+        choices=("normal", "full"),
+    )
+    batch_max: int = setting(512, "Most operations in one group commit.", minimum=1)
+    busy_timeout: float = setting(
+        5.0, "Seconds to wait for a locked database before failing the write.", minimum=0
+    )
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """``[broker]``: how nodes exchange messages."""
+
+    url: str = setting("memory://", "'memory://' (one process).")
+
+
+@dataclass(frozen=True)
+class ChatConfig:
+    """``[chat]``: rooms."""
+
+    default_room: str = setting("lobby", "Room of a 'chat' frame without 'room'.")
+    auto_join: bool = setting(
+        True, "Join every connection to default_room on connect (when its token allows)."
+    )
+    presence_max_members: int = setting(
+        1000, "Rooms larger than this send no presence events (they cost N² frames).", minimum=0
+    )
+    max_rooms_per_connection: int = setting(100, "Rooms one connection may join.", minimum=1)
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    """``[api]``: the HTTP server API for app backends."""
+
+    max_body_bytes: int = setting(1024 * 1024, "Largest request body; 413 above.", minimum=64)
+    rate: float = setting(
+        200.0, "Requests per second per API client (token sub).", minimum=0, reloadable=True
+    )
+    burst: float = setting(400.0, "Bucket size per API client.", minimum=1, reloadable=True)
+    max_recipients: int = setting(10000, "Recipients in one notify call; 400 above.", minimum=1)
+    idempotency_window: float = setting(
+        86400.0, "Seconds an Idempotency-Key is remembered by notify.", minimum=0
+    )
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """``[log]``: logging."""
+
+    level: str = setting(
+        "info", "Log level.", choices=("debug", "info", "warning", "error"), reloadable=True
+    )
+    format: str = setting("text", "'text' or 'json' (one object a line).", choices=("text", "json"))
+    access_log: bool = setting(True, "Log every HTTP request (tokens redacted).")
+
+
+@dataclass(frozen=True)
+class PluginsConfig:
+    """``[plugins]``: plugin loading."""
+
+    disabled: list[str] = setting([], "Plugin names (entry-point names) not to load.")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration; sections are attributes."""
+
+    server: ServerConfig = field(default_factory=ServerConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    ratelimit: RateLimitConfig = field(default_factory=RateLimitConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    chat: ChatConfig = field(default_factory=ChatConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    plugins: PluginsConfig = field(default_factory=PluginsConfig)
+
+    def secret(self) -> str:
+        """The HS256 secret, read from ``auth.jwt_secret_file`` when set."""
+        if self.auth.jwt_secret_file:
+            try:
+                return Path(self.auth.jwt_secret_file).read_text().strip()
+            except OSError as exc:
+                raise ConfigError("auth.jwt_secret_file", f"cannot read: {exc}") from exc
+        return self.auth.jwt_secret
+
+    def store_url(self) -> str:
+        """``store.url``, or the SQLite file under ``server.data_dir``."""
+        return self.store.url or f"sqlite:///{Path(self.server.data_dir) / 'pushsvc.sqlite3'}"
+
+
+def sections() -> dict[str, type[Any]]:
+    """Section name -> its dataclass."""
+    return {f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
+
+
+def keys(section_cls: type[Any]) -> dict[str, tuple[Any, dataclasses.Field[Any]]]:
+    """Key name -> (type, field) of one section."""
+    hints = typing.get_type_hints(section_cls)
+    return {f.name: (hints[f.name], f) for f in dataclasses.fields(section_cls)}
+
+
+def _convert(key: str, value: Any, kind: Any, spec: dataclasses.Field[Any]) -> Any:
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"must be true or false, not {value!r}")
+    elif kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"must be an integer, not {value!r}")
+    elif kind is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(key, f"must be a number, not {value!r}")
+        value = float(value)
+    elif kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"must be a string, not {value!r}")
+    elif typing.get_origin(kind) is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(key, f"must be a list of strings, not {value!r}")
+        value = list(value)
+    minimum = spec.metadata.get("minimum")
+    if minimum is not None and value < minimum:
+        raise ConfigError(key, f"must be at least {minimum}, not {value!r}")
+    choices = spec.metadata.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(key, f"must be one of {', '.join(choices)}; not {value!r}")
+    return value
+
+
+def _from_env(kind: Any, raw: str) -> Any:
+    if kind is str:
+        return raw
+    if typing.get_origin(kind) is list:
+        if raw.strip().startswith("["):
+            return tomllib.loads(f"v = {raw}")["v"]
+        return [part for part in raw.replace(",", " ").split() if part]
+    try:
+        return tomllib.loads(f"v = {raw.strip().lower() if kind is bool else raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def build(layers: list[Mapping[str, Mapping[str, Any]]]) -> Config:
+    """Build a :class:`Config` from layers of ``{section: {key: value}}``, lowest first.
+
+    Raises:
+        ConfigError: on an unknown section or key, or a bad value.
+    """
+    merged: dict[str, dict[str, Any]] = {}
+    known = sections()
+    for layer in layers:
+        for section, values in layer.items():
+            if section not in known:
+                raise ConfigError(section, f"unknown section (known: {', '.join(known)})")
+            if not isinstance(values, Mapping):
+                raise ConfigError(section, "must be a table")
+            section_keys = keys(known[section])
+            for key, value in values.items():
+                if key not in section_keys:
+                    raise ConfigError(f"{section}.{key}", "unknown key")
+                kind, spec = section_keys[key]
+                merged.setdefault(section, {})[key] = _convert(
+                    f"{section}.{key}", value, kind, spec
+                )
+    return Config(**{name: known[name](**merged.get(name, {})) for name in known})
+
+
+def env_layer(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """Read ``PUSHSVC_<SECTION>__<KEY>`` variables (and ``PUSHSVC_JWT_SECRET``)."""
+    layer: dict[str, dict[str, Any]] = {}
+    known = sections()
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        section, _, key = name[len(ENV_PREFIX) :].lower().partition("__")
+        if section not in known:
+            raise ConfigError(name, f"unknown section {section!r}")
+        section_keys = keys(known[section])
+        if key not in section_keys:
+            raise ConfigError(name, f"unknown key {section}.{key}")
+        layer.setdefault(section, {})[key] = _from_env(section_keys[key][0], raw)
+    if environ.get("PUSHSVC_JWT_SECRET"):
+        layer.setdefault("auth", {})["jwt_secret"] = environ["PUSHSVC_JWT_SECRET"]
+    return layer
+
+
+def file_layer(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a TOML config file."""
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from exc
+
+
+def load(
+    path: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Config:
+    """Load the effective configuration (file, environment, overrides)."""
+    environ = os.environ if environ is None else environ
+    path = path or environ.get("PUSHSVC_CONFIG") or None
+    layers: list[Mapping[str, Mapping[str, Any]]] = []
+    if path:
+        layers.append(file_layer(path))
+    layers.append(env_layer(environ))
+    if overrides:
+        layers.append(overrides)
+    config = build(layers)
+    config.secret()  # an unreadable secret file fails now, naming the key
+    return config
+
+
+def to_toml(config: Config) -> str:
+    """Render the effective config as TOML, with secrets hidden."""
+    lines: list[str] = []
+    for name in sections():
+        section = getattr(config, name)
+        lines.append(f"[{name}]")
+        for key, (_kind, spec) in keys(type(section)).items():
+            value = getattr(section, key)
+            if spec.metadata.get("secret") and value:
+                value = "<set>"
+            lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def changed_keys(old: Config, new: Config) -> tuple[list[str], list[str]]:
+    """Keys whose values differ, split into (reloadable, needing a restart)."""
+    reloadable: list[str] = []
+    restart: list[str] = []
+    for name in sections():
+        old_section, new_section = getattr(old, name), getattr(new, name)
+        for key, (_kind, spec) in keys(type(old_section)).items():
+            if getattr(old_section, key) != getattr(new_section, key):
+                target = reloadable if spec.metadata.get("reloadable") else restart
+                target.append(f"{name}.{key}")
+    return reloadable, restart

@@ -1,0 +1,368 @@
+"""Delivery and acks: at-least-once messages from the store to the sockets.
+
+:class:`AckTracker` and :class:`RetryPolicy` are pure (the caller passes the
+time and the random source). :class:`Delivery` drives them: it persists
+accepted messages, sends them through a per-connection window of
+``delivery.window`` unacked messages, resends on timeout with exponential
+backoff and jitter, settles acks for every connection of the user, and
+dead-letters after ``max_attempts`` or the TTL. Pending state lives in the
+store; a connection holds only its in-flight window in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import random
+import time
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from pushsvc import protocol
+from pushsvc.broker import Envelope, user_channel
+from pushsvc.errors import ErrorCode
+from pushsvc.plugin_api import CommandError
+from pushsvc.store import DeadLetter, StoreUnavailable
+
+if TYPE_CHECKING:
+    from pushsvc.node import Node
+    from pushsvc.session import Session
+
+log = logging.getLogger("pushsvc.delivery")
+
+#: Seconds a client is told to wait after ``unavailable``.
+RETRY_AFTER_UNAVAILABLE = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """When to resend: ``ack_timeout`` doubled per attempt, capped, with ±20 % jitter."""
+
+    ack_timeout: float  # wait after the first send
+    max_attempts: int  # sends before dead-lettering
+    backoff_max: float  # longest wait
+    jitter: float = 0.2  # fraction of the wait randomised either way
+
+    def delay(self, attempts: int, rand: Callable[[], float] = random.random) -> float:
+        """Seconds to wait for an ack after the ``attempts``-th send."""
+        base = min(self.backoff_max, self.ack_timeout * 2.0 ** max(0, attempts - 1))
+        return float(min(self.backoff_max, base * (1 - self.jitter + 2 * self.jitter * rand())))
+
+
+@dataclass(slots=True)
+class InFlight:
+    """A message sent on a connection and not yet acked."""
+
+    type: str  # message type
+    frame: bytes  # the frame, kept for resends
+    attempts: int  # sends to this user so far (this one included)
+    sent_at: float  # monotonic time of the last send
+    first_sent_at: float  # monotonic time of the first send on this connection
+    due: float  # monotonic time of the next resend
+
+
+class AckTracker:
+    """One connection's in-flight window (pure: no I/O, no clock)."""
+
+    __slots__ = ("backlog", "cursor", "dirty", "inflight", "refilling", "window")
+
+    def __init__(self, window: int) -> None:
+        self.window = window  # most unacked messages in flight
+        self.inflight: dict[str, InFlight] = {}  # id -> in-flight state, in send order
+        self.cursor = ""  # highest id sent or loaded on this connection
+        self.backlog = True  # the store may hold pending messages not in the window
+        self.dirty = False  # a message arrived while the window could not take it
+        self.refilling = False  # a store read for this window is running
+
+    def room(self) -> int:
+        """How many more messages the window takes."""
+        return self.window - len(self.inflight)
+
+    def can_send_live(self) -> bool:
+        """Whether a message arriving now may go straight out (order stays by id)."""
+        return not self.backlog and not self.refilling and self.room() > 0
+
+    def sent(
+        self, message_id: str, kind: str, frame: bytes, attempts: int, now: float, due: float
+    ) -> None:
+        """Record a send (first or repeated)."""
+        entry = self.inflight.get(message_id)
+        if entry is None:
+            self.inflight[message_id] = InFlight(kind, frame, attempts, now, now, due)
+        else:
+            entry.attempts, entry.sent_at, entry.due = attempts, now, due
+        if message_id > self.cursor:
+            self.cursor = message_id
+
+    def settle(self, message_id: str) -> InFlight | None:
+        """Forget a message (acked or dead); returns its state if it was in flight."""
+        return self.inflight.pop(message_id, None)
+
+
+class Delivery:
+    """Runs at-least-once delivery for the node."""
+
+    def __init__(self, node: Node) -> None:
+        delivery = node.config.delivery
+        self.node = node  # the service
+        self.policy = RetryPolicy(delivery.ack_timeout, delivery.max_attempts, delivery.backoff_max)
+        self._timers: list[tuple[float, int, Session, str]] = []  # (due, seq, session, id) heap
+        self._seq = itertools.count()  # heap tie-breaker
+        self._tasks: set[asyncio.Task[Any]] = set()  # refills in progress
+
+    # -- accepting --------------------------------------------------------------
+
+    async def accept(
+        self, recipients: Sequence[str], message: dict[str, Any], ttl: float | None
+    ) -> str:
+        """Persist ``message`` for every recipient, then send it; returns its id.
+
+        Raises:
+            CommandError: ``unavailable`` when the store failed (nothing accepted).
+        """
+        node = self.node
+        message_id, frame = node.stamp(message)
+        frame["ack"] = True
+        data = protocol.encode(frame)
+        kind = frame["type"]
+        lifetime = min(ttl, node.config.delivery.ttl) if ttl else node.config.delivery.ttl
+        started = time.perf_counter()
+        try:
+            await node.store.accept(message_id, kind, data, recipients, time.time() + lifetime)
+        except StoreUnavailable as exc:
+            node.metrics.store_errors.labels("accept").inc()
+            raise CommandError(
+                ErrorCode.UNAVAILABLE,
+                f"not accepted, store unavailable: {exc}",
+                RETRY_AFTER_UNAVAILABLE,
+            ) from exc
+        node.metrics.store_seconds.labels("accept").observe(time.perf_counter() - started)
+        node.metrics.messages_accepted.labels(kind).inc()
+        envelope = Envelope("durable", kind, message_id, data)
+        for user in recipients:
+            try:
+                await node.broker.publish(user_channel(user), envelope)
+            except Exception:  # persisted already: delivered on reconnect
+                log.exception("broker publish failed for an accepted message %s", message_id)
+        return message_id
+
+    # -- connections ------------------------------------------------------------
+
+    async def connected(self, session: Session) -> None:
+        """Give a new connection its window and send what is pending for its user."""
+        session.inflight = AckTracker(self.node.config.delivery.window)
+        self._spawn_refill(session)
+
+    def disconnected(self, session: Session) -> None:
+        """Drop a closed connection's window (its messages stay pending in the store)."""
+        session.inflight = None
+
+    def offer(self, session: Session, envelope: Envelope) -> None:
+        """A new at-least-once message for ``session``'s user arrived from the broker."""
+        tracker: AckTracker | None = session.inflight
+        if tracker is None or session.closing or envelope.id in tracker.inflight:
+            return
+        if tracker.can_send_live():
+            self._send(session, tracker, envelope.id, envelope.type, envelope.frame, 1)
+            return
+        tracker.dirty = True
+        tracker.backlog = True
+        self._spawn_refill(session)
+
+    def settled(self, session: Session, message_ids: Collection[str]) -> None:
+        """These ids were acked or dead-lettered: stop resending them here."""
+        tracker: AckTracker | None = session.inflight
+        if tracker is None:
+            return
+        freed = False
+        for message_id in message_ids:
+            freed |= tracker.settle(message_id) is not None
+        if freed and tracker.backlog:
+            self._spawn_refill(session)
+
+    # -- sending ----------------------------------------------------------------
+
+    def _send(
+        self,
+        session: Session,
+        tracker: AckTracker,
+        message_id: str,
+        kind: str,
+        frame: bytes,
+        attempts: int,
+    ) -> None:
+        now = time.monotonic()
+        due = now + self.policy.delay(attempts)
+        tracker.sent(message_id, kind, frame, attempts, now, due)
+        heapq.heappush(self._timers, (due, next(self._seq), session, message_id))
+        metrics = self.node.metrics
+        metrics.messages_delivered.labels(kind).inc()
+        if attempts > 1:
+            metrics.messages_redelivered.labels(kind).inc()
+        session.send(frame, kind)
+
+    def _spawn_refill(self, session: Session) -> None:
+        tracker: AckTracker | None = session.inflight
+        if tracker is None or tracker.refilling or tracker.room() <= 0:
+            return
+        tracker.refilling = True
+        task = asyncio.ensure_future(self._refill(session, tracker))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _refill(self, session: Session, tracker: AckTracker) -> None:
+        """Load pending messages from the store into the window, oldest first."""
+        store, user = self.node.store, session.principal.user
+        max_attempts = self.policy.max_attempts
+        try:
+            while session.inflight is tracker and not session.closing:
+                room = tracker.room()
+                if room <= 0:
+                    break
+                tracker.dirty = False
+                rows = await store.pending(user, tracker.cursor, room)
+                if session.inflight is not tracker:
+                    return
+                sends: list[tuple[str, int]] = []
+                expired: list[str] = []
+                for row in rows:
+                    tracker.cursor = max(tracker.cursor, row.id)
+                    if row.id in tracker.inflight:
+                        continue
+                    attempts = row.attempts + 1
+                    if attempts > max_attempts:
+                        expired.append(row.id)
+                        continue
+                    self._send(session, tracker, row.id, row.type, row.frame, attempts)
+                    sends.append((row.id, attempts))
+                if sends:
+                    await store.record_attempts(user, sends)
+                if expired:
+                    await self._dead_letter(user, expired, "max_attempts")
+                if len(rows) < room and not tracker.dirty:
+                    tracker.backlog = False
+                    break
+        except StoreUnavailable as exc:
+            log.warning("loading pending messages for a connection failed: %s", exc)
+            self.node.metrics.store_errors.labels("pending").inc()
+            asyncio.get_running_loop().call_later(1.0, self._spawn_refill, session)
+        finally:
+            tracker.refilling = False
+
+    # -- acks -------------------------------------------------------------------
+
+    async def ack(self, session: Session, message_ids: Sequence[str]) -> int:
+        """Settle ``message_ids`` for ``session``'s user; returns how many were settled."""
+        node = self.node
+        try:
+            result = await node.store.ack(session.principal.user, message_ids)
+        except StoreUnavailable as exc:
+            node.metrics.store_errors.labels("ack").inc()
+            raise CommandError(
+                ErrorCode.UNAVAILABLE, f"ack not recorded: {exc}", RETRY_AFTER_UNAVAILABLE
+            ) from exc
+        metrics = node.metrics
+        for reason, count in (
+            ("repeated", result.repeated),
+            ("foreign", result.foreign),
+            ("unknown", result.unknown),
+        ):
+            if count:
+                metrics.acks_ignored.labels(reason).inc(count)
+        if not result.acked:
+            return 0
+        now = time.monotonic()
+        tracker: AckTracker | None = session.inflight
+        for message_id, kind in result.acked:
+            metrics.messages_acked.labels(kind).inc()
+            entry = tracker.inflight.get(message_id) if tracker is not None else None
+            if entry is not None:
+                metrics.ack_latency.observe(now - entry.sent_at)
+        ids = " ".join(message_id for message_id, _kind in result.acked).encode()
+        await node.broker.publish(
+            user_channel(session.principal.user), Envelope("settled", "", "", ids)
+        )
+        return len(result.acked)
+
+    # -- timers -----------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Resend or dead-letter what timed out (call often, e.g. every 50 ms)."""
+        now = time.monotonic()
+        timers = self._timers
+        resends: dict[Session, list[tuple[str, int]]] = {}
+        dead: dict[str, list[str]] = {}
+        while timers and timers[0][0] <= now:
+            due, _seq, session, message_id = heapq.heappop(timers)
+            tracker: AckTracker | None = session.inflight
+            entry = tracker.inflight.get(message_id) if tracker is not None else None
+            if tracker is None or entry is None or entry.due != due or session.closing:
+                continue  # acked, rescheduled, or the connection is gone
+            if entry.attempts >= self.policy.max_attempts:
+                tracker.settle(message_id)
+                dead.setdefault(session.principal.user, []).append(message_id)
+                continue
+            self._send(session, tracker, message_id, entry.type, entry.frame, entry.attempts + 1)
+            resends.setdefault(session, []).append((message_id, entry.attempts))
+        for session, pairs in resends.items():
+            self._background(self.node.store.record_attempts(session.principal.user, pairs))
+        for user, message_ids in dead.items():
+            self._background(self._dead_letter(user, message_ids, "max_attempts"))
+
+    def _background(self, coroutine: Any) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._report)
+
+    def _report(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            error = task.exception()
+            if isinstance(error, StoreUnavailable):
+                log.warning("delivery bookkeeping failed (retried later): %s", error)
+            else:
+                log.error("delivery task failed", exc_info=error)
+
+    async def _dead_letter(self, user: str, message_ids: Sequence[str], reason: str) -> None:
+        dead = await self.node.store.dead_letter(user, message_ids, reason)
+        await self.announce_dead(dead)
+
+    async def announce_dead(self, dead: Sequence[DeadLetter]) -> None:
+        """Count dead letters, call the hook, and stop their resends everywhere."""
+        node = self.node
+        by_user: dict[str, list[str]] = {}
+        for letter in dead:
+            node.metrics.messages_dead_lettered.labels(letter.type, letter.reason).inc()
+            by_user.setdefault(letter.user, []).append(letter.id)
+            node.plugins.notify(
+                "pushsvc_dead_lettered",
+                user=letter.user,
+                message=orjson.loads(letter.frame),
+                reason=letter.reason,
+            )
+        for user, message_ids in by_user.items():
+            await node.broker.publish(
+                user_channel(user), Envelope("settled", "", "", " ".join(message_ids).encode())
+            )
+
+    async def sweep(self) -> None:
+        """TTL expiry, retention clean-up and backlog gauges (call every few seconds)."""
+        node = self.node
+        dead = await node.store.expire(time.time(), node.config.delivery.dead_letter_retention)
+        await self.announce_dead(dead)
+        stats = await node.store.stats()
+        node.metrics.pending_messages.set(stats.pending)
+        age = (
+            0.0 if stats.oldest_created_ms is None else time.time() - stats.oldest_created_ms / 1000
+        )
+        node.metrics.oldest_pending_age.set(max(0.0, age))
+
+    async def drain(self) -> None:
+        """Wait for refills and bookkeeping started so far."""
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)

@@ -1,0 +1,213 @@
+"""The WebSocket endpoint: handshake checks before the upgrade, then bytes in and out.
+
+Everything about frames lives in :class:`pushsvc.session.Session`; this
+handler refuses bad handshakes with an HTTP status and a JSON body (PROTOCOL
+§1), then moves frames between the socket and the session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fnmatch
+import logging
+import time
+import urllib.parse
+import uuid
+from typing import Any
+
+import tornado.web
+import tornado.websocket
+
+from pushsvc import tornado_compat
+from pushsvc.auth import AuthError, token_from_request
+from pushsvc.errors import CloseCode, HandshakeError
+from pushsvc.node import Node
+from pushsvc.plugin_api import Principal
+from pushsvc.session import Session
+
+log = logging.getLogger("pushsvc.handler")
+
+
+def origin_allowed(origin: str, host: str, allowed: list[str]) -> bool:
+    """Whether a browser ``Origin`` may connect: same host, or a configured glob."""
+    netloc = urllib.parse.urlsplit(origin).netloc.lower()
+    if netloc and netloc == host.lower():
+        return True
+    return any(fnmatch.fnmatchcase(origin.lower(), pattern.lower()) for pattern in allowed)
+
+
+class WebSocketHandler(tornado.websocket.WebSocketHandler):
+    """``GET /ws``: authenticated WebSocket connections."""
+
+    node: Node
+    principal: Principal | None
+    session: Session | None
+
+    def initialize(self, node: Node) -> None:
+        """Receive the node (Tornado calls this per request)."""
+        self.node = node
+        self.principal = None  # set once the token is verified
+        self.session = None  # set once the connection is open
+        self._reserved = False  # a connection slot is held for this request
+
+    # -- handshake --------------------------------------------------------------
+
+    async def prepare(self) -> None:
+        """Refuse the upgrade early: draining, origin, handshake rate, token, caps."""
+        try:
+            await self._admit()
+        except HandshakeError as refusal:
+            self.node.metrics.handshakes.labels(_handshake_result(refusal)).inc()
+            self.set_status(refusal.status)
+            if refusal.retry_after is not None:
+                self.set_header("Retry-After", str(max(1, round(refusal.retry_after))))
+            self.set_header("Content-Type", "application/json")
+            self.finish(refusal.body())
+
+    async def _admit(self) -> None:
+        node, request = self.node, self.request
+        config = node.config
+        ip = request.remote_ip or "unknown"
+        if node.draining:
+            raise HandshakeError(503, "unavailable", "draining", retry_after=1)
+        origin = request.headers.get("Origin")
+        if origin is not None and not origin_allowed(
+            origin, request.headers.get("Host", ""), config.server.allowed_origins
+        ):
+            raise HandshakeError(403, "forbidden_origin")
+        retry = node.handshake_buckets.try_take(ip, time.monotonic())
+        if retry:
+            node.metrics.rate_limited.labels("handshake").inc()
+            raise HandshakeError(429, "too_many_connections", "handshake_rate", retry_after=retry)
+        token = token_from_request(request.headers, self.get_query_argument("access_token", None))
+        try:
+            self.principal = await node.authenticate(token)
+        except AuthError as exc:
+            raise HandshakeError(401, "unauthorized", exc.reason) from exc
+        limits = config.ratelimit
+        exceeded = node.hub.reserve(
+            self.principal.user, ip, limits.max_connections_per_user, limits.max_connections_per_ip
+        )
+        if exceeded is not None:
+            raise HandshakeError(429, "too_many_connections", exceeded, retry_after=1)
+        self._reserved = True
+
+    def check_origin(self, origin: str) -> bool:
+        """Origins are checked in :meth:`prepare` (403 with a JSON body).
+
+        Browsers do not apply the same-origin policy to WebSockets, so an
+        unchecked origin allows cross-site WebSocket hijacking: the list in
+        ``server.allowed_origins`` is the guard.
+        """
+        return True
+
+    def get_compression_options(self) -> dict[str, Any] | None:
+        """No per-message compression: broadcasts send the same bytes to everyone."""
+        return None
+
+    def get_websocket_protocol(self) -> tornado.websocket.WebSocketProtocol | None:
+        """Use the protocol that reports invalid UTF-8 instead of aborting."""
+        if not tornado_compat.INTERNALS_OK:
+            return super().get_websocket_protocol()
+        version = self.request.headers.get("Sec-WebSocket-Version")
+        if version not in ("7", "8", "13"):
+            return None
+        params = tornado.websocket._WebSocketParams(
+            ping_interval=None,
+            ping_timeout=None,
+            max_message_size=self.max_message_size,
+            compression_options=None,
+        )
+        return tornado_compat.LenientTextProtocol(self, False, params)
+
+    @property
+    def max_message_size(self) -> int:
+        """``server.max_message_bytes``: larger frames close the connection with 1009."""
+        return self.node.config.server.max_message_bytes
+
+    def on_finish(self) -> None:
+        """Release the connection slot when the upgrade did not happen."""
+        if self._reserved and self.get_status() != 101 and self.principal is not None:
+            self._reserved = False
+            self.node.hub.release(self.principal.user, self.request.remote_ip or "unknown")
+
+    # -- connection -------------------------------------------------------------
+
+    async def open(self, *args: Any, **kwargs: Any) -> None:
+        """Welcome the client and register the session."""
+        node = self.node
+        assert self.principal is not None
+        self.set_nodelay(True)
+        session = Session(
+            node, self, self.principal, uuid.uuid4().hex, self.request.remote_ip or "unknown"
+        )
+        self.session = session
+        node.metrics.handshakes.labels("ok").inc()
+        session.send(node.welcome_frame(session), "welcome")
+        await node.connected(session)
+        self._release_request()
+
+    def _release_request(self) -> None:
+        # The request and its headers are not needed once the session exists.
+        self.principal = None
+
+    async def on_message(self, message: str | bytes) -> None:
+        """A text (``str``) or binary (``bytes``) frame."""
+        if self.session is not None:
+            await self.session.on_frame(message, binary=isinstance(message, bytes))
+
+    async def on_invalid_text(self, data: bytes) -> None:
+        """A text frame that is not valid UTF-8 (see :class:`LenientTextProtocol`)."""
+        if self.session is not None:
+            await self.session.on_frame(data, binary=False)
+
+    def on_pong(self, data: bytes) -> None:
+        """The client answered our ping."""
+        if self.session is not None:
+            self.session.on_pong()
+
+    def on_close(self) -> None:
+        """Unregister the session and release the connection slot."""
+        session = self.session
+        if session is None:
+            return
+        if not session.closing:
+            session.closing = True
+            code = self.close_code
+            reason = "oversize" if code == CloseCode.MESSAGE_TOO_BIG else "client"
+            self.node.metrics.closes.labels(reason).inc()
+        if self._reserved:
+            self._reserved = False
+            self.node.hub.release(session.principal.user, session.remote_ip)
+        task = asyncio.ensure_future(self.node.disconnected(session, self.close_code))
+        self.node.track(task)
+
+    # -- transport for the session ------------------------------------------------
+
+    def write_frame(self, data: bytes) -> None:
+        """Write one text frame; close as a slow consumer when the buffer is over the bound."""
+        connection = self.ws_connection
+        if connection is None or connection.is_closing():
+            return
+        if not tornado_compat.write_text(connection, data):  # type: ignore[arg-type]
+            return
+        buffered = tornado_compat.buffered_bytes(connection)  # type: ignore[arg-type]
+        if buffered > self.node.config.server.max_buffer_bytes and self.session is not None:
+            self.session.close_with(CloseCode.SLOW_CONSUMER, "slow consumer", "slow_consumer")
+
+    def close_connection(self, code: int, reason: str) -> None:
+        """Send a close frame; abort if the peer does not answer in time."""
+        if self.ws_connection is not None:
+            self.close(code, reason)
+
+    def send_ping(self) -> None:
+        """Send a protocol ping (the peer's pong updates ``last_seen``)."""
+        with contextlib.suppress(tornado.websocket.WebSocketClosedError):
+            super().ping(b"")
+
+
+def _handshake_result(refusal: HandshakeError) -> str:
+    if refusal.error == "too_many_connections" and refusal.reason == "handshake_rate":
+        return "handshake_rate"
+    return refusal.error

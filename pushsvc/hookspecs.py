@@ -1,0 +1,168 @@
+"""The hooks pushsvc calls; plugins implement them with ``@pushsvc.hookimpl``.
+
+Naming: ``pushsvc_register_*`` hooks return lists that pushsvc collects from
+every plugin; ``pushsvc_authorize_*`` hooks are *firstresult* (stops at first
+non-None result); past-tense hooks (``pushsvc_connected``...) notify and
+their results are ignored. Hooks marked "may return an awaitable" can be
+``async def``. An implementation may take fewer arguments than the spec, so
+adding an argument later does not break plugins.
+
+Per-frame work does not go through a hook chain: a plugin registers a
+:class:`~pushsvc.MessageType` whose handler is looked up by the frame's
+``type`` in one dict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Mapping, Sequence
+from typing import Any
+
+import pluggy
+
+from pushsvc.plugin_api import MessageType, Principal
+
+hookspec = pluggy.HookspecMarker("pushsvc")
+
+# -- startup ------------------------------------------------------------------
+
+
+@hookspec
+def pushsvc_register_message_types() -> Sequence[MessageType]:
+    """Declare message types this plugin adds to the protocol.
+
+    Called once at startup. Two plugins declaring the same ``name`` stop
+    startup naming both; the core commands (``join``, ``leave``, ``ack``,
+    ``auth``, ``ping``) cannot be declared.
+
+    Example::
+
+        from pushsvc import Field, Guarantee, MessageType, Reply, hookimpl
+
+        async def handle_poke(ctx):
+            delivery = await ctx.send(ctx.frame["to"], {"type": "poke"})
+            return Reply({"id": delivery.id})
+
+        @hookimpl
+        def pushsvc_register_message_types():
+            return [MessageType("poke", handle_poke, {"to": Field(str)},
+                                guarantee=Guarantee.AT_LEAST_ONCE, cost=2)]
+    """
+    raise NotImplementedError
+
+
+@hookspec
+def pushsvc_register_routes() -> Sequence[tuple[str, type, Mapping[str, Any]]]:
+    """Add HTTP routes to the server, as Tornado ``(pattern, handler, kwargs)`` rules.
+
+    Routes are served on the same port as ``/ws``; prefix them with the
+    plugin's name. Each handler's ``initialize(**kwargs)`` gets the kwargs;
+    the :class:`~pushsvc.plugin_api.Node` is passed as ``node`` when the
+    kwargs ask for it with ``{"node": None}``.
+
+    Example::
+
+        import tornado.web
+
+        class PokeStats(tornado.web.RequestHandler):
+            def get(self):
+                self.write({"pokes": COUNT})
+
+        @hookimpl
+        def pushsvc_register_routes():
+            return [(r"/poke/stats", PokeStats, {})]
+    """
+    raise NotImplementedError
+
+
+@hookspec
+def pushsvc_startup(node: Any) -> Awaitable[None] | None:
+    """The service is about to listen; start background work here.
+
+    ``node`` is the :class:`~pushsvc.plugin_api.Node`. May return an awaitable.
+
+    Example::
+
+        @hookimpl
+        async def pushsvc_startup(node):
+            await my_client.connect()
+    """
+
+
+@hookspec
+def pushsvc_shutdown(node: Any) -> Awaitable[None] | None:
+    """The service has drained and is about to exit; release resources.
+
+    May return an awaitable.
+
+    Example::
+
+        @hookimpl
+        async def pushsvc_shutdown(node):
+            await my_client.close()
+    """
+
+
+# -- connections ----------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def pushsvc_authorize_room(principal: Principal, room: str) -> bool | None:
+    """May ``principal`` join ``room``? Stops at first non-None result.
+
+    Return True to allow, False to refuse (``forbidden``), None to let the
+    next plugin decide. The built-in default (tried last) allows the rooms
+    matching the token's ``rooms`` claim, or ``auth.default_rooms`` when the
+    token has none.
+
+    Example::
+
+        @hookimpl
+        def pushsvc_authorize_room(principal, room):
+            if room.startswith("user-"):
+                return room == f"user-{principal.user}"
+            return None
+    """
+
+
+@hookspec
+def pushsvc_connected(principal: Principal, session: str) -> None:
+    """A WebSocket connection was authenticated and welcomed.
+
+    Example::
+
+        @hookimpl
+        def pushsvc_connected(principal, session):
+            log.info("%s connected (%s)", principal.user, session)
+    """
+
+
+@hookspec
+def pushsvc_disconnected(principal: Principal, session: str, code: int | None) -> None:
+    """A WebSocket connection closed; ``code`` is the close code, if known.
+
+    Example::
+
+        @hookimpl
+        def pushsvc_disconnected(principal, session, code):
+            last_seen[principal.user] = time.time()
+    """
+
+
+# -- delivery ------------------------------------------------------------------
+
+
+@hookspec
+def pushsvc_dead_lettered(user: str, message: Mapping[str, Any], reason: str) -> None:
+    """An at-least-once message to ``user`` was given up (``max_attempts`` or ``ttl``).
+
+    ``message`` is the frame as the client would have seen it; ``reason`` is
+    ``"max_attempts"`` or ``"ttl"``. Use it to fall back to e-mail or
+    mobile push. The message stays visible through the API until
+    ``delivery.dead_letter_retention`` passes.
+
+    Example::
+
+        @hookimpl
+        def pushsvc_dead_lettered(user, message, reason):
+            mailer.queue(user, message.get("title"), message.get("message"))
+    """

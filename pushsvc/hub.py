@@ -1,0 +1,197 @@
+"""Hub tracks the client connections on this node: by session, user, address and room.
+
+It is the broker's local end: envelopes for ``room:`` and ``user:``
+channels arrive in :meth:`Hub.on_envelope` and go to the local sockets
+through :func:`pushsvc.fanout.send_to_all`, the one broadcast path.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection, Iterable
+from typing import Protocol
+
+from pushsvc import fanout
+from pushsvc.broker import Broker, Envelope, room_channel, user_channel
+from pushsvc.config import RateLimitConfig
+from pushsvc.metrics import Metrics
+from pushsvc.plugin_api import Principal
+
+log = logging.getLogger("pushsvc.hub")
+
+
+class Client(Protocol):
+    """What the hub needs of a connection (implemented by the WebSocket handler)."""
+
+    session: str  # unique id of the connection
+    principal: Principal  # who is connected
+    remote_ip: str  # the peer's address
+    rooms: set[str]  # rooms joined on this connection
+    last_seen: float  # monotonic time of the last frame or pong
+    closing: bool  # a close was started
+
+    def ping(self) -> None:
+        """Send a protocol-level ping."""
+        ...
+
+    def send(self, data: bytes, kind: str) -> None:
+        """Write one text frame; ``kind`` is the message type (for metrics)."""
+        ...
+
+    def close_with(self, code: int, reason: str, metric_reason: str) -> None:
+        """Close the connection with a close code and a reason."""
+        ...
+
+    def on_durable(self, envelope: Envelope) -> None:
+        """An at-least-once message for this connection's user arrived."""
+        ...
+
+    def on_settled(self, ids: Collection[str]) -> None:
+        """These message ids were acked (possibly by another connection)."""
+        ...
+
+    def reconfigure_limits(self, limits: RateLimitConfig, now: float) -> None:
+        """Apply reloaded rate limits."""
+        ...
+
+
+class Hub:
+    """Local registry of connections and rooms, fed by the broker."""
+
+    def __init__(self, broker: Broker, metrics: Metrics) -> None:
+        self.broker = broker  # where subscriptions are made
+        self.metrics = metrics  # for fan-out sizes
+        self.sessions: dict[str, Client] = {}  # session -> client
+        self.users: dict[str, dict[str, Client]] = {}  # user -> session -> client
+        self.rooms: dict[str, dict[str, Client]] = {}  # room -> session -> client
+        self.reserved_users: dict[str, int] = {}  # user -> connections open or opening
+        self.reserved_ips: dict[str, int] = {}  # address -> connections open or opening
+        broker.set_callback(self.on_envelope)
+
+    # -- connection caps: reserved before the upgrade, released on close ----------
+
+    def reserve(self, user: str, ip: str, max_per_user: int, max_per_ip: int) -> str | None:
+        """Count a new connection; returns the exceeded cap (``per_user``/``per_ip``) or None."""
+        if self.reserved_users.get(user, 0) >= max_per_user:
+            return "per_user"
+        if self.reserved_ips.get(ip, 0) >= max_per_ip:
+            return "per_ip"
+        self.reserved_users[user] = self.reserved_users.get(user, 0) + 1
+        self.reserved_ips[ip] = self.reserved_ips.get(ip, 0) + 1
+        return None
+
+    def release(self, user: str, ip: str) -> None:
+        """Undo one :meth:`reserve`."""
+        for table, key in ((self.reserved_users, user), (self.reserved_ips, ip)):
+            left = table.get(key, 0) - 1
+            if left > 0:
+                table[key] = left
+            else:
+                table.pop(key, None)
+
+    # -- registration -----------------------------------------------------------
+
+    async def add(self, client: Client) -> None:
+        """Register an opened connection and subscribe to its user's channel."""
+        self.sessions[client.session] = client
+        peers = self.users.setdefault(client.principal.user, {})
+        peers[client.session] = client
+        self.metrics.connections.set(len(self.sessions))
+        if len(peers) == 1:
+            await self.broker.subscribe(user_channel(client.principal.user))
+
+    async def remove(self, client: Client) -> list[str]:
+        """Forget a closed connection; returns the rooms it was in."""
+        if self.sessions.pop(client.session, None) is None:
+            return []
+        self.metrics.connections.set(len(self.sessions))
+        user = client.principal.user
+        peers = self.users.get(user)
+        if peers is not None:
+            peers.pop(client.session, None)
+            if not peers:
+                del self.users[user]
+                await self.broker.unsubscribe(user_channel(user))
+        left = list(client.rooms)
+        for room in left:
+            await self.leave(client, room)
+        return left
+
+    async def join(self, client: Client, room: str) -> bool:
+        """Add ``client`` to ``room``; False when it was already a member."""
+        if room in client.rooms:
+            return False
+        client.rooms.add(room)
+        members = self.rooms.setdefault(room, {})
+        members[client.session] = client
+        if len(members) == 1:
+            await self.broker.subscribe(room_channel(room))
+        return True
+
+    async def leave(self, client: Client, room: str) -> bool:
+        """Remove ``client`` from ``room``; False when it was not a member."""
+        if room not in client.rooms:
+            return False
+        client.rooms.discard(room)
+        members = self.rooms.get(room)
+        if members is not None:
+            members.pop(client.session, None)
+            if not members:
+                del self.rooms[room]
+                await self.broker.unsubscribe(room_channel(room))
+        return True
+
+    # -- queries ----------------------------------------------------------------
+
+    def members(self, room: str) -> Collection[Client]:
+        """The local connections in ``room``."""
+        members = self.rooms.get(room)
+        return members.values() if members else ()
+
+    def room_users(self, room: str) -> list[str]:
+        """Distinct users with a local connection in ``room``, sorted."""
+        return sorted({client.principal.user for client in self.members(room)})
+
+    def user_clients(self, user: str) -> Collection[Client]:
+        """The local connections of ``user``."""
+        peers = self.users.get(user)
+        return peers.values() if peers else ()
+
+    def all_clients(self) -> Iterable[Client]:
+        """Every local connection (a snapshot)."""
+        return list(self.sessions.values())
+
+    # -- broker input -----------------------------------------------------------
+
+    def on_envelope(self, channel: str, envelope: Envelope) -> None:
+        """Deliver an envelope from the broker to the local connections."""
+        scope, _, name = channel.partition(":")
+        if scope == "room":
+            members = self.rooms.get(name)
+            if not members:
+                return
+            if envelope.kind == "presence":  # to the others: ``id`` is the subject's session
+                others = [c for s, c in members.items() if s != envelope.id]
+                fanout.send_to_all(others, envelope.frame, envelope.type)
+                return
+            self.metrics.broadcast_recipients.observe(len(members))
+            fanout.send_to_all(members.values(), envelope.frame, envelope.type)
+            return
+        clients = list(self.user_clients(name))
+        if not clients:
+            return
+        if envelope.kind == "live":
+            fanout.send_to_all(clients, envelope.frame, envelope.type)
+        elif envelope.kind == "durable":
+            for client in clients:
+                client.on_durable(envelope)
+        elif envelope.kind == "settled":
+            ids = envelope.frame.decode().split()
+            for client in clients:
+                client.on_settled(ids)
+        elif envelope.kind == "disconnect":
+            reason = envelope.frame.decode()
+            for client in clients:
+                client.close_with(4003, reason, "api")
+        else:
+            log.warning("unknown envelope kind %r on %s", envelope.kind, channel)

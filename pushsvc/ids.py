@@ -1,0 +1,62 @@
+"""Message ids: unique across processes and nodes, sortable by creation time.
+
+An id is a ULID: 48 bits of milliseconds since the epoch and 80 random bits,
+written as 26 characters of Crockford base32, so the string order is the time
+order. Within one process ids are strictly increasing even inside the same
+millisecond (the random part is incremented), which keeps a user's inbox in
+send order.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_RANDOM_BITS = 80
+_RANDOM_MAX = (1 << _RANDOM_BITS) - 1
+
+
+class IdGenerator:
+    """Makes monotonic ULIDs; one generator per process is enough."""
+
+    def __init__(self) -> None:
+        self._last_ms = -1  # millisecond of the previous id
+        self._last_random = 0  # random part of the previous id
+
+    def new(self, now_ms: int | None = None) -> str:
+        """Return a new id, greater than every id this generator made before."""
+        ms = int(time.time() * 1000) if now_ms is None else now_ms
+        if ms <= self._last_ms:
+            ms = self._last_ms
+            rand = self._last_random + 1
+            if rand > _RANDOM_MAX:  # 2**80 ids in one millisecond: move to the next
+                ms += 1
+                rand = int.from_bytes(os.urandom(10), "big") >> 1
+        else:
+            # Keep the top bit clear so increments in this millisecond never overflow.
+            rand = int.from_bytes(os.urandom(10), "big") >> 1
+        self._last_ms, self._last_random = ms, rand
+        return encode(ms, rand)
+
+
+def encode(ms: int, rand: int) -> str:
+    """Encode a timestamp and random part as a 26-character ULID string."""
+    value = (ms << _RANDOM_BITS) | rand
+    chars = []
+    for _ in range(26):
+        chars.append(_ALPHABET[value & 31])
+        value >>= 5
+    return "".join(reversed(chars))
+
+
+def timestamp_ms(message_id: str) -> int:
+    """The creation time (milliseconds since the epoch) stored in an id."""
+    value = 0
+    for char in message_id[:10]:
+        value = value * 32 + _ALPHABET.index(char)
+    return value
+
+
+_default = IdGenerator()
+new_id = _default.new

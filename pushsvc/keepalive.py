@@ -1,0 +1,77 @@
+"""Keepalive runs the shared timers: heartbeat pings and token expiry.
+
+One timer for all connections instead of one per connection: each tick
+pings every connection and closes the silent ones, and a heap of token
+expiry times closes connections whose token ran out with 4001.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections.abc import Callable, Iterable
+from typing import Protocol
+
+from pushsvc.errors import CloseCode
+from pushsvc.plugin_api import Principal
+
+
+class Watched(Protocol):
+    """A connection as the keepalive sees it."""
+
+    session: str  # unique id
+    principal: Principal  # holds the token's expiry
+    last_seen: float  # monotonic time of the last frame or pong
+    closing: bool  # a close was started
+
+    def ping(self) -> None:
+        """Send a protocol-level ping."""
+        ...
+
+    def close_with(self, code: int, reason: str, metric_reason: str) -> None:
+        """Close the connection."""
+        ...
+
+
+class Keepalive:
+    """Heartbeat and token-expiry timers shared by all connections."""
+
+    def __init__(
+        self, clients: Callable[[], Iterable[Watched]], heartbeat: float, timeout: float
+    ) -> None:
+        self.clients = clients  # snapshot of the open connections
+        self.heartbeat = heartbeat  # seconds between pings
+        self.timeout = timeout  # seconds of silence tolerated after a ping
+        self._expiries: list[tuple[float, str, Watched]] = []  # (exp, session, conn) heap
+        self._next_ping = time.monotonic() + heartbeat  # when the next ping round is due
+
+    def track_expiry(self, client: Watched) -> None:
+        """Schedule a 4001 close when the client's current token expires."""
+        expires_at = client.principal.expires_at
+        if expires_at is not None:
+            heapq.heappush(self._expiries, (expires_at, client.session, client))
+
+    def tick(self, wall: float | None = None, mono: float | None = None) -> None:
+        """Run what is due (call about once a second)."""
+        wall = time.time() if wall is None else wall
+        mono = time.monotonic() if mono is None else mono
+        expiries = self._expiries
+        while expiries and expiries[0][0] <= wall:
+            _expires_at, _session, client = heapq.heappop(expiries)
+            current = client.principal.expires_at
+            if not client.closing and current is not None and current <= wall:
+                client.close_with(CloseCode.TOKEN_EXPIRED, "token expired", "token_expired")
+        if mono >= self._next_ping:
+            self._next_ping = mono + self.heartbeat
+            silent_after = self.heartbeat + self.timeout
+            for client in self.clients():
+                if client.closing:
+                    continue
+                if mono - client.last_seen > silent_after:
+                    client.close_with(CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout", "heartbeat")
+                else:
+                    client.ping()
+
+    def reconfigure(self, heartbeat: float, timeout: float) -> None:
+        """Apply new heartbeat settings."""
+        self.heartbeat, self.timeout = heartbeat, timeout

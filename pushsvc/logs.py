@@ -1,0 +1,94 @@
+"""Logging: text or JSON lines, with tokens redacted from every line.
+
+The redaction runs in the formatter, so it covers Tornado's access and error
+logs too (they print request URIs, which may carry ``?access_token=``).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import time
+from typing import Any
+
+import orjson
+import tornado.web
+
+_SECRETS = re.compile(
+    r"(access_token=)[^&\s\"']+"  # query strings
+    r"|(Bearer\s+)[^\s\"']+"  # Authorization headers
+    r"|eyJ[\w-]{4,}\.[\w-]{4,}\.[\w-]*",  # anything that looks like a JWT
+    re.IGNORECASE,
+)
+_FIELDS = ("session", "user")
+
+
+def redact(text: str) -> str:
+    """Replace tokens in ``text`` with ``[redacted]``."""
+    return _SECRETS.sub(lambda m: (m.group(1) or m.group(2) or "") + "[redacted]", text)
+
+
+class TextFormatter(logging.Formatter):
+    """``time level logger: message [session=… user=…]``, redacted."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """Format and redact one record."""
+        line = super().format(record)
+        extra = " ".join(f"{k}={getattr(record, k)}" for k in _FIELDS if hasattr(record, k))
+        return redact(f"{line} [{extra}]" if extra else line)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, message, session, user, exc."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """Format and redact one record."""
+        out: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key in _FIELDS:
+            if hasattr(record, key):
+                out[key] = getattr(record, key)
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return redact(orjson.dumps(out).decode())
+
+
+def setup(level: str = "info", fmt: str = "text") -> None:
+    """Send all logs to stderr in the chosen format (replaces earlier handlers)."""
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    set_level(level)
+
+
+def set_level(level: str) -> None:
+    """Change the log level (config reload)."""
+    logging.getLogger().setLevel(level.upper())
+
+
+def access_log(handler: tornado.web.RequestHandler) -> None:
+    """Tornado ``log_function``: one line per request, query tokens redacted."""
+    status = handler.get_status()
+    request = handler.request
+    level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
+    logging.getLogger("tornado.access").log(
+        level,
+        "%d %s %s (%s) %.2fms",
+        status,
+        request.method,
+        redact(request.uri or ""),
+        request.remote_ip,
+        1000.0 * request.request_time(),
+    )

@@ -1,0 +1,244 @@
+"""Node is the service on this process: the operations plugins and the HTTP API use.
+
+It ties the parts together without owning their internals: the hub (local
+connections), the broker (other nodes), the store and delivery tracker
+(at-least-once), the authenticator and the rate limits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from pushsvc import ids, protocol
+from pushsvc.auth import Authenticator
+from pushsvc.broker import Broker, Envelope, room_channel, user_channel
+from pushsvc.config import Config
+from pushsvc.delivery import Delivery as DeliveryTracker
+from pushsvc.errors import ErrorCode
+from pushsvc.hub import Hub
+from pushsvc.keepalive import Keepalive
+from pushsvc.metrics import Metrics
+from pushsvc.plugin_api import CommandError, Delivery, Guarantee, Principal
+from pushsvc.plugins import Plugins
+from pushsvc.ratelimit import KeyedBuckets
+from pushsvc.session import Session
+from pushsvc.store import Store
+
+log = logging.getLogger("pushsvc.node")
+
+
+class Node:
+    """The pushsvc service of this process."""
+
+    def __init__(
+        self, config: Config, metrics: Metrics, plugins: Plugins, broker: Broker, store: Store
+    ) -> None:
+        limits = config.ratelimit
+        self.config = config  # the configuration in force (replaced on reload)
+        self.metrics = metrics  # Prometheus series
+        self.plugins = plugins  # hooks and message types
+        self.broker = broker  # other nodes
+        self.store = store  # durable messages
+        self.hub = Hub(broker, metrics)  # local connections and rooms
+        self.authenticator = Authenticator(config.auth, config.secret())  # token checks
+        self.user_buckets = KeyedBuckets(limits.user_rate, limits.user_burst)  # per user
+        self.handshake_buckets = KeyedBuckets(limits.handshake_rate, limits.handshake_burst)
+        self.api_buckets = KeyedBuckets(config.api.rate, config.api.burst)  # per API client
+        self.keepalive = Keepalive(
+            self.hub.all_clients, config.server.heartbeat, config.server.heartbeat_timeout
+        )
+        self.delivery = DeliveryTracker(self)  # at-least-once tracking
+        self.draining = False  # True once shutdown began: refuse new work
+        self._tasks: set[asyncio.Task[Any]] = set()  # background work to finish on shutdown
+
+    def track(self, task: asyncio.Task[Any]) -> None:
+        """Keep a background task alive until it ends; its errors are logged."""
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed", exc_info=task.exception())
+
+    async def settle_background(self) -> None:
+        """Wait for tracked background work (shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    def welcome_frame(self, session: Session) -> bytes:
+        """The ``welcome`` frame for a new connection."""
+        return protocol.encode(
+            {
+                "type": "welcome",
+                "message": f"Welcome, {session.principal.name or session.principal.user}!",
+                "user": session.principal.user,
+                "session": session.session,
+                "heartbeat": self.config.server.heartbeat,
+            }
+        )
+
+    def apply_config(self, new: Config, changed: Sequence[str]) -> list[str]:
+        """Apply the reloadable ``changed`` keys of ``new``; returns the keys applied.
+
+        Keys that need a restart keep their running values.
+        """
+        sections: dict[str, Any] = {}
+        for key in changed:
+            section, _, name = key.partition(".")
+            current = sections.get(section, getattr(self.config, section))
+            sections[section] = dataclasses.replace(
+                current, **{name: getattr(getattr(new, section), name)}
+            )
+        if not sections:
+            return []
+        self.config = dataclasses.replace(self.config, **sections)
+        if "auth" in sections:
+            self.authenticator = Authenticator(self.config.auth, self.config.secret())
+        if "ratelimit" in sections:
+            limits, now = self.config.ratelimit, time.monotonic()
+            self.user_buckets.reconfigure(limits.user_rate, limits.user_burst, now)
+            self.handshake_buckets.reconfigure(limits.handshake_rate, limits.handshake_burst, now)
+        if "api" in sections:
+            api = self.config.api
+            self.api_buckets.reconfigure(api.rate, api.burst, time.monotonic())
+            for client in self.hub.all_clients():
+                client.reconfigure_limits(limits, now)
+        return list(changed)
+
+    # -- authentication ---------------------------------------------------------
+
+    async def authenticate(self, token: str | None) -> Principal:
+        """Verify a token (raises :class:`~pushsvc.auth.AuthError`)."""
+        return await self.authenticator.verify(token)
+
+    # -- rooms ------------------------------------------------------------------
+
+    def may_join(self, principal: Principal, room: str) -> bool:
+        """Whether ``principal`` may join ``room`` (plugins first, then the token)."""
+        return self.plugins.authorize_room(principal, room)
+
+    def is_member(self, session: str, room: str) -> bool:
+        """Whether the local connection ``session`` is in ``room``."""
+        client = self.hub.sessions.get(session)
+        return client is not None and room in client.rooms
+
+    async def join(self, session: Session, room: str, *, check: bool = True) -> None:
+        """Join ``session`` to ``room`` and tell the other members.
+
+        Raises:
+            CommandError: ``forbidden`` when the token does not allow the room
+                or the connection is in too many rooms.
+        """
+        if check and not self.may_join(session.principal, room):
+            raise CommandError(ErrorCode.FORBIDDEN, f"not allowed to join {room!r}")
+        if len(session.rooms) >= self.config.chat.max_rooms_per_connection:
+            raise CommandError(ErrorCode.FORBIDDEN, "too many rooms on this connection")
+        if await self.hub.join(session, room):
+            await self._presence(room, "join", session)
+
+    async def leave(self, session: Session, room: str) -> None:
+        """Remove ``session`` from ``room`` and tell the other members."""
+        if await self.hub.leave(session, room):
+            await self._presence(room, "leave", session)
+
+    async def _presence(self, room: str, event: str, session: Session) -> None:
+        if len(self.hub.members(room)) > self.config.chat.presence_max_members:
+            return
+        frame = protocol.encode(
+            {"type": "presence", "room": room, "event": event, "user": session.principal.user}
+        )
+        await self.broker.publish(
+            room_channel(room), Envelope("presence", "presence", session.session, frame)
+        )
+
+    def presence(self, room: str) -> list[str]:
+        """Users with a connection in ``room`` on this node."""
+        return self.hub.room_users(room)
+
+    # -- connections ------------------------------------------------------------
+
+    async def connected(self, session: Session) -> None:
+        """Register an opened, welcomed connection."""
+        await self.hub.add(session)
+        self.keepalive.track_expiry(session)
+        chat = self.config.chat
+        if (
+            chat.auto_join
+            and chat.default_room
+            and self.may_join(session.principal, chat.default_room)
+        ):
+            await self.join(session, chat.default_room, check=False)
+        self.plugins.notify(
+            "pushsvc_connected", principal=session.principal, session=session.session
+        )
+        await self.delivery.connected(session)
+
+    async def disconnected(self, session: Session, code: int | None) -> None:
+        """Forget a closed connection."""
+        rooms = await self.hub.remove(session)
+        for room in rooms:
+            await self._presence(room, "leave", session)
+        self.delivery.disconnected(session)
+        self.plugins.notify(
+            "pushsvc_disconnected", principal=session.principal, session=session.session, code=code
+        )
+
+    async def disconnect_user(self, user: str, reason: str) -> int:
+        """Close every connection of ``user`` (on every node) with 4003; returns local count."""
+        count = len(self.hub.user_clients(user))
+        await self.broker.publish(
+            user_channel(user), Envelope("disconnect", "", "", reason.encode())
+        )
+        return count
+
+    # -- messages ---------------------------------------------------------------
+
+    @staticmethod
+    def stamp(message: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """Give a message its ``id`` and ``timestamp`` (server clock, ms)."""
+        message_id = ids.new_id()
+        out = {"type": message["type"], "id": message_id}
+        out.update((k, v) for k, v in message.items() if k not in ("type", "id", "timestamp"))
+        out["timestamp"] = int(time.time() * 1000)
+        return message_id, out
+
+    async def publish(self, room: str, message: dict[str, Any]) -> str:
+        """Fan ``message`` out to ``room``'s members on every node (at most once)."""
+        if "type" not in message:
+            raise ValueError("message needs a 'type'")
+        message_id, frame = self.stamp(message)
+        self.metrics.messages_accepted.labels(frame["type"]).inc()
+        envelope = Envelope("live", frame["type"], message_id, protocol.encode(frame))
+        await self.broker.publish(room_channel(room), envelope)
+        return message_id
+
+    async def send(
+        self,
+        to: Sequence[str],
+        message: dict[str, Any],
+        guarantee: Guarantee,
+        ttl: float | None = None,
+    ) -> Delivery:
+        """Deliver ``message`` to every connection of the users in ``to``.
+
+        At-least-once messages are persisted for every recipient before this
+        returns (raises ``CommandError`` ``unavailable`` if the store fails).
+        """
+        if "type" not in message:
+            raise ValueError("message needs a 'type'")
+        recipients = list(dict.fromkeys(to))
+        if guarantee is Guarantee.AT_LEAST_ONCE:
+            message_id = await self.delivery.accept(recipients, message, ttl)
+            return Delivery(message_id, recipients)
+        message_id, frame = self.stamp(message)
+        self.metrics.messages_accepted.labels(frame["type"]).inc()
+        envelope = Envelope("live", frame["type"], message_id, protocol.encode(frame))
+        for user in recipients:
+            await self.broker.publish(user_channel(user), envelope)
+        return Delivery(message_id, recipients)

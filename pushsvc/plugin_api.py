@@ -1,0 +1,189 @@
+"""The types plugin authors use: message types, fields, the frame context.
+
+Everything here is re-exported from :mod:`pushsvc`; import it from there.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import pluggy
+
+from pushsvc.config import Config
+
+#: Marks a hook implementation: ``@hookimpl def pushsvc_register_message_types(): ...``
+hookimpl = pluggy.HookimplMarker("pushsvc")
+
+
+class Guarantee(enum.Enum):
+    """What pushsvc promises for a message type's deliveries."""
+
+    #: Live fan-out only: connections online now get it, nothing is stored.
+    AT_MOST_ONCE = "at-most-once"
+    #: Persisted per recipient before it is accepted, resent until acked,
+    #: delivered on reconnect, dead-lettered after the attempts or the TTL.
+    AT_LEAST_ONCE = "at-least-once"
+
+
+@dataclass(frozen=True, slots=True)
+class Field:
+    """How one field of a client frame is validated.
+
+    Args:
+        types: accepted JSON types (``str``, ``int``, ``float``, ``bool``,
+            ``dict``, ``list``); ``int`` is accepted where ``float`` is.
+        required: a frame without it gets ``bad_request`` naming the field.
+        max_length: most characters of a string, or items of a list.
+        items: for a list, the type every item must have.
+
+    Example::
+
+        Field(str, max_length=4000)            # required string
+        Field((str, list), items=str)          # a user id or a list of them
+        Field(dict, required=False)            # optional object
+    """
+
+    types: type | tuple[type, ...]
+    required: bool = True
+    max_length: int | None = None
+    items: type | None = None
+
+
+class CommandError(Exception):
+    """Raised by a handler to answer the frame with an ``error`` frame.
+
+    Args:
+        code: an error code of PROTOCOL §2 (``bad_request``, ``forbidden``...).
+        message: a human-readable explanation.
+        retry_after: seconds, for ``rate_limited`` and ``unavailable``.
+    """
+
+    def __init__(self, code: str, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """The verified identity behind a connection or an API request."""
+
+    user: str  # the token's ``sub``
+    name: str | None  # the token's ``name`` claim
+    scopes: frozenset[str]  # the token's ``scope``, split on spaces
+    rooms: tuple[str, ...] | None  # the ``rooms`` claim (globs); None: default policy
+    expires_at: float | None  # the token's ``exp`` (seconds since the epoch)
+    claims: Mapping[str, Any] = field(default_factory=dict)  # every verified claim
+
+    def has_scope(self, scope: str) -> bool:
+        """Whether the token granted ``scope``."""
+        return scope in self.scopes
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A handler's success answer: fields merged into the ``reply`` frame.
+
+    The ``reply`` is sent only when the client's frame carried a ``ref``.
+    """
+
+    fields: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """What :meth:`FrameContext.send` did: the message id and its recipients."""
+
+    id: str
+    recipients: Sequence[str]
+
+
+class Node(Protocol):
+    """The service operations a message handler may use (implemented by core)."""
+
+    config: Config  # the configuration in force
+
+    def may_join(self, principal: Principal, room: str) -> bool:
+        """Whether ``principal`` is allowed into ``room``."""
+        ...
+
+    def is_member(self, session: str, room: str) -> bool:
+        """Whether the connection ``session`` has joined ``room`` on this node."""
+        ...
+
+    async def publish(self, room: str, message: dict[str, Any]) -> str:
+        """Fan ``message`` out to the room's members, at most once; returns its id."""
+        ...
+
+    async def send(
+        self,
+        to: Sequence[str],
+        message: dict[str, Any],
+        guarantee: Guarantee,
+        ttl: float | None = None,
+    ) -> Delivery:
+        """Deliver ``message`` to every connection of each user in ``to``."""
+        ...
+
+
+Handler = Callable[["FrameContext"], Awaitable[Reply | None]]
+
+
+@dataclass(frozen=True, slots=True)
+class MessageType:
+    """A message type a plugin adds to the protocol.
+
+    Args:
+        name: the frame's ``type``; unique across all loaded plugins.
+        handle: ``async def handle(ctx: FrameContext) -> Reply | None``.
+        fields: the frame's fields and how to validate them; unknown fields
+            are ignored, and ``user``, ``from`` and ``timestamp`` are always
+            dropped (the server fills them).
+        guarantee: what :meth:`FrameContext.send` promises for this type.
+        cost: tokens of the rate-limit buckets one frame of this type takes.
+        scope: a token scope the sender needs (``forbidden`` otherwise).
+        description: one line for ``pushsvc plugins``.
+    """
+
+    name: str
+    handle: Handler
+    fields: Mapping[str, Field] = field(default_factory=dict)
+    guarantee: Guarantee = Guarantee.AT_MOST_ONCE
+    cost: float = 1.0
+    scope: str | None = None
+    description: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class FrameContext:
+    """Everything a message handler gets for one validated client frame."""
+
+    principal: Principal  # who sent it
+    session: str  # the sending connection's session id
+    frame: Mapping[str, Any]  # the validated fields (``type`` and ``ref`` removed)
+    message_type: MessageType  # the declaration this frame matched
+    node: Node  # service operations
+
+    async def publish(self, room: str, message: dict[str, Any]) -> str:
+        """Fan ``message`` out to the members of ``room`` (at most once).
+
+        The server adds ``id`` and ``timestamp``; returns the id.
+        """
+        return await self.node.publish(room, message)
+
+    async def send(
+        self, to: str | Sequence[str], message: dict[str, Any], ttl: float | None = None
+    ) -> Delivery:
+        """Deliver ``message`` to every connection of the users in ``to``.
+
+        With :attr:`Guarantee.AT_LEAST_ONCE` the message is persisted for each
+        recipient before this returns, carries ``ack: true``, and is resent
+        until acked; otherwise it is live only. The server adds ``id`` and
+        ``timestamp``.
+        """
+        users = [to] if isinstance(to, str) else list(to)
+        return await self.node.send(users, message, self.message_type.guarantee, ttl)

@@ -1,0 +1,191 @@
+"""Plugin loading: the pluggy manager, entry points, and the message-type table.
+
+Built-in message types and third-party ones load the same way, from the
+``pushsvc`` entry-point group. The table maps a frame ``type`` to its
+:class:`~pushsvc.MessageType` so dispatch is one dict lookup per frame.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import inspect
+import logging
+from collections.abc import Awaitable, Iterable, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any, TypeVar, cast
+
+import pluggy
+
+from pushsvc import hookspecs
+from pushsvc.plugin_api import MessageType, Principal, hookimpl
+
+log = logging.getLogger("pushsvc.plugins")
+
+ENTRY_POINT_GROUP = "pushsvc"
+#: Frame types core handles itself; a plugin cannot declare them.
+CORE_TYPES = frozenset({"join", "leave", "ack", "auth", "ping"})
+
+T = TypeVar("T")
+
+
+class PluginError(RuntimeError):
+    """A plugin could not be loaded or conflicts with another; stops startup."""
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedPlugin:
+    """A plugin pushsvc loaded: its entry-point name and distribution."""
+
+    name: str  # entry-point name (what ``plugins.disabled`` lists)
+    distribution: str  # the installed distribution that provides it
+    module: str  # the module registered with pluggy
+    message_types: tuple[str, ...]  # the types it declared
+
+
+@dataclass(frozen=True, slots=True)
+class RegisteredType:
+    """A message type and the plugin that declared it."""
+
+    message_type: MessageType
+    plugin: str  # entry-point name of the declaring plugin
+
+
+class DefaultRoomPolicy:
+    """Built-in room authorization: the ``rooms`` claim, else ``auth.default_rooms``.
+
+    Registered ``trylast`` so any plugin can decide first.
+    """
+
+    def __init__(self, default_rooms: Sequence[str]) -> None:
+        self.default_rooms = tuple(default_rooms)  # globs for tokens without 'rooms'
+
+    @hookimpl(trylast=True)
+    def pushsvc_authorize_room(self, principal: Principal, room: str) -> bool:
+        """Allow the rooms matching the claim or the default globs."""
+        patterns = principal.rooms if principal.rooms is not None else self.default_rooms
+        return any(fnmatch.fnmatchcase(room, pattern) for pattern in patterns)
+
+
+class Plugins:
+    """The plugin manager and what was loaded through it."""
+
+    def __init__(
+        self,
+        manager: pluggy.PluginManager,
+        loaded: list[LoadedPlugin],
+        types: dict[str, RegisteredType],
+    ) -> None:
+        self.manager = manager  # the pluggy manager
+        self.hook = manager.hook  # shortcut for calling hooks
+        self.loaded = loaded  # entry-point plugins, in load order
+        self.types = types  # frame type -> declaration
+
+    def authorize_room(self, principal: Principal, room: str) -> bool:
+        """First result of ``pushsvc_authorize_room`` (the default policy decides last)."""
+        return bool(self.hook.pushsvc_authorize_room(principal=principal, room=room))
+
+    def notify(self, hook_name: str, **kwargs: Any) -> None:
+        """Call a notification hook, logging (not raising) plugin errors."""
+        try:
+            getattr(self.hook, hook_name)(**kwargs)
+        except Exception:
+            log.exception("plugin hook %s raised", hook_name)
+
+
+def _distribution_of(entry_point: metadata.EntryPoint) -> str:
+    dist = entry_point.dist
+    return f"{dist.name} {dist.version}" if dist is not None else "unknown distribution"
+
+
+def load_plugins(
+    disabled: Iterable[str] = (),
+    default_rooms: Sequence[str] = ("*",),
+    extra: Iterable[tuple[str, object]] = (),
+) -> Plugins:
+    """Build the plugin manager and load every ``pushsvc`` entry point.
+
+    Args:
+        disabled: entry-point names not to load (``plugins.disabled``).
+        default_rooms: globs for the built-in room policy.
+        extra: ``(name, module_or_object)`` plugins registered directly
+            (tests, embedding).
+
+    Raises:
+        PluginError: a plugin failed to import, implements an unknown hook,
+            or declares a message type another plugin (or core) owns.
+    """
+    manager = pluggy.PluginManager("pushsvc")
+    manager.add_hookspecs(hookspecs)
+    blocked = set(disabled)
+    sources: list[tuple[str, str, object]] = []
+    seen: set[str] = set()
+    for entry_point in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if entry_point.name in seen:
+            continue  # the same distribution on sys.path twice
+        seen.add(entry_point.name)
+        if entry_point.name in blocked:
+            log.info("plugin %s disabled by plugins.disabled", entry_point.name)
+            continue
+        dist = _distribution_of(entry_point)
+        try:
+            plugin = entry_point.load()
+        except Exception as exc:
+            raise PluginError(
+                f"plugin {entry_point.name!r} ({dist}) failed to load: {type(exc).__name__}: {exc}"
+            ) from exc
+        sources.append((entry_point.name, dist, plugin))
+    sources.extend((name, "registered directly", plugin) for name, plugin in extra)
+
+    for name, _dist, plugin in sources:
+        try:
+            manager.register(plugin, name=name)
+        except ValueError as exc:
+            raise PluginError(f"plugin {name!r}: {exc}") from exc
+    manager.register(DefaultRoomPolicy(default_rooms), name="pushsvc.default_room_policy")
+    try:
+        manager.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(f"plugin {exc.plugin!r} implements an unknown hook: {exc}") from exc
+
+    dists = {name: dist for name, dist, _plugin in sources}
+    declared_by: dict[str, list[MessageType]] = {}
+    for impl in manager.hook.pushsvc_register_message_types.get_hookimpls():
+        declared_by[impl.plugin_name] = list(cast(Iterable[MessageType], impl.function()))
+    types: dict[str, RegisteredType] = {}
+    for name, dist, _plugin in sources:
+        for message_type in declared_by.get(name, ()):
+            if not isinstance(message_type, MessageType):
+                raise PluginError(
+                    f"plugin {name!r} ({dist}) returned {message_type!r}, not a pushsvc.MessageType"
+                )
+            if message_type.name in CORE_TYPES:
+                raise PluginError(
+                    f"plugin {name!r} ({dist}) declares message type "
+                    f"{message_type.name!r}, which is a core command"
+                )
+            if message_type.name in types:
+                owner = types[message_type.name].plugin
+                raise PluginError(
+                    f"message type {message_type.name!r} is declared by two plugins: "
+                    f"{owner!r} ({dists[owner]}) and {name!r} ({dist}); "
+                    "disable one with plugins.disabled"
+                )
+            types[message_type.name] = RegisteredType(message_type, name)
+    loaded = [
+        LoadedPlugin(
+            name,
+            dist,
+            getattr(plugin, "__name__", type(plugin).__name__),
+            tuple(t.name for t in declared_by.get(name, ())),
+        )
+        for name, dist, plugin in sources
+    ]
+    return Plugins(manager, loaded, types)
+
+
+async def await_me_maybe(value: T | Awaitable[T]) -> T:
+    """Await ``value`` if a hook returned an awaitable, else return it."""
+    if inspect.isawaitable(value):
+        return await value
+    return value

@@ -1,0 +1,159 @@
+"""Frame codec: turns client frames into commands and server messages into bytes.
+
+Pure functions, no I/O: :func:`decode_frame` and :func:`validate` never raise
+for any input; they return a :class:`Command` or a :class:`FrameError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from pushsvc.errors import ErrorCode
+from pushsvc.plugin_api import Field
+
+MAX_REF_LENGTH = 64
+#: Fields a client may send but the server always fills itself.
+SERVER_FILLED = ("user", "from", "timestamp")
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A decoded client frame: its ``type``, other fields and ``ref``."""
+
+    type: str
+    fields: dict[str, Any]
+    ref: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class FrameError:
+    """Why a frame was refused: becomes an ``error`` frame."""
+
+    code: ErrorCode
+    message: str
+    ref: str | None = None
+
+
+def decode_frame(data: str | bytes, *, binary: bool = False) -> Command | FrameError:
+    """Decode one WebSocket message into a :class:`Command`.
+
+    ``data`` is the text of a text frame (``bytes`` when it was not valid
+    UTF-8) or the payload of a binary frame (``binary=True``).
+    """
+    if binary:
+        return FrameError(ErrorCode.BAD_REQUEST, "binary frames are not supported; send JSON text")
+    if isinstance(data, bytes):
+        try:
+            data = data.decode("utf-8")
+        except UnicodeDecodeError:
+            return FrameError(ErrorCode.BAD_REQUEST, "frame is not valid UTF-8")
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        return FrameError(ErrorCode.BAD_REQUEST, f"invalid JSON: {exc}")
+    if not isinstance(obj, dict):
+        return FrameError(ErrorCode.BAD_REQUEST, "a frame must be a JSON object")
+    ref = obj.pop("ref", None)
+    if ref is not None and (not isinstance(ref, str) or len(ref) > MAX_REF_LENGTH):
+        return FrameError(
+            ErrorCode.BAD_REQUEST, f"ref: must be a string of at most {MAX_REF_LENGTH} characters"
+        )
+    kind = obj.pop("type", None)
+    if kind is None:
+        return FrameError(ErrorCode.BAD_REQUEST, "type: missing", ref)
+    if not isinstance(kind, str):
+        return FrameError(ErrorCode.BAD_REQUEST, "type: must be a string", ref)
+    for name in SERVER_FILLED:
+        obj.pop(name, None)
+    return Command(kind, obj, ref)
+
+
+_TYPE_NAMES = {
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    bool: "a boolean",
+    dict: "an object",
+    list: "a list",
+}
+
+
+def _type_ok(value: Any, wanted: type) -> bool:
+    if wanted is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if wanted is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, wanted)
+
+
+def _describe(types: tuple[type, ...]) -> str:
+    return " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in types)
+
+
+def validate(command: Command, fields: Mapping[str, Field]) -> Command | FrameError:
+    """Check ``command``'s fields against a message type's declaration.
+
+    Returns the command with only the declared fields, or the first problem
+    as ``bad_request`` naming the field.
+    """
+    clean: dict[str, Any] = {}
+    for name, spec in fields.items():
+        value = command.fields.get(name)
+        if value is None:
+            if spec.required:
+                return FrameError(ErrorCode.BAD_REQUEST, f"{name}: missing", command.ref)
+            continue
+        types = spec.types if isinstance(spec.types, tuple) else (spec.types,)
+        if not any(_type_ok(value, t) for t in types):
+            message = f"{name}: must be {_describe(types)}"
+            return FrameError(ErrorCode.BAD_REQUEST, message, command.ref)
+        too_long = spec.max_length is not None and isinstance(value, str | list)
+        if spec.max_length is not None and isinstance(value, str | list):
+            too_long = len(value) > spec.max_length
+        else:
+            too_long = False
+        if too_long:
+            unit = "characters" if isinstance(value, str) else "items"
+            message = f"{name}: at most {spec.max_length} {unit}"
+            return FrameError(ErrorCode.BAD_REQUEST, message, command.ref)
+        items = spec.items
+        if (
+            items is not None
+            and isinstance(value, list)
+            and not all(_type_ok(item, items) for item in value)
+        ):
+            message = f"{name}: every item must be {_describe((items,))}"
+            return FrameError(ErrorCode.BAD_REQUEST, message, command.ref)
+        if isinstance(value, str) and spec.required and not value:
+            return FrameError(ErrorCode.BAD_REQUEST, f"{name}: must not be empty", command.ref)
+        clean[name] = value
+    return Command(command.type, clean, command.ref)
+
+
+def encode(message: Mapping[str, Any]) -> bytes:
+    """Serialise a server message to UTF-8 JSON bytes (once per broadcast)."""
+    return orjson.dumps(message)
+
+
+def error_frame(
+    code: str, message: str, ref: str | None = None, retry_after: float | None = None
+) -> bytes:
+    """Encode an ``error`` frame."""
+    out: dict[str, Any] = {"type": "error", "code": code, "message": message}
+    if ref is not None:
+        out["ref"] = ref
+    if retry_after is not None:
+        out["retry_after"] = round(retry_after, 3)
+    return orjson.dumps(out)
+
+
+def reply_frame(ref: str, fields: Mapping[str, Any] | None = None) -> bytes:
+    """Encode a ``reply`` frame for the command that carried ``ref``."""
+    out: dict[str, Any] = {"type": "reply", "ref": ref, "ok": True}
+    if fields:
+        out.update(fields)
+    return orjson.dumps(out)

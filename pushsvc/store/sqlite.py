@@ -1,0 +1,404 @@
+"""SQLite store: the default, embedded, one file under ``server.data_dir``.
+
+All SQL runs on one writer thread, never on the event loop. Operations
+queue up and the thread runs as many as are waiting (up to ``batch_max``)
+in one transaction, so one commit (one fsync with ``synchronous=full``)
+serves many messages: throughput grows under load. WAL mode with
+``synchronous=normal`` loses nothing committed when the process is killed;
+``synchronous=full`` also survives power loss.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pushsvc import ids
+from pushsvc.store import AckResult, DeadLetter, PendingMessage, StoreStats, StoreUnavailable
+
+log = logging.getLogger("pushsvc.store")
+
+T = TypeVar("T")
+PENDING, ACKED, DEAD = 0, 1, 2
+#: Seconds an acked delivery row is kept, so a repeated ack is recognised.
+ACKED_RETENTION = 300.0
+_CHUNK = 500  # ids per IN (...) list
+ACK_LOOKUP = (
+    "SELECT m.id, m.type, d.state FROM messages m LEFT JOIN deliveries d "
+    "ON d.message_id = m.id AND d.user = ? WHERE m.id IN ({marks})"
+)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    id TEXT PRIMARY KEY, type TEXT NOT NULL, frame BLOB NOT NULL, expires_at REAL NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS deliveries (
+    message_id TEXT NOT NULL, user TEXT NOT NULL, state INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0, reason TEXT, settled_at REAL,
+    PRIMARY KEY (message_id, user)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS pending_by_user ON deliveries (user, message_id) WHERE state = 0;
+CREATE INDEX IF NOT EXISTS dead_by_user ON deliveries (user, message_id) WHERE state = 2;
+CREATE INDEX IF NOT EXISTS settled ON deliveries (state, settled_at) WHERE state != 0;
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT) WITHOUT ROWID;
+"""
+
+
+def _chunks(items: Sequence[T]) -> Iterator[Sequence[T]]:
+    for start in range(0, len(items), _CHUNK):
+        yield items[start : start + _CHUNK]
+
+
+class _Op:
+    __slots__ = ("fn", "future")
+
+    def __init__(self, fn: Callable[[sqlite3.Connection], Any], future: asyncio.Future[Any]):
+        self.fn = fn  # runs on the writer thread inside the batch transaction
+        self.future = future  # resolved on the loop with fn's result
+
+
+class SqliteStore:
+    """The SQLite implementation of :class:`pushsvc.store.Store`."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        synchronous: str = "normal",
+        batch_max: int = 512,
+        busy_timeout: float = 5.0,
+    ) -> None:
+        self.path = path  # database file
+        self.synchronous = synchronous  # "normal" or "full"
+        self.batch_max = batch_max  # most operations per transaction
+        self.busy_timeout = busy_timeout  # seconds to wait on a locked database
+        self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()  # work for the thread
+        self._thread: threading.Thread | None = None  # the writer
+        self._loop: asyncio.AbstractEventLoop | None = None  # where futures resolve
+        self._healthy = True  # result of the last transaction
+
+    # -- lifecycle --------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Create the folder, the file and the schema."""
+        self._loop = asyncio.get_running_loop()
+        try:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot create {Path(self.path).parent}: {exc}") from exc
+        ready: asyncio.Future[None] = self._loop.create_future()
+        self._thread = threading.Thread(
+            target=self._run, args=(ready,), name="pushsvc-store", daemon=True
+        )
+        self._thread.start()
+        await ready
+
+    async def close(self) -> None:
+        """Run what is queued, then stop the thread."""
+        if self._thread is None:
+            return
+        self._queue.put(None)
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+        self._thread = None
+
+    def healthy(self) -> bool:
+        """Whether the last transaction committed."""
+        return self._healthy
+
+    async def check(self) -> bool:
+        """Commit a tiny write to see whether the database accepts writes."""
+
+        def probe(db: sqlite3.Connection) -> None:
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('probe', ?)", (str(time.time()),))
+
+        try:
+            await self._submit(probe)
+        except StoreUnavailable:
+            return False
+        return True
+
+    # -- the writer thread --------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, timeout=self.busy_timeout
+        )
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA synchronous={'FULL' if self.synchronous == 'full' else 'NORMAL'}")
+        db.executescript(SCHEMA)
+        return db
+
+    def _run(self, ready: asyncio.Future[None]) -> None:
+        loop = self._loop
+        assert loop is not None
+        try:
+            db = self._connect()
+        except sqlite3.Error as exc:
+            error = StoreUnavailable(f"cannot open {self.path}: {exc}")
+            loop.call_soon_threadsafe(_settle_one, ready, None, error)
+            return
+        loop.call_soon_threadsafe(_settle_one, ready, None, None)
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is None:
+                break
+            batch = [first]
+            while len(batch) < self.batch_max:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stopping = True
+                    break
+                batch.append(item)
+            results = self._transaction(db, batch)
+            loop.call_soon_threadsafe(_settle_all, results)
+        db.close()
+
+    def _transaction(
+        self, db: sqlite3.Connection, batch: list[_Op]
+    ) -> list[tuple[_Op, Any, BaseException | None]]:
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            values = [op.fn(db) for op in batch]
+            db.execute("COMMIT")
+        except Exception as exc:  # sqlite3.Error, or a bug in an operation: fail the batch
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            if self._healthy:
+                log.error("store write failed, nothing of this batch was accepted: %s", exc)
+            self._healthy = False
+            error = StoreUnavailable(str(exc))
+            return [(op, None, error) for op in batch]
+        if not self._healthy:
+            log.warning("store writes succeed again")
+        self._healthy = True
+        return [(op, value, None) for op, value in zip(batch, values, strict=True)]
+
+    async def _submit(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._thread is None or self._loop is None:
+            raise StoreUnavailable("store is not open")
+        future: asyncio.Future[T] = self._loop.create_future()
+        self._queue.put(_Op(fn, future))
+        return await future
+
+    # -- operations -------------------------------------------------------------
+
+    async def accept(
+        self,
+        message_id: str,
+        message_type: str,
+        frame: bytes,
+        recipients: Sequence[str],
+        expires_at: float,
+    ) -> None:
+        """Persist a message and one pending delivery per recipient."""
+
+        def write(db: sqlite3.Connection) -> None:
+            db.execute(
+                "INSERT INTO messages VALUES (?, ?, ?, ?)",
+                (message_id, message_type, frame, expires_at),
+            )
+            db.executemany(
+                "INSERT INTO deliveries (message_id, user) VALUES (?, ?)",
+                [(message_id, user) for user in recipients],
+            )
+
+        await self._submit(write)
+
+    async def pending(self, user: str, after_id: str, limit: int) -> list[PendingMessage]:
+        """The oldest pending deliveries of ``user`` after ``after_id``."""
+
+        def read(db: sqlite3.Connection) -> list[PendingMessage]:
+            rows = db.execute(
+                "SELECT m.id, m.type, m.frame, d.attempts FROM deliveries d "
+                "JOIN messages m ON m.id = d.message_id "
+                "WHERE d.user = ? AND d.state = 0 AND d.message_id > ? "
+                "ORDER BY d.message_id LIMIT ?",
+                (user, after_id, limit),
+            ).fetchall()
+            return [PendingMessage(r[0], r[1], r[2], r[3]) for r in rows]
+
+        return await self._submit(read)
+
+    async def ack(self, user: str, message_ids: Sequence[str]) -> AckResult:
+        """Settle ``user``'s pending deliveries among ``message_ids``."""
+        wanted = list(dict.fromkeys(message_ids))
+
+        def write(db: sqlite3.Connection) -> AckResult:
+            found: dict[str, tuple[str, int | None]] = {}
+            for chunk in _chunks(wanted):
+                marks = ",".join("?" * len(chunk))
+                query = ACK_LOOKUP.format(marks=marks)  # only "?" placeholders go in
+                for message_id, kind, state in db.execute(query, (user, *chunk)):
+                    found[message_id] = (kind, state)
+            acked = [(i, kind) for i, (kind, state) in found.items() if state == PENDING]
+            now = time.time()
+            db.executemany(
+                "UPDATE deliveries SET state = 1, settled_at = ? WHERE message_id = ? AND user = ?",
+                [(now, message_id, user) for message_id, _kind in acked],
+            )
+            states = [state for _kind, state in found.values()]
+            return AckResult(
+                acked=acked,
+                repeated=sum(1 for s in states if s in (ACKED, DEAD)),
+                foreign=sum(1 for s in states if s is None),
+                unknown=len(wanted) - len(found),
+            )
+
+        return await self._submit(write)
+
+    async def record_attempts(self, user: str, attempts: Sequence[tuple[str, int]]) -> None:
+        """Store send counts (never lowering them)."""
+
+        def write(db: sqlite3.Connection) -> None:
+            db.executemany(
+                "UPDATE deliveries SET attempts = max(attempts, ?) "
+                "WHERE message_id = ? AND user = ? AND state = 0",
+                [(count, message_id, user) for message_id, count in attempts],
+            )
+
+        await self._submit(write)
+
+    @staticmethod
+    def _move_to_dead(
+        db: sqlite3.Connection, pairs: Sequence[tuple[str, str]], reason: str, now: float
+    ) -> list[DeadLetter]:
+        dead: list[DeadLetter] = []
+        for user, message_id in pairs:
+            changed = db.execute(
+                "UPDATE deliveries SET state = 2, reason = ?, settled_at = ? "
+                "WHERE message_id = ? AND user = ? AND state = 0",
+                (reason, now, message_id, user),
+            ).rowcount
+            if changed:
+                row = db.execute(
+                    "SELECT type, frame FROM messages WHERE id = ?", (message_id,)
+                ).fetchone()
+                dead.append(DeadLetter(user, message_id, row[0], row[1], reason, now))
+        return dead
+
+    async def dead_letter(
+        self, user: str, message_ids: Sequence[str], reason: str
+    ) -> list[DeadLetter]:
+        """Move pending deliveries to the dead letters."""
+        pairs = [(user, message_id) for message_id in message_ids]
+        return await self._submit(lambda db: self._move_to_dead(db, pairs, reason, time.time()))
+
+    async def expire(self, now: float, retention: float) -> list[DeadLetter]:
+        """Dead-letter what passed its TTL; drop old acks, old dead letters, orphan messages."""
+
+        def write(db: sqlite3.Connection) -> list[DeadLetter]:
+            expired = db.execute(
+                "SELECT d.user, d.message_id FROM deliveries d JOIN messages m "
+                "ON m.id = d.message_id WHERE d.state = 0 AND m.expires_at <= ? LIMIT 10000",
+                (now,),
+            ).fetchall()
+            dead = self._move_to_dead(db, expired, "ttl", now)
+            gone = db.execute(
+                "SELECT DISTINCT message_id FROM deliveries WHERE (state = 1 AND settled_at < ?) "
+                "OR (state = 2 AND settled_at < ?) LIMIT 50000",
+                (now - ACKED_RETENTION, now - retention),
+            ).fetchall()
+            db.execute(
+                "DELETE FROM deliveries WHERE (state = 1 AND settled_at < ?) "
+                "OR (state = 2 AND settled_at < ?)",
+                (now - ACKED_RETENTION, now - retention),
+            )
+            db.executemany(
+                "DELETE FROM messages WHERE id = ? AND NOT EXISTS "
+                "(SELECT 1 FROM deliveries WHERE message_id = ?)",
+                [(row[0], row[0]) for row in gone],
+            )
+            return dead
+
+        return await self._submit(write)
+
+    async def dead_letters(self, user: str, limit: int) -> list[DeadLetter]:
+        """``user``'s dead letters, oldest first."""
+
+        def read(db: sqlite3.Connection) -> list[DeadLetter]:
+            rows = db.execute(
+                "SELECT d.message_id, m.type, m.frame, d.reason, d.settled_at FROM deliveries d "
+                "JOIN messages m ON m.id = d.message_id WHERE d.user = ? AND d.state = 2 "
+                "ORDER BY d.message_id LIMIT ?",
+                (user, limit),
+            ).fetchall()
+            return [DeadLetter(user, r[0], r[1], r[2], r[3], r[4]) for r in rows]
+
+        return await self._submit(read)
+
+    async def requeue(self, user: str, message_ids: Sequence[str], expires_at: float) -> list[str]:
+        """Make dead letters pending again with fresh attempts and TTL."""
+
+        def write(db: sqlite3.Connection) -> list[str]:
+            done = []
+            for message_id in message_ids:
+                changed = db.execute(
+                    "UPDATE deliveries SET state = 0, attempts = 0, reason = NULL, "
+                    "settled_at = NULL WHERE message_id = ? AND user = ? AND state = 2",
+                    (message_id, user),
+                ).rowcount
+                if changed:
+                    db.execute(
+                        "UPDATE messages SET expires_at = max(expires_at, ?) WHERE id = ?",
+                        (expires_at, message_id),
+                    )
+                    done.append(message_id)
+            return done
+
+        return await self._submit(write)
+
+    async def delete_dead(self, user: str, message_ids: Sequence[str]) -> int:
+        """Delete dead letters of ``user``."""
+
+        def write(db: sqlite3.Connection) -> int:
+            count = 0
+            for message_id in message_ids:
+                count += db.execute(
+                    "DELETE FROM deliveries WHERE message_id = ? AND user = ? AND state = 2",
+                    (message_id, user),
+                ).rowcount
+                db.execute(
+                    "DELETE FROM messages WHERE id = ? AND NOT EXISTS "
+                    "(SELECT 1 FROM deliveries WHERE message_id = ?)",
+                    (message_id, message_id),
+                )
+            return count
+
+        return await self._submit(write)
+
+    async def stats(self) -> StoreStats:
+        """Pending count and the oldest pending message's creation time."""
+
+        def read(db: sqlite3.Connection) -> StoreStats:
+            count, oldest = db.execute(
+                "SELECT count(*), min(message_id) FROM deliveries WHERE state = 0"
+            ).fetchone()
+            return StoreStats(count, ids.timestamp_ms(oldest) if oldest else None)
+
+        return await self._submit(read)
+
+
+def _settle_one(future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(value)
+
+
+def _settle_all(results: list[tuple[_Op, Any, BaseException | None]]) -> None:
+    for op, value, error in results:
+        _settle_one(op.future, value, error)

@@ -1,0 +1,82 @@
+"""Everything pushsvc does with Tornado's internals, behind one small boundary.
+
+Used only where it is safe (no per-message compression on the connection),
+checked once at import: when an internal is missing (a Tornado upgrade),
+:data:`INTERNALS_OK` is False, one line is logged, and every function falls
+back to Tornado's public API. A Tornado upgrade must re-check: the
+``WebSocketProtocol13._handle_message`` / ``_write_frame`` /
+``_frame_compressed`` / ``_compressor`` / ``_message_bytes_in`` names and
+``BaseIOStream._write_buffer`` (its ``len``; see CHANGELOG).
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import Future as ConcurrentFuture
+from typing import Any
+
+from tornado.iostream import BaseIOStream, StreamClosedError
+from tornado.websocket import WebSocketClosedError, WebSocketProtocol13
+
+log = logging.getLogger("pushsvc.tornado")
+
+
+def _check_internals() -> bool:
+    needed = [
+        hasattr(WebSocketProtocol13, "_handle_message"),
+        hasattr(WebSocketProtocol13, "_write_frame"),
+        hasattr(WebSocketProtocol13, "_run_callback"),
+        "_write_buffer" in BaseIOStream.__init__.__code__.co_names,
+    ]
+    return all(needed)
+
+
+INTERNALS_OK = _check_internals()
+if not INTERNALS_OK:  # pragma: no cover - depends on the installed Tornado
+    log.warning("Tornado internals changed; using the public API only (slower, strict UTF-8)")
+
+
+def _retrieve(future: Any) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+class LenientTextProtocol(WebSocketProtocol13):
+    """Hands text frames with invalid UTF-8 to ``handler.on_invalid_text``.
+
+    Tornado aborts the connection on invalid UTF-8; the pushsvc contract
+    answers with an ``error`` frame and keeps the connection.
+    """
+
+    def _handle_message(self, opcode: int, data: bytes) -> Any:
+        if opcode == 0x1 and not self._frame_compressed and not self.client_terminated:
+            try:
+                data.decode("utf-8")
+            except UnicodeDecodeError:
+                self._message_bytes_in += len(data)
+                return self._run_callback(self.handler.on_invalid_text, data)  # type: ignore[attr-defined]
+        return super()._handle_message(opcode, data)
+
+
+def write_text(connection: WebSocketProtocol13, data: bytes) -> bool:
+    """Write ``data`` (UTF-8 JSON) as one text frame; False if the socket is closed."""
+    try:
+        if INTERNALS_OK and connection._compressor is None:
+            future: Any = connection._write_frame(True, 0x1, data)
+        else:
+            future = connection.write_message(data, binary=False)
+    except (StreamClosedError, WebSocketClosedError):
+        return False
+    if not future.done():
+        future.add_done_callback(_retrieve)
+    elif isinstance(future, ConcurrentFuture) or not future.cancelled():
+        future.exception()
+    return True
+
+
+def buffered_bytes(connection: WebSocketProtocol13) -> int:
+    """Bytes written to the connection but not yet sent by the kernel (0 if unknown)."""
+    stream = getattr(connection, "stream", None)
+    if stream is None or not INTERNALS_OK:
+        return 0
+    return len(stream._write_buffer)
