@@ -73,7 +73,7 @@ class Service:
         """Start the shared timers (keepalive, retries, sweeps, loop lag, watchdog)."""
         node = self.node
         self._timers = [
-            asyncio.ensure_future(_every(1.0, node.keepalive.tick)),
+            asyncio.ensure_future(_every(node.keepalive.tick_interval(), node.keepalive.tick)),
             asyncio.ensure_future(_every(0.05, node.delivery.tick)),
             asyncio.ensure_future(_every_async(5.0, node.delivery.sweep)),
             asyncio.ensure_future(_every(60.0, self._prune)),

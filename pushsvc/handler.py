@@ -196,10 +196,14 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
         if buffered > self.node.config.server.max_buffer_bytes and self.session is not None:
             self.session.close_with(CloseCode.SLOW_CONSUMER, "slow consumer", "slow_consumer")
 
-    def close_connection(self, code: int, reason: str) -> None:
-        """Send a close frame; abort if the peer does not answer in time."""
-        if self.ws_connection is not None:
-            self.close(code, reason)
+    def close_connection(self, code: int, reason: str, abort: bool = False) -> None:
+        """Send a close frame; with ``abort`` drop the socket without waiting for the peer."""
+        connection = self.ws_connection
+        if connection is None:
+            return
+        self.close(code, reason)
+        if abort:
+            tornado_compat.abort(connection)  # type: ignore[arg-type]
 
     def send_ping(self) -> None:
         """Send a protocol ping (the peer's pong updates ``last_seen``)."""

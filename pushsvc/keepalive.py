@@ -45,6 +45,10 @@ class Keepalive:
         self._expiries: list[tuple[float, str, Watched]] = []  # (exp, session, conn) heap
         self._next_ping = time.monotonic() + heartbeat  # when the next ping round is due
 
+    def tick_interval(self) -> float:
+        """How often :meth:`tick` should run: a quarter heartbeat, at most a second."""
+        return min(1.0, self.heartbeat / 4)
+
     def track_expiry(self, client: Watched) -> None:
         """Schedule a 4001 close when the client's current token expires."""
         expires_at = client.principal.expires_at

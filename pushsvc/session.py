@@ -48,8 +48,8 @@ class Transport(Protocol):
         """Write one text frame, closing the connection if its buffer is over the bound."""
         ...
 
-    def close_connection(self, code: int, reason: str) -> None:
-        """Send a close frame and drop the connection."""
+    def close_connection(self, code: int, reason: str, abort: bool = False) -> None:
+        """Send a close frame; with ``abort``, drop the socket without waiting."""
         ...
 
     def send_ping(self) -> None:
@@ -116,12 +116,17 @@ class Session:
         self.send(protocol.error_frame(code, message, ref, retry_after), "error")
 
     def close_with(self, code: int, reason: str, metric_reason: str) -> None:
-        """Close the connection once, counting why."""
+        """Close the connection once, counting why.
+
+        Peers that stopped reading or answering (slow consumer, heartbeat)
+        are dropped at once instead of waiting for their close frame.
+        """
         if self.closing:
             return
         self.closing = True
         self.node.metrics.closes.labels(metric_reason).inc()
-        self.transport.close_connection(code, reason)
+        abort = code in (CloseCode.SLOW_CONSUMER, CloseCode.HEARTBEAT_TIMEOUT)
+        self.transport.close_connection(code, reason, abort)
 
     def on_durable(self, envelope: Envelope) -> None:
         """An at-least-once message for this user: hand it to the delivery tracker."""

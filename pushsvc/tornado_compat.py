@@ -26,6 +26,7 @@ def _check_internals() -> bool:
         hasattr(WebSocketProtocol13, "_handle_message"),
         hasattr(WebSocketProtocol13, "_write_frame"),
         hasattr(WebSocketProtocol13, "_run_callback"),
+        hasattr(WebSocketProtocol13, "_abort"),
         "_write_buffer" in BaseIOStream.__init__.__code__.co_names,
     ]
     return all(needed)
@@ -72,6 +73,14 @@ def write_text(connection: WebSocketProtocol13, data: bytes) -> bool:
     elif isinstance(future, ConcurrentFuture) or not future.cancelled():
         future.exception()
     return True
+
+
+def abort(connection: WebSocketProtocol13) -> None:
+    """Drop the TCP connection now, without waiting for the peer's close frame."""
+    if INTERNALS_OK:
+        connection._abort()
+    else:  # pragma: no cover - public API: the close handshake times out after 5 s
+        connection.close(None, None)
 
 
 def buffered_bytes(connection: WebSocketProtocol13) -> int:

@@ -22,7 +22,8 @@ from prometheus_client import CollectorRegistry
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
-from pushsvc import app, auth, config as config_module
+from pushsvc import app, auth
+from pushsvc import config as config_module
 
 SECRET = "test-secret-that-is-long-enough-for-hs256!"
 BIN = Path(sys.executable).parent
@@ -109,14 +110,22 @@ class Server:
         self.base = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}/ws"
 
-    async def connect(self, sub: str = "alice", *, welcome: bool = True, query: bool = True,
-                      headers: dict[str, str] | None = None, **claims: Any) -> Client:
+    async def connect(
+        self,
+        sub: str = "alice",
+        *,
+        welcome: bool = True,
+        query: bool = True,
+        headers: dict[str, str] | None = None,
+        **claims: Any,
+    ) -> Client:
         jwt = token(sub, **claims)
         if query:
             request = HTTPRequest(f"{self.ws_url}?access_token={jwt}", headers=headers)
         else:
-            request = HTTPRequest(self.ws_url, headers={"Authorization": f"Bearer {jwt}",
-                                                        **(headers or {})})
+            request = HTTPRequest(
+                self.ws_url, headers={"Authorization": f"Bearer {jwt}", **(headers or {})}
+            )
         client = Client(await websocket_connect(request, max_message_size=50 * 1024 * 1024))
         if welcome:
             frame = await client.recv()
@@ -124,8 +133,9 @@ class Server:
             client.welcome = frame
         return client
 
-    async def handshake(self, url_suffix: str = "", headers: dict[str, str] | None = None
-                        ) -> HTTPResponse | HTTPClientError:
+    async def handshake(
+        self, url_suffix: str = "", headers: dict[str, str] | None = None
+    ) -> HTTPResponse | HTTPClientError:
         """A raw upgrade request; returns the HTTP error for refused handshakes."""
         request = HTTPRequest(self.ws_url + url_suffix, headers=headers)
         try:
@@ -135,9 +145,16 @@ class Server:
         conn.close()
         raise AssertionError("handshake was accepted")
 
-    async def http(self, method: str, path: str, body: Any = None, sub: str = "backend",
-                   scope: str = "publish", headers: dict[str, str] | None = None,
-                   auth_header: bool = True) -> tuple[int, Any, dict[str, str]]:
+    async def http(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        sub: str = "backend",
+        scope: str = "publish",
+        headers: dict[str, str] | None = None,
+        auth_header: bool = True,
+    ) -> tuple[int, Any, dict[str, str]]:
         all_headers = dict(headers or {})
         if auth_header:
             all_headers.setdefault("Authorization", f"Bearer {token(sub, scope=scope)}")
@@ -214,20 +231,31 @@ class ServerProcess:
         return self.proc.wait(timeout)
 
 
-def spawn_server(tmp_path: Path, *args: str, env: dict[str, str] | None = None,
-                 port: int | None = None, wait: bool = True, name: str = "server",
-                 pass_fds: tuple[int, ...] = ()) -> ServerProcess:
+def spawn_server(
+    tmp_path: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    port: int | None = None,
+    wait: bool = True,
+    name: str = "server",
+    pass_fds: tuple[int, ...] = (),
+) -> ServerProcess:
     """Run ``pushsvc serve`` and wait for its "listening" line."""
     port = port or free_port()
     log_path = tmp_path / f"{name}.log"
-    full_env = {**os.environ, "PUSHSVC_JWT_SECRET": SECRET, "PYTHONUNBUFFERED": "1",
-                **(env or {})}
+    full_env = {**os.environ, "PUSHSVC_JWT_SECRET": SECRET, "PYTHONUNBUFFERED": "1", **(env or {})}
     command = [str(BIN / "pushsvc"), "serve", "--port", str(port), *args]
     if "--data-dir" not in args:
         command += ["--data-dir", str(tmp_path / "data")]
     log_file = open(log_path, "w")  # noqa: SIM115 - closed with the process
-    proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=full_env,
-                            text=True, pass_fds=pass_fds)
+    proc = subprocess.Popen(
+        command,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        env=full_env,
+        text=True,
+        pass_fds=pass_fds,
+    )
     server = ServerProcess(proc, port, log_path)
     if wait:
         deadline = time.monotonic() + 20

@@ -1,0 +1,88 @@
+"""The frame codec is pure: any input gives a command or a coded error."""
+
+from __future__ import annotations
+
+import json
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pushsvc import ids
+from pushsvc.errors import ErrorCode
+from pushsvc.plugin_api import Field
+from pushsvc.protocol import Command, FrameError, decode_frame, validate
+
+FIELDS = {
+    "to": Field((str, list), items=str, max_length=3),
+    "text": Field(str, max_length=10),
+    "data": Field(dict, required=False),
+    "n": Field(float, required=False),
+}
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=12,
+)
+frames = st.dictionaries(
+    st.sampled_from(["type", "ref", "to", "text", "data", "n", "user", "x"]), json_values
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.one_of(st.binary(max_size=200), st.text(max_size=200), frames.map(json.dumps)), st.booleans()
+)
+def test_decode_and_validate_never_raise(data: str | bytes, binary: bool) -> None:
+    result = decode_frame(data, binary=binary)
+    assert isinstance(result, Command | FrameError)
+    if isinstance(result, FrameError):
+        assert result.code in set(ErrorCode)
+        return
+    checked = validate(result, FIELDS)
+    assert isinstance(checked, Command | FrameError)
+    if isinstance(checked, FrameError):
+        assert checked.code is ErrorCode.BAD_REQUEST and ":" in checked.message
+
+
+def test_bad_frames_get_codes() -> None:
+    cases = {
+        b"\xff\xfe": "not valid UTF-8",
+        "{": "invalid JSON",
+        "[1]": "must be a JSON object",
+        "{}": "type: missing",
+        '{"type": 5}': "type: must be a string",
+        '{"type": "x", "ref": "' + "r" * 65 + '"}': "ref:",
+        '{"type": "x", "ref": 7}': "ref:",
+    }
+    for data, message in cases.items():
+        result = decode_frame(data)
+        assert isinstance(result, FrameError) and message in result.message, (data, result)
+    assert isinstance(decode_frame(b"{}", binary=True), FrameError)
+
+
+def test_server_filled_fields_are_dropped() -> None:
+    result = decode_frame('{"type":"chat","text":"hi","user":"mallory","from":"x","timestamp":1}')
+    assert isinstance(result, Command)
+    assert result.fields == {"text": "hi"}
+
+
+def test_validate_names_the_field() -> None:
+    command = Command("x", {"to": ["a", 1], "text": "hello"}, "r1")
+    error = validate(command, FIELDS)
+    assert isinstance(error, FrameError) and error.message.startswith("to:") and error.ref == "r1"
+    error = validate(Command("x", {"to": "a", "text": "x" * 11}, None), FIELDS)
+    assert isinstance(error, FrameError) and error.message == "text: at most 10 characters"
+    error = validate(Command("x", {"to": "a", "text": True}, None), FIELDS)
+    assert isinstance(error, FrameError) and error.message == "text: must be a string"
+    ok = validate(Command("x", {"to": "a", "text": "t", "n": 3, "extra": 1}, None), FIELDS)
+    assert isinstance(ok, Command) and ok.fields == {"to": "a", "text": "t", "n": 3}
+
+
+def test_ids_are_unique_and_sorted() -> None:
+    generator = ids.IdGenerator()
+    made = [generator.new(now_ms=1_700_000_000_000) for _ in range(1000)]
+    made += [generator.new() for _ in range(1000)]
+    assert made == sorted(made) and len(set(made)) == len(made)
+    assert all(len(i) == 26 for i in made)
+    assert ids.timestamp_ms(made[0]) == 1_700_000_000_000
