@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check-config", help="validate and print the effective config")
     check.add_argument("--config", help="TOML config file")
+    check.add_argument(
+        "--reference", action="store_true", help="print every key with its doc and default"
+    )
 
     plugins = commands.add_parser("plugins", help="list loaded plugins and their message types")
     plugins.add_argument("--config", help="TOML config file")
@@ -153,7 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "token":
             return _token(args, config)
         if args.command == "check-config":
-            print(config_module.to_toml(config), end="")
+            text = config_module.documented_defaults() if args.reference else None
+            print(text or config_module.to_toml(config), end="")
             return 0
         return _plugins(config)
     except ConfigError as exc:

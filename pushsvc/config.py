@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import textwrap
 import tomllib
 import typing
 from collections.abc import Mapping
@@ -421,6 +422,40 @@ def to_toml(config: Config) -> str:
             lines.append(f"{key} = {_toml_value(value)}")
         lines.append("")
     return "\n".join(lines)
+
+
+def documented_defaults() -> str:
+    """The reference config file: every key, its documentation and default, commented out.
+
+    ``config/pushsvc.toml`` is this text (``pushsvc check-config --reference``
+    prints it); a test keeps the two identical.
+    """
+    lines = [
+        "# pushsvc configuration reference (TOML).",
+        "#",
+        "# Every key is listed with its documentation and its default value, commented",
+        "# out: uncomment to change. Precedence, highest first: command-line flags,",
+        "# environment variables PUSHSVC_<SECTION>__<KEY> (e.g. PUSHSVC_RATELIMIT__RATE=5;",
+        "# lists as TOML arrays or comma-separated), this file, the defaults.",
+        "# PUSHSVC_JWT_SECRET sets auth.jwt_secret. Keys marked (reloadable) take",
+        "# effect on SIGHUP (systemctl reload) without dropping connections.",
+        "#",
+        "# Generated from pushsvc/config.py by `pushsvc check-config --reference`.",
+    ]
+    for name, section_cls in sections().items():
+        lines += ["", f"[{name}]"]
+        for key, (_kind, spec) in keys(section_cls).items():
+            default = (
+                spec.default
+                if spec.default_factory is dataclasses.MISSING
+                else (spec.default_factory())
+            )
+            doc = spec.metadata["doc"]
+            if spec.metadata.get("reloadable"):
+                doc += " (reloadable)"
+            lines += [f"# {line}" for line in textwrap.wrap(doc, 78)]
+            lines.append(f"# {key} = {_toml_value(default)}")
+    return "\n".join(lines) + "\n"
 
 
 def _toml_value(value: Any) -> str:

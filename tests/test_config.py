@@ -1,0 +1,95 @@
+"""Config: layering, env overrides, clear errors naming the key, documented reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pushsvc import config as config_module
+from pushsvc.config import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_reference_file_is_in_sync() -> None:
+    reference = (ROOT / "config" / "pushsvc.toml").read_text()
+    assert reference == config_module.documented_defaults(), (
+        "config/pushsvc.toml is stale: run `pushsvc check-config --reference > config/pushsvc.toml`"
+    )
+    # The reference parses and yields the defaults.
+    loaded = config_module.load(str(ROOT / "config" / "pushsvc.toml"), environ={})
+    assert loaded == config_module.Config()
+
+
+def test_layering_precedence(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[server]\nport = 9000\nhost = "0.0.0.0"\n[ratelimit]\nrate = 7\n')
+    environ = {
+        "PUSHSVC_SERVER__PORT": "9100",
+        "PUSHSVC_JWT_SECRET": "s",
+        "PUSHSVC_SERVER__ALLOWED_ORIGINS": "https://a.example, https://b.example",
+        "PUSHSVC_CHAT__AUTO_JOIN": "false",
+        "PUSHSVC_AUTH__ALGORITHMS": '["RS256"]',
+    }
+    config = config_module.load(str(path), environ, {"server": {"port": 9200}})
+    assert config.server.port == 9200  # flag over env over file
+    assert config.server.host == "0.0.0.0"  # file over default
+    assert config.ratelimit.rate == 7.0  # ints accepted for floats
+    assert config.auth.jwt_secret == "s"
+    assert config.server.allowed_origins == ["https://a.example", "https://b.example"]
+    assert config.chat.auto_join is False
+    assert config.auth.algorithms == ["RS256"]
+    assert config_module.load(str(path), {"PUSHSVC_CONFIG": "ignored"}).server.port == 9000
+    env_path = {"PUSHSVC_CONFIG": str(path)}
+    assert config_module.load(None, env_path).server.port == 9000
+
+
+@pytest.mark.parametrize(
+    ("text", "environ", "key"),
+    [
+        ("[ratelimit]\nrate = -1\n", {}, "ratelimit.rate"),
+        ("[ratelimit]\nrate = 'fast'\n", {}, "ratelimit.rate"),
+        ("[server]\nport = 1.5\n", {}, "server.port"),
+        ("[server]\nxheaders = 1\n", {}, "server.xheaders"),
+        ("[server]\nallowed_origins = 'x'\n", {}, "server.allowed_origins"),
+        ("[server]\nbogus = 1\n", {}, "server.bogus"),
+        ("[nope]\n", {}, "nope"),
+        ("[log]\nformat = 'xml'\n", {}, "log.format"),
+        ("", {"PUSHSVC_RATELIMIT__BURST": "0"}, "ratelimit.burst"),
+        ("", {"PUSHSVC_SERVER__NOPE": "1"}, "PUSHSVC_SERVER__NOPE"),
+        ("[auth]\njwt_secret_file = '/nonexistent/secret'\n", {}, "auth.jwt_secret_file"),
+    ],
+)
+def test_bad_values_name_the_key(
+    tmp_path: Path, text: str, environ: dict[str, str], key: str
+) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        config_module.load(str(path), environ)
+    assert str(caught.value).startswith(f"{key}:"), str(caught.value)
+
+
+def test_invalid_toml_and_missing_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[server\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        config_module.load(str(bad), {})
+    with pytest.raises(ConfigError, match="cannot read"):
+        config_module.load(str(tmp_path / "missing.toml"), {})
+
+
+def test_secret_file_and_changed_keys(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("from-file\n")
+    config = config_module.load(None, {"PUSHSVC_AUTH__JWT_SECRET_FILE": str(secret)})
+    assert config.secret() == "from-file"
+    old = config_module.Config()
+    new = config_module.build([{"ratelimit": {"rate": 1.0}, "server": {"port": 1}}])
+    assert config_module.changed_keys(old, new) == (["ratelimit.rate"], ["server.port"])
+
+
+def test_effective_config_hides_secrets() -> None:
+    text = config_module.to_toml(config_module.build([{"auth": {"jwt_secret": "hunter2"}}]))
+    assert "hunter2" not in text and 'jwt_secret = "<set>"' in text

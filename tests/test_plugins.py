@@ -1,0 +1,231 @@
+"""Plugins: entry-point loading, conflicts, failures, dispatch, the third-party example."""
+
+from __future__ import annotations
+
+import inspect
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tornado.netutil
+from prometheus_client import CollectorRegistry
+
+from conftest import BIN, SECRET, Server, make_config
+from pushsvc import CommandError, Field, FrameContext, MessageType, Reply, app, hookimpl, hookspecs
+from pushsvc.plugins import PluginError, load_plugins
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def fake_distribution(root: Path, name: str, module_source: str, entry: str = "") -> Path:
+    """Write an installed-looking distribution (module + dist-info) under ``root``."""
+    module = name.replace("-", "_")
+    (root / f"{module}.py").write_text(textwrap.dedent(module_source))
+    info = root / f"{module}-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[pushsvc]\n{entry or module} = {module}\n")
+    return root
+
+
+def run_cli(
+    *args: str, pythonpath: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    full_env = {"PUSHSVC_JWT_SECRET": SECRET, "PATH": "/usr/bin:/bin", **(env or {})}
+    if pythonpath is not None:
+        full_env["PYTHONPATH"] = str(pythonpath)
+    return subprocess.run(
+        [str(BIN / "pushsvc"), *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_builtins_load_through_the_entry_point_group() -> None:
+    plugins = load_plugins()
+    by_name = {p.name: p for p in plugins.loaded}
+    for name in ("chat", "private", "notification"):
+        assert by_name[name].distribution.startswith("pushsvc ")
+        assert by_name[name].message_types == (name,)
+    assert by_name["poke"].distribution == "pushsvc-poke 1.0.0"
+    # Core never names the built-ins.
+    for source in (ROOT / "pushsvc").rglob("*.py"):
+        assert "pushsvc_plugins" not in source.read_text(), source
+
+
+def test_cli_lists_plugins() -> None:
+    result = run_cli("plugins")
+    assert result.returncode == 0, result.stderr
+    assert "chat  (pushsvc " in result.stdout
+    assert "poke  (pushsvc-poke 1.0.0" in result.stdout
+    assert "private: at-least-once" in result.stdout
+
+
+def test_duplicate_type_stops_startup_naming_both(tmp_path: Path) -> None:
+    fake_distribution(
+        tmp_path,
+        "chat-clone",
+        """
+        from pushsvc import MessageType, hookimpl
+
+        async def handle(ctx):
+            return None
+
+        @hookimpl
+        def pushsvc_register_message_types():
+            return [MessageType("chat", handle)]
+    """,
+    )
+    result = run_cli("serve", "--port", "0", "--data-dir", str(tmp_path / "d"), pythonpath=tmp_path)
+    assert result.returncode != 0
+    assert "'chat' is declared by two plugins" in result.stderr
+    assert "pushsvc 0.1.0" in result.stderr and "chat-clone 1.0" in result.stderr
+    # Disabling one of them resolves it.
+    listed = run_cli("plugins", pythonpath=tmp_path, env={"PUSHSVC_PLUGINS__DISABLED": "chat"})
+    assert listed.returncode == 0, listed.stderr
+    assert "chat  (disabled by plugins.disabled)" in listed.stdout
+
+
+def test_plugin_that_fails_to_import_stops_startup(tmp_path: Path) -> None:
+    fake_distribution(tmp_path, "broken-plugin", "import does_not_exist_anywhere\n")
+    result = run_cli("serve", "--port", "0", "--data-dir", str(tmp_path / "d"), pythonpath=tmp_path)
+    assert result.returncode != 0
+    assert "plugin 'broken_plugin' (broken-plugin 1.0) failed to load" in result.stderr
+    assert "does_not_exist_anywhere" in result.stderr
+
+
+def test_unknown_hook_is_rejected() -> None:
+    class Typo:
+        @hookimpl
+        def pushsvc_regster_message_types(self) -> list[Any]:
+            return []
+
+    with pytest.raises(PluginError, match="unknown hook"):
+        load_plugins(extra=[("typo", Typo())])
+
+
+def test_core_types_cannot_be_taken() -> None:
+    class Thief:
+        @hookimpl
+        def pushsvc_register_message_types(self) -> list[MessageType]:
+            async def handle(ctx: FrameContext) -> None:
+                return None
+
+            return [MessageType("ack", handle)]
+
+    with pytest.raises(PluginError, match="core command"):
+        load_plugins(extra=[("thief", Thief())])
+
+
+class Crashy:
+    """A plugin whose handler raises, and one that authorizes rooms."""
+
+    @hookimpl
+    def pushsvc_register_message_types(self) -> list[MessageType]:
+        async def boom(ctx: FrameContext) -> Reply:
+            raise RuntimeError("kaboom")
+
+        async def deny(ctx: FrameContext) -> Reply:
+            raise CommandError("forbidden", "no thanks")
+
+        async def echo(ctx: FrameContext) -> Reply:
+            return Reply({"echo": ctx.frame["say"], "user": ctx.principal.user})
+
+        return [
+            MessageType("boom", boom),
+            MessageType("deny", deny),
+            MessageType("echo", echo, {"say": Field(str)}, cost=0.5),
+        ]
+
+    @hookimpl
+    def pushsvc_authorize_room(self, principal: Any, room: str) -> bool | None:
+        if room.startswith("vip-"):
+            return principal.user == "vip"
+        return None
+
+
+@pytest.fixture
+async def crashy_server(data_dir: Path) -> Any:
+    config = make_config(data_dir)
+    plugins = load_plugins(extra=[("crashy", Crashy())])
+    service = await app.start(
+        config,
+        registry=CollectorRegistry(),
+        plugins=plugins,
+        sockets=tornado.netutil.bind_sockets(0, "127.0.0.1"),
+    )
+    yield Server(service)
+    await service.shutdown(pace=False)
+
+
+async def test_plugin_errors_are_contained(crashy_server: Server) -> None:
+    client = await crashy_server.connect("c")
+    await client.send({"type": "boom", "ref": "b"})
+    error = await client.recv_type("error")
+    assert error == {
+        "type": "error",
+        "code": "internal",
+        "message": "plugin crashy failed",
+        "ref": "b",
+    }
+    await client.send({"type": "deny", "ref": "d"})
+    assert (await client.recv_type("error"))["code"] == "forbidden"
+    await client.send({"type": "echo", "say": "hello", "ref": "e"})
+    reply = await client.recv_type("reply")
+    assert reply == {"type": "reply", "ref": "e", "ok": True, "echo": "hello", "user": "c"}
+    metric = crashy_server.node.metrics.plugin_errors.labels("crashy")._value.get()
+    assert metric == 1
+
+
+async def test_authorize_room_hook_decides_first(crashy_server: Server) -> None:
+    vip = await crashy_server.connect("vip")
+    other = await crashy_server.connect("other", rooms=["*"])
+    await vip.send({"type": "join", "room": "vip-lounge", "ref": "1"})
+    assert (await vip.recv_type("reply", "error"))["type"] == "reply"
+    await other.send({"type": "join", "room": "vip-lounge", "ref": "2"})
+    assert (await other.recv_type("reply", "error"))["code"] == "forbidden"
+
+
+async def test_disabled_plugin_type_is_unknown(start_server: Any) -> None:
+    server = await start_server(plugins={"disabled": ["chat"]})
+    client = await server.connect("x")
+    await client.send({"type": "chat", "text": "hi"})
+    assert (await client.recv_type("error"))["code"] == "unknown_type"
+
+
+async def test_third_party_plugin_over_a_real_socket(server: Server) -> None:
+    sender = await server.connect("ann")
+    target = await server.connect("ben")
+    await sender.send({"type": "poke", "to": "ben", "emoji": "👋", "ref": "p"})
+    reply = await sender.recv_type("reply")
+    poke = await target.recv_type("poke")
+    assert poke["id"] == reply["id"] and poke["ack"] is True
+    assert poke["from"] == "ann" and poke["emoji"] == "👋"
+    await target.send({"type": "ack", "id": poke["id"], "ref": "a"})
+    assert (await target.recv_type("reply"))["acked"] == 1
+    status, body, _ = await server.http("GET", "/poke/stats", auth_header=False)
+    assert status == 200 and body["pokes"]["ann"] >= 1
+
+
+def test_every_hook_is_documented() -> None:
+    docs = (ROOT / "docs" / "plugins.md").read_text()
+    specs = [name for name in dir(hookspecs) if name.startswith("pushsvc_")]
+    assert len(specs) >= 7
+    for name in specs:
+        function = getattr(hookspecs, name)
+        assert function.__doc__ and "Example::" in function.__doc__, name
+        signature = f"{name}{inspect.signature(function)}".replace("'", "")
+        assert signature in docs, f"docs/plugins.md lacks the signature: {signature}"
+
+
+def test_python_m_pushsvc() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "pushsvc", "--version"], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0 and result.stdout.startswith("pushsvc ")
