@@ -28,6 +28,9 @@ log = logging.getLogger("pushsvc.auth")
 # PyJWT warns on every call with a short HMAC key; pushsvc says it once at startup.
 warnings.filterwarnings("ignore", category=jwt.warnings.InsecureKeyLengthWarning)
 MIN_SECRET_BYTES = 32
+#: Verified tokens remembered (the oldest is dropped first) and for how long at most.
+CACHE_SIZE = 10_000
+CACHE_SECONDS = 300.0
 
 SYMMETRIC = frozenset({"HS256", "HS384", "HS512"})
 ASYMMETRIC = frozenset(
@@ -111,6 +114,7 @@ class Authenticator:
                 len(secret.encode()),
                 MIN_SECRET_BYTES,
             )
+        self._cache: dict[str, tuple[Principal, float]] = {}  # token -> (who, valid until)
         self.public_key: Any = None  # the PEM key, loaded once
         if config.public_key_file:
             with open(config.public_key_file, "rb") as handle:
@@ -136,7 +140,11 @@ class Authenticator:
         raise AuthError("algorithm_not_allowed", f"algorithm {alg} not accepted")
 
     async def verify(self, token: str | None) -> Principal:
-        """Verify ``token`` and return who it names.
+        """Verify ``token`` and return who it names (cached for repeated tokens).
+
+        A token verified once is remembered until its ``exp`` (at most
+        :data:`CACHE_SECONDS`), so a reconnect storm of clients holding the
+        same tokens costs a dict lookup each instead of a signature check.
 
         Raises:
             AuthError: with a reason (``missing_token``, ``malformed``,
@@ -146,6 +154,29 @@ class Authenticator:
         """
         if not token:
             raise AuthError("missing_token", "no token")
+        cached = self._cache.get(token)
+        if cached is not None:
+            principal, valid_until = cached
+            if time.time() < valid_until:
+                return principal
+            del self._cache[token]
+        principal = await self._verify(token)
+        self._remember(token, principal)
+        return principal
+
+    def _remember(self, token: str, principal: Principal) -> None:
+        now = time.time()
+        valid_until = now + CACHE_SECONDS
+        if principal.expires_at is not None:
+            valid_until = min(valid_until, principal.expires_at)
+        if valid_until <= now:
+            return
+        cache = self._cache
+        if len(cache) >= CACHE_SIZE:
+            del cache[next(iter(cache))]  # the oldest entry
+        cache[token] = (principal, valid_until)
+
+    async def _verify(self, token: str) -> Principal:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as exc:

@@ -65,12 +65,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 
 def _serve(args: argparse.Namespace, config: Config) -> int:
+    from pushsvc.app import secret_missing
+
     overrides = _overrides(args)
-    if (
-        not config.secret()
-        and "HS256" in config.auth.algorithms
-        and not (config.auth.public_key_file or config.auth.jwks_url)
-    ):
+    if secret_missing(config):
         if not args.dev:
             print(
                 "pushsvc: no JWT secret configured: set auth.jwt_secret, auth.jwt_secret_file "
@@ -108,11 +106,13 @@ async def _run(config: Config, path: str | None, overrides: dict[str, dict[str, 
         return 1
     service.install_signals()
     host, port = service.sockets[0].getsockname()[:2]
-    print(f"pushsvc listening on http://{host}:{port} (ws://{host}:{port}/ws)", flush=True)
-    sdnotify.notify("READY=1", "STATUS=serving 0 connections")
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    print(f"pushsvc listening on http://{where} (ws://{where}/ws)", flush=True)
+    # Listening, store and broker open: only now may systemd start dependents.
+    sdnotify.notify("READY=1", service.status())
     await service.stopped.wait()
-    log.info("stopped")
-    return 0
+    log.info("stopped (exit status %d)", service.exit_code)
+    return service.exit_code
 
 
 def _token(args: argparse.Namespace, config: Config) -> int:

@@ -4,18 +4,20 @@ Used only where it is safe (no per-message compression on the connection),
 checked once at import: when an internal is missing (a Tornado upgrade),
 :data:`INTERNALS_OK` is False, one line is logged, and every function falls
 back to Tornado's public API. A Tornado upgrade must re-check: the
-``WebSocketProtocol13._handle_message`` / ``_write_frame`` /
-``_frame_compressed`` / ``_compressor`` / ``_message_bytes_in`` names and
+``WebSocketProtocol13._handle_message`` / ``_write_frame`` / ``_abort`` /
+``_frame_compressed`` / ``_compressor`` / ``_message_bytes_in`` / ``stream``
+names, ``IOStream.socket``, and
 ``BaseIOStream._write_buffer`` (its ``len``; see CHANGELOG).
 """
 
 from __future__ import annotations
 
 import logging
+import struct
 from concurrent.futures import Future as ConcurrentFuture
 from typing import Any
 
-from tornado.iostream import BaseIOStream, StreamClosedError
+from tornado.iostream import BaseIOStream, SSLIOStream, StreamClosedError
 from tornado.websocket import WebSocketClosedError, WebSocketProtocol13
 
 log = logging.getLogger("pushsvc.tornado")
@@ -27,6 +29,7 @@ def _check_internals() -> bool:
         hasattr(WebSocketProtocol13, "_write_frame"),
         hasattr(WebSocketProtocol13, "_run_callback"),
         hasattr(WebSocketProtocol13, "_abort"),
+        hasattr(BaseIOStream, "writing") and hasattr(BaseIOStream, "write"),
         "_write_buffer" in BaseIOStream.__init__.__code__.co_names,
     ]
     return all(needed)
@@ -57,6 +60,47 @@ class LenientTextProtocol(WebSocketProtocol13):
                 self._message_bytes_in += len(data)
                 return self._run_callback(self.handler.on_invalid_text, data)  # type: ignore[attr-defined]
         return super()._handle_message(opcode, data)
+
+
+RAW_FRAMES = INTERNALS_OK
+"""Whether pushsvc may build frames itself and write them to the stream."""
+
+
+def text_frame(payload: bytes) -> bytes:
+    """An unmasked, uncompressed, final text frame (RFC 6455 §5.2) around ``payload``."""
+    size = len(payload)
+    if size < 126:
+        header = bytes((0x81, size))
+    elif size <= 0xFFFF:
+        header = struct.pack("!BBH", 0x81, 126, size)
+    else:
+        header = struct.pack("!BBQ", 0x81, 127, size)
+    return header + payload
+
+
+def write_raw(connection: WebSocketProtocol13, data: bytes) -> bool:
+    """Write already framed bytes; False when the stream is closed.
+
+    When Tornado's stream has nothing buffered, the bytes go to the socket
+    with one non-blocking ``send`` (no Future, no callback); only what the
+    kernel does not take is handed to the stream, so frames never interleave.
+    """
+    stream = connection.stream
+    if stream is None or stream.closed():
+        return False
+    if not stream.writing() and not isinstance(stream, SSLIOStream):
+        try:
+            sent = stream.socket.send(data)
+        except OSError:  # EAGAIN, or an error the stream will report when it writes
+            sent = 0
+        if sent == len(data):
+            return True
+        data = data[sent:]
+    try:
+        stream.write(data)
+    except StreamClosedError:
+        return False
+    return True
 
 
 def write_text(connection: WebSocketProtocol13, data: bytes) -> bool:
