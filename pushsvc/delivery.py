@@ -297,6 +297,7 @@ class Delivery:
         timers = self._timers
         resends: dict[Session, list[tuple[str, int]]] = {}
         dead: dict[str, list[str]] = {}
+        freed: set[Session] = set()
         while timers and timers[0][0] <= now:
             due, _seq, session, message_id = heapq.heappop(timers)
             tracker: AckTracker | None = session.inflight
@@ -306,9 +307,13 @@ class Delivery:
             if entry.attempts >= self.policy.max_attempts:
                 tracker.settle(message_id)
                 dead.setdefault(session.principal.user, []).append(message_id)
+                freed.add(session)
                 continue
             self._send(session, tracker, message_id, entry.type, entry.frame, entry.attempts + 1)
             resends.setdefault(session, []).append((message_id, entry.attempts))
+        for session in freed:  # the window has room again: load the backlog behind it
+            if session.inflight is not None and session.inflight.backlog:
+                self._spawn_refill(session)
         for session, pairs in resends.items():
             self._background(self.node.store.record_attempts(session.principal.user, pairs))
         for user, message_ids in dead.items():

@@ -84,6 +84,7 @@ class SqliteStore:
         self._thread: threading.Thread | None = None  # the writer
         self._loop: asyncio.AbstractEventLoop | None = None  # where futures resolve
         self._healthy = True  # result of the last transaction
+        self._transactions = 0  # transactions committed (each serves a batch of operations)
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -112,6 +113,11 @@ class SqliteStore:
     def healthy(self) -> bool:
         """Whether the last transaction committed."""
         return self._healthy
+
+    @property
+    def transactions(self) -> int:
+        """Transactions committed so far (read-only; fewer than operations under load)."""
+        return self._transactions
 
     async def check(self) -> bool:
         """Commit a tiny write to see whether the database accepts writes."""
@@ -172,6 +178,7 @@ class SqliteStore:
             db.execute("BEGIN IMMEDIATE")
             values = [op.fn(db) for op in batch]
             db.execute("COMMIT")
+            self._transactions += 1
         except Exception as exc:  # sqlite3.Error, or a bug in an operation: fail the batch
             with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
