@@ -444,7 +444,6 @@ async def start(
     metrics.broker_up.set(1 if broker.healthy() else 0)
     node = Node(config, metrics, plugins, broker, store)
     metrics.bind(node)
-    metrics.bind(node)
     await await_me_maybe(plugins.hook.pushsvc_startup(node=node))
     app = make_app(node)
     server = tornado.httpserver.HTTPServer(app, xheaders=config.server.xheaders)

@@ -107,7 +107,7 @@ async def _run(config: Config, path: str | None, overrides: dict[str, dict[str, 
     service.install_signals()
     host, port = service.sockets[0].getsockname()[:2]
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    print(f"pushsvc listening on http://{where} (ws://{where}/ws)", flush=True)
+    logs.announce(f"pushsvc listening on http://{where} (ws://{where}/ws)")
     # Listening, store and broker open: only now may systemd start dependents.
     sdnotify.notify("READY=1", service.status())
     await service.stopped.wait()

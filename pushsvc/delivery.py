@@ -131,17 +131,14 @@ class Delivery:
         data = protocol.encode(frame)
         kind = frame["type"]
         lifetime = min(ttl, node.config.delivery.ttl) if ttl else node.config.delivery.ttl
-        started = time.perf_counter()
-        try:
+        try:  # latency and failures are counted by the instrumented store
             await node.store.accept(message_id, kind, data, recipients, time.time() + lifetime)
         except StoreUnavailable as exc:
-            node.metrics.store_errors.labels("accept").inc()
             raise CommandError(
                 ErrorCode.UNAVAILABLE,
                 f"not accepted, store unavailable: {exc}",
                 RETRY_AFTER_UNAVAILABLE,
             ) from exc
-        node.metrics.store_seconds.labels("accept").observe(time.perf_counter() - started)
         node.metrics.messages_accepted.labels(kind).inc()
         envelope = Envelope("durable", kind, message_id, data)
         for user in recipients:
@@ -248,8 +245,11 @@ class Delivery:
                     tracker.backlog = False
                     break
         except StoreUnavailable as exc:
-            log.warning("loading pending messages for a connection failed: %s", exc)
-            self.node.metrics.store_errors.labels("pending").inc()
+            log.warning(
+                "loading pending messages for a connection failed: %s",
+                exc,
+                extra={"session": session.session, "user": user},
+            )
             asyncio.get_running_loop().call_later(1.0, self._spawn_refill, session)
         finally:
             tracker.refilling = False
@@ -262,7 +262,6 @@ class Delivery:
         try:
             result = await node.store.ack(session.principal.user, message_ids)
         except StoreUnavailable as exc:
-            node.metrics.store_errors.labels("ack").inc()
             raise CommandError(
                 ErrorCode.UNAVAILABLE, f"ack not recorded: {exc}", RETRY_AFTER_UNAVAILABLE
             ) from exc

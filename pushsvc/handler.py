@@ -50,6 +50,7 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
         self.principal = None  # set once the token is verified
         self.session = None  # set once the connection is open
         self._reserved = False  # a connection slot is held for this request
+        self._protocol: tornado_compat.LenientTextProtocol | None = None  # tells 1009 sent
 
     # -- handshake --------------------------------------------------------------
 
@@ -58,7 +59,7 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
         try:
             await self._admit()
         except HandshakeError as refusal:
-            self.node.metrics.handshakes.labels(_handshake_result(refusal)).inc()
+            self.node.metrics.handshake(refusal.error, refusal.reason)
             self.set_status(refusal.status)
             if refusal.retry_after is not None:
                 self.set_header("Retry-After", str(max(1, round(refusal.retry_after))))
@@ -119,7 +120,8 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
             max_message_size=self.max_message_size,
             compression_options=None,
         )
-        return tornado_compat.LenientTextProtocol(self, False, params)
+        self._protocol = tornado_compat.LenientTextProtocol(self, False, params)
+        return self._protocol
 
     @property
     def max_message_size(self) -> int:
@@ -143,7 +145,12 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
             node, self, self.principal, uuid.uuid4().hex, self.request.remote_ip or "unknown"
         )
         self.session = session
-        node.metrics.handshakes.labels("ok").inc()
+        node.metrics.handshake("ok")
+        log.debug(
+            "connection opened from %s",
+            session.remote_ip,
+            extra={"session": session.session, "user": session.principal.user},
+        )
         session.send(node.welcome_frame(session), "welcome")
         await node.connected(session)
         self._release_request()
@@ -174,9 +181,16 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
             return
         if not session.closing:
             session.closing = True
-            code = self.close_code
+            code = self.close_code  # the peer's; Tornado aborts after sending 1009 itself
+            if code is None and self._protocol is not None:
+                code = self._protocol.sent_close_code
             reason = "oversize" if code == CloseCode.MESSAGE_TOO_BIG else "client"
             self.node.metrics.closes.labels(reason).inc()
+        log.debug(
+            "connection closed (code %s)",
+            self.close_code,
+            extra={"session": session.session, "user": session.principal.user},
+        )
         if self._reserved:
             self._reserved = False
             self.node.hub.release(session.principal.user, session.remote_ip)
@@ -210,8 +224,3 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
         with contextlib.suppress(tornado.websocket.WebSocketClosedError):
             super().ping(b"")
 
-
-def _handshake_result(refusal: HandshakeError) -> str:
-    if refusal.error == "too_many_connections" and refusal.reason == "handshake_rate":
-        return "handshake_rate"
-    return refusal.error

@@ -175,12 +175,14 @@ class Hub:
                 fanout.send_to_all(others, envelope.frame, envelope.type)
                 return
             self.metrics.broadcast_recipients.observe(len(members))
+            self.metrics.messages_delivered.labels(envelope.type).inc(len(members))
             fanout.send_to_all(members.values(), envelope.frame, envelope.type)
             return
         clients = list(self.user_clients(name))
         if not clients:
             return
         if envelope.kind == "live":
+            self.metrics.messages_delivered.labels(envelope.type).inc(len(clients))
             fanout.send_to_all(clients, envelope.frame, envelope.type)
         elif envelope.kind == "durable":
             for client in clients:

@@ -59,18 +59,32 @@ class JsonFormatter(logging.Formatter):
         return redact(orjson.dumps(out).decode())
 
 
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+#: The formatter :func:`setup` installed, also used by :func:`announce`.
+_formatter: list[logging.Formatter] = [TextFormatter(TEXT_FORMAT)]
+
+
 def setup(level: str = "info", fmt: str = "text") -> None:
     """Send all logs to stderr in the chosen format (replaces earlier handlers)."""
     handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    formatter = JsonFormatter() if fmt == "json" else TextFormatter(TEXT_FORMAT)
+    _formatter[0] = formatter
+    handler.setFormatter(formatter)
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
     set_level(level)
+
+
+def announce(text: str, logger: str = "pushsvc") -> None:
+    """Print ``text`` on stdout in the log format, whatever the log level.
+
+    For the lines people and scripts wait for (``pushsvc listening on ...``):
+    with ``log.format = "json"`` it is a JSON object like every log line.
+    """
+    record = logging.LogRecord(logger, logging.INFO, __file__, 0, text, None, None)
+    print(_formatter[0].format(record), flush=True)
 
 
 def set_level(level: str) -> None:

@@ -1,27 +1,73 @@
 """Prometheus metrics: every series pushsvc exports, on an injected registry.
 
 No label carries a user id, room name, session or anything else unbounded:
-``type`` is a registered message type or core command (``unknown`` for
-anything else), and every other label has a fixed set of values listed here.
+``type`` is a registered message type, a core command or a server frame
+(:data:`OTHER_TYPE` for anything else, e.g. a type published over the API
+that no plugin declared), and every other label has a fixed set of values
+that the code writes as literals. docs/operations.md lists every series.
+
+Besides the series, this module times every store operation
+(:func:`Metrics.instrument_store`) and binds the state gauges (broker,
+draining, ready) to the node so they are read at scrape time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import inspect
+import re
 import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from pushsvc import __version__
+from pushsvc.plugins import CORE_TYPES
 
+if TYPE_CHECKING:
+    from pushsvc.node import Node
+    from pushsvc.store import Store
+
+#: ``result`` of a handshake: ``ok`` or the refusal's ``error`` code (PROTOCOL §1).
 HANDSHAKE_RESULTS = (
     "ok",
     "unauthorized",
     "forbidden_origin",
     "too_many_connections",
-    "handshake_rate",
     "unavailable",
 )
+#: ``reason`` of a handshake that carries none (``ok``, or a refusal without one).
+NO_REASON = "none"
+#: Label value for anything that is not a short lowercase code.
+OTHER = "other"
+_CODE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+#: Frame types the server itself sends or parses, besides the plugins' types.
+SERVER_TYPES = frozenset(
+    {"welcome", "reply", "error", "pong", "presence", "invalid", "unknown", *CORE_TYPES}
+)
+#: Label value for a message type that no plugin declared (bounded cardinality).
+OTHER_TYPE = OTHER
+#: ``bucket`` of a rate-limited frame, handshake or API call.
+RATE_LIMIT_BUCKETS = ("connection", "user", "handshake", "api")
+#: Store operations timed by :func:`Metrics.instrument_store` (others are timed too).
+STORE_OPERATIONS = (
+    "accept",
+    "pending",
+    "ack",
+    "record_attempts",
+    "dead_letter",
+    "expire",
+    "dead_letters",
+    "requeue",
+    "delete_dead",
+    "stats",
+    "check",
+)
+#: Store methods that are not operations (not timed).
+_STORE_LIFECYCLE = frozenset({"open", "close"})
 CLOSE_REASONS = (
     "client",
     "rate_abuse",
@@ -53,35 +99,46 @@ LATENCY_BUCKETS = (
 )
 
 
+def code_label(value: str) -> str:
+    """``value`` when it is a short lowercase code, else :data:`OTHER` (bounded labels)."""
+    return value if _CODE.match(value) else OTHER
+
+
+class TypedCounter:
+    """A counter whose first label, the message ``type``, is kept to known types."""
+
+    def __init__(self, counter: Counter, known: Callable[[str], bool]) -> None:
+        self.counter = counter  # the registered series
+        self._known = known  # whether a type may be a label value
+
+    def labels(self, kind: str, *rest: str) -> Counter:
+        """The child for ``kind`` (:data:`OTHER_TYPE` when undeclared) and ``rest``."""
+        return self.counter.labels(kind if self._known(kind) else OTHER_TYPE, *rest)
+
+
 class Metrics:
     """All pushsvc series, registered on ``registry`` (a fresh one per test)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self.known_types: set[str] = set(SERVER_TYPES)  # type label values (plus plugins')
         r = self.registry
+        typed = self._typed_counter
         Info("pushsvc_build", "pushsvc version.", registry=r).info({"version": __version__})
         self.connections = Gauge("pushsvc_connections", "Open WebSocket connections.", registry=r)
         self.handshakes = Counter(
-            "pushsvc_handshakes_total", "WebSocket handshakes by result.", ["result"], registry=r
-        )
-        self.frames_received = Counter(
-            "pushsvc_frames_received_total", "Client frames received by type.", ["type"], registry=r
-        )
-        self.received_bytes = Counter(
-            "pushsvc_received_bytes_total",
-            "Client frame bytes received by type.",
-            ["type"],
+            "pushsvc_handshakes_total",
+            "WebSocket handshakes by result (ok or the refusal's error code) and reason.",
+            ["result", "reason"],
             registry=r,
         )
-        self.frames_sent = Counter(
-            "pushsvc_frames_sent_total", "Frames sent to clients by type.", ["type"], registry=r
-        )
-        self.sent_bytes = Counter(
-            "pushsvc_sent_bytes_total", "Frame bytes sent to clients by type.", ["type"], registry=r
-        )
+        self.frames_received = typed("pushsvc_frames_received_total", "Client frames received")
+        self.received_bytes = typed("pushsvc_received_bytes_total", "Client frame bytes received")
+        self.frames_sent = typed("pushsvc_frames_sent_total", "Frames sent to clients")
+        self.sent_bytes = typed("pushsvc_sent_bytes_total", "Frame bytes sent to clients")
         self.broadcast_recipients = Histogram(
             "pushsvc_broadcast_recipients",
-            "Local connections one room broadcast went to.",
+            "Local connections one room broadcast (chat fan-out) went to.",
             buckets=(1, 10, 100, 1000, 10000, 100000),
             registry=r,
         )
@@ -90,7 +147,7 @@ class Metrics:
         )
         self.rate_limited = Counter(
             "pushsvc_rate_limited_total",
-            "Frames or handshakes refused by a rate limit, by bucket.",
+            "Frames, handshakes or API calls refused by a rate limit, by bucket.",
             ["bucket"],
             registry=r,
         )
@@ -103,35 +160,23 @@ class Metrics:
             ["plugin"],
             registry=r,
         )
-        self.messages_accepted = Counter(
-            "pushsvc_messages_accepted_total",
-            "Messages accepted (persisted when at-least-once).",
-            ["type"],
-            registry=r,
+        self.messages_accepted = typed(
+            "pushsvc_messages_accepted_total", "Messages accepted (persisted when at-least-once)"
         )
-        self.messages_delivered = Counter(
-            "pushsvc_messages_delivered_total",
-            "Messages written to a client connection.",
-            ["type"],
-            registry=r,
+        self.messages_delivered = typed(
+            "pushsvc_messages_delivered_total", "Messages written to a client connection"
         )
-        self.messages_acked = Counter(
-            "pushsvc_messages_acked_total",
-            "At-least-once messages settled by an ack.",
-            ["type"],
-            registry=r,
+        self.messages_acked = typed(
+            "pushsvc_messages_acked_total", "At-least-once messages settled by an ack"
         )
-        self.messages_redelivered = Counter(
+        self.messages_redelivered = typed(
             "pushsvc_messages_redelivered_total",
-            "At-least-once messages sent again (retry or reconnect).",
-            ["type"],
-            registry=r,
+            "At-least-once messages sent again (retry or reconnect)",
         )
-        self.messages_dead_lettered = Counter(
+        self.messages_dead_lettered = typed(
             "pushsvc_messages_dead_lettered_total",
-            "At-least-once messages given up, by reason.",
-            ["type", "reason"],
-            registry=r,
+            "At-least-once messages given up, by type and reason",
+            "reason",
         )
         self.acks_ignored = Counter(
             "pushsvc_acks_ignored_total",
@@ -147,13 +192,13 @@ class Metrics:
         )
         self.ack_latency = Histogram(
             "pushsvc_ack_latency_seconds",
-            "From a message's send to its ack.",
+            "From a message's (last) send on a connection to its ack.",
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.store_seconds = Histogram(
             "pushsvc_store_operation_seconds",
-            "Store operation latency (one group commit).",
+            "Store operation latency as the caller sees it (queue and group commit).",
             ["operation"],
             buckets=LATENCY_BUCKETS,
             registry=r,
@@ -165,16 +210,59 @@ class Metrics:
         self.draining = Gauge(
             "pushsvc_draining", "1 while the node drains for shutdown.", registry=r
         )
+        self.ready = Gauge(
+            "pushsvc_ready",
+            "1 while /readyz would answer 200 (last store write ok, broker up, not draining).",
+            registry=r,
+        )
         self.loop_lag = Histogram(
             "pushsvc_event_loop_lag_seconds",
             "How late a 0.5 s timer fired on the event loop.",
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        for result in HANDSHAKE_RESULTS:
-            self.handshakes.labels(result)
+        self.handshakes.labels("ok", NO_REASON)
         for reason in CLOSE_REASONS:
             self.closes.labels(reason)
+        for bucket in RATE_LIMIT_BUCKETS:
+            self.rate_limited.labels(bucket)
+        for operation in STORE_OPERATIONS:
+            self.store_errors.labels(operation)
+
+    def _typed_counter(self, name: str, doc: str, *labels: str) -> TypedCounter:
+        """A counter labelled by message ``type`` (then ``labels``)."""
+        counter = Counter(name, f"{doc}, by type.", ["type", *labels], registry=self.registry)
+        return TypedCounter(counter, self.known_types.__contains__)
+
+    def handshake(self, result: str, reason: str = "") -> None:
+        """Count a handshake: ``ok``, or a refusal's error code and reason."""
+        self.handshakes.labels(
+            code_label(result), code_label(reason) if reason else NO_REASON
+        ).inc()
+
+    def bind(self, node: Node) -> None:
+        """Read the state gauges from ``node`` at scrape time; learn its message types."""
+        self.known_types.update(node.plugins.types)
+        self.broker_up.set_function(lambda: float(node.broker.healthy()))
+        self.draining.set_function(lambda: float(node.draining))
+        self.ready.set_function(
+            lambda: float(node.store.healthy() and node.broker.healthy() and not node.draining)
+        )
+
+    @contextlib.contextmanager
+    def store_timer(self, operation: str) -> Iterator[None]:
+        """Time one store operation; count it as an error if it raises."""
+        started = time.perf_counter()
+        try:
+            yield
+        except Exception:
+            self.store_errors.labels(operation).inc()
+            raise
+        self.store_seconds.labels(operation).observe(time.perf_counter() - started)
+
+    def instrument_store(self, store: Store) -> Store:
+        """``store`` with every async operation timed and its failures counted."""
+        return cast("Store", _TimedStore(store, self))
 
     async def watch_loop_lag(self, interval: float = 0.5) -> None:
         """Measure event-loop lag forever (run as a task)."""
@@ -182,3 +270,31 @@ class Metrics:
             start = time.monotonic()
             await asyncio.sleep(interval)
             self.loop_lag.observe(max(0.0, time.monotonic() - start - interval))
+
+
+class _TimedStore:
+    """Wraps a store: each coroutine method is timed under its own name.
+
+    Any method a store implementation adds is timed without a change here;
+    other attributes pass through unchanged.
+    """
+
+    def __init__(self, inner: Store, metrics: Metrics) -> None:
+        self.inner = inner  # the real store
+        self._metrics = metrics
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.inner, name)
+        if name.startswith("_") or name in _STORE_LIFECYCLE:
+            return attr
+        if not inspect.iscoroutinefunction(attr):
+            return attr
+        timer = self._metrics.store_timer
+
+        @functools.wraps(attr)
+        async def timed(*args: Any, **kwargs: Any) -> Any:
+            with timer(name):
+                return await attr(*args, **kwargs)
+
+        self.__dict__[name] = timed  # wrap once
+        return timed

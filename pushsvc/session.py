@@ -39,6 +39,8 @@ CORE_FIELDS: dict[str, dict[str, Field]] = {
 }
 #: Rate-limit cost of core commands; acks are cheap so that acking stays possible.
 CORE_COSTS = {"join": 1.0, "leave": 1.0, "auth": 1.0, "ping": 1.0, "ack": 0.1}
+#: Close reasons logged at debug level only (one line per connection would flood the log).
+QUIET_CLOSES = frozenset({"drain"})
 
 
 class Transport(Protocol):
@@ -125,6 +127,13 @@ class Session:
             return
         self.closing = True
         self.node.metrics.closes.labels(metric_reason).inc()
+        log.log(
+            logging.DEBUG if metric_reason in QUIET_CLOSES else logging.INFO,
+            "closing the connection with %d: %s",
+            code,
+            reason,
+            extra={"session": self.session, "user": self.principal.user},
+        )
         abort = code in (CloseCode.SLOW_CONSUMER, CloseCode.HEARTBEAT_TIMEOUT)
         self.transport.close_connection(code, reason, abort)
 

@@ -52,6 +52,8 @@ class LenientTextProtocol(WebSocketProtocol13):
     answers with an ``error`` frame and keeps the connection.
     """
 
+    sent_close_code: int | None = None  # first close code this side sent
+
     def _handle_message(self, opcode: int, data: bytes) -> Any:
         if opcode == 0x1 and not self._frame_compressed and not self.client_terminated:
             try:
@@ -60,6 +62,12 @@ class LenientTextProtocol(WebSocketProtocol13):
                 self._message_bytes_in += len(data)
                 return self._run_callback(self.handler.on_invalid_text, data)  # type: ignore[attr-defined]
         return super()._handle_message(opcode, data)
+
+    def close(self, code: int | None = None, reason: str | None = None) -> None:
+        """Send a close frame, remembering the first code sent (1009 aborts at once)."""
+        if self.sent_close_code is None and not self.server_terminated:
+            self.sent_close_code = code
+        super().close(code, reason)
 
 
 RAW_FRAMES = INTERNALS_OK
