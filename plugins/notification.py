@@ -3,12 +3,27 @@ or from app backends through ``POST /api/v1/notify`` (at least once)."""
 
 from __future__ import annotations
 
+from http import HTTPStatus
 from typing import Any
 
-from pushsvc import CommandError, Field, FrameContext, Guarantee, MessageType, Reply, hookimpl
-from pushsvc.api import ApiError, ApiHandler
+from pushsvc import (
+    CommandError,
+    Field,
+    FrameContext,
+    Guarantee,
+    MessageType,
+    Reply,
+    hookimpl,
+    openapi,
+)
+from pushsvc.api import ApiHandler
+from pushsvc.config import Config
+from pushsvc.plugin_api import Delivery
+from pushsvc.store import IdempotencyKey
 
 MAX_RECIPIENTS_PER_FRAME = 1000
+MAX_TITLE_LENGTH = 1000
+MAX_MESSAGE_LENGTH = 16000
 
 
 def notification(title: str, message: str, data: dict[str, Any] | None) -> dict[str, Any]:
@@ -27,24 +42,90 @@ async def handle_notification(ctx: FrameContext) -> Reply:
 
 
 class NotifyHandler(ApiHandler):
-    """``POST /api/v1/notify``: 202 ``{"id", "recipients"}`` once persisted."""
+    """``POST /api/v1/notify``: 202 ``{"id", "recipients"}`` once persisted.
+
+    Takes an ``Idempotency-Key`` header: a retry with the same key and body
+    answers the first ``id`` and stores nothing new (:meth:`ApiHandler.accept_once`).
+    """
 
     async def post(self) -> None:
         """Accept ``{"to", "title", "message", "data"?, "ttl"?}``."""
-        try:
-            data = self.body()
-            users = self.recipients(data)
-            title = self.field(data, "title", str, max_length=1000)
-            text = self.field(data, "message", str, max_length=16000)
-            extra = self.field(data, "data", dict, required=False)
-            ttl = self.field(data, "ttl", (int, float), required=False)
-            if ttl is not None and ttl <= 0:
-                raise ApiError(400, "bad_request", "ttl: must be positive")
-            message = notification(title, text, extra)
-            delivery = await self.run(self.node.send(users, message, Guarantee.AT_LEAST_ONCE, ttl))
-            self.send_json(202, {"id": delivery.id, "recipients": len(delivery.recipients)})
-        except ApiError as error:
-            self.send_api_error(error)
+        await self.handle(self._notify())
+
+    async def _notify(self) -> tuple[int, Any]:
+        data = self.body()
+        users = self.recipients(data)
+        title = self.field(data, "title", str, max_length=MAX_TITLE_LENGTH)
+        text = self.field(data, "message", str, max_length=MAX_MESSAGE_LENGTH)
+        extra = self.field(data, "data", dict, required=False)
+        ttl = self.number(data, "ttl")
+        message = notification(title, text, extra)
+
+        async def accept(key: IdempotencyKey | None) -> Delivery:
+            send = self.node.send(users, message, Guarantee.AT_LEAST_ONCE, ttl, idempotency=key)
+            delivery: Delivery = await self.run(send)
+            return delivery
+
+        message_id, recipients = await self.accept_once(data, accept)
+        return HTTPStatus.ACCEPTED, {"id": message_id, "recipients": recipients}
+
+    @classmethod
+    def openapi_paths(cls, config: Config) -> dict[str, Any]:
+        """``POST /api/v1/notify`` for the OpenAPI document."""
+        user = {"type": "string", "minLength": 1}
+        recipients = {
+            "anyOf": [
+                user,
+                {
+                    "type": "array",
+                    "minItems": 1,
+                    "maxItems": config.api.max_recipients,
+                    "items": user,
+                },
+            ],
+            "description": "a user id or a list (at most `api.max_recipients`)",
+        }
+        request = {
+            "type": "object",
+            "required": ["to", "title", "message"],
+            "properties": {
+                "to": recipients,
+                "title": {"type": "string", "maxLength": MAX_TITLE_LENGTH},
+                "message": {"type": "string", "maxLength": MAX_MESSAGE_LENGTH},
+                "data": openapi.nullable({"type": "object"}),
+                "ttl": openapi.nullable(
+                    {
+                        "type": "number",
+                        "exclusiveMinimum": 0,
+                        "description": "seconds; at most `delivery.ttl`",
+                    }
+                ),
+            },
+        }
+        accepted = {
+            "type": "object",
+            "required": ["id", "recipients"],
+            "properties": {"id": {"type": "string"}, "recipients": {"type": "integer"}},
+        }
+        replayed = {
+            "description": "`true` when this answers an earlier request with the same key",
+            "schema": {"type": "string", "enum": ["true"]},
+        }
+        return {
+            "/api/v1/notify": {
+                "post": openapi.operation(
+                    "Notify users (persisted, at least once)",
+                    operation_id="notify",
+                    tag="messages",
+                    description="202 only once the message is persisted for every recipient.",
+                    request=request,
+                    parameters=[openapi.idempotency_key_param()],
+                    ok=(HTTPStatus.ACCEPTED, "persisted", accepted),
+                    ok_headers={"Idempotent-Replayed": replayed},
+                    errors=openapi.IDEMPOTENCY_MISMATCH,
+                )
+            }
+        }
 
 
 @hookimpl

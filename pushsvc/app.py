@@ -155,6 +155,8 @@ def make_app(node: Node) -> Application:
         log_function=logs.access_log if node.config.log.access_log else lambda handler: None,
         websocket_max_message_size=node.config.server.max_message_bytes,
         xheaders=node.config.server.xheaders,
+        default_handler_class=api.NotFoundHandler,
+        default_handler_args={"node": node},
     )
 
 
@@ -206,6 +208,7 @@ class Service:
         now = time.monotonic()
         self.node.user_buckets.prune(now)
         self.node.handshake_buckets.prune(now)
+        self.node.api_buckets.prune(now)
 
     def status(self) -> str:
         """The ``STATUS=`` line for systemd: what the service does and its connection count."""
@@ -444,6 +447,7 @@ async def start(
     metrics.broker_up.set(1 if broker.healthy() else 0)
     node = Node(config, metrics, plugins, broker, store)
     metrics.bind(node)
+    await node.revocations.load()
     await await_me_maybe(plugins.hook.pushsvc_startup(node=node))
     app = make_app(node)
     server = tornado.httpserver.HTTPServer(app, xheaders=config.server.xheaders)

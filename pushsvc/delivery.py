@@ -27,7 +27,7 @@ from pushsvc import protocol
 from pushsvc.broker import Envelope, user_channel
 from pushsvc.errors import ErrorCode
 from pushsvc.plugin_api import CommandError
-from pushsvc.store import DeadLetter, StoreUnavailable
+from pushsvc.store import DeadLetter, IdempotencyKey, StoreUnavailable
 
 if TYPE_CHECKING:
     from pushsvc.node import Node
@@ -118,9 +118,15 @@ class Delivery:
     # -- accepting --------------------------------------------------------------
 
     async def accept(
-        self, recipients: Sequence[str], message: dict[str, Any], ttl: float | None
+        self,
+        recipients: Sequence[str],
+        message: dict[str, Any],
+        ttl: float | None,
+        idempotency: IdempotencyKey | None = None,
     ) -> str:
         """Persist ``message`` for every recipient, then send it; returns its id.
+
+        ``idempotency`` (an API ``Idempotency-Key``) is stored in the same transaction.
 
         Raises:
             CommandError: ``unavailable`` when the store failed (nothing accepted).
@@ -132,7 +138,9 @@ class Delivery:
         kind = frame["type"]
         lifetime = min(ttl, node.config.delivery.ttl) if ttl else node.config.delivery.ttl
         try:  # latency and failures are counted by the instrumented store
-            await node.store.accept(message_id, kind, data, recipients, time.time() + lifetime)
+            await node.store.accept(
+                message_id, kind, data, recipients, time.time() + lifetime, idempotency=idempotency
+            )
         except StoreUnavailable as exc:
             raise CommandError(
                 ErrorCode.UNAVAILABLE,

@@ -40,6 +40,22 @@ class CloseCode(enum.IntEnum):
     HEARTBEAT_TIMEOUT = 4009
 
 
+class ApiErrorCode(enum.StrEnum):
+    """``error`` of an HTTP API error body ``{"error", "message"}`` (PROTOCOL §4)."""
+
+    BAD_REQUEST = "bad_request"  # 400, the message names the field
+    UNAUTHORIZED = "unauthorized"  # 401, with ``reason`` (``revoked``, ``expired``...)
+    FORBIDDEN = "forbidden"  # 403: the token lacks scope ``publish``
+    NOT_FOUND = "not_found"  # 404: no such route
+    METHOD_NOT_ALLOWED = "method_not_allowed"  # 405, with ``Allow``
+    TOO_LARGE = "too_large"  # 413: body over ``api.max_body_bytes``
+    #: Extension, 409: an ``Idempotency-Key`` reused with a different request.
+    IDEMPOTENCY_MISMATCH = "idempotency_mismatch"
+    RATE_LIMITED = "rate_limited"  # 429, with ``Retry-After``
+    INTERNAL = "internal"  # 500
+    UNAVAILABLE = "unavailable"  # 503, with ``Retry-After``: nothing was accepted
+
+
 class HandshakeError(Exception):
     """Refuses a WebSocket upgrade with an HTTP status and a JSON body.
 

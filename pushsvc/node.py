@@ -26,8 +26,9 @@ from pushsvc.metrics import Metrics
 from pushsvc.plugin_api import CommandError, Delivery, Guarantee, Principal
 from pushsvc.plugins import Plugins
 from pushsvc.ratelimit import KeyedBuckets
+from pushsvc.revocation import Revocations
 from pushsvc.session import Session
-from pushsvc.store import Store
+from pushsvc.store import IdempotencyKey, Store
 
 log = logging.getLogger("pushsvc.node")
 
@@ -53,6 +54,7 @@ class Node:
             self.hub.all_clients, config.server.heartbeat, config.server.heartbeat_timeout
         )
         self.delivery = DeliveryTracker(self)  # at-least-once tracking
+        self.revocations = Revocations(store)  # revoked tokens (loaded by app.start)
         self.draining = False  # True once shutdown began: refuse new work
         self._tasks: set[asyncio.Task[Any]] = set()  # background work to finish on shutdown
 
@@ -104,18 +106,20 @@ class Node:
             limits, now = self.config.ratelimit, time.monotonic()
             self.user_buckets.reconfigure(limits.user_rate, limits.user_burst, now)
             self.handshake_buckets.reconfigure(limits.handshake_rate, limits.handshake_burst, now)
+            for client in self.hub.all_clients():
+                client.reconfigure_limits(limits, now)
         if "api" in sections:
             api = self.config.api
             self.api_buckets.reconfigure(api.rate, api.burst, time.monotonic())
-            for client in self.hub.all_clients():
-                client.reconfigure_limits(limits, now)
         return list(changed)
 
     # -- authentication ---------------------------------------------------------
 
     async def authenticate(self, token: str | None) -> Principal:
-        """Verify a token (raises :class:`~pushsvc.auth.AuthError`)."""
-        return await self.authenticator.verify(token)
+        """Verify a token (raises :class:`~pushsvc.auth.AuthError`, ``revoked`` included)."""
+        principal = await self.authenticator.verify(token)
+        self.revocations.check(principal)
+        return principal
 
     # -- rooms ------------------------------------------------------------------
 
@@ -224,17 +228,19 @@ class Node:
         message: dict[str, Any],
         guarantee: Guarantee,
         ttl: float | None = None,
+        idempotency: IdempotencyKey | None = None,
     ) -> Delivery:
         """Deliver ``message`` to every connection of the users in ``to``.
 
         At-least-once messages are persisted for every recipient before this
-        returns (raises ``CommandError`` ``unavailable`` if the store fails).
+        returns (raises ``CommandError`` ``unavailable`` if the store fails),
+        together with ``idempotency`` when given.
         """
         if "type" not in message:
             raise ValueError("message needs a 'type'")
         recipients = list(dict.fromkeys(to))
         if guarantee is Guarantee.AT_LEAST_ONCE:
-            message_id = await self.delivery.accept(recipients, message, ttl)
+            message_id = await self.delivery.accept(recipients, message, ttl, idempotency)
             return Delivery(message_id, recipients)
         message_id, frame = self.stamp(message)
         self.metrics.messages_accepted.labels(frame["type"]).inc()

@@ -49,6 +49,36 @@ class AckResult:
 
 
 @dataclass(frozen=True, slots=True)
+class IdempotencyKey:
+    """An ``Idempotency-Key`` stored with the message its request created."""
+
+    client: str  # the API client (the token's sub)
+    key: str  # the header's value
+    fingerprint: str  # hash of the request (method, path, canonical body)
+    expires_at: float  # seconds since the epoch; forgotten afterwards
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotentResult:
+    """What a remembered request created: replayed on a retry with the same key."""
+
+    message_id: str  # the message id answered the first time
+    recipients: int  # how many recipients it had
+    fingerprint: str  # the first request's fingerprint
+
+
+@dataclass(frozen=True, slots=True)
+class Revocation:
+    """A revoked token (``kind`` ``jti``) or a user's tokens issued before ``until``."""
+
+    kind: str  # "jti" | "user"
+    subject: str  # the jti, or the user id
+    until: float | None  # kind "user": tokens with iat < until are revoked
+    created_at: float  # seconds since the epoch
+    expires_at: float | None  # forgotten after this time; None: kept
+
+
+@dataclass(frozen=True, slots=True)
 class StoreStats:
     """Backlog figures for metrics."""
 
@@ -82,8 +112,13 @@ class Store(Protocol):
         frame: bytes,
         recipients: Sequence[str],
         expires_at: float,
+        idempotency: IdempotencyKey | None = None,
     ) -> None:
-        """Persist a message and a pending delivery per recipient (durable on return)."""
+        """Persist a message and a pending delivery per recipient (durable on return).
+
+        With ``idempotency``, the key is remembered in the same transaction
+        (replacing an expired entry with the same client and key).
+        """
         ...
 
     async def pending(self, user: str, after_id: str, limit: int) -> list[PendingMessage]:
@@ -120,6 +155,22 @@ class Store(Protocol):
 
     async def stats(self) -> StoreStats:
         """Backlog figures."""
+        ...
+
+    async def frames(self, ids: Sequence[str]) -> dict[str, tuple[str, bytes]]:
+        """Type and frame of the stored messages among ``ids`` (id -> (type, frame))."""
+        ...
+
+    async def idempotent_result(self, client: str, key: str, now: float) -> IdempotentResult | None:
+        """What ``client``'s request with ``key`` created, unless unknown or expired."""
+        ...
+
+    async def revoke(self, revocation: Revocation) -> Revocation:
+        """Persist a revocation; returns what is stored (a user's ``until`` only grows)."""
+        ...
+
+    async def revocations(self, now: float) -> list[Revocation]:
+        """Every revocation not expired at ``now``."""
         ...
 
 

@@ -22,7 +22,16 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pushsvc import ids
-from pushsvc.store import AckResult, DeadLetter, PendingMessage, StoreStats, StoreUnavailable
+from pushsvc.store import (
+    AckResult,
+    DeadLetter,
+    IdempotencyKey,
+    IdempotentResult,
+    PendingMessage,
+    Revocation,
+    StoreStats,
+    StoreUnavailable,
+)
 
 log = logging.getLogger("pushsvc.store")
 
@@ -49,6 +58,16 @@ CREATE INDEX IF NOT EXISTS pending_by_user ON deliveries (user, message_id) WHER
 CREATE INDEX IF NOT EXISTS dead_by_user ON deliveries (user, message_id) WHERE state = 2;
 CREATE INDEX IF NOT EXISTS settled ON deliveries (state, settled_at) WHERE state != 0;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS idempotency (
+    client TEXT NOT NULL, key TEXT NOT NULL, fingerprint TEXT NOT NULL,
+    message_id TEXT NOT NULL, recipients INTEGER NOT NULL, expires_at REAL NOT NULL,
+    PRIMARY KEY (client, key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS idempotency_expiry ON idempotency (expires_at);
+CREATE TABLE IF NOT EXISTS revocations (
+    kind TEXT NOT NULL, subject TEXT NOT NULL, until REAL, created_at REAL NOT NULL,
+    expires_at REAL, PRIMARY KEY (kind, subject)
+) WITHOUT ROWID;
 """
 
 
@@ -85,6 +104,7 @@ class SqliteStore:
         self._loop: asyncio.AbstractEventLoop | None = None  # where futures resolve
         self._healthy = True  # result of the last transaction
         self._transactions = 0  # transactions committed (each serves a batch of operations)
+        self._operations = 0  # operations committed in those transactions
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -108,6 +128,7 @@ class SqliteStore:
             return
         self._queue.put(None)
         await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+        log.warning("TEMP ops %d tx %d", self._operations, self._transactions)
         self._thread = None
 
     def healthy(self) -> bool:
@@ -118,6 +139,11 @@ class SqliteStore:
     def transactions(self) -> int:
         """Transactions committed so far (read-only; fewer than operations under load)."""
         return self._transactions
+
+    @property
+    def operations(self) -> int:
+        """Operations committed so far (read-only; ``operations / transactions`` is the batch)."""
+        return self._operations
 
     async def check(self) -> bool:
         """Commit a tiny write to see whether the database accepts writes."""
@@ -179,6 +205,7 @@ class SqliteStore:
             values = [op.fn(db) for op in batch]
             db.execute("COMMIT")
             self._transactions += 1
+            self._operations += len(batch)
         except Exception as exc:  # sqlite3.Error, or a bug in an operation: fail the batch
             with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
@@ -208,8 +235,9 @@ class SqliteStore:
         frame: bytes,
         recipients: Sequence[str],
         expires_at: float,
+        idempotency: IdempotencyKey | None = None,
     ) -> None:
-        """Persist a message and one pending delivery per recipient."""
+        """Persist a message and one pending delivery per recipient (and the idempotency key)."""
 
         def write(db: sqlite3.Connection) -> None:
             db.execute(
@@ -220,6 +248,8 @@ class SqliteStore:
                 "INSERT INTO deliveries (message_id, user) VALUES (?, ?)",
                 [(message_id, user) for user in recipients],
             )
+            if idempotency is not None:
+                _remember_key(db, idempotency, message_id, len(recipients))
 
         await self._submit(write)
 
@@ -395,6 +425,99 @@ class SqliteStore:
             return StoreStats(count, ids.timestamp_ms(oldest) if oldest else None)
 
         return await self._submit(read)
+
+    # -- server API: frames, idempotency keys, revocations -------------------------
+
+    async def frames(self, message_ids: Sequence[str]) -> dict[str, tuple[str, bytes]]:
+        """Type and frame of the stored messages among ``message_ids``."""
+        wanted = list(dict.fromkeys(message_ids))
+
+        def read(db: sqlite3.Connection) -> dict[str, tuple[str, bytes]]:
+            found: dict[str, tuple[str, bytes]] = {}
+            for chunk in _chunks(wanted):
+                marks = ",".join("?" * len(chunk))  # only "?" placeholders go in
+                query = f"SELECT id, type, frame FROM messages WHERE id IN ({marks})"  # noqa: S608
+                for message_id, kind, frame in db.execute(query, tuple(chunk)):
+                    found[message_id] = (kind, frame)
+            return found
+
+        return await self._submit(read)
+
+    async def idempotent_result(self, client: str, key: str, now: float) -> IdempotentResult | None:
+        """What ``client``'s request with ``key`` created, unless unknown or expired."""
+
+        def read(db: sqlite3.Connection) -> IdempotentResult | None:
+            row = db.execute(
+                "SELECT message_id, recipients, fingerprint FROM idempotency "
+                "WHERE client = ? AND key = ? AND expires_at > ?",
+                (client, key, now),
+            ).fetchone()
+            return None if row is None else IdempotentResult(row[0], row[1], row[2])
+
+        return await self._submit(read)
+
+    async def revoke(self, revocation: Revocation) -> Revocation:
+        """Persist a revocation; a user's ``until`` and any ``expires_at`` only grow."""
+
+        def write(db: sqlite3.Connection) -> Revocation:
+            db.execute(
+                "DELETE FROM revocations WHERE expires_at IS NOT NULL AND expires_at <= ?",
+                (revocation.created_at,),
+            )
+            db.execute(
+                "INSERT INTO revocations VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (kind, subject) DO UPDATE SET "
+                "until = max(coalesce(until, excluded.until), coalesce(excluded.until, until)), "
+                "expires_at = CASE WHEN expires_at IS NULL OR excluded.expires_at IS NULL "
+                "THEN NULL ELSE max(expires_at, excluded.expires_at) END",
+                (
+                    revocation.kind,
+                    revocation.subject,
+                    revocation.until,
+                    revocation.created_at,
+                    revocation.expires_at,
+                ),
+            )
+            row = db.execute(
+                "SELECT kind, subject, until, created_at, expires_at FROM revocations "
+                "WHERE kind = ? AND subject = ?",
+                (revocation.kind, revocation.subject),
+            ).fetchone()
+            return Revocation(*row)
+
+        return await self._submit(write)
+
+    async def revocations(self, now: float) -> list[Revocation]:
+        """Every revocation not expired at ``now``, oldest first."""
+
+        def read(db: sqlite3.Connection) -> list[Revocation]:
+            rows = db.execute(
+                "SELECT kind, subject, until, created_at, expires_at FROM revocations "
+                "WHERE expires_at IS NULL OR expires_at > ? ORDER BY created_at, kind, subject",
+                (now,),
+            ).fetchall()
+            return [Revocation(*row) for row in rows]
+
+        return await self._submit(read)
+
+
+def _remember_key(
+    db: sqlite3.Connection, idempotency: IdempotencyKey, message_id: str, recipients: int
+) -> None:
+    """Store an idempotency key with its message (expired keys are dropped on the way)."""
+    now = time.time()
+    db.execute("DELETE FROM idempotency WHERE expires_at <= ?", (now,))
+    db.execute(
+        "INSERT OR REPLACE INTO idempotency VALUES (?, ?, ?, ?, ?, ?)",
+        (
+            idempotency.client,
+            idempotency.key,
+            idempotency.fingerprint,
+            message_id,
+            recipients,
+            idempotency.expires_at,
+        ),
+    )
 
 
 def _settle_one(future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:

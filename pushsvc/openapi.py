@@ -1,0 +1,537 @@
+"""The OpenAPI 3.1 document of the server API, served at ``/api/v1/openapi.json``.
+
+Core routes are described here; a plugin's API handler describes its own
+routes with ``openapi_paths(config)`` (see :class:`pushsvc.api.ApiHandler`),
+built with :func:`operation` and the other helpers below, so the document
+lists every route the server answers without core naming any plugin.
+Limits that come from the config (recipients per call, body size) are read
+from the config in force.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any
+
+from pushsvc import __version__
+from pushsvc.api import (
+    IDEMPOTENCY_HEADER,
+    MAX_ID_LENGTH,
+    MAX_IDS,
+    MAX_LIMIT,
+    MAX_NAME_LENGTH,
+    MAX_REASON_LENGTH,
+    MAX_ROOM_LENGTH,
+    RESERVED_TYPES,
+    TYPE_PATTERN,
+    at_least_once_types,
+)
+from pushsvc.config import Config
+from pushsvc.errors import ApiErrorCode
+
+if TYPE_CHECKING:
+    from pushsvc.node import Node
+
+OPENAPI_VERSION = "3.1.0"
+SECURITY_SCHEME = "bearerAuth"
+JSON = "application/json"
+#: Error answers every ``/api/v1`` operation may give (component response names).
+COMMON_ERRORS: dict[int, str] = {
+    HTTPStatus.BAD_REQUEST: "BadRequest",
+    HTTPStatus.UNAUTHORIZED: "Unauthorized",
+    HTTPStatus.FORBIDDEN: "Forbidden",
+    HTTPStatus.NOT_FOUND: "NotFound",
+    HTTPStatus.REQUEST_ENTITY_TOO_LARGE: "TooLarge",
+    HTTPStatus.TOO_MANY_REQUESTS: "RateLimited",
+    HTTPStatus.SERVICE_UNAVAILABLE: "Unavailable",
+}
+#: The response of a reused ``Idempotency-Key`` (for operations that take one).
+IDEMPOTENCY_MISMATCH: dict[int, str] = {HTTPStatus.CONFLICT: "IdempotencyMismatch"}
+
+
+# -- helpers (public: plugins use them) ---------------------------------------------
+
+
+def schema_ref(name: str) -> dict[str, str]:
+    """A reference to ``#/components/schemas/<name>``."""
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def nullable(schema: Mapping[str, Any]) -> dict[str, Any]:
+    """``schema`` or ``null`` (pushsvc reads a ``null`` optional field as absent)."""
+    return {"anyOf": [dict(schema), {"type": "null"}]}
+
+
+def json_body(
+    schema: Mapping[str, Any], description: str = "", *, required: bool = True
+) -> dict[str, Any]:
+    """A JSON request body (``required=False``: an empty body counts as ``{}``)."""
+    body: dict[str, Any] = {"required": required, "content": {JSON: {"schema": dict(schema)}}}
+    if description:
+        body["description"] = description
+    return body
+
+
+def json_response(
+    description: str, schema: Mapping[str, Any], headers: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """A JSON response object."""
+    response: dict[str, Any] = {"description": description, "content": {JSON: {"schema": schema}}}
+    if headers:
+        response["headers"] = dict(headers)
+    return response
+
+
+def path_param(name: str, description: str) -> dict[str, Any]:
+    """A required string path parameter."""
+    return {
+        "name": name,
+        "in": "path",
+        "required": True,
+        "description": description,
+        "schema": {"type": "string", "minLength": 1},
+    }
+
+
+def query_param(name: str, schema: Mapping[str, Any], description: str) -> dict[str, Any]:
+    """An optional query parameter."""
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "description": description,
+        "schema": dict(schema),
+    }
+
+
+def idempotency_key_param() -> dict[str, Any]:
+    """The optional ``Idempotency-Key`` request header."""
+    return {
+        "name": IDEMPOTENCY_HEADER,
+        "in": "header",
+        "required": False,
+        "description": (
+            "Makes a retry safe: the same key (per API client) with the same request "
+            "within `api.idempotency_window` answers the first result and stores "
+            "nothing new; with a different request it is 409 `idempotency_mismatch`."
+        ),
+        "schema": {"type": "string", "pattern": "^[!-~]{1,255}$"},
+    }
+
+
+def operation(
+    summary: str,
+    *,
+    operation_id: str,
+    tag: str,
+    ok: tuple[int, str, Mapping[str, Any]],
+    description: str = "",
+    request: Mapping[str, Any] | None = None,
+    request_required: bool = True,
+    parameters: Iterable[Mapping[str, Any]] = (),
+    errors: Mapping[int, str] | None = None,
+    ok_headers: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """An authenticated API operation with the common error answers.
+
+    Args:
+        ok: (status, description, JSON schema) of the success answer.
+        request: the JSON request body schema, if the operation takes one.
+        request_required: False when an empty body is read as ``{}``.
+        errors: extra ``{status: component response name}`` besides :data:`COMMON_ERRORS`.
+    """
+    responses: dict[str, Any] = {str(ok[0]): json_response(ok[1], ok[2], ok_headers)}
+    for status, name in {**COMMON_ERRORS, **(errors or {})}.items():
+        responses[str(int(status))] = {"$ref": f"#/components/responses/{name}"}
+    result: dict[str, Any] = {
+        "summary": summary,
+        "operationId": operation_id,
+        "tags": [tag],
+        "responses": dict(sorted(responses.items())),
+    }
+    if description:
+        result["description"] = description
+    params = list(parameters)
+    if params:
+        result["parameters"] = [dict(p) for p in params]
+    if request is not None:
+        result["requestBody"] = json_body(request, required=request_required)
+    return result
+
+
+# -- shared schemas and responses -------------------------------------------------------
+
+
+def _obj(properties: Mapping[str, Any], required: Iterable[str] = ()) -> dict[str, Any]:
+    return {"type": "object", "required": list(required), "properties": dict(properties)}
+
+
+_STRING = {"type": "string"}
+_COUNT = {"type": "integer", "minimum": 0}
+_EPOCH = {"type": "number", "description": "seconds since the epoch"}
+_RETRY_AFTER = {
+    "description": "seconds to wait before retrying",
+    "required": True,
+    "schema": {"type": "string", "pattern": "^[0-9]+$"},
+}
+
+
+def _schemas() -> dict[str, Any]:
+    message = _obj(
+        {
+            "type": _STRING,
+            "id": {"type": "string", "description": "unique, sortable by time; kept on resends"},
+            "timestamp": {"type": "integer", "description": "server clock, milliseconds"},
+            "ack": {"type": "boolean"},
+        },
+        ["type", "id", "timestamp"],
+    )
+    message["description"] = "A frame as clients receive it (more fields by type)."
+    pending = {"allOf": [message, _obj({"attempts": _COUNT}, ["attempts"])]}
+    dead = {
+        "allOf": [
+            message,
+            _obj(
+                {"reason": {"enum": ["max_attempts", "ttl"]}, "dead_at": _EPOCH},
+                ["reason", "dead_at"],
+            ),
+        ]
+    }
+    revocation = _obj(
+        {
+            "jti": _STRING,
+            "user": _STRING,
+            "until": {**_EPOCH, "description": "tokens of `user` with `iat` before this"},
+            "created_at": _EPOCH,
+            "expires_at": {"anyOf": [_EPOCH, {"type": "null"}]},
+        },
+        ["created_at", "expires_at"],
+    )
+    return {
+        "Error": _obj(
+            {
+                "error": {"type": "string", "enum": [code.value for code in ApiErrorCode]},
+                "message": _STRING,
+                "reason": {"type": "string", "description": "401: why the token was refused"},
+            },
+            ["error", "message"],
+        ),
+        "Message": message,
+        "PendingMessage": pending,
+        "DeadLetter": dead,
+        "Revocation": revocation,
+        "Ids": _obj(
+            {
+                "ids": {
+                    "type": "array",
+                    "minItems": 1,
+                    "maxItems": MAX_IDS,
+                    "items": {"type": "string", "minLength": 1, "maxLength": MAX_ID_LENGTH},
+                }
+            },
+            ["ids"],
+        ),
+    }
+
+
+def _error(description: str, headers: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    return json_response(description, schema_ref("Error"), headers)
+
+
+def _responses(config: Config) -> dict[str, Any]:
+    return {
+        "BadRequest": _error("`bad_request`: invalid input; the message names the field"),
+        "Unauthorized": _error(
+            "`unauthorized`: no token, or a refused one (`reason`: `expired`, `revoked`...)",
+            {"WWW-Authenticate": {"schema": _STRING}},
+        ),
+        "Forbidden": _error("`forbidden`: the token lacks scope `publish`"),
+        "NotFound": _error("`not_found`: no such route"),
+        "TooLarge": _error(
+            f"`too_large`: body over `api.max_body_bytes` ({config.api.max_body_bytes} bytes)"
+        ),
+        "RateLimited": _error(
+            "`rate_limited`: the API client's bucket (`api.rate`, `api.burst`) is empty",
+            {"Retry-After": _RETRY_AFTER},
+        ),
+        "Unavailable": _error(
+            "`unavailable`: the store failed; nothing was done; retry",
+            {"Retry-After": _RETRY_AFTER},
+        ),
+        "IdempotencyMismatch": _error(
+            "`idempotency_mismatch`: the `Idempotency-Key` was used for a different request"
+        ),
+    }
+
+
+# -- core paths -----------------------------------------------------------------------
+
+
+_USER = path_param("user", "the user id (a token's `sub`)")
+_LIMIT = query_param(
+    "limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}, "most entries (default 100)"
+)
+
+
+def _api_paths(unpublishable: list[str]) -> dict[str, Any]:
+    user = "/api/v1/users/{user}"
+    ids_body = schema_ref("Ids")
+    dead_list = _obj(
+        {"messages": {"type": "array", "items": schema_ref("DeadLetter")}}, ["messages"]
+    )
+    return {
+        "/api/v1/publish": {
+            "post": operation(
+                "Publish to a room (live, at most once)",
+                operation_id="publish",
+                tag="messages",
+                request=_obj(
+                    {
+                        "room": {"type": "string", "minLength": 1, "maxLength": MAX_ROOM_LENGTH},
+                        "type": nullable(
+                            {
+                                "type": "string",
+                                "pattern": TYPE_PATTERN.pattern,
+                                "not": {"enum": unpublishable},
+                                "description": "default `chat`; not a core or at-least-once type",
+                            }
+                        ),
+                        "text": nullable(_STRING),
+                        "data": nullable({"type": "object"}),
+                    },
+                    ["room"],
+                ),
+                ok=(HTTPStatus.ACCEPTED, "fanned out", _obj({"id": _STRING}, ["id"])),
+            )
+        },
+        f"{user}/pending": {
+            "get": operation(
+                "A user's unacked messages",
+                operation_id="pending",
+                tag="users",
+                parameters=[
+                    _USER,
+                    _LIMIT,
+                    query_param(
+                        "after",
+                        {"type": "string", "maxLength": MAX_ID_LENGTH},
+                        "only ids after this one (paging)",
+                    ),
+                ],
+                ok=(
+                    HTTPStatus.OK,
+                    "oldest first",
+                    _obj(
+                        {"messages": {"type": "array", "items": schema_ref("PendingMessage")}},
+                        ["messages"],
+                    ),
+                ),
+            )
+        },
+        f"{user}/disconnect": {
+            "post": operation(
+                "Close a user's connections (4003)",
+                operation_id="disconnect",
+                tag="users",
+                parameters=[_USER],
+                request=_obj(
+                    {
+                        "reason": nullable(
+                            {
+                                "type": "string",
+                                "maxLength": MAX_REASON_LENGTH,
+                                "description": "close reason, at most 123 bytes in UTF-8",
+                            }
+                        )
+                    }
+                ),
+                request_required=False,
+                ok=(
+                    HTTPStatus.OK,
+                    "connections closed on this node",
+                    _obj({"closed": _COUNT}, ["closed"]),
+                ),
+            )
+        },
+        f"{user}/dead-letters": {
+            "get": operation(
+                "A user's dead letters",
+                operation_id="deadLetters",
+                tag="dead letters",
+                parameters=[_USER, _LIMIT],
+                ok=(HTTPStatus.OK, "oldest first", dead_list),
+            ),
+            "delete": _delete_dead_letters("deleteDeadLetters"),
+        },
+        f"{user}/dead-letters/delete": {"post": _delete_dead_letters("deleteDeadLettersPost")},
+        f"{user}/dead-letters/requeue": {
+            "post": operation(
+                "Requeue dead letters (pending again, delivered to connected clients)",
+                operation_id="requeueDeadLetters",
+                tag="dead letters",
+                parameters=[_USER],
+                request=ids_body,
+                ok=(
+                    HTTPStatus.OK,
+                    "the ids that were dead letters of this user",
+                    _obj(
+                        {"requeued": _COUNT, "ids": {"type": "array", "items": _STRING}},
+                        ["requeued", "ids"],
+                    ),
+                ),
+            )
+        },
+        "/api/v1/rooms/{room}/presence": {
+            "get": operation(
+                "Users in a room (this node)",
+                operation_id="presence",
+                tag="rooms",
+                parameters=[path_param("room", "the room name")],
+                ok=(
+                    HTTPStatus.OK,
+                    "distinct users, sorted",
+                    _obj({"users": {"type": "array", "items": _STRING}}, ["users"]),
+                ),
+            )
+        },
+        "/api/v1/revocations": {
+            "get": operation(
+                "Revocations in force",
+                operation_id="revocations",
+                tag="tokens",
+                ok=(
+                    HTTPStatus.OK,
+                    "oldest first",
+                    _obj(
+                        {"revocations": {"type": "array", "items": schema_ref("Revocation")}},
+                        ["revocations"],
+                    ),
+                ),
+            ),
+            "post": operation(
+                "Revoke a token (jti) or a user's tokens issued before a time",
+                operation_id="revoke",
+                tag="tokens",
+                description=(
+                    "Open connections holding a revoked token are closed with 4001 "
+                    "`token revoked`; new handshakes get 401 `revoked`."
+                ),
+                request=_revocation_request(),
+                ok=(
+                    HTTPStatus.OK,
+                    "the stored revocation and how many connections were closed",
+                    {"allOf": [schema_ref("Revocation"), _obj({"closed": _COUNT}, ["closed"])]},
+                ),
+            ),
+        },
+    }
+
+
+def _delete_dead_letters(operation_id: str) -> dict[str, Any]:
+    return operation(
+        "Delete dead letters",
+        operation_id=operation_id,
+        tag="dead letters",
+        parameters=[_USER],
+        request=schema_ref("Ids"),
+        ok=(HTTPStatus.OK, "how many were deleted", _obj({"deleted": _COUNT}, ["deleted"])),
+    )
+
+
+def _revocation_request() -> dict[str, Any]:
+    name = {"type": "string", "minLength": 1, "maxLength": MAX_NAME_LENGTH}
+    positive = nullable({"type": "number", "exclusiveMinimum": 0})
+    return {
+        "oneOf": [
+            _obj({"jti": name, "expires_at": positive, "user": False, "until": False}, ["jti"]),
+            _obj({"user": name, "until": positive, "expires_at": positive, "jti": False}, ["user"]),
+        ],
+        "description": (
+            "`until` defaults to now; `expires_at`: forget the revocation after this "
+            "time (e.g. the token's `exp`); absent: kept."
+        ),
+    }
+
+
+def _public(summary: str, operation_id: str, ok: dict[str, Any], **more: Any) -> dict[str, Any]:
+    return {
+        "summary": summary,
+        "operationId": operation_id,
+        "tags": ["operations"],
+        "security": [],
+        "responses": {"200": ok, **more},
+    }
+
+
+def _ops_paths() -> dict[str, Any]:
+    ready = _obj({"status": _STRING, "checks": {"type": "object"}}, ["status", "checks"])
+    not_ready = {"allOf": [schema_ref("Error"), _obj({"checks": {"type": "object"}}, ["checks"])]}
+    return {
+        "/healthz": {
+            "get": _public(
+                "Liveness", "healthz", json_response("running", _obj({"status": _STRING}))
+            )
+        },
+        "/readyz": {
+            "get": _public(
+                "Readiness: store writable, broker connected, not draining",
+                "readyz",
+                json_response("ready", ready),
+                **{"503": json_response("not ready; `checks` names the failed check", not_ready)},
+            )
+        },
+        "/metrics": {
+            "get": _public(
+                "Prometheus metrics",
+                "metrics",
+                {
+                    "description": "text exposition format",
+                    "content": {"text/plain": {"schema": _STRING}},
+                },
+            )
+        },
+        "/api/v1/openapi.json": {
+            "get": _public(
+                "This document", "openapi", json_response("OpenAPI 3.1", {"type": "object"})
+            )
+        },
+    }
+
+
+def core_paths(node: Node) -> dict[str, Any]:
+    """The path items of the core routes."""
+    unpublishable = sorted({*RESERVED_TYPES, *at_least_once_types(node)})
+    return {**_ops_paths(), **_api_paths(unpublishable)}
+
+
+def document(node: Node) -> dict[str, Any]:
+    """The whole document: core routes plus every plugin route that describes itself."""
+    config = node.config
+    paths = core_paths(node)
+    for rules in node.plugins.hook.pushsvc_register_routes():
+        for _pattern, handler, _kwargs in rules:
+            describe = getattr(handler, "openapi_paths", None)
+            if callable(describe):
+                paths.update(describe(config))
+    return {
+        "openapi": OPENAPI_VERSION,
+        "info": {
+            "title": "pushsvc server API",
+            "version": __version__,
+            "description": (
+                "HTTP API for app backends (PROTOCOL §4 and extensions; docs/api.md). "
+                "Every /api/v1 route needs a JWT whose `scope` includes `publish`. "
+                'Errors are `{"error", "message"}`.'
+            ),
+        },
+        "paths": dict(sorted(paths.items())),
+        "components": {
+            "securitySchemes": {
+                SECURITY_SCHEME: {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
+            },
+            "schemas": _schemas(),
+            "responses": _responses(config),
+        },
+        "security": [{SECURITY_SCHEME: []}],
+    }

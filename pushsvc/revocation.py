@@ -1,0 +1,124 @@
+"""Token revocation: by ``jti``, or every token of a user issued before a time.
+
+Revocations live in the store (they survive restarts) and in an in-memory
+cache loaded at startup, so the check on every handshake, API call and
+``auth`` frame costs two dict lookups. Revoking also closes this node's open
+connections that hold a revoked token, with 4001 ``token revoked``.
+
+A user revocation covers tokens whose ``iat`` is before ``until``; a token
+without ``iat`` cannot prove it is newer and is treated as revoked.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+from pushsvc.auth import AuthError
+from pushsvc.errors import CloseCode
+from pushsvc.plugin_api import Principal
+from pushsvc.store import Revocation, Store
+
+#: ``kind`` of a revocation of one token (by its ``jti`` claim).
+JTI = "jti"
+#: ``kind`` of a revocation of a user's tokens issued before ``until``.
+USER = "user"
+#: Close reason sent with 4001 and the label of ``pushsvc_closes_total``.
+CLOSE_REASON = "token revoked"
+CLOSE_METRIC = "revoked"
+#: ``AuthError.reason`` of a revoked token (401 ``reason``, ``auth`` refusals).
+AUTH_REASON = "revoked"
+
+
+class Holder(Protocol):
+    """A connection as revocation sees it."""
+
+    principal: Principal  # the token in use
+    closing: bool  # a close was started
+
+    def close_with(self, code: int, reason: str, metric_reason: str) -> None:
+        """Close the connection."""
+        ...
+
+
+def to_json(revocation: Revocation) -> dict[str, Any]:
+    """The API form: ``{"jti"}`` or ``{"user", "until"}``, with times."""
+    body: dict[str, Any] = {revocation.kind: revocation.subject}
+    if revocation.kind == USER:
+        body["until"] = revocation.until
+    body["created_at"] = revocation.created_at
+    body["expires_at"] = revocation.expires_at
+    return body
+
+
+class Revocations:
+    """The revocation list of a node: stored durably, checked from memory."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store  # where revocations persist
+        self._jtis: dict[str, Revocation] = {}  # jti -> its revocation
+        self._users: dict[str, Revocation] = {}  # user -> the latest cut-off
+
+    async def load(self) -> None:
+        """Fill the cache from the store (startup); raises ``StoreUnavailable``."""
+        for revocation in await self.store.revocations(time.time()):
+            self._cache(revocation)
+
+    def _cache(self, revocation: Revocation) -> None:
+        table = self._jtis if revocation.kind == JTI else self._users
+        table[revocation.subject] = revocation
+
+    def is_revoked(self, principal: Principal, now: float | None = None) -> bool:
+        """Whether ``principal``'s token is revoked (two dict lookups)."""
+        if not self._jtis and not self._users:
+            return False
+        now = time.time() if now is None else now
+        claims = principal.claims
+        jti = claims.get("jti")
+        if isinstance(jti, str):
+            revoked = self._jtis.get(jti)
+            if revoked is not None and _in_force(revoked, now):
+                return True
+        entry = self._users.get(principal.user)
+        if entry is None or not _in_force(entry, now) or entry.until is None:
+            return False
+        iat = claims.get("iat")
+        return not isinstance(iat, int | float) or isinstance(iat, bool) or iat < entry.until
+
+    def check(self, principal: Principal) -> None:
+        """Raise :class:`AuthError` ``revoked`` when the token is revoked."""
+        if self.is_revoked(principal):
+            raise AuthError(AUTH_REASON, "token revoked")
+
+    async def revoke(
+        self, revocation: Revocation, holders: Iterable[Holder]
+    ) -> tuple[Revocation, int]:
+        """Persist ``revocation``, cache it, close the ``holders`` it revokes.
+
+        Returns what the store kept (a user's ``until`` only grows) and how
+        many connections were closed. Raises ``StoreUnavailable``: nothing
+        was revoked then.
+        """
+        stored = await self.store.revoke(revocation)
+        self._cache(stored)
+        closed = 0
+        for holder in list(holders):
+            if not holder.closing and self.is_revoked(holder.principal):
+                holder.close_with(CloseCode.TOKEN_EXPIRED, CLOSE_REASON, CLOSE_METRIC)
+                closed += 1
+        return stored, closed
+
+    def listing(self, now: float | None = None) -> list[Revocation]:
+        """The revocations in force, oldest first."""
+        now = time.time() if now is None else now
+        entries = [*self._jtis.values(), *self._users.values()]
+        live = [entry for entry in entries if _in_force(entry, now)]
+        return sorted(live, key=lambda entry: (entry.created_at, entry.kind, entry.subject))
+
+    def __len__(self) -> int:
+        return len(self._jtis) + len(self._users)
+
+
+def _in_force(revocation: Revocation, now: float) -> bool:
+    return revocation.expires_at is None or revocation.expires_at > now
