@@ -46,7 +46,7 @@ from pushsvc.errors import CloseCode
 from pushsvc.handler import WebSocketHandler
 from pushsvc.metrics import Metrics
 from pushsvc.node import Node
-from pushsvc.plugins import Plugins, await_me_maybe, load_plugins
+from pushsvc.plugins import DefaultRoomPolicy, Plugins, await_me_maybe, load_plugins
 from pushsvc.store import make_store
 
 log = logging.getLogger("pushsvc.app")
@@ -66,6 +66,8 @@ STATUS_INTERVAL_SECONDS = 5.0
 _POLL_SECONDS = 0.02
 #: Listen backlog when pushsvc binds its own socket.
 LISTEN_BACKLOG = 4096
+#: Name under which load_plugins registers the built-in room policy.
+DEFAULT_ROOM_POLICY = "pushsvc.default_room_policy"
 _TIMER_INTERVALS = {"delivery_tick": 0.05, "delivery_sweep": 5.0, "prune": 60.0}
 
 
@@ -271,6 +273,10 @@ class Service:
             reloadable.append("auth.jwt_secret_file")  # same file, new contents
         applied = self.node.apply_config(new, reloadable)
         self.config = self.node.config
+        if "auth.default_rooms" in applied:
+            policy = self.node.plugins.manager.get_plugin(DEFAULT_ROOM_POLICY)
+            if isinstance(policy, DefaultRoomPolicy):
+                policy.default_rooms = tuple(self.config.auth.default_rooms)
         logs.set_level(self.config.log.level)
         log.info("reloaded: %s", ", ".join(applied) if applied else "no reloadable key changed")
 
