@@ -19,7 +19,7 @@ from typing import Any
 import tornado.web
 import tornado.websocket
 
-from pushsvc import tornado_compat
+from pushsvc import eager, tornado_compat
 from pushsvc.auth import AuthError, token_from_request
 from pushsvc.errors import CloseCode, HandshakeError
 from pushsvc.node import Node
@@ -51,6 +51,7 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
         self.session = None  # set once the connection is open
         self._reserved = False  # a connection slot is held for this request
         self._protocol: tornado_compat.LenientTextProtocol | None = None  # tells 1009 sent
+        self._outbox: list[bytes] | None = None  # frames queued for this loop pass
 
     # -- handshake --------------------------------------------------------------
 
@@ -159,15 +160,17 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
         # The request and its headers are not needed once the session exists.
         self.principal = None
 
-    async def on_message(self, message: str | bytes) -> None:
-        """A text (``str``) or binary (``bytes``) frame."""
-        if self.session is not None:
-            await self.session.on_frame(message, binary=isinstance(message, bytes))
+    def on_message(self, message: str | bytes) -> asyncio.Task[None] | None:
+        """A text (``str``) or binary (``bytes``) frame, handled eagerly (see :mod:`eager`)."""
+        if self.session is None:
+            return None
+        return eager.start(self.session.on_frame(message, binary=isinstance(message, bytes)))
 
-    async def on_invalid_text(self, data: bytes) -> None:
+    def on_invalid_text(self, data: bytes) -> asyncio.Task[None] | None:
         """A text frame that is not valid UTF-8 (see :class:`LenientTextProtocol`)."""
-        if self.session is not None:
-            await self.session.on_frame(data, binary=False)
+        if self.session is None:
+            return None
+        return eager.start(self.session.on_frame(data, binary=False))
 
     def on_pong(self, data: bytes) -> None:
         """The client answered our ping."""
@@ -200,14 +203,40 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
     # -- transport for the session ------------------------------------------------
 
     def write_frame(self, data: bytes) -> None:
-        """Write one text frame; close as a slow consumer when the buffer is over the bound."""
-        connection = self.ws_connection
-        if connection is None or connection.is_closing():
+        """Write ``data`` as one text frame (queued until the end of this loop pass)."""
+        if tornado_compat.RAW_FRAMES:
+            self.write_framed(tornado_compat.text_frame(data))
             return
-        if not tornado_compat.write_text(connection, data):  # type: ignore[arg-type]
+        connection = self.ws_connection
+        if connection is not None and not connection.is_closing():
+            tornado_compat.write_text(connection, data)  # type: ignore[arg-type]
+            self._check_buffer()
+
+    def write_framed(self, frame: bytes) -> None:
+        """Queue a complete frame; the node's flusher writes the queue once per loop pass."""
+        outbox = self._outbox
+        if outbox is None:
+            self._outbox = [frame]
+            self.node.flusher.mark(self)
+        else:
+            outbox.append(frame)
+
+    def flush_outbox(self) -> None:
+        """Write the queued frames with one send, then check for a slow consumer."""
+        frames, self._outbox = self._outbox, None
+        connection = self.ws_connection
+        if not frames or connection is None or connection.is_closing():
+            return
+        data = frames[0] if len(frames) == 1 else b"".join(frames)
+        if tornado_compat.write_raw(connection, data):  # type: ignore[arg-type]
+            self._check_buffer()
+
+    def _check_buffer(self) -> None:
+        connection = self.ws_connection
+        if connection is None or self.session is None:
             return
         buffered = tornado_compat.buffered_bytes(connection)  # type: ignore[arg-type]
-        if buffered > self.node.config.server.max_buffer_bytes and self.session is not None:
+        if buffered > self.node.config.server.max_buffer_bytes:
             self.session.close_with(CloseCode.SLOW_CONSUMER, "slow consumer", "slow_consumer")
 
     def close_connection(self, code: int, reason: str, abort: bool = False) -> None:
@@ -223,4 +252,3 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
         """Send a protocol ping (the peer's pong updates ``last_seen``)."""
         with contextlib.suppress(tornado.websocket.WebSocketClosedError):
             super().ping(b"")
-

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Collection, Iterable
 from typing import Protocol
 
-from pushsvc import fanout
+from pushsvc import fanout, tornado_compat
 from pushsvc.broker import Broker, Envelope, room_channel, user_channel
 from pushsvc.config import RateLimitConfig
 from pushsvc.metrics import Metrics
@@ -36,6 +36,10 @@ class Client(Protocol):
 
     def send(self, data: bytes, kind: str) -> None:
         """Write one text frame; ``kind`` is the message type (for metrics)."""
+        ...
+
+    def send_framed(self, frame: bytes) -> bool:
+        """Queue an already framed message; False when the connection is closing."""
         ...
 
     def close_with(self, code: int, reason: str, metric_reason: str) -> None:
@@ -163,6 +167,12 @@ class Hub:
 
     # -- broker input -----------------------------------------------------------
 
+    def _count(self, envelope: Envelope, sent: int) -> None:
+        """Frame and byte counters, once per broadcast instead of once per member."""
+        if sent and tornado_compat.RAW_FRAMES:  # the fallback path counts in Session.send
+            self.metrics.frames_sent.labels(envelope.type).inc(sent)
+            self.metrics.sent_bytes.labels(envelope.type).inc(sent * len(envelope.frame))
+
     def on_envelope(self, channel: str, envelope: Envelope) -> None:
         """Deliver an envelope from the broker to the local connections."""
         scope, _, name = channel.partition(":")
@@ -172,18 +182,20 @@ class Hub:
                 return
             if envelope.kind == "presence":  # to the others: ``id`` is the subject's session
                 others = [c for s, c in members.items() if s != envelope.id]
-                fanout.send_to_all(others, envelope.frame, envelope.type)
+                self._count(envelope, fanout.send_to_all(others, envelope.frame, envelope.type))
                 return
             self.metrics.broadcast_recipients.observe(len(members))
-            self.metrics.messages_delivered.labels(envelope.type).inc(len(members))
-            fanout.send_to_all(members.values(), envelope.frame, envelope.type)
+            sent = fanout.send_to_all(members.values(), envelope.frame, envelope.type)
+            self.metrics.messages_delivered.labels(envelope.type).inc(sent)
+            self._count(envelope, sent)
             return
         clients = list(self.user_clients(name))
         if not clients:
             return
         if envelope.kind == "live":
-            self.metrics.messages_delivered.labels(envelope.type).inc(len(clients))
-            fanout.send_to_all(clients, envelope.frame, envelope.type)
+            sent = fanout.send_to_all(clients, envelope.frame, envelope.type)
+            self.metrics.messages_delivered.labels(envelope.type).inc(sent)
+            self._count(envelope, sent)
         elif envelope.kind == "durable":
             for client in clients:
                 client.on_durable(envelope)

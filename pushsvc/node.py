@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from pushsvc import ids, protocol
+from pushsvc import fanout, ids, protocol
 from pushsvc.auth import Authenticator
 from pushsvc.broker import Broker, Envelope, room_channel, user_channel
 from pushsvc.config import Config
@@ -55,6 +55,7 @@ class Node:
         )
         self.delivery = DeliveryTracker(self)  # at-least-once tracking
         self.revocations = Revocations(store)  # revoked tokens (loaded by app.start)
+        self.flusher = fanout.Flusher()  # writes queued frames once per loop pass
         self.draining = False  # True once shutdown began: refuse new work
         self._tasks: set[asyncio.Task[Any]] = set()  # background work to finish on shutdown
 

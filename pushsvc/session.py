@@ -47,7 +47,11 @@ class Transport(Protocol):
     """What a session needs from its socket."""
 
     def write_frame(self, data: bytes) -> None:
-        """Write one text frame, closing the connection if its buffer is over the bound."""
+        """Write ``data`` as one text frame, closing the connection if its buffer is too full."""
+        ...
+
+    def write_framed(self, frame: bytes) -> None:
+        """Write bytes that are already a complete WebSocket frame."""
         ...
 
     def close_connection(self, code: int, reason: str, abort: bool = False) -> None:
@@ -109,6 +113,13 @@ class Session:
         metrics.frames_sent.labels(kind).inc()
         metrics.sent_bytes.labels(kind).inc(len(data))
         self.transport.write_frame(data)
+
+    def send_framed(self, frame: bytes) -> bool:
+        """Queue a frame built once for a broadcast (metrics are counted by the caller)."""
+        if self.closing:
+            return False
+        self.transport.write_framed(frame)
+        return True
 
     def send_error(
         self, code: str, message: str, ref: str | None = None, retry_after: float | None = None
