@@ -233,7 +233,9 @@ class ApiConfig:
     burst: float = setting(400.0, "Bucket size per API client.", minimum=1, reloadable=True)
     max_recipients: int = setting(10000, "Recipients in one notify call; 400 above.", minimum=1)
     idempotency_window: float = setting(
-        86400.0, "Seconds an Idempotency-Key is remembered by notify.", minimum=0
+        86400.0,
+        "Seconds an Idempotency-Key is remembered by notify; 0 ignores the header.",
+        minimum=0,
     )
 
 
