@@ -69,7 +69,7 @@ class InFlight:
 class AckTracker:
     """One connection's in-flight window (pure: no I/O, no clock)."""
 
-    __slots__ = ("backlog", "cursor", "dirty", "inflight", "refilling", "window")
+    __slots__ = ("backlog", "cursor", "dirty", "inflight", "refilling", "rewind", "window")
 
     def __init__(self, window: int) -> None:
         self.window = window  # most unacked messages in flight
@@ -78,6 +78,7 @@ class AckTracker:
         self.backlog = True  # the store may hold pending messages not in the window
         self.dirty = False  # a message arrived while the window could not take it
         self.refilling = False  # a store read for this window is running
+        self.rewind = False  # a message older than the cursor is pending (a requeue)
 
     def room(self) -> int:
         """How many more messages the window takes."""
@@ -177,6 +178,8 @@ class Delivery:
             return
         tracker.dirty = True
         tracker.backlog = True
+        if envelope.id <= tracker.cursor:  # e.g. a requeued dead letter: reread from the start
+            tracker.rewind = True
         self._spawn_refill(session)
 
     def settled(self, session: Session, message_ids: Collection[str]) -> None:
@@ -230,6 +233,8 @@ class Delivery:
                 if room <= 0:
                     break
                 tracker.dirty = False
+                if tracker.rewind:  # ids in the window are skipped below
+                    tracker.rewind, tracker.cursor = False, ""
                 rows = await store.pending(user, tracker.cursor, room)
                 if session.inflight is not tracker:
                     return

@@ -597,3 +597,20 @@ async def test_revocation_bad_fields(server: Server, body: dict[str, Any], field
     status, answer, _ = await server.http("POST", "/api/v1/revocations", body)
     assert_error(status, answer, 400, "bad_request", field)
     assert (await server.http("GET", "/api/v1/revocations"))[1] == {"revocations": []}
+
+
+async def test_requeue_while_the_window_is_busy_still_reaches_the_client(
+    start_server: Start,
+) -> None:
+    """A requeued id is older than what the window already sent: it must still go out."""
+    server = await start_server(delivery={"max_attempts": 1, "ack_timeout": 0.3, "window": 1})
+    una = await server.connect("una")
+    old = await make_dead_letter(server, una, "una")
+    _, newer, _ = await notify(server, {"to": "una", **NOTE})
+    assert (await una.recv_type("notification"))["id"] == newer["id"]  # the window is full
+    status, body, _ = await server.http(
+        "POST", "/api/v1/users/una/dead-letters/requeue", {"ids": [old]}
+    )
+    assert status == 200 and body["requeued"] == 1
+    await una.send({"type": "ack", "id": newer["id"]})  # frees the window
+    assert (await una.recv_type("notification"))["id"] == old
