@@ -150,10 +150,11 @@ class JsonHandler(tornado.web.RequestHandler):
         """Uncaught errors also answer in JSON."""
         if status_code == HTTPStatus.METHOD_NOT_ALLOWED:
             self.set_header("Allow", ", ".join(self.allowed_methods()))
-        code = {
+        codes: dict[int, ApiErrorCode] = {
             HTTPStatus.NOT_FOUND: ApiErrorCode.NOT_FOUND,
             HTTPStatus.METHOD_NOT_ALLOWED: ApiErrorCode.METHOD_NOT_ALLOWED,
-        }.get(HTTPStatus(status_code), ApiErrorCode.INTERNAL)
+        }
+        code = codes.get(status_code, ApiErrorCode.INTERNAL)
         if status_code < HTTPStatus.INTERNAL_SERVER_ERROR and code == ApiErrorCode.INTERNAL:
             code = ApiErrorCode.BAD_REQUEST
         self.set_header("Content-Type", "application/json")
