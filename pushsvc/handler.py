@@ -159,6 +159,7 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
     def _release_request(self) -> None:
         # The request and its headers are not needed once the session exists.
         self.principal = None
+        tornado_compat.release_handshake(self)
 
     def on_message(self, message: str | bytes) -> asyncio.Task[None] | None:
         """A text (``str``) or binary (``bytes``) frame, handled eagerly (see :mod:`eager`)."""

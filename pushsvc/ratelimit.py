@@ -62,11 +62,13 @@ class ViolationCounter:
     def __init__(self, limit: int, window: float) -> None:
         self.limit = limit  # violations allowed inside the window
         self.window = window  # seconds
-        self._times: deque[float] = deque()  # times of recent violations
+        self._times: deque[float] | None = None  # recent violations (made on the first)
 
     def add(self, now: float) -> bool:
         """Record a violation; True when more than ``limit`` fall in the window."""
         times = self._times
+        if times is None:
+            times = self._times = deque()
         times.append(now)
         while times and times[0] <= now - self.window:
             times.popleft()

@@ -12,12 +12,14 @@ names, ``IOStream.socket``, and
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import struct
 from concurrent.futures import Future as ConcurrentFuture
 from typing import Any
 
 from tornado.iostream import BaseIOStream, SSLIOStream, StreamClosedError
+from tornado.web import RequestHandler
 from tornado.websocket import WebSocketClosedError, WebSocketProtocol13
 
 log = logging.getLogger("pushsvc.tornado")
@@ -68,6 +70,74 @@ class LenientTextProtocol(WebSocketProtocol13):
         if self.sent_close_code is None and not self.server_terminated:
             self.sent_close_code = code
         super().close(code, reason)
+
+    async def _receive_frame_loop(self) -> None:
+        # Run the frame loop in a task of its own, so the handshake's coroutine chain
+        # (RequestHandler._execute -> get -> accept_connection) ends and is freed.
+        # No attribute is added here: that would unshare this instance's __dict__ keys.
+        task = asyncio.ensure_future(super()._receive_frame_loop())
+        _FRAME_LOOPS.add(task)
+        task.add_done_callback(_FRAME_LOOPS.discard)
+
+
+_FRAME_LOOPS: set[asyncio.Task[None]] = set()  # running frame-loop tasks (strong refs)
+
+
+class _RequestSummary:
+    """What a handler still needs of its request after the upgrade (error logs).
+
+    ``uri`` is the path only: the query may hold the token.
+    """
+
+    __slots__ = ("method", "remote_ip", "uri")
+
+    def __init__(self, method: str | None, uri: str | None, remote_ip: str | None) -> None:
+        self.method = method
+        self.uri = uri
+        self.remote_ip = remote_ip
+
+    def __repr__(self) -> str:
+        return f"HTTPServerRequest(method={self.method!r}, uri={self.uri!r})"
+
+
+class _SmallQueue(list):  # type: ignore[type-arg]
+    """A list with ``popleft``: stands in for IOStream's per-stream deques.
+
+    An empty deque takes 624 bytes, an empty list 56; these queues hold a few
+    items at most (write chunks are joined per loop pass).
+    """
+
+    __slots__ = ()
+
+    def popleft(self) -> Any:
+        return self.pop(0)
+
+
+def release_handshake(handler: RequestHandler) -> None:
+    """Drop what Tornado keeps per connection for the handshake only.
+
+    The request (with its headers and connection), the response headers and
+    the UI-module closures are not used once the WebSocket is open; keeping
+    them costs several KiB per idle connection.
+    """
+    if not INTERNALS_OK:
+        return
+    request = handler.request
+    handler.request = _RequestSummary(request.method, request.path, request.remote_ip)  # type: ignore[assignment]
+    state = handler.__dict__
+    # The handshake state, and the guards Tornado installs against HTTP methods after
+    # the upgrade (pushsvc never calls them on an open WebSocket).
+    for name in ("_headers", "path_args", "path_kwargs", "open_args", "open_kwargs",
+                 "_transforms", "_write_buffer", "write", "redirect", "set_header",
+                 "set_cookie", "set_status", "flush", "finish"):  # fmt: skip
+        state.pop(name, None)
+    state["ui"] = None
+    handler.__dict__ = dict(state)  # a dict never shrinks in place; a copy is compact
+    connection = getattr(handler, "ws_connection", None)
+    stream = getattr(connection, "stream", None)
+    if stream is not None and not stream._write_futures and not stream._write_buffer:
+        stream._write_futures = _SmallQueue()
+        stream._write_buffer._buffers = _SmallQueue()
 
 
 RAW_FRAMES = INTERNALS_OK
