@@ -10,6 +10,7 @@ import logging
 import re
 import sys
 import time
+from http import HTTPStatus
 from typing import Any
 
 import orjson
@@ -93,11 +94,22 @@ def set_level(level: str) -> None:
 
 
 def access_log(handler: tornado.web.RequestHandler) -> None:
-    """Tornado ``log_function``: one line per request, query tokens redacted."""
+    """Tornado ``log_function``: one line per request, query tokens redacted.
+
+    Successful WebSocket upgrades (101) log at debug level: one line per
+    connection would dominate the log (and the handshake's cost) in a
+    reconnect storm; refused handshakes log at warning.
+    """
     status = handler.get_status()
     request = handler.request
-    level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
-    logging.getLogger("tornado.access").log(
+    if status == HTTPStatus.SWITCHING_PROTOCOLS:
+        level = logging.DEBUG
+    else:
+        level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
+    logger = logging.getLogger("tornado.access")
+    if not logger.isEnabledFor(level):
+        return
+    logger.log(
         level,
         "%d %s %s (%s) %.2fms",
         status,
