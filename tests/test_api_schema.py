@@ -156,8 +156,8 @@ async def test_schemathesis_finds_no_violation(start_server: Start, tmp_path: Pa
         "--no-color",
     ]
     started = time.monotonic()
-    proc = await asyncio.create_subprocess_exec(
-        *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    proc = await asyncio.create_subprocess_exec(  # cwd: st keeps a .schemathesis/ cache there
+        *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=tmp_path
     )
     out, _ = await asyncio.wait_for(proc.communicate(), timeout=120)
     output = out.decode(errors="replace")
