@@ -22,7 +22,14 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, cast
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+)
 
 from pushsvc import __version__
 from pushsvc.plugins import CORE_TYPES
@@ -73,12 +80,15 @@ CLOSE_REASONS = (
     "rate_abuse",
     "slow_consumer",
     "token_expired",
+    "revoked",
     "oversize",
     "heartbeat",
     "api",
     "drain",
     "internal",
 )
+#: Buckets of the chat fan-out histogram (connections a broadcast went to).
+FANOUT_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000, 100000)
 LATENCY_BUCKETS = (
     0.0005,
     0.001,
@@ -120,6 +130,7 @@ class Metrics:
     """All pushsvc series, registered on ``registry`` (a fresh one per test)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # no *_created series
         self.registry = registry if registry is not None else CollectorRegistry()
         self.known_types: set[str] = set(SERVER_TYPES)  # type label values (plus plugins')
         r = self.registry
@@ -139,7 +150,7 @@ class Metrics:
         self.broadcast_recipients = Histogram(
             "pushsvc_broadcast_recipients",
             "Local connections one room broadcast (chat fan-out) went to.",
-            buckets=(1, 10, 100, 1000, 10000, 100000),
+            buckets=FANOUT_BUCKETS,
             registry=r,
         )
         self.frame_errors = Counter(
@@ -175,7 +186,7 @@ class Metrics:
         )
         self.messages_dead_lettered = typed(
             "pushsvc_messages_dead_lettered_total",
-            "At-least-once messages given up, by type and reason",
+            "At-least-once messages given up (reason: max_attempts or ttl)",
             "reason",
         )
         self.acks_ignored = Counter(

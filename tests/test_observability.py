@@ -32,6 +32,7 @@ RULES = ROOT / "contrib" / "prometheus" / "pushsvc-rules.yml"
 RULES_TEST = ROOT / "contrib" / "prometheus" / "pushsvc-rules.test.yml"
 PROMETHEUS_CONFIG = ROOT / "contrib" / "prometheus" / "prometheus.yml"
 DASHBOARD = ROOT / "contrib" / "grafana" / "pushsvc-dashboard.json"
+DOCS = ROOT / "docs" / "operations.md"
 METRIC_NAME = re.compile(r"\b(pushsvc_[a-z0-9_]+)\b")
 #: What the dashboard's template variables become outside Grafana.
 DASHBOARD_VARIABLES = {"$__rate_interval": "5s", "$job": "pushsvc", "$instance": ".*"}
@@ -250,6 +251,17 @@ async def test_dashboard_and_rules_use_only_exported_metrics(server: Server) -> 
         "pushsvc_event_loop_lag_seconds_bucket",
     ):
         assert family in used, family
+
+
+async def test_docs_reference_lists_every_exported_family(server: Server) -> None:
+    status, text, _ = await server.http("GET", "/metrics", auth_header=False)
+    assert status == 200
+    exported = {
+        family.name + ("_total" if family.type == "counter" else ""): family.type
+        for family in text_string_to_metric_families(text)
+    }
+    rows = re.findall(r"^\| `(pushsvc_[a-z0-9_]+)` \| (\w+) \|", DOCS.read_text(), re.MULTILINE)
+    assert dict(rows) == exported
 
 
 # -- a real Prometheus ----------------------------------------------------------------
