@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -200,3 +201,22 @@ async def test_unopenable_path(tmp_path: Path) -> None:
         await store.open()
     with pytest.raises(StoreUnavailable, match="not open"):
         await store.accept(ids.new_id(), "private", b"{}", ["ann"], LATER)
+
+
+async def test_checkpoints_run_off_the_writer(store: SqliteStore, tmp_path: Path) -> None:
+    """The checkpoint thread copies committed data into the main file (WAL stays small)."""
+    written = [await put(store, "ann") for _ in range(50)]
+    snapshot = tmp_path / "main-file-only.sqlite3"
+    deadline = time.monotonic() + 5
+    while True:
+        snapshot.write_bytes(Path(store.path).read_bytes())  # without the -wal file
+        with contextlib.closing(sqlite3.connect(snapshot)) as db:
+            try:
+                (count,) = db.execute("SELECT count(*) FROM messages").fetchone()
+            except sqlite3.OperationalError:  # no table yet: not checkpointed at all
+                count = 0
+        if count == len(written):
+            break
+        assert time.monotonic() < deadline, f"{count} of {len(written)} checkpointed"
+        await asyncio.sleep(0.05)
+    assert store.checkpoints >= 1
