@@ -158,8 +158,7 @@ async def test_at_least_once_series(start_server: Start) -> None:
     assert value(s, "pushsvc_messages_acked_total", type="private") == 1
     assert value(s, "pushsvc_messages_redelivered_total", type="private") == 1
     assert (
-        value(s, "pushsvc_messages_dead_lettered_total", type="private", reason="max_attempts")
-        == 1
+        value(s, "pushsvc_messages_dead_lettered_total", type="private", reason="max_attempts") == 1
     )
     assert value(s, "pushsvc_ack_latency_seconds_count") == 1
     assert 0 < value(s, "pushsvc_ack_latency_seconds_sum") < 5
