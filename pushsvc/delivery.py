@@ -112,7 +112,11 @@ class Delivery:
         delivery = node.config.delivery
         self.node = node  # the service
         self.policy = RetryPolicy(delivery.ack_timeout, delivery.max_attempts, delivery.backoff_max)
-        self._timers: list[tuple[float, int, Session, str]] = []  # (due, seq, session, id) heap
+        # (due, seq, session id, message id) heap. Ids, not Session objects: an entry
+        # outlives its ack until it is due, and must neither keep a closed connection
+        # alive nor be scanned by the garbage collector (tuples of strings are not).
+        self._timers: list[tuple[float, int, str, str]] = []
+        self._sessions: dict[str, Session] = {}  # session id -> connection with a window
         self._seq = itertools.count()  # heap tie-breaker
         self._tasks: set[asyncio.Task[Any]] = set()  # refills in progress
 
@@ -161,12 +165,16 @@ class Delivery:
 
     async def connected(self, session: Session) -> None:
         """Give a new connection its window and send what is pending for its user."""
+        if session.closing:  # closed while it was being registered
+            return
         session.inflight = AckTracker(self.node.config.delivery.window)
+        self._sessions[session.session] = session
         self._spawn_refill(session)
 
     def disconnected(self, session: Session) -> None:
         """Drop a closed connection's window (its messages stay pending in the store)."""
         session.inflight = None
+        self._sessions.pop(session.session, None)
 
     def offer(self, session: Session, envelope: Envelope) -> None:
         """A new at-least-once message for ``session``'s user arrived from the broker."""
@@ -207,7 +215,7 @@ class Delivery:
         now = time.monotonic()
         due = now + self.policy.delay(attempts)
         tracker.sent(message_id, kind, frame, attempts, now, due)
-        heapq.heappush(self._timers, (due, next(self._seq), session, message_id))
+        heapq.heappush(self._timers, (due, next(self._seq), session.session, message_id))
         metrics = self.node.metrics
         metrics.messages_delivered.labels(kind).inc()
         if attempts > 1:
@@ -310,8 +318,12 @@ class Delivery:
         resends: dict[Session, list[tuple[str, int]]] = {}
         dead: dict[str, list[str]] = {}
         freed: set[Session] = set()
+        sessions = self._sessions
         while timers and timers[0][0] <= now:
-            due, _seq, session, message_id = heapq.heappop(timers)
+            due, _seq, session_id, message_id = heapq.heappop(timers)
+            session = sessions.get(session_id)
+            if session is None:
+                continue  # the connection is gone
             tracker: AckTracker | None = session.inflight
             entry = tracker.inflight.get(message_id) if tracker is not None else None
             if tracker is None or entry is None or entry.due != due or session.closing:

@@ -13,6 +13,7 @@ import pytest
 
 from pushsvc import ids
 from pushsvc.store import StoreUnavailable
+from pushsvc.store import sqlite as sqlite_module
 from pushsvc.store.sqlite import ACKED_RETENTION, SqliteStore
 
 HOUR = 3600.0
@@ -220,3 +221,71 @@ async def test_checkpoints_run_off_the_writer(store: SqliteStore, tmp_path: Path
         assert time.monotonic() < deadline, f"{count} of {len(written)} checkpointed"
         await asyncio.sleep(0.05)
     assert store.checkpoints >= 1
+
+
+async def test_sweep_works_in_bounded_steps(
+    store: SqliteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_module, "SWEEP_CHUNK", 3)
+    monkeypatch.setattr(sqlite_module, "SWEEP_STEPS", 2)
+    now = time.time()
+    expired = [await put(store, f"u{i}", expires=now - 1) for i in range(10)]
+    first = await store.expire(now, retention=HOUR)
+    assert len(first) == 6  # two steps of three
+    second = await store.expire(now, retention=HOUR)
+    assert sorted(d.id for d in first + second) == expired
+    assert await store.expire(now, retention=HOUR) == []
+    later = now + HOUR + 1
+    await store.expire(later, retention=HOUR)  # drops 6 of the 10 dead letters
+    left = sum([len(await store.dead_letters(f"u{i}", 10)) for i in range(10)])
+    assert left == 4
+    await store.expire(later, retention=HOUR)
+    with sqlite3.connect(store.path) as db:
+        assert db.execute("SELECT count(*) FROM deliveries").fetchone() == (0,)
+        assert db.execute("SELECT count(*) FROM messages").fetchone() == (0,)
+
+
+async def test_requeued_message_expires_again(store: SqliteStore) -> None:
+    now = time.time()
+    message_id = await put(store, "ann", expires=now - 5)
+    assert [d.id for d in await store.expire(now, retention=HOUR)] == [message_id]
+    assert await store.requeue("ann", [message_id], now - 1) == [message_id]  # already old
+    assert [m.id for m in await store.pending("ann", "", 10)] == [message_id]
+    assert [d.id for d in await store.expire(now + 1, retention=HOUR)] == [message_id]
+
+
+async def test_sweep_after_the_clock_went_back(store: SqliteStore) -> None:
+    now = time.time()
+    await store.expire(now + 100, retention=HOUR)  # a sweep while the clock was ahead
+    message_id = await put(store, "ann", expires=now - 1)
+    assert [d.id for d in await store.expire(now, retention=HOUR)] == [message_id]
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        sqlite_module.ACK_LOOKUP.format(marks="?,?"),
+        sqlite_module.EXPIRED_MESSAGES,
+        sqlite_module.PENDING_RECIPIENTS,
+        sqlite_module.SETTLED_BEFORE,
+        sqlite_module.DROP_ORPHAN,
+    ],
+)
+async def test_hot_and_sweep_queries_use_indexes(store: SqliteStore, query: str) -> None:
+    """No full table scan: the tables hold every message acked in the last minutes."""
+    with sqlite3.connect(store.path) as db:
+        plan = db.execute("EXPLAIN QUERY PLAN " + query, (1,) * query.count("?")).fetchall()
+    details = " / ".join(row[3] for row in plan)
+    assert "SCAN" not in details, details
+
+
+async def test_stats_do_not_wait_for_the_writer(store: SqliteStore) -> None:
+    """Backlog figures are read beside the writer, even while it cannot write."""
+    await put(store, "ann")
+    holder = sqlite3.connect(store.path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        assert (await store.stats()).pending == 1
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
