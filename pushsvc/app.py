@@ -48,6 +48,7 @@ from pushsvc.metrics import Metrics
 from pushsvc.node import Node
 from pushsvc.plugins import DefaultRoomPolicy, Plugins, await_me_maybe, load_plugins
 from pushsvc.store import make_store
+from pushsvc.upgrade import UpgradeServer
 
 log = logging.getLogger("pushsvc.app")
 
@@ -456,7 +457,8 @@ async def start(
     await node.revocations.load()
     await await_me_maybe(plugins.hook.pushsvc_startup(node=node))
     app = make_app(node)
-    server = tornado.httpserver.HTTPServer(app, xheaders=config.server.xheaders)
+    server = UpgradeServer(app, xheaders=config.server.xheaders)
+    server.node = node
     if sockets is None:
         sockets = sdnotify.listen_fds() or tornado.netutil.bind_sockets(
             config.server.port, config.server.host, backlog=LISTEN_BACKLOG

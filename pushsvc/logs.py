@@ -100,21 +100,24 @@ def access_log(handler: tornado.web.RequestHandler) -> None:
     connection would dominate the log (and the handshake's cost) in a
     reconnect storm; refused handshakes log at warning.
     """
-    status = handler.get_status()
     request = handler.request
+    log_request(
+        handler.get_status(),
+        request.method or "",
+        request.uri or "",
+        request.remote_ip or "",
+        request.request_time(),
+    )
+
+
+def log_request(status: int, method: str, uri: str, remote_ip: str, seconds: float) -> None:
+    """One access-log line (``tornado.access``), the URI redacted."""
     if status == HTTPStatus.SWITCHING_PROTOCOLS:
         level = logging.DEBUG
     else:
         level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
     logger = logging.getLogger("tornado.access")
-    if not logger.isEnabledFor(level):
-        return
-    logger.log(
-        level,
-        "%d %s %s (%s) %.2fms",
-        status,
-        request.method,
-        redact(request.uri or ""),
-        request.remote_ip,
-        1000.0 * request.request_time(),
-    )
+    if logger.isEnabledFor(level):
+        logger.log(
+            level, "%d %s %s (%s) %.2fms", status, method, redact(uri), remote_ip, 1000.0 * seconds
+        )

@@ -18,9 +18,9 @@ import struct
 from concurrent.futures import Future as ConcurrentFuture
 from typing import Any
 
-from tornado.iostream import BaseIOStream, SSLIOStream, StreamClosedError
+from tornado.iostream import BaseIOStream, IOStream, SSLIOStream, StreamClosedError
 from tornado.web import RequestHandler
-from tornado.websocket import WebSocketClosedError, WebSocketProtocol13
+from tornado.websocket import WebSocketClosedError, WebSocketProtocol13, _WebSocketParams
 
 log = logging.getLogger("pushsvc.tornado")
 
@@ -31,6 +31,9 @@ def _check_internals() -> bool:
         hasattr(WebSocketProtocol13, "_write_frame"),
         hasattr(WebSocketProtocol13, "_run_callback"),
         hasattr(WebSocketProtocol13, "_abort"),
+        hasattr(WebSocketProtocol13, "_receive_frame_loop"),
+        "_read_buffer" in BaseIOStream.__init__.__code__.co_names,
+        "_read_buffer_size" in BaseIOStream.__init__.__code__.co_names,
         hasattr(BaseIOStream, "writing") and hasattr(BaseIOStream, "write"),
         "_write_buffer" in BaseIOStream.__init__.__code__.co_names,
     ]
@@ -71,13 +74,20 @@ class LenientTextProtocol(WebSocketProtocol13):
             self.sent_close_code = code
         super().close(code, reason)
 
-    async def _receive_frame_loop(self) -> None:
-        # Run the frame loop in a task of its own, so the handshake's coroutine chain
-        # (RequestHandler._execute -> get -> accept_connection) ends and is freed.
+    def start_reading(self, stream: IOStream | None = None) -> None:
+        """Read frames from ``stream`` (default: the one set) in a task of its own."""
+        if stream is not None:
+            self.stream = stream
         # No attribute is added here: that would unshare this instance's __dict__ keys.
-        task = asyncio.ensure_future(super()._receive_frame_loop())
+        task = asyncio.ensure_future(WebSocketProtocol13._receive_frame_loop(self))
         _FRAME_LOOPS.add(task)
         task.add_done_callback(_FRAME_LOOPS.discard)
+
+    async def _receive_frame_loop(self) -> None:
+        # Tornado awaits this at the end of the handshake: returning at once lets the
+        # handshake's coroutine chain (RequestHandler._execute -> get -> accept_connection)
+        # end and be freed, while the frames are read by start_reading's task.
+        self.start_reading()
 
 
 _FRAME_LOOPS: set[asyncio.Task[None]] = set()  # running frame-loop tasks (strong refs)
@@ -135,9 +145,37 @@ def release_handshake(handler: RequestHandler) -> None:
     handler.__dict__ = dict(state)  # a dict never shrinks in place; a copy is compact
     connection = getattr(handler, "ws_connection", None)
     stream = getattr(connection, "stream", None)
-    if stream is not None and not stream._write_futures and not stream._write_buffer:
-        stream._write_futures = _SmallQueue()
-        stream._write_buffer._buffers = _SmallQueue()
+    if stream is not None:
+        slim_stream(stream)
+
+
+def slim_stream(stream: IOStream) -> None:
+    """Swap the stream's empty write queues (624-byte deques) for small lists."""
+    if INTERNALS_OK and not stream._write_futures and not stream._write_buffer:
+        stream._write_futures = _SmallQueue()  # type: ignore[assignment]
+        stream._write_buffer._buffers = _SmallQueue()  # type: ignore[assignment]
+
+
+def push_back(stream: IOStream, data: bytes) -> None:
+    """Put bytes already read back at the front of the stream's read buffer."""
+    stream._read_buffer[0:0] = data
+    stream._read_buffer_size += len(data)
+
+
+def make_protocol(delegate: Any, max_message_size: int) -> LenientTextProtocol:
+    """A server-side RFC 6455 protocol: no compression, no built-in pings.
+
+    ``delegate`` gets ``on_message``, ``on_pong``, ``on_ws_connection_close``...
+    (Tornado's ``_WebSocketDelegate``): a WebSocketHandler or any object
+    with those methods.
+    """
+    params = _WebSocketParams(
+        ping_interval=None,
+        ping_timeout=None,
+        max_message_size=max_message_size,
+        compression_options=None,
+    )
+    return LenientTextProtocol(delegate, False, params)
 
 
 RAW_FRAMES = INTERNALS_OK
