@@ -1,13 +1,25 @@
 """Everything pushsvc does with Tornado's internals, behind one small boundary.
 
-Used only where it is safe (no per-message compression on the connection),
-checked once at import: when an internal is missing (a Tornado upgrade),
-:data:`INTERNALS_OK` is False, one line is logged, and every function falls
-back to Tornado's public API. A Tornado upgrade must re-check: the
-``WebSocketProtocol13._handle_message`` / ``_write_frame`` / ``_abort`` /
-``_frame_compressed`` / ``_compressor`` / ``_message_bytes_in`` / ``stream``
-names, ``IOStream.socket``, and
-``BaseIOStream._write_buffer`` (its ``len``; see CHANGELOG).
+Used only where it is safe (no per-message compression, which pushsvc never
+negotiates), checked once at import: when an internal is missing (a Tornado
+upgrade), :data:`INTERNALS_OK` is False, one line is logged, and pushsvc
+runs on Tornado's public API only (``HTTPServer`` + ``WebSocketHandler``,
+``write_message``; slower, more memory per connection, and invalid UTF-8
+aborts the connection). Tested with Tornado 6.4.2, 6.5.2 and 6.6.1.
+
+What a Tornado upgrade must re-check (see CHANGELOG):
+
+- ``WebSocketProtocol13``: the constructor ``(handler, mask_outgoing,
+  _WebSocketParams)``, ``stream``, ``_handle_message``, ``_run_callback``,
+  ``_receive_frame_loop``, ``_write_frame``, ``_abort``, ``close`` and
+  ``server_terminated``, ``_frame_compressed``, ``_compressor``,
+  ``_message_bytes_in``; the ``_WebSocketDelegate`` methods it calls.
+- ``IOStream``: ``socket``, ``writing()``, ``_write_buffer`` (its ``len``
+  and its ``_buffers`` deque), ``_write_futures``, ``_read_buffer`` and
+  ``_read_buffer_size``.
+- ``RequestHandler``: ``_headers``, ``_transforms``, ``_write_buffer``,
+  ``path_args``/``path_kwargs``, ``open_args``/``open_kwargs``, ``ui`` and
+  the method guards WebSocketHandler installs when it detaches the stream.
 """
 
 from __future__ import annotations
@@ -73,6 +85,11 @@ class LenientTextProtocol(WebSocketProtocol13):
         if self.sent_close_code is None and not self.server_terminated:
             self.sent_close_code = code
         super().close(code, reason)
+
+    def attach(self, stream: IOStream) -> None:
+        """Write to ``stream`` from now on (the fast upgrade path)."""
+        self.stream = stream
+        slim_stream(stream)
 
     def start_reading(self, stream: IOStream | None = None) -> None:
         """Read frames from ``stream`` (default: the one set) in a task of its own."""

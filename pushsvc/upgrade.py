@@ -192,14 +192,13 @@ class FastConnection(ConnectionBase):
             node.hub.release(principal.user, remote_ip)
             return
         logs.log_request(101, "GET", request.target, remote_ip, time.monotonic() - started)
-        connection._protocol.stream = stream
-        tornado_compat.slim_stream(stream)
+        connection._protocol.attach(stream)
         try:
             await connection.start_session(principal, remote_ip)
         except Exception:
             log.exception("starting a session failed")
             stream.close()
-        connection._protocol.start_reading(stream)
+        connection._protocol.start_reading()
 
     # Tornado's _WebSocketDelegate ---------------------------------------------------
 
