@@ -503,6 +503,7 @@ def report(args: argparse.Namespace, phases: list[Phase], started: str) -> str:
         f"{args.users:,} recipients connected; store.synchronous={args.synchronous}; "
         f"{args.duration:g} s per phase (first {min(1.0, args.duration / 5):g} s not measured); "
         f"closed-loop pipeline {args.pipeline} per sender",
+        *([f"- {args.note}"] if args.note else []),
         "",
         *rows(phases),
         "",
@@ -535,6 +536,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default=str(HERE / "results" / "durable-latest.md"))
     parser.add_argument("--py-spy", default=None, help="profile the server in phase 2 to FILE")
     parser.add_argument("--keep", action="store_true", help="keep the data dir and server log")
+    parser.add_argument("--note", default="", help="a line added to the markdown summary")
     return parser.parse_args(argv)
 
 
