@@ -139,13 +139,13 @@ class ConnectionBase:
 
     # -- frames in --------------------------------------------------------------
 
-    def on_message(self, message: str | bytes) -> asyncio.Task[None] | None:
+    def on_message(self, message: str | bytes) -> asyncio.Future[None] | None:
         """A text (``str``) or binary (``bytes``) frame, handled eagerly (see :mod:`eager`)."""
         if self.session is None:
             return None
         return eager.start(self.session.on_frame(message, binary=isinstance(message, bytes)))
 
-    def on_invalid_text(self, data: bytes) -> asyncio.Task[None] | None:
+    def on_invalid_text(self, data: bytes) -> asyncio.Future[None] | None:
         """A text frame that is not valid UTF-8 (see ``LenientTextProtocol``)."""
         if self.session is None:
             return None

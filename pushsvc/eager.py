@@ -3,11 +3,12 @@
 Tornado turns a coroutine ``on_message`` into a Task, which costs a Task and
 one event-loop pass per frame even when the handler never waits (a chat
 message through the in-process broker). :func:`start` runs the coroutine
-right away instead; only if it suspends on an unfinished future does the
-rest continue in a Task. Frames already buffered on a socket are then
-handled in the same loop pass, and their broadcasts leave in one ``send``
-per member (see :mod:`pushsvc.fanout`). Python 3.12's
-``asyncio.eager_task_factory`` does the same for every task.
+right away instead. Frames already buffered on a socket are then handled in
+the same loop pass, and their broadcasts leave in one ``send`` per member
+(see :mod:`pushsvc.fanout`). When the coroutine does wait (a store write),
+a small :class:`_Stepper` resumes it from the awaited future's callback -
+what a Task does, without the Task. Python 3.12's
+``asyncio.eager_task_factory`` is the same idea for every task.
 """
 
 from __future__ import annotations
@@ -19,31 +20,51 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-def start(coroutine: Coroutine[Any, Any, T]) -> asyncio.Task[T] | None:
+def start(coroutine: Coroutine[Any, Any, T]) -> asyncio.Future[T] | None:
     """Run ``coroutine`` until it suspends; None when it finished without suspending.
 
-    Exceptions raised before the first suspension propagate to the caller.
+    Otherwise returns a future for its result. Exceptions raised before the
+    first suspension propagate to the caller.
     """
     try:
         waiting_on = coroutine.send(None)
     except StopIteration:
         return None
-    return asyncio.ensure_future(_finish(coroutine, waiting_on))
+    done: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+    _Stepper(coroutine, done).wait(waiting_on)
+    return done
 
 
-async def _finish(coroutine: Coroutine[Any, Any, T], waiting_on: Any) -> T:
-    """Drive a started coroutine to its end, as a Task would."""
-    while True:
+class _Stepper:
+    """Drives a started coroutine from future callbacks, as a Task would."""
+
+    __slots__ = ("coroutine", "done")
+
+    def __init__(self, coroutine: Coroutine[Any, Any, Any], done: asyncio.Future[Any]) -> None:
+        self.coroutine = coroutine  # suspended inside an ``await``
+        self.done = done  # resolved with the coroutine's result or exception
+
+    def wait(self, waiting_on: Any) -> None:
+        """Resume the coroutine once ``waiting_on`` (what it yielded) is done."""
+        if waiting_on is None:  # a bare ``yield``, as in ``asyncio.sleep(0)``
+            asyncio.get_running_loop().call_soon(self.step, None)
+            return
+        waiting_on._asyncio_future_blocking = False
+        waiting_on.add_done_callback(self.step)
+
+    def step(self, _finished: Any) -> None:
+        """Send the coroutine on; its ``await`` picks up the future's result or error."""
         try:
-            if waiting_on is None:  # a bare ``yield``, as in ``asyncio.sleep(0)``
-                await asyncio.sleep(0)
-            else:
-                waiting_on._asyncio_future_blocking = False
-                await asyncio.wait([waiting_on])
-        except asyncio.CancelledError as cancelled:
-            coroutine.throw(cancelled)
-            raise
-        try:
-            waiting_on = coroutine.send(None)
+            waiting_on = self.coroutine.send(None)
         except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
+            if not self.done.cancelled():
+                self.done.set_result(stop.value)
+            return
+        except asyncio.CancelledError:
+            self.done.cancel()
+            return
+        except Exception as error:  # delivered through the future, like a Task
+            if not self.done.cancelled():
+                self.done.set_exception(error)
+            return
+        self.wait(waiting_on)

@@ -114,16 +114,34 @@ def code_label(value: str) -> str:
     return value if _CODE.match(value) else OTHER
 
 
+MAX_CACHED_CHILDREN = 1024  # per counter; label values past this are looked up each time
+
+
 class TypedCounter:
     """A counter whose first label, the message ``type``, is kept to known types."""
 
     def __init__(self, counter: Counter, known: Callable[[str], bool]) -> None:
         self.counter = counter  # the registered series
         self._known = known  # whether a type may be a label value
+        self._children: dict[tuple[str, ...], Counter] = {}  # label values -> child
 
     def labels(self, kind: str, *rest: str) -> Counter:
-        """The child for ``kind`` (:data:`OTHER_TYPE` when undeclared) and ``rest``."""
-        return self.counter.labels(kind if self._known(kind) else OTHER_TYPE, *rest)
+        """The child for ``kind`` (:data:`OTHER_TYPE` when undeclared) and ``rest``.
+
+        Children are cached: prometheus-client's own ``labels()`` costs about
+        a microsecond, and this runs several times per frame.
+        """
+        key = (kind, *rest)
+        child = self._children.get(key)
+        if child is None:
+            child = self.counter.labels(kind if self._known(kind) else OTHER_TYPE, *rest)
+            if len(self._children) < MAX_CACHED_CHILDREN:
+                self._children[key] = child
+        return child
+
+    def forget_children(self) -> None:
+        """Drop cached children (the known types changed)."""
+        self._children.clear()
 
 
 class Metrics:
@@ -254,6 +272,9 @@ class Metrics:
     def bind(self, node: Node) -> None:
         """Read the state gauges from ``node`` at scrape time; learn its message types."""
         self.known_types.update(node.plugins.types)
+        for series in vars(self).values():
+            if isinstance(series, TypedCounter):
+                series.forget_children()  # looked up before the plugin types were known
         self.broker_up.set_function(lambda: float(node.broker.healthy()))
         self.draining.set_function(lambda: float(node.draining))
         self.ready.set_function(
