@@ -15,14 +15,13 @@ import fnmatch
 import logging
 import time
 import urllib.parse
-import uuid
 from collections.abc import Mapping
 from typing import Any
 
 from tornado.iostream import StreamClosedError
 from tornado.websocket import WebSocketClosedError, WebSocketProtocol13
 
-from pushsvc import eager, tornado_compat
+from pushsvc import eager, ids, tornado_compat
 from pushsvc.auth import AuthError, token_from_request
 from pushsvc.errors import CloseCode, HandshakeError
 from pushsvc.node import Node
@@ -106,7 +105,7 @@ class ConnectionBase:
     async def start_session(self, principal: Principal, remote_ip: str) -> None:
         """Create the session, send ``welcome`` and register it with the node."""
         node = self.node
-        session = Session(node, self, principal, uuid.uuid4().hex, remote_ip)
+        session = Session(node, self, principal, ids.session_id(), remote_ip)
         self.session = session
         node.metrics.handshake("ok")
         log.debug(

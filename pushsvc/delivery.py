@@ -167,9 +167,12 @@ class Delivery:
         """Give a new connection its window and send what is pending for its user."""
         if session.closing:  # closed while it was being registered
             return
-        session.inflight = AckTracker(self.node.config.delivery.window)
+        tracker = session.inflight = AckTracker(self.node.config.delivery.window)
         self._sessions[session.session] = session
-        self._spawn_refill(session)
+        if self.node.store.may_have_pending(session.principal.user):
+            self._spawn_refill(session)
+        else:
+            tracker.backlog = False  # nothing stored: new messages go straight out
 
     def disconnected(self, session: Session) -> None:
         """Drop a closed connection's window (its messages stay pending in the store)."""

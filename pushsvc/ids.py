@@ -9,6 +9,7 @@ send order.
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 
@@ -60,3 +61,11 @@ def timestamp_ms(message_id: str) -> int:
 
 _default = IdGenerator()
 new_id = _default.new
+
+_SESSION_PREFIX = os.urandom(6).hex()  # this process; random, so unique across nodes
+_session_counter = itertools.count(1)
+
+
+def session_id() -> str:
+    """A connection id unique across processes and nodes (random prefix, counter)."""
+    return f"{_SESSION_PREFIX}{next(_session_counter):x}"

@@ -23,7 +23,7 @@ import urllib.parse
 from dataclasses import dataclass
 from http import HTTPStatus
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import tornado.httpserver
@@ -31,7 +31,7 @@ import tornado.netutil
 from tornado.iostream import IOStream, StreamClosedError, UnsatisfiableReadError
 from tornado.websocket import WebSocketProtocol13
 
-from pushsvc import logs, tornado_compat
+from pushsvc import eager, logs, tornado_compat
 from pushsvc.connection import ConnectionBase, admit
 from pushsvc.errors import HandshakeError
 from pushsvc.node import Node
@@ -104,31 +104,53 @@ class UpgradeServer(tornado.httpserver.HTTPServer):
     """An ``HTTPServer`` whose connections' first request may become a fast WebSocket."""
 
     node: Node | None = None  # set by pushsvc.app before listening
+    #: The listening sockets set TCP_NODELAY and accepted sockets inherit it (Linux),
+    #: which saves a setsockopt per connection.
+    nodelay_inherited = False
 
     def handle_stream(self, stream: IOStream, address: tuple[Any, ...]) -> None:
         """Sniff the first request; hand everything else to Tornado unchanged."""
         if self.node is None or not tornado_compat.INTERNALS_OK:
             super().handle_stream(stream, address)
             return
-        self.node.track(asyncio.ensure_future(self._first_request(stream, address)))
-
-    async def _first_request(self, stream: IOStream, address: tuple[Any, ...]) -> None:
-        assert self.node is not None
+        try:
+            # Tornado returns an asyncio Future (typed as an Awaitable).
+            head = cast(
+                "asyncio.Future[bytes]",
+                stream.read_until_regex(_HEAD_END, max_bytes=MAX_HEAD_BYTES),
+            )
+        except StreamClosedError:
+            return
         # A peer that never finishes its request head is dropped (slowloris).
         deadline = asyncio.get_running_loop().call_later(HEAD_TIMEOUT, stream.close)
+        head.add_done_callback(lambda read: self._first_request(stream, address, read, deadline))
+
+    def _first_request(
+        self,
+        stream: IOStream,
+        address: tuple[Any, ...],
+        read: asyncio.Future[bytes],
+        deadline: asyncio.TimerHandle,
+    ) -> None:
+        deadline.cancel()
+        assert self.node is not None
         try:
-            head = await stream.read_until_regex(_HEAD_END, max_bytes=MAX_HEAD_BYTES)
+            head = read.result()
         except (StreamClosedError, UnsatisfiableReadError):
             stream.close()
             return
-        finally:
-            deadline.cancel()
         request = parse_upgrade(head)
         if request is None:
             tornado_compat.push_back(stream, head)
             super().handle_stream(stream, address)
             return
-        await FastConnection.accept(self.node, stream, request, self._remote_ip(address, request))
+        remote_ip = self._remote_ip(address, request)
+        accepting = FastConnection.accept(
+            self.node, stream, request, remote_ip, nodelay=not self.nodelay_inherited
+        )
+        pending = eager.start(accepting)  # usually finishes without waiting
+        if pending is not None:
+            pending.add_done_callback(_report)
 
     def _remote_ip(self, address: tuple[Any, ...], request: UpgradeRequest) -> str:
         ip = str(address[0]) if address and address[0] else "local"  # unix socket
@@ -141,6 +163,11 @@ class UpgradeServer(tornado.httpserver.HTTPServer):
                 break
         real = request.headers.get("X-Real-Ip", forwarded)
         return str(real) if tornado.netutil.is_valid_ip(real) else ip
+
+
+def _report(done: asyncio.Future[None]) -> None:
+    if not done.cancelled() and done.exception() is not None:
+        log.error("WebSocket upgrade failed", exc_info=done.exception())
 
 
 async def _refuse(stream: IOStream, refusal: HandshakeError) -> None:
@@ -172,7 +199,13 @@ class FastConnection(ConnectionBase):
 
     @classmethod
     async def accept(
-        cls, node: Node, stream: IOStream, request: UpgradeRequest, remote_ip: str
+        cls,
+        node: Node,
+        stream: IOStream,
+        request: UpgradeRequest,
+        remote_ip: str,
+        *,
+        nodelay: bool = True,
     ) -> None:
         """Check the handshake, answer it, and run the connection."""
         started = time.monotonic()
@@ -186,7 +219,8 @@ class FastConnection(ConnectionBase):
         connection = cls(node)
         accept_value = WebSocketProtocol13.compute_accept_value(request.key).encode()
         try:
-            stream.set_nodelay(True)
+            if nodelay:
+                stream.set_nodelay(True)
             stream.write(_SWITCHING + accept_value + b"\r\n\r\n")
         except StreamClosedError:
             node.hub.release(principal.user, remote_ip)

@@ -289,3 +289,21 @@ async def test_stats_do_not_wait_for_the_writer(store: SqliteStore) -> None:
     finally:
         holder.execute("ROLLBACK")
         holder.close()
+
+
+async def test_nothing_pending_hint(store: SqliteStore) -> None:
+    assert store.may_have_pending("carol")  # unknown: must be read
+    assert await store.pending("carol", "", 10) == []
+    assert not store.may_have_pending("carol")  # a read found nothing
+    first = await put(store, "carol")
+    assert store.may_have_pending("carol")  # an accept clears the hint
+    assert [m.id for m in await store.pending("carol", "", 10)] == [first]
+    await store.ack("carol", [first])
+    assert store.may_have_pending("carol")  # acks never set it
+    assert await store.pending("carol", "", 10) == []
+    assert not store.may_have_pending("carol")
+    await put(store, "carol", "dave")
+    assert store.may_have_pending("carol") and store.may_have_pending("dave")
+    # Reads with a cursor say nothing about the whole inbox.
+    await store.pending("erin", "ZZZZ", 10)
+    assert store.may_have_pending("erin")

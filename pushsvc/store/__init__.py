@@ -121,6 +121,14 @@ class Store(Protocol):
         """
         ...
 
+    def may_have_pending(self, user: str) -> bool:
+        """False only when the store knows ``user`` has nothing pending (no I/O).
+
+        A hint that lets a new connection skip its first :meth:`pending` read;
+        a store that cannot tell cheaply returns True.
+        """
+        ...
+
     async def pending(self, user: str, after_id: str, limit: int) -> list[PendingMessage]:
         """Up to ``limit`` pending deliveries of ``user`` with id > ``after_id``, oldest first."""
         ...

@@ -47,6 +47,7 @@ ACKED_RETENTION = 300.0
 CHECKPOINT_INTERVAL = 0.2
 #: WAL pages after which the writer checkpoints itself (only if the checkpoint thread lags).
 AUTOCHECKPOINT_PAGES = 10_000
+NOTHING_PENDING_MAX = 100_000  # users remembered as having nothing pending
 _CHUNK = 500  # ids per IN (...) list
 #: Rows one clean-up step of :meth:`SqliteStore.expire` handles, in one transaction:
 #: bounds how long the messages being accepted meanwhile wait behind it.
@@ -140,6 +141,9 @@ class SqliteStore:
         self._transactions = 0  # transactions committed (each serves a batch of operations)
         self._operations = 0  # operations committed in those transactions
         self._checkpoints = 0  # WAL checkpoints run by the checkpoint thread
+        # Users known to have nothing pending, changed only on the writer thread, in
+        # order with the writes (see may_have_pending).
+        self._nothing_pending: set[str] = set()
         self._stop_checkpoints = threading.Event()  # set when the writer stops
         self._expiry_mark: tuple[float, str] = (0.0, "")  # (expires_at, id) handled so far
 
@@ -326,6 +330,7 @@ class SqliteStore:
         """Persist a message and one pending delivery per recipient (and the idempotency key)."""
 
         def write(db: sqlite3.Connection) -> None:
+            self._nothing_pending.difference_update(recipients)
             db.execute(
                 "INSERT INTO messages VALUES (?, ?, ?, ?)",
                 (message_id, message_type, frame, expires_at),
@@ -350,9 +355,24 @@ class SqliteStore:
                 "ORDER BY d.message_id LIMIT ?",
                 (user, after_id, limit),
             ).fetchall()
+            if not rows and not after_id:
+                if len(self._nothing_pending) >= NOTHING_PENDING_MAX:
+                    self._nothing_pending.clear()
+                self._nothing_pending.add(user)
             return [PendingMessage(r[0], r[1], r[2], r[3]) for r in rows]
 
         return await self._submit(read)
+
+    def may_have_pending(self, user: str) -> bool:
+        """False only when ``user`` certainly has nothing pending (no I/O).
+
+        The hint is set by a :meth:`pending` read that found nothing and
+        cleared by every write that makes a delivery pending, both on the
+        writer thread in order, so a message committed before a connection
+        registered is never hidden by it; one committed later reaches the
+        connection through the broker.
+        """
+        return user not in self._nothing_pending
 
     async def ack(self, user: str, message_ids: Sequence[str]) -> AckResult:
         """Settle ``user``'s pending deliveries among ``message_ids``."""
@@ -484,6 +504,7 @@ class SqliteStore:
         """Make dead letters pending again with fresh attempts and TTL."""
 
         def write(db: sqlite3.Connection) -> list[str]:
+            self._nothing_pending.discard(user)
             done = []
             for message_id in message_ids:
                 changed = db.execute(
