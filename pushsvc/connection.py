@@ -183,7 +183,7 @@ class ConnectionBase:
         if not frames or connection is None or connection.is_closing():
             return
         data = frames[0] if len(frames) == 1 else b"".join(frames)
-        if tornado_compat.write_raw(connection, data):
+        if tornado_compat.write_raw(connection, data) == tornado_compat.BUFFERED:
             self._check_buffer()
 
     def _check_buffer(self) -> None:

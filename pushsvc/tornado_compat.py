@@ -195,6 +195,10 @@ def make_protocol(delegate: Any, max_message_size: int) -> LenientTextProtocol:
     return LenientTextProtocol(delegate, False, params)
 
 
+#: What :func:`write_raw` did: the stream was closed, the kernel took every byte,
+#: or some bytes wait in Tornado's buffer.
+CLOSED, SENT, BUFFERED = 0, 1, 2
+
 RAW_FRAMES = INTERNALS_OK
 """Whether pushsvc may build frames itself and write them to the stream."""
 
@@ -211,8 +215,8 @@ def text_frame(payload: bytes) -> bytes:
     return header + payload
 
 
-def write_raw(connection: WebSocketProtocol13, data: bytes) -> bool:
-    """Write already framed bytes; False when the stream is closed.
+def write_raw(connection: WebSocketProtocol13, data: bytes) -> int:
+    """Write already framed bytes: :data:`CLOSED`, :data:`SENT` or :data:`BUFFERED`.
 
     When Tornado's stream has nothing buffered, the bytes go to the socket
     with one non-blocking ``send`` (no Future, no callback); only what the
@@ -220,20 +224,20 @@ def write_raw(connection: WebSocketProtocol13, data: bytes) -> bool:
     """
     stream = connection.stream
     if stream is None or stream.closed():
-        return False
+        return CLOSED
     if not stream.writing() and not isinstance(stream, SSLIOStream):
         try:
             sent = stream.socket.send(data)
         except OSError:  # EAGAIN, or an error the stream will report when it writes
             sent = 0
         if sent == len(data):
-            return True
+            return SENT
         data = data[sent:]
     try:
         stream.write(data)
     except StreamClosedError:
-        return False
-    return True
+        return CLOSED
+    return BUFFERED
 
 
 def write_text(connection: WebSocketProtocol13, data: bytes) -> bool:
