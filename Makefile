@@ -40,6 +40,8 @@ check: tools lint test
 
 bench: $(STAMP)
 	bench/peers.sh
+	$(BIN)/python bench/durable.py
+	$(BIN)/python bench/features.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
