@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from tornado.websocket import WebSocketClientConnection, websocket_connect
 
 from pushsvc import app, auth
 from pushsvc import config as config_module
+from pushsvc.plugins import load_plugins
 
 SECRET = "test-secret-that-is-long-enough-for-hs256!"
 BIN = Path(sys.executable).parent
@@ -178,13 +179,21 @@ def data_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 async def start_server(data_dir: Path) -> AsyncIterator[Callable[..., Any]]:
-    """Start services with custom config sections; all are stopped at teardown."""
+    """Start services with custom config sections; all are stopped at teardown.
+
+    ``extra`` registers plugin objects directly (``load_plugins(extra=...)``).
+    """
     services: list[app.Service] = []
 
-    async def start(**sections: dict[str, Any]) -> Server:
+    async def start(
+        *, extra: Sequence[tuple[str, object]] = (), **sections: dict[str, Any]
+    ) -> Server:
         config = make_config(data_dir, **sections)
+        plugins = load_plugins(config.plugins.disabled, config.auth.default_rooms, extra=extra)
         sockets = tornado.netutil.bind_sockets(0, "127.0.0.1")
-        service = await app.start(config, registry=CollectorRegistry(), sockets=sockets)
+        service = await app.start(
+            config, registry=CollectorRegistry(), plugins=plugins, sockets=sockets
+        )
         services.append(service)
         return Server(service)
 

@@ -11,19 +11,16 @@ import itertools
 import random
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pushsvc_poke
 import pytest
-import tornado.netutil
-from prometheus_client import CollectorRegistry
 
-from conftest import Client, Server, make_config
-from pushsvc import Guarantee, app, hookimpl, ids
+from conftest import Client, Server
+from pushsvc import Guarantee, hookimpl, ids
 from pushsvc.delivery import AckTracker, RetryPolicy
-from pushsvc.plugins import load_plugins
 from pushsvc.session import Session
 
 #: Short timers: resend after ~0.2 s, then ~0.4 s, dead after the 3rd send (~1.4 s in all).
@@ -93,26 +90,14 @@ class DeadRecorder:
 
 
 @pytest.fixture
-async def start_with(data_dir: Path) -> AsyncIterator[Callable[..., Any]]:
-    """Like ``start_server`` but with extra plugins registered directly."""
-    services: list[app.Service] = []
+def start_with(start_server: Callable[..., Any]) -> Callable[..., Any]:
+    """``start_server`` with extra plugins first: ``start_with([(name, plugin)], ...)``."""
 
     async def start(extra: list[tuple[str, object]], **sections: dict[str, Any]) -> Server:
-        config = make_config(data_dir, **sections)
-        plugins = load_plugins(config.plugins.disabled, config.auth.default_rooms, extra=extra)
-        service = await app.start(
-            config,
-            registry=CollectorRegistry(),
-            plugins=plugins,
-            sockets=tornado.netutil.bind_sockets(0, "127.0.0.1"),
-        )
-        services.append(service)
-        return Server(service)
+        server: Server = await start_server(extra=extra, **sections)
+        return server
 
-    yield start
-    for service in services:
-        if not service.stopped.is_set():
-            await service.shutdown(pace=False)
+    return start
 
 
 def metric(server: Server, name: str, **labels: str) -> float:

@@ -10,11 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import tornado.netutil
-from prometheus_client import CollectorRegistry
 
-from conftest import BIN, SECRET, Server, make_config
-from pushsvc import CommandError, Field, FrameContext, MessageType, Reply, app, hookimpl, hookspecs
+from conftest import BIN, SECRET, Server
+from pushsvc import CommandError, Field, FrameContext, MessageType, Reply, hookimpl, hookspecs
 from pushsvc.plugins import PluginError, load_plugins
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -151,17 +149,9 @@ class Crashy:
 
 
 @pytest.fixture
-async def crashy_server(data_dir: Path) -> Any:
-    config = make_config(data_dir)
-    plugins = load_plugins(extra=[("crashy", Crashy())])
-    service = await app.start(
-        config,
-        registry=CollectorRegistry(),
-        plugins=plugins,
-        sockets=tornado.netutil.bind_sockets(0, "127.0.0.1"),
-    )
-    yield Server(service)
-    await service.shutdown(pace=False)
+async def crashy_server(start_server: Any) -> Server:
+    server: Server = await start_server(extra=[("crashy", Crashy())])
+    return server
 
 
 async def test_plugin_errors_are_contained(crashy_server: Server) -> None:
