@@ -16,6 +16,10 @@ from pushsvc.errors import CloseCode
 from pushsvc.plugin_api import Principal
 
 
+#: Heap entries beyond twice the open connections before it is rebuilt.
+COMPACT_SLACK = 1024
+
+
 class Watched(Protocol):
     """A connection as the keepalive sees it."""
 
@@ -37,12 +41,18 @@ class Keepalive:
     """Heartbeat and token-expiry timers shared by all connections."""
 
     def __init__(
-        self, clients: Callable[[], Iterable[Watched]], heartbeat: float, timeout: float
+        self,
+        clients: Callable[[], Iterable[Watched]],
+        lookup: Callable[[str], Watched | None],
+        heartbeat: float,
+        timeout: float,
     ) -> None:
         self.clients = clients  # snapshot of the open connections
+        self.lookup = lookup  # session id -> open connection, or None once closed
         self.heartbeat = heartbeat  # seconds between pings
         self.timeout = timeout  # seconds of silence tolerated after a ping
-        self._expiries: list[tuple[float, str, Watched]] = []  # (exp, session, conn) heap
+        # (exp, session id) heap; ids, not connections, so closed ones are not kept alive.
+        self._expiries: list[tuple[float, str]] = []
         self._next_ping = time.monotonic() + heartbeat  # when the next ping round is due
 
     def tick_interval(self) -> float:
@@ -53,7 +63,7 @@ class Keepalive:
         """Schedule a 4001 close when the client's current token expires."""
         expires_at = client.principal.expires_at
         if expires_at is not None:
-            heapq.heappush(self._expiries, (expires_at, client.session, client))
+            heapq.heappush(self._expiries, (expires_at, client.session))
 
     def tick(self, wall: float | None = None, mono: float | None = None) -> None:
         """Run what is due (call about once a second)."""
@@ -61,20 +71,33 @@ class Keepalive:
         mono = time.monotonic() if mono is None else mono
         expiries = self._expiries
         while expiries and expiries[0][0] <= wall:
-            _expires_at, _session, client = heapq.heappop(expiries)
-            current = client.principal.expires_at
-            if not client.closing and current is not None and current <= wall:
+            _expires_at, session = heapq.heappop(expiries)
+            client = self.lookup(session)
+            if client is None or client.closing:
+                continue
+            current = client.principal.expires_at  # an ``auth`` frame may have renewed it
+            if current is not None and current <= wall:
                 client.close_with(CloseCode.TOKEN_EXPIRED, "token expired", "token_expired")
         if mono >= self._next_ping:
             self._next_ping = mono + self.heartbeat
             silent_after = self.heartbeat + self.timeout
-            for client in self.clients():
+            clients = list(self.clients())
+            if len(expiries) > 2 * len(clients) + COMPACT_SLACK:
+                self._compact(clients)
+            for client in clients:
                 if client.closing:
                     continue
                 if mono - client.last_seen > silent_after:
                     client.close_with(CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout", "heartbeat")
                 else:
                     client.ping()
+
+    def _compact(self, clients: list[Watched]) -> None:
+        """Rebuild the heap from the open connections (entries of closed ones go)."""
+        self._expiries = [
+            (c.principal.expires_at, c.session) for c in clients if c.principal.expires_at
+        ]
+        heapq.heapify(self._expiries)
 
     def reconfigure(self, heartbeat: float, timeout: float) -> None:
         """Apply new heartbeat settings."""

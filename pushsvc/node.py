@@ -51,7 +51,10 @@ class Node:
         self.handshake_buckets = KeyedBuckets(limits.handshake_rate, limits.handshake_burst)
         self.api_buckets = KeyedBuckets(config.api.rate, config.api.burst)  # per API client
         self.keepalive = Keepalive(
-            self.hub.all_clients, config.server.heartbeat, config.server.heartbeat_timeout
+            self.hub.all_clients,
+            self.hub.sessions.get,
+            config.server.heartbeat,
+            config.server.heartbeat_timeout,
         )
         self.delivery = DeliveryTracker(self)  # at-least-once tracking
         self.revocations = Revocations(store)  # revoked tokens (loaded by app.start)
