@@ -15,7 +15,6 @@ from typing import Protocol
 from pushsvc.errors import CloseCode
 from pushsvc.plugin_api import Principal
 
-
 #: Heap entries beyond twice the open connections before it is rebuilt.
 COMPACT_SLACK = 1024
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
-from concurrent.futures import Future as ConcurrentFuture
 from typing import Any
 
 from tornado.iostream import BaseIOStream, IOStream, SSLIOStream, StreamClosedError
@@ -241,18 +240,15 @@ def write_raw(connection: WebSocketProtocol13, data: bytes) -> int:
 
 
 def write_text(connection: WebSocketProtocol13, data: bytes) -> bool:
-    """Write ``data`` (UTF-8 JSON) as one text frame; False if the socket is closed."""
+    """Write ``data`` (UTF-8 JSON) as one text frame with Tornado's public API.
+
+    The fallback when :data:`RAW_FRAMES` is off; False if the socket is closed.
+    """
     try:
-        if INTERNALS_OK and connection._compressor is None:
-            future: Any = connection._write_frame(True, 0x1, data)
-        else:
-            future = connection.write_message(data, binary=False)
-    except (StreamClosedError, WebSocketClosedError):
+        future = connection.write_message(data, binary=False)
+    except WebSocketClosedError:
         return False
-    if not future.done():
-        future.add_done_callback(_retrieve)
-    elif isinstance(future, ConcurrentFuture) or not future.cancelled():
-        future.exception()
+    future.add_done_callback(_retrieve)  # a closed peer's error is expected, not logged
     return True
 
 
