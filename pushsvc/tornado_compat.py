@@ -14,9 +14,9 @@ What a Tornado upgrade must re-check (see CHANGELOG):
   ``_receive_frame_loop``, ``_write_frame``, ``_abort``, ``close`` and
   ``server_terminated``, ``_frame_compressed``, ``_compressor``,
   ``_message_bytes_in``; the ``_WebSocketDelegate`` methods it calls.
-- ``IOStream``: ``socket``, ``writing()``, ``_write_buffer`` (its ``len``
-  and its ``_buffers`` deque), ``_write_futures``, ``_read_buffer`` and
-  ``_read_buffer_size``.
+- ``IOStream``: ``socket``, ``_closed``, ``_write_buffer`` (a
+  ``_StreamBuffer``: its ``_size``, ``len`` and ``_buffers`` deque),
+  ``_write_futures``, ``_read_buffer`` and ``_read_buffer_size``.
 - ``RequestHandler``: ``_headers``, ``_transforms``, ``_write_buffer``,
   ``path_args``/``path_kwargs``, ``open_args``/``open_kwargs``, ``ui`` and
   the method guards WebSocketHandler installs when it detaches the stream.
@@ -29,7 +29,7 @@ import logging
 import struct
 from typing import Any
 
-from tornado.iostream import BaseIOStream, IOStream, SSLIOStream, StreamClosedError
+from tornado.iostream import BaseIOStream, IOStream, StreamClosedError, _StreamBuffer
 from tornado.web import RequestHandler
 from tornado.websocket import WebSocketClosedError, WebSocketProtocol13, _WebSocketParams
 
@@ -47,6 +47,8 @@ def _check_internals() -> bool:
         "_read_buffer_size" in BaseIOStream.__init__.__code__.co_names,
         hasattr(BaseIOStream, "writing") and hasattr(BaseIOStream, "write"),
         "_write_buffer" in BaseIOStream.__init__.__code__.co_names,
+        "_closed" in BaseIOStream.__init__.__code__.co_names,
+        "_size" in _StreamBuffer.__init__.__code__.co_names,
     ]
     return all(needed)
 
@@ -222,9 +224,11 @@ def write_raw(connection: WebSocketProtocol13, data: bytes) -> int:
     kernel does not take is handed to the stream, so frames never interleave.
     """
     stream = connection.stream
-    if stream is None or stream.closed():
+    if stream is None or stream._closed:
         return CLOSED
-    if not stream.writing() and not isinstance(stream, SSLIOStream):
+    # A plain IOStream (not TLS) with nothing buffered: the bytes may go to the socket.
+    # (Attributes, not methods: this runs once per member of every broadcast.)
+    if stream.__class__ is IOStream and not stream._write_buffer._size:
         try:
             sent = stream.socket.send(data)
         except OSError:  # EAGAIN, or an error the stream will report when it writes
