@@ -600,6 +600,9 @@ class HealthHandler(JsonHandler):
         self.send_json(200, {"status": "ok"})
 
 
+_FAILED_CHECK = {"serving": "draining"}  # how a failed check is named in the message
+
+
 class ReadyHandler(JsonHandler):
     """``GET /readyz``: 200 when it can accept and persist; 503 naming the failed check."""
 
@@ -608,11 +611,12 @@ class ReadyHandler(JsonHandler):
         node = self.node
         store_ok = await node.store.check()
         broker_ok = node.broker.healthy()
-        checks = {"store": store_ok, "broker": broker_ok, "draining": not node.draining}
+        # Every check is true when it passes; "serving" is false while the node drains.
+        checks = {"store": store_ok, "broker": broker_ok, "serving": not node.draining}
         if all(checks.values()):
             self.send_json(200, {"status": "ready", "checks": checks})
             return
-        failed = [name for name, ok in checks.items() if not ok]
+        failed = [_FAILED_CHECK.get(name, name) for name, ok in checks.items() if not ok]
         self.send_json(
             503,
             {

@@ -57,7 +57,7 @@ async def test_healthz_and_readyz(server: Server) -> None:
     assert status == 200
     assert body == {
         "status": "ready",
-        "checks": {"store": True, "broker": True, "draining": True},
+        "checks": {"store": True, "broker": True, "serving": True},
     }
 
 
@@ -68,7 +68,7 @@ async def test_readyz_names_draining(server: Server) -> None:
         assert status == 503
         assert body["error"] == "unavailable"
         assert body["message"] == "not ready: draining"
-        assert body["checks"] == {"store": True, "broker": True, "draining": False}
+        assert body["checks"] == {"store": True, "broker": True, "serving": False}
         status, _body, _ = await server.http("GET", "/healthz", auth_header=False)
         assert status == 200  # alive while draining
     finally:
@@ -86,7 +86,7 @@ async def test_readyz_names_a_store_that_refuses_writes(
         status, body, _ = await server.http("GET", "/readyz", auth_header=False)
         assert status == 503
         assert body["message"] == "not ready: store"
-        assert body["checks"] == {"store": False, "broker": True, "draining": True}
+        assert body["checks"] == {"store": False, "broker": True, "serving": True}
         assert time.monotonic() - started < 2  # bounded by store.busy_timeout
     finally:
         holder.rollback()
