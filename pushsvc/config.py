@@ -40,12 +40,17 @@ def setting(
     choices: tuple[str, ...] | None = None,
     reloadable: bool = False,
     secret: bool = False,
+    schemes: tuple[str, ...] | None = None,
 ) -> Any:
-    """Declare a config key with its default, documentation and checks."""
+    """Declare a config key with its default, documentation and checks.
+
+    ``schemes`` lists the URL prefixes a non-empty value may start with.
+    """
     meta = {
         "doc": doc,
         "minimum": minimum,
         "choices": choices,
+        "schemes": schemes,
         "reloadable": reloadable,
         "secret": secret,
     }
@@ -187,7 +192,9 @@ class StoreConfig:
     """``[store]``: where accepted messages are persisted."""
 
     url: str = setting(
-        "", "'sqlite:///PATH'; empty: sqlite under server.data_dir (pushsvc.sqlite3)."
+        "",
+        "'sqlite:///PATH'; empty: sqlite under server.data_dir (pushsvc.sqlite3).",
+        schemes=("sqlite:///",),
     )
     synchronous: str = setting(
         "normal",
@@ -205,7 +212,7 @@ class StoreConfig:
 class BrokerConfig:
     """``[broker]``: how nodes exchange messages."""
 
-    url: str = setting("memory://", "'memory://' (one process).")
+    url: str = setting("memory://", "'memory://' (one process).", schemes=("memory://",))
 
 
 @dataclass(frozen=True)
@@ -321,6 +328,9 @@ def _convert(key: str, value: Any, kind: Any, spec: dataclasses.Field[Any]) -> A
     choices = spec.metadata.get("choices")
     if choices and value not in choices:
         raise ConfigError(key, f"must be one of {', '.join(choices)}; not {value!r}")
+    schemes = spec.metadata.get("schemes")
+    if schemes and value and not value.startswith(schemes):
+        raise ConfigError(key, f"must start with {' or '.join(schemes)}; not {value!r}")
     return value
 
 
