@@ -11,12 +11,14 @@ What a Tornado upgrade must re-check (see CHANGELOG):
 
 - ``WebSocketProtocol13``: the constructor ``(handler, mask_outgoing,
   _WebSocketParams)``, ``stream``, ``_handle_message``, ``_run_callback``,
+  ``_read_bytes`` and ``_wire_bytes_in``,
   ``_receive_frame_loop``, ``_write_frame``, ``_abort``, ``close`` and
   ``server_terminated``, ``_frame_compressed``, ``_compressor``,
   ``_message_bytes_in``; the ``_WebSocketDelegate`` methods it calls.
 - ``IOStream``: ``socket``, ``_closed``, ``_write_buffer`` (a
   ``_StreamBuffer``: its ``_size``, ``len`` and ``_buffers`` deque),
-  ``_write_futures``, ``_read_buffer`` and ``_read_buffer_size``.
+  ``_write_futures``, ``_read_buffer``, ``_read_buffer_size``,
+  ``_read_future``, ``_user_read_buffer`` and ``_consume``.
 - ``RequestHandler``: ``_headers``, ``_transforms``, ``_write_buffer``,
   ``path_args``/``path_kwargs``, ``open_args``/``open_kwargs``, ``ui`` and
   the method guards WebSocketHandler installs when it detaches the stream.
@@ -45,6 +47,10 @@ def _check_internals() -> bool:
         hasattr(WebSocketProtocol13, "_receive_frame_loop"),
         "_read_buffer" in BaseIOStream.__init__.__code__.co_names,
         "_read_buffer_size" in BaseIOStream.__init__.__code__.co_names,
+        "_read_future" in BaseIOStream.__init__.__code__.co_names,
+        "_user_read_buffer" in BaseIOStream.__init__.__code__.co_names,
+        hasattr(BaseIOStream, "_consume"),
+        hasattr(WebSocketProtocol13, "_read_bytes"),
         hasattr(BaseIOStream, "writing") and hasattr(BaseIOStream, "write"),
         "_write_buffer" in BaseIOStream.__init__.__code__.co_names,
         "_closed" in BaseIOStream.__init__.__code__.co_names,
@@ -86,6 +92,20 @@ class LenientTextProtocol(WebSocketProtocol13):
         if self.sent_close_code is None and not self.server_terminated:
             self.sent_close_code = code
         super().close(code, reason)
+
+    async def _read_bytes(self, n: int) -> bytes:
+        # The frame reader asks for 2 to 4 small pieces per frame; when they are
+        # already in the stream's buffer, take them without Tornado's read machinery
+        # (a Future and a callback per piece).
+        stream = self.stream
+        if (
+            n <= stream._read_buffer_size
+            and stream._read_future is None
+            and not stream._user_read_buffer
+        ):
+            self._wire_bytes_in += n
+            return stream._consume(n)
+        return await super()._read_bytes(n)
 
     def attach(self, stream: IOStream) -> None:
         """Write to ``stream`` from now on (the fast upgrade path)."""
