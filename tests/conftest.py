@@ -267,11 +267,7 @@ def spawn_server(
     )
     server = ServerProcess(proc, port, log_path)
     if wait:
-        deadline = time.monotonic() + 20
-        while "listening on" not in server.log():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"server did not start:\n{server.log()}")
-            time.sleep(0.05)
+        wait_until_listening(server)
     return server
 
 
@@ -286,7 +282,21 @@ def spawn(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
         return server
 
     yield start
-    for server in started:
+    kill_all(started)
+
+
+def wait_until_listening(server: ServerProcess, seconds: float = 20) -> None:
+    """Wait for the "listening on" line; fail with the log if the server died or hung."""
+    deadline = time.monotonic() + seconds
+    while "listening on" not in server.log():
+        if server.proc.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"server did not start:\n{server.log()}")
+        time.sleep(0.05)
+
+
+def kill_all(servers: list[ServerProcess]) -> None:
+    """Kill the servers still running (fixture teardown)."""
+    for server in servers:
         if server.proc.poll() is None:
             server.proc.kill()
             server.proc.wait(10)

@@ -30,7 +30,7 @@ import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from tornado.websocket import websocket_connect
 
-from conftest import BIN, SECRET, Client, ServerProcess, token
+from conftest import BIN, SECRET, Client, ServerProcess, kill_all, token, wait_until_listening
 from pushsvc import auth
 
 REASON = re.compile(r"^server draining; reconnect in (\d+(?:\.\d+)?)s$")
@@ -189,17 +189,12 @@ def activated(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
             )
         server = ServerProcess(proc, port, log_path)  # type: ignore[arg-type]
         started.append(server)
-        deadline = time.monotonic() + 20
-        while wait and "listening on" not in server.log():
-            assert proc.poll() is None and time.monotonic() < deadline, server.log()
-            time.sleep(0.05)
+        if wait:
+            wait_until_listening(server)
         return server
 
     yield start
-    for server in started:
-        if server.proc.poll() is None:
-            server.proc.kill()
-            server.proc.wait(10)
+    kill_all(started)
 
 
 # -- sd_notify and the watchdog ----------------------------------------------------------
