@@ -216,15 +216,19 @@ class Node:
         out["timestamp"] = int(time.time() * 1000)
         return message_id, out
 
+    def _live(self, message: dict[str, Any]) -> Envelope:
+        """Stamp, encode and count an at-most-once message."""
+        message_id, frame = self.stamp(message)
+        self.metrics.messages_accepted.labels(frame["type"]).inc()
+        return Envelope("live", frame["type"], message_id, protocol.encode(frame))
+
     async def publish(self, room: str, message: dict[str, Any]) -> str:
         """Fan ``message`` out to ``room``'s members on every node (at most once)."""
         if "type" not in message:
             raise ValueError("message needs a 'type'")
-        message_id, frame = self.stamp(message)
-        self.metrics.messages_accepted.labels(frame["type"]).inc()
-        envelope = Envelope("live", frame["type"], message_id, protocol.encode(frame))
+        envelope = self._live(message)
         await self.broker.publish(room_channel(room), envelope)
-        return message_id
+        return envelope.id
 
     async def send(
         self,
@@ -246,9 +250,7 @@ class Node:
         if guarantee is Guarantee.AT_LEAST_ONCE:
             message_id = await self.delivery.accept(recipients, message, ttl, idempotency)
             return Delivery(message_id, recipients)
-        message_id, frame = self.stamp(message)
-        self.metrics.messages_accepted.labels(frame["type"]).inc()
-        envelope = Envelope("live", frame["type"], message_id, protocol.encode(frame))
+        envelope = self._live(message)
         for user in recipients:
             await self.broker.publish(user_channel(user), envelope)
-        return Delivery(message_id, recipients)
+        return Delivery(envelope.id, recipients)
