@@ -15,10 +15,12 @@ What a Tornado upgrade must re-check (see CHANGELOG):
   ``_receive_frame_loop``, ``_write_frame``, ``_abort``, ``close`` and
   ``server_terminated``, ``_frame_compressed``, ``_compressor``,
   ``_message_bytes_in``; the ``_WebSocketDelegate`` methods it calls.
-- ``IOStream``: ``socket``, ``_closed``, ``_write_buffer`` (a
+- ``IOStream``: ``socket`` (duplicated by :func:`detach`), ``_closed``, ``_write_buffer`` (a
   ``_StreamBuffer``: its ``_size``, ``len`` and ``_buffers`` deque),
   ``_write_futures``, ``_read_buffer``, ``_read_buffer_size``,
   ``_read_future``, ``_user_read_buffer`` and ``_consume``.
+- ``tornado.util._websocket_mask`` (the C unmasking; a pure-Python
+  fallback stands in without it).
 - ``RequestHandler``: ``_headers``, ``_transforms``, ``_write_buffer``,
   ``path_args``/``path_kwargs``, ``open_args``/``open_kwargs``, ``ui`` and
   the method guards WebSocketHandler installs when it detaches the stream.
@@ -28,9 +30,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import struct
+from collections.abc import Callable
 from typing import Any
 
+import tornado.util
 from tornado.iostream import BaseIOStream, IOStream, StreamClosedError, _StreamBuffer
 from tornado.web import RequestHandler
 from tornado.websocket import WebSocketClosedError, WebSocketProtocol13, _WebSocketParams
@@ -62,6 +67,18 @@ def _check_internals() -> bool:
 INTERNALS_OK = _check_internals()
 if not INTERNALS_OK:  # pragma: no cover - depends on the installed Tornado
     log.warning("Tornado internals changed; using the public API only (slower, strict UTF-8)")
+
+
+def _mask_python(key: bytes, data: bytes) -> bytes:
+    size = len(data)
+    keys = int.from_bytes(key * (size // 4 + 1), "little") & ((1 << (8 * size)) - 1)
+    return (int.from_bytes(data, "little") ^ keys).to_bytes(size, "little")
+
+
+websocket_mask: Callable[[bytes, bytes], bytes] = getattr(
+    tornado.util, "_websocket_mask", _mask_python
+)
+"""XOR a client frame's payload with its masking key (Tornado's, in C when built)."""
 
 
 def _retrieve(future: Any) -> None:
@@ -106,11 +123,6 @@ class LenientTextProtocol(WebSocketProtocol13):
             self._wire_bytes_in += n
             return stream._consume(n)
         return await super()._read_bytes(n)
-
-    def attach(self, stream: IOStream) -> None:
-        """Write to ``stream`` from now on (the fast upgrade path)."""
-        self.stream = stream
-        slim_stream(stream)
 
     def start_reading(self, stream: IOStream | None = None) -> None:
         """Read frames from ``stream`` (default: the one set) in a task of its own."""
@@ -192,6 +204,18 @@ def slim_stream(stream: IOStream) -> None:
     if INTERNALS_OK and not stream._write_futures and not stream._write_buffer:
         stream._write_futures = _SmallQueue()  # type: ignore[assignment]
         stream._write_buffer._buffers = _SmallQueue()  # type: ignore[assignment]
+
+
+def detach(stream: IOStream) -> tuple[socket.socket, bytes]:
+    """Take the socket away from ``stream``: a duplicate of it, and the bytes read ahead.
+
+    The stream is closed (its file descriptor only: the duplicate keeps the
+    TCP connection open) and never touches the socket again.
+    """
+    early = bytes(stream._read_buffer[: stream._read_buffer_size])
+    sock = stream.socket.dup()
+    stream.close()
+    return sock, early
 
 
 def push_back(stream: IOStream, data: bytes) -> None:

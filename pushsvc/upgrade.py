@@ -2,9 +2,10 @@
 
 The first request on every connection is read here. A WebSocket upgrade of
 ``/ws`` is checked with :func:`~pushsvc.connection.admit` and answered with
-``101`` (or the refusal's status and JSON body) directly on the stream; the
-connection then lives as a :class:`FastConnection` - no RequestHandler, no
-HTTP1Connection, no request object kept per connection. Anything else goes
+``101`` (or the refusal's status and JSON body); the socket then leaves
+Tornado and lives as a :class:`FastConnection` on an asyncio transport
+(:mod:`pushsvc.wire`) - no RequestHandler, no HTTP1Connection, no IOStream,
+no request object kept per connection. Anything else goes
 back, unread, to Tornado's HTTP server (the HTTP API, metrics, plugin routes,
 and upgrades sent later on a keep-alive connection, which
 :class:`~pushsvc.handler.WebSocketHandler` serves).
@@ -22,7 +23,6 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 from http import HTTPStatus
-from types import TracebackType
 from typing import Any, cast
 
 import orjson
@@ -31,10 +31,11 @@ import tornado.netutil
 from tornado.iostream import IOStream, StreamClosedError, UnsatisfiableReadError
 from tornado.websocket import WebSocketProtocol13
 
-from pushsvc import eager, logs, tornado_compat
-from pushsvc.connection import ConnectionBase, admit
+from pushsvc import eager, logs, tornado_compat, wire
+from pushsvc.connection import admit
 from pushsvc.errors import HandshakeError
 from pushsvc.node import Node
+from pushsvc.wire import WireConnection
 
 log = logging.getLogger("pushsvc.upgrade")
 
@@ -186,16 +187,8 @@ async def _refuse(stream: IOStream, refusal: HandshakeError) -> None:
     stream.close()
 
 
-class FastConnection(ConnectionBase):
-    """A WebSocket connection served without a RequestHandler."""
-
-    def __init__(self, node: Node) -> None:
-        self.node = node
-        self.session = None  # set by start_session
-        self._reserved = True  # admit() reserved a slot for this connection
-        self._outbox = None  # frames queued for this loop pass
-        self._protocol = tornado_compat.make_protocol(self, node.config.server.max_message_bytes)
-        self.ws_connection = self._protocol  # None once we started closing
+class FastConnection(WireConnection):
+    """A WebSocket connection served without a RequestHandler, on its own protocol."""
 
     @classmethod
     async def accept(
@@ -216,41 +209,20 @@ class FastConnection(ConnectionBase):
                              time.monotonic() - started)  # fmt: skip
             await _refuse(stream, refusal)
             return
-        connection = cls(node)
         accept_value = WebSocketProtocol13.compute_accept_value(request.key).encode()
         try:
             if nodelay:
                 stream.set_nodelay(True)
-            stream.write(_SWITCHING + accept_value + b"\r\n\r\n")
-        except StreamClosedError:
+            sock, early = tornado_compat.detach(stream)
+            connection = cls(node, _SWITCHING + accept_value + b"\r\n\r\n", early)
+            await wire.attach(connection, sock)
+        except (OSError, StreamClosedError):
             node.hub.release(principal.user, remote_ip)
             return
         logs.log_request(101, "GET", request.target, remote_ip, time.monotonic() - started)
-        connection._protocol.attach(stream)
         try:
             await connection.start_session(principal, remote_ip)
         except Exception:
             log.exception("starting a session failed")
-            stream.close()
-        connection._protocol.start_reading()
-
-    # Tornado's _WebSocketDelegate ---------------------------------------------------
-
-    def on_ping(self, data: bytes) -> None:
-        """Pings are answered by the protocol itself."""
-
-    def on_ws_connection_close(
-        self, close_code: int | None = None, close_reason: str | None = None
-    ) -> None:
-        """The frame loop ended: the socket is closed."""
-        self.ws_connection = None
-        self.connection_closed(close_code, self._protocol.sent_close_code)
-
-    def log_exception(
-        self,
-        typ: type[BaseException] | None,
-        value: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        """An exception escaped a callback of the protocol."""
-        log.error("WebSocket callback failed", exc_info=(typ, value, tb))  # type: ignore[arg-type]
+            connection.close_connection(1011, "internal error", abort=True)
+        connection.start()

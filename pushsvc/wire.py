@@ -1,0 +1,366 @@
+"""Wire speaks RFC 6455 itself on an asyncio transport, for connections of the fast path.
+
+Once :mod:`pushsvc.upgrade` has answered ``101``, the socket leaves Tornado:
+it becomes an asyncio transport (uvloop's when installed) and a
+:class:`WireConnection` protocol. A read hands over every byte the kernel
+has and :class:`FrameReader` parses all the frames in it in one pass; a
+write goes to the transport, which sends at once when nothing is buffered
+(in C with uvloop) and keeps the rest. Tornado's frame reader, by contrast,
+awaits two to four small reads per frame, each with its Future.
+
+Frames of one connection are handled in order: while a frame's handler
+waits (a store commit), reading pauses and later frames wait in a backlog.
+
+The server side of RFC 6455 as pushsvc needs it: no extensions, client
+frames masked, fragmented messages reassembled, pings answered, the close
+handshake with a 5 s wait for the peer's close frame. Protocol errors close
+with 1002 and messages over ``server.max_message_bytes`` with 1009.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+from pushsvc import eager, tornado_compat
+from pushsvc.connection import ConnectionBase
+from pushsvc.errors import CloseCode
+
+if TYPE_CHECKING:
+    from pushsvc.node import Node
+
+log = logging.getLogger("pushsvc.wire")
+
+OP_CONTINUATION, OP_TEXT, OP_BINARY = 0x0, 0x1, 0x2
+OP_CLOSE, OP_PING, OP_PONG = 0x8, 0x9, 0xA
+PROTOCOL_ERROR = 1002
+CLOSE_TIMEOUT = 5.0  # seconds to wait for the peer's close frame after ours
+PING_FRAME = b"\x89\x00"
+
+mask = tornado_compat.websocket_mask
+
+
+class ProtocolViolation(Exception):
+    """The peer broke RFC 6455 (or the size limit): close with ``code``."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+class FrameReader:
+    """Parses masked client frames out of a byte stream into whole messages."""
+
+    __slots__ = ("_buffer", "_fragment_opcode", "_fragment_size", "_fragments", "max_size")
+
+    def __init__(self, max_size: int) -> None:
+        self.max_size = max_size  # largest message payload accepted (1009 above)
+        self._buffer = b""  # bytes of an incomplete frame
+        self._fragments: list[bytes] | None = None  # payloads of an unfinished message
+        self._fragment_opcode = OP_TEXT
+        self._fragment_size = 0
+
+    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        """The messages ``data`` completes, as ``(opcode, payload)``, control frames too.
+
+        Example::
+
+            >>> FrameReader(100).feed(b"\\x81\\x82\\x00\\x00\\x00\\x00hi")
+            [(1, b'hi')]
+
+        Raises:
+            ProtocolViolation: 1002 for a frame RFC 6455 forbids, 1009 for a
+                message over ``max_size`` (raised from its header, before its
+                payload is buffered).
+        """
+        buffer = self._buffer + data if self._buffer else data
+        size = len(buffer)
+        messages: list[tuple[int, bytes]] = []
+        pos = 0
+        while size - pos >= 2:
+            first = buffer[pos]
+            length = buffer[pos + 1]
+            if first & 0x70:
+                raise ProtocolViolation(PROTOCOL_ERROR, "reserved bits set")
+            if not length & 0x80:
+                raise ProtocolViolation(PROTOCOL_ERROR, "client frames must be masked")
+            length &= 0x7F
+            start = pos + 2
+            if length == 126:
+                if size - pos < 4:
+                    break
+                length = int.from_bytes(buffer[start : start + 2], "big")
+                start += 2
+            elif length == 127:
+                if size - pos < 10:
+                    break
+                length = int.from_bytes(buffer[start : start + 8], "big")
+                start += 8
+            opcode = first & 0x0F
+            self._check_header(opcode, first & 0x80, length)
+            end = start + 4 + length
+            if end > size:
+                break
+            payload = mask(buffer[start : start + 4], buffer[start + 4 : end]) if length else b""
+            pos = end
+            if first & 0x80 and opcode:  # a whole message, or a control frame
+                messages.append((opcode, payload))
+            else:
+                self._fragment(opcode, first & 0x80, payload, messages)
+        self._buffer = buffer[pos:] if pos < size else b""
+        return messages
+
+    def _check_header(self, opcode: int, final: int, length: int) -> None:
+        if opcode >= OP_CLOSE:
+            if opcode > OP_PONG:
+                raise ProtocolViolation(PROTOCOL_ERROR, f"unknown opcode {opcode}")
+            if not final or length > 125:
+                raise ProtocolViolation(PROTOCOL_ERROR, "control frames are final, 125 bytes")
+            return
+        if opcode > OP_BINARY:
+            raise ProtocolViolation(PROTOCOL_ERROR, f"unknown opcode {opcode}")
+        if opcode == OP_CONTINUATION:
+            if self._fragments is None:
+                raise ProtocolViolation(PROTOCOL_ERROR, "continuation without a first frame")
+            length += self._fragment_size
+        elif self._fragments is not None:
+            raise ProtocolViolation(PROTOCOL_ERROR, "new message inside a fragmented one")
+        if length > self.max_size:
+            raise ProtocolViolation(CloseCode.MESSAGE_TOO_BIG, "message too big")
+
+    def _fragment(
+        self, opcode: int, final: int, payload: bytes, messages: list[tuple[int, bytes]]
+    ) -> None:
+        if opcode != OP_CONTINUATION:  # the first frame of a fragmented message
+            self._fragments = [payload]
+            self._fragment_opcode = opcode
+            self._fragment_size = len(payload)
+            return
+        assert self._fragments is not None  # checked by _check_header
+        self._fragments.append(payload)
+        self._fragment_size += len(payload)
+        if final:
+            messages.append((self._fragment_opcode, b"".join(self._fragments)))
+            self._fragments = None
+            self._fragment_size = 0
+
+
+def control_frame(opcode: int, payload: bytes = b"") -> bytes:
+    """An unmasked control frame (payloads of control frames are at most 125 bytes)."""
+    return bytes((0x80 | opcode, len(payload))) + payload
+
+
+def close_payload(code: int | None, reason: str) -> bytes:
+    """The body of a close frame: the code, then the UTF-8 reason (cut to fit)."""
+    if code is None:
+        return b""
+    return code.to_bytes(2, "big") + reason.encode()[:123]
+
+
+class WireConnection(ConnectionBase, asyncio.Protocol):
+    """A fast-path WebSocket: an asyncio protocol that is also the session's transport.
+
+    Created by :mod:`pushsvc.upgrade` after the handshake was admitted.
+    ``greeting`` (the ``101`` response) is written as soon as the transport
+    exists; frames read before :meth:`start` wait in the backlog.
+    """
+
+    def __init__(self, node: Node, greeting: bytes, early: bytes = b"") -> None:
+        self.node = node
+        self.session = None  # set by start_session
+        self.ws_connection = None  # unused: this class is its own transport
+        self._reserved = True  # admit() reserved a slot for this connection
+        self._outbox = None  # frames queued for this loop pass
+        self._transport: asyncio.Transport | None = None  # None once closed
+        self._greeting = greeting
+        self._reader = FrameReader(node.config.server.max_message_bytes)
+        self._backlog: list[tuple[int, bytes]] = []  # frames waiting for their turn
+        self._waiting = True  # a frame handler (or the session start) is running
+        self._paused = False  # reading paused while waiting
+        self._early = early  # bytes read with the handshake
+        self._peer_close_code: int | None = None  # from the peer's close frame
+        self._peer_closed = False  # the peer sent its close frame
+        self.sent_close_code: int | None = None  # first close code this side sent
+        self._close_sent = False  # our close frame is written
+        self._close_timer: asyncio.TimerHandle | None = None
+        self._ended = False  # connection_lost ran
+
+    # -- asyncio.Protocol -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Answer the handshake; frames are handled once :meth:`start` is called."""
+        self._transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        transport.write(self._greeting)  # type: ignore[attr-defined]
+        self._greeting = b""
+        if self._early:
+            early, self._early = self._early, b""
+            self.data_received(early)
+
+    def start(self) -> None:
+        """The session exists: handle the frames that arrived meanwhile, then read on."""
+        self._resume()
+
+    def data_received(self, data: bytes) -> None:
+        """Parse every frame in ``data``; handle them in order."""
+        if self._ended:
+            return
+        try:
+            frames = self._reader.feed(data)
+        except ProtocolViolation as violation:
+            self._violation(violation)
+            return
+        if self._waiting:
+            self._backlog.extend(frames)
+            self._pause()
+            return
+        for index, (opcode, payload) in enumerate(frames):
+            pending = self._handle(opcode, payload)
+            if pending is not None:
+                self._backlog.extend(frames[index + 1 :])
+                self._wait_for(pending)
+                return
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """The socket is gone: end the session once."""
+        if self._ended:
+            return
+        self._ended = True
+        self._transport = None
+        self._backlog.clear()
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+            self._close_timer = None
+        self.connection_closed(self._peer_close_code, self.sent_close_code)
+
+    # -- frames in ----------------------------------------------------------------------
+
+    def _handle(self, opcode: int, payload: bytes) -> asyncio.Future[None] | None:
+        session = self.session
+        if opcode <= OP_BINARY:
+            if session is None or self._close_sent:
+                return None  # closing: only the peer's close frame matters now
+            return eager.start(session.on_frame(payload, binary=opcode == OP_BINARY))
+        if opcode == OP_PING:
+            self._write(control_frame(OP_PONG, payload))
+        elif opcode == OP_PONG:
+            if session is not None:
+                session.on_pong()
+        else:
+            self._peer_close(payload)
+        return None
+
+    def _wait_for(self, pending: asyncio.Future[None]) -> None:
+        self._waiting = True
+        self._pause()
+        pending.add_done_callback(self._handled)
+
+    def _handled(self, done: asyncio.Future[None]) -> None:
+        if not done.cancelled() and done.exception() is not None:
+            log.error("a frame handler failed", exc_info=done.exception())
+        self._resume()
+
+    def _resume(self) -> None:
+        self._waiting = False
+        backlog = self._backlog
+        while backlog and not self._ended:
+            opcode, payload = backlog.pop(0)
+            pending = self._handle(opcode, payload)
+            if pending is not None:
+                self._wait_for(pending)
+                return
+        transport = self._transport
+        if self._paused and transport is not None and not transport.is_closing():
+            self._paused = False
+            transport.resume_reading()
+
+    def _pause(self) -> None:
+        transport = self._transport
+        if not self._paused and transport is not None and not transport.is_closing():
+            self._paused = True
+            transport.pause_reading()
+
+    def _peer_close(self, payload: bytes) -> None:
+        self._peer_closed = True
+        code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else None
+        self._peer_close_code = code
+        if not self._close_sent:
+            self._send_close(code, "")  # echo the peer's code, as Tornado does
+        transport = self._transport
+        if transport is not None:
+            transport.close()  # after the buffered bytes are sent
+
+    def _violation(self, violation: ProtocolViolation) -> None:
+        log.debug("closing with %d: %s", violation.code, violation.reason)
+        self._send_close(violation.code, violation.reason)
+        self._abort()
+
+    # -- frames out (the session's transport) ------------------------------------------
+
+    def write_frame(self, data: bytes) -> None:
+        """Queue ``data`` as one text frame (written at the end of this loop pass)."""
+        self.write_framed(tornado_compat.text_frame(data))
+
+    def flush_outbox(self) -> None:
+        """Write the queued frames in one call, then check for a slow consumer."""
+        frames, self._outbox = self._outbox, None
+        transport = self._transport
+        if not frames or transport is None or self._close_sent:
+            return
+        transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
+        if transport.get_write_buffer_size() > self.node.config.server.max_buffer_bytes:
+            session = self.session
+            if session is not None:
+                session.close_with(CloseCode.SLOW_CONSUMER, "slow consumer", "slow_consumer")
+
+    def close_connection(self, code: int, reason: str, abort: bool = False) -> None:
+        """Send a close frame; then wait for the peer's (5 s at most), or with ``abort`` not."""
+        if self._close_sent or self._transport is None:
+            return
+        self._send_close(code, reason)
+        if abort:
+            self._abort()
+        elif self._peer_closed:
+            self._transport.close()
+        else:
+            self._close_timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self._abort)
+
+    def send_ping(self) -> None:
+        """Send a protocol ping (the peer's pong updates ``last_seen``)."""
+        if not self._close_sent:
+            self._write(PING_FRAME)
+
+    def buffered_bytes(self) -> int:
+        """Bytes written but not yet taken by the kernel."""
+        transport = self._transport
+        return transport.get_write_buffer_size() if transport is not None else 0
+
+    def _send_close(self, code: int | None, reason: str) -> None:
+        if self._close_sent:
+            return
+        self._close_sent = True
+        self.sent_close_code = code
+        frames, self._outbox = self._outbox, None  # what was queued leaves first
+        close = control_frame(OP_CLOSE, close_payload(code, reason))
+        self._write(b"".join([*frames, close]) if frames else close)
+
+    def _write(self, data: bytes) -> None:
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    def _abort(self) -> None:
+        transport = self._transport
+        if transport is not None:
+            transport.abort()
+
+    def __repr__(self) -> str:
+        session = self.session
+        return f"<WireConnection {session.session if session is not None else '-'}>"
+
+
+def attach(connection: WireConnection, sock: Any) -> asyncio.Future[Any]:
+    """Run ``connection`` on ``sock`` (an accepted, upgraded socket) on the running loop."""
+    loop = asyncio.get_running_loop()
+    return asyncio.ensure_future(loop.connect_accepted_socket(lambda: connection, sock))

@@ -1,0 +1,191 @@
+"""RFC 6455 on the fast path: the frame reader, then the same rules over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from conftest import Server, token
+from pushsvc.wire import FrameReader, ProtocolViolation
+from test_upgrade import upgrade_request
+
+
+def masked(opcode: int, payload: bytes, final: bool = True, rsv: int = 0) -> bytes:
+    """A client frame: masked with a random key, any length class."""
+    key = os.urandom(4)
+    size = len(payload)
+    first = (0x80 if final else 0) | rsv | opcode
+    if size < 126:
+        header = bytes((first, 0x80 | size))
+    elif size < 65536:
+        header = bytes((first, 0x80 | 126)) + size.to_bytes(2, "big")
+    else:
+        header = bytes((first, 0x80 | 127)) + size.to_bytes(8, "big")
+    body = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+    return header + key + body
+
+
+def text(frame: dict[str, object]) -> bytes:
+    return masked(0x1, orjson.dumps(frame))
+
+
+# -- the reader ------------------------------------------------------------------------
+
+
+def test_reads_every_length_class_and_several_frames_at_once() -> None:
+    payloads = [b"", b"a", b"x" * 125, b"y" * 126, b"z" * 65535, b"w" * 65536]
+    reader = FrameReader(1 << 20)
+    assert reader.feed(b"".join(masked(0x1, p) for p in payloads)) == [(1, p) for p in payloads]
+
+
+@given(
+    payloads=st.lists(st.binary(max_size=300), min_size=1, max_size=6),
+    cuts=st.lists(st.integers(min_value=1, max_value=40), max_size=30),
+)
+def test_any_split_of_the_stream_gives_the_same_messages(
+    payloads: list[bytes], cuts: list[int]
+) -> None:
+    stream = b"".join(masked(0x2, p) for p in payloads)
+    reader = FrameReader(1000)
+    messages, pos = [], 0
+    for cut in cuts:
+        messages += reader.feed(stream[pos : pos + cut])
+        pos += cut
+    messages += reader.feed(stream[pos:])
+    assert messages == [(2, p) for p in payloads]
+
+
+def test_fragments_are_joined_and_control_frames_pass_between() -> None:
+    reader = FrameReader(100)
+    stream = masked(0x1, b"he", final=False) + masked(0x9, b"p") + masked(0x0, b"llo")
+    assert reader.feed(stream) == [(9, b"p"), (1, b"hello")]
+
+
+@pytest.mark.parametrize(
+    ("stream", "code"),
+    [
+        (masked(0x1, b"x", rsv=0x40), 1002),  # compression bit, never negotiated
+        (b"\x81\x01x" + b"\x00" * 4, 1002),  # not masked
+        (masked(0x3, b"x"), 1002),  # reserved data opcode
+        (masked(0xB, b"x"), 1002),  # reserved control opcode
+        (masked(0x9, b"x" * 126), 1002),  # control frame too long
+        (masked(0x9, b"x", final=False), 1002),  # fragmented control frame
+        (masked(0x0, b"x"), 1002),  # continuation with nothing to continue
+        (masked(0x1, b"a", final=False) + masked(0x1, b"b"), 1002),  # new message inside one
+        (masked(0x1, b"x" * 101), 1009),
+        (masked(0x1, b"x" * 60, final=False) + masked(0x0, b"x" * 60), 1009),
+    ],
+)
+def test_violations(stream: bytes, code: int) -> None:
+    with pytest.raises(ProtocolViolation) as raised:
+        FrameReader(100).feed(stream)
+    assert raised.value.code == code
+
+
+def test_oversize_is_refused_from_the_header_alone() -> None:
+    header = bytes((0x81, 0x80 | 127)) + (10**9).to_bytes(8, "big")
+    with pytest.raises(ProtocolViolation):
+        FrameReader(100).feed(header)
+
+
+# -- over real sockets ------------------------------------------------------------------
+
+
+class Raw:
+    """A WebSocket client that writes whatever bytes a test wants."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def open(cls, server: Server, sub: str, first: bytes = b"") -> Raw:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(upgrade_request(f"/ws?access_token={token(sub)}") + first)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 101")
+        return cls(reader, writer)
+
+    async def frame(self) -> tuple[int, bytes]:
+        first, second = await asyncio.wait_for(self.reader.readexactly(2), 5)
+        size = second & 0x7F
+        if size == 126:
+            size = int.from_bytes(await self.reader.readexactly(2), "big")
+        elif size == 127:
+            size = int.from_bytes(await self.reader.readexactly(8), "big")
+        return first & 0x0F, await self.reader.readexactly(size)
+
+    async def message(self, kind: str) -> dict[str, object]:
+        while True:
+            opcode, payload = await self.frame()
+            if opcode == 1 and (frame := orjson.loads(payload))["type"] == kind:
+                return dict(frame)
+
+    async def eof(self) -> bool:
+        return await asyncio.wait_for(self.reader.read(), 5) == b""
+
+
+async def test_frames_sent_with_the_upgrade_request_are_handled_in_order(server: Server) -> None:
+    pipelined = text({"type": "ping", "ref": "1"}) + text({"type": "ping", "ref": "2"})
+    client = await Raw.open(server, "early", pipelined)
+    assert (await client.message("welcome"))["type"] == "welcome"
+    assert (await client.message("pong"))["ref"] == "1"
+    assert (await client.message("pong"))["ref"] == "2"
+
+
+async def test_fragmented_message_and_client_ping(server: Server) -> None:
+    client = await Raw.open(server, "frag")
+    await client.message("welcome")
+    data = orjson.dumps({"type": "ping", "ref": "frag"})
+    client.writer.write(
+        masked(0x1, data[:5], final=False) + masked(0x9, b"hi") + masked(0x0, data[5:])
+    )
+    assert await client.frame() == (0xA, b"hi")  # pong with the ping's payload
+    assert (await client.message("pong"))["ref"] == "frag"
+
+
+async def test_protocol_error_closes_1002_and_others_go_on(server: Server) -> None:
+    bystander = await server.connect("bystander")
+    client = await Raw.open(server, "rude")
+    await client.message("welcome")
+    client.writer.write(b"\x81\x02hi")  # unmasked
+    opcode, payload = await client.frame()
+    assert (opcode, int.from_bytes(payload[:2], "big")) == (0x8, 1002)
+    assert await client.eof()
+    await bystander.send({"type": "ping", "ref": "still"})
+    assert (await bystander.recv_type("pong"))["ref"] == "still"
+
+
+async def test_close_handshake_echoes_the_code(server: Server) -> None:
+    client = await Raw.open(server, "polite")
+    await client.message("welcome")
+    client.writer.write(masked(0x8, (1000).to_bytes(2, "big") + b"bye"))
+    while (frame := await client.frame())[0] != 0x8:
+        pass
+    assert frame[1][:2] == (1000).to_bytes(2, "big")
+    assert await client.eof()
+    for _ in range(50):
+        if "polite" not in server.node.hub.users:
+            break
+        await asyncio.sleep(0.02)
+    assert "polite" not in server.node.hub.users
+
+
+async def test_peer_that_never_answers_our_close_is_dropped(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pushsvc import wire
+
+    monkeypatch.setattr(wire, "CLOSE_TIMEOUT", 0.2)
+    client = await Raw.open(server, "deaf")
+    await client.message("welcome")
+    [session] = server.node.hub.user_clients("deaf")
+    session.close_with(4000, "test", "test")
+    opcode, payload = await client.frame()
+    assert (opcode, int.from_bytes(payload[:2], "big")) == (0x8, 4000)
+    assert await client.eof()  # without our close frame back, within the timeout
