@@ -9,10 +9,10 @@ import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from test_upgrade import upgrade_request
 
 from conftest import Server, token
 from pushsvc.wire import FrameReader, ProtocolViolation
-from test_upgrade import upgrade_request
 
 
 def masked(opcode: int, payload: bytes, final: bool = True, rsv: int = 0) -> bytes:
