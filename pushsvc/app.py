@@ -26,7 +26,6 @@ import contextlib
 import logging
 import signal
 import socket
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -390,12 +389,11 @@ class Service:
         await node.store.close()  # runs every queued write first
 
 
-def _set_nodelay(sockets: list[socket.socket]) -> bool:
-    """Set TCP_NODELAY on TCP listeners; True when accepted sockets inherit it (Linux)."""
-    tcp = [s for s in sockets if s.family in (socket.AF_INET, socket.AF_INET6)]
-    for listener in tcp:
-        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sys.platform == "linux" and len(tcp) == len(sockets)
+def _set_nodelay(sockets: list[socket.socket]) -> None:
+    """Set TCP_NODELAY on TCP listeners: accepted sockets inherit it (Linux)."""
+    for listener in sockets:
+        if listener.family in (socket.AF_INET, socket.AF_INET6):
+            listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 async def _wait_until(done: Callable[[], bool], seconds: float) -> bool:
@@ -472,8 +470,8 @@ async def start(
         sockets = sdnotify.listen_fds() or tornado.netutil.bind_sockets(
             config.server.port, config.server.host, backlog=LISTEN_BACKLOG
         )
-    server.nodelay_inherited = _set_nodelay(sockets)
-    server.add_sockets(sockets)
+    _set_nodelay(sockets)
+    await server.listen_fast(sockets, LISTEN_BACKLOG)
     service = Service(config, node, server, sockets, config_path, overrides or {}, app)
     service.start_timers()
     return service

@@ -14,12 +14,11 @@ draining, ready) to the node so they are read at scrape time.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import inspect
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from prometheus_client import (
@@ -281,17 +280,6 @@ class Metrics:
             lambda: float(node.store.healthy() and node.broker.healthy() and not node.draining)
         )
 
-    @contextlib.contextmanager
-    def store_timer(self, operation: str) -> Iterator[None]:
-        """Time one store operation; count it as an error if it raises."""
-        started = time.perf_counter()
-        try:
-            yield
-        except Exception:
-            self.store_errors.labels(operation).inc()
-            raise
-        self.store_seconds.labels(operation).observe(time.perf_counter() - started)
-
     def instrument_store(self, store: Store) -> Store:
         """``store`` with every async operation timed and its failures counted."""
         return cast("Store", _TimedStore(store, self))
@@ -321,12 +309,19 @@ class _TimedStore:
             return attr
         if not inspect.iscoroutinefunction(attr):
             return attr
-        timer = self._metrics.store_timer
+        seconds = self._metrics.store_seconds.labels(name)
+        errors = self._metrics.store_errors.labels(name)
 
         @functools.wraps(attr)
         async def timed(*args: Any, **kwargs: Any) -> Any:
-            with timer(name):
-                return await attr(*args, **kwargs)
+            started = time.perf_counter()
+            try:
+                result = await attr(*args, **kwargs)
+            except Exception:
+                errors.inc()
+                raise
+            seconds.observe(time.perf_counter() - started)
+            return result
 
         self.__dict__[name] = timed  # wrap once
         return timed

@@ -15,7 +15,7 @@ What a Tornado upgrade must re-check (see CHANGELOG):
   ``_receive_frame_loop``, ``_write_frame``, ``_abort``, ``close`` and
   ``server_terminated``, ``_frame_compressed``, ``_compressor``,
   ``_message_bytes_in``; the ``_WebSocketDelegate`` methods it calls.
-- ``IOStream``: ``socket`` (duplicated by :func:`detach`), ``_closed``, ``_write_buffer`` (a
+- ``IOStream``: ``socket``, ``_closed``, ``_write_buffer`` (a
   ``_StreamBuffer``: its ``_size``, ``len`` and ``_buffers`` deque),
   ``_write_futures``, ``_read_buffer``, ``_read_buffer_size``,
   ``_read_future``, ``_user_read_buffer`` and ``_consume``.
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -204,18 +203,6 @@ def slim_stream(stream: IOStream) -> None:
     if INTERNALS_OK and not stream._write_futures and not stream._write_buffer:
         stream._write_futures = _SmallQueue()  # type: ignore[assignment]
         stream._write_buffer._buffers = _SmallQueue()  # type: ignore[assignment]
-
-
-def detach(stream: IOStream) -> tuple[socket.socket, bytes]:
-    """Take the socket away from ``stream``: a duplicate of it, and the bytes read ahead.
-
-    The stream is closed (its file descriptor only: the duplicate keeps the
-    TCP connection open) and never touches the socket again.
-    """
-    early = bytes(stream._read_buffer[: stream._read_buffer_size])
-    sock = stream.socket.dup()
-    stream.close()
-    return sock, early
 
 
 def push_back(stream: IOStream, data: bytes) -> None:

@@ -17,21 +17,23 @@ without them the server behaves exactly like Tornado's ``HTTPServer``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import os
+import re
+import socket
 import time
 import urllib.parse
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, cast
+from typing import Any
 
 import orjson
 import tornado.httpserver
 import tornado.netutil
-from tornado.iostream import IOStream, StreamClosedError, UnsatisfiableReadError
+from tornado.iostream import IOStream
 from tornado.websocket import WebSocketProtocol13
 
-from pushsvc import eager, logs, tornado_compat, wire
+from pushsvc import eager, logs, tornado_compat
 from pushsvc.connection import admit
 from pushsvc.errors import HandshakeError
 from pushsvc.node import Node
@@ -42,7 +44,7 @@ log = logging.getLogger("pushsvc.upgrade")
 WEBSOCKET_PATH = "/ws"
 MAX_HEAD_BYTES = 16 * 1024  # a longer first request head is dropped
 HEAD_TIMEOUT = 10.0  # seconds to send the first request head
-_HEAD_END = rb"\r?\n\r?\n"
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
 _SWITCHING = (
     b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
     b"Sec-WebSocket-Accept: "
@@ -102,53 +104,58 @@ def parse_upgrade(head: bytes) -> UpgradeRequest | None:
 
 
 class UpgradeServer(tornado.httpserver.HTTPServer):
-    """An ``HTTPServer`` whose connections' first request may become a fast WebSocket."""
+    """An ``HTTPServer`` whose connections' first request may become a fast WebSocket.
+
+    With :meth:`listen_fast`, the event loop accepts the connections itself
+    (:class:`FirstRequest` reads the first request head); without it, or
+    without the Tornado internals, this is Tornado's ``HTTPServer``.
+    """
 
     node: Node | None = None  # set by pushsvc.app before listening
-    #: The listening sockets set TCP_NODELAY and accepted sockets inherit it (Linux),
-    #: which saves a setsockopt per connection.
-    nodelay_inherited = False
 
-    def handle_stream(self, stream: IOStream, address: tuple[Any, ...]) -> None:
-        """Sniff the first request; hand everything else to Tornado unchanged."""
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._fast_servers: list[asyncio.AbstractServer] = []
+
+    async def listen_fast(self, sockets: list[socket.socket], backlog: int) -> None:
+        """Accept on ``sockets`` with the event loop's own servers (Tornado's otherwise)."""
         if self.node is None or not tornado_compat.INTERNALS_OK:
-            super().handle_stream(stream, address)
+            self.add_sockets(sockets)
             return
-        try:
-            # Tornado returns an asyncio Future (typed as an Awaitable).
-            head = cast(
-                "asyncio.Future[bytes]",
-                stream.read_until_regex(_HEAD_END, max_bytes=MAX_HEAD_BYTES),
+        loop = asyncio.get_running_loop()
+        for listener in sockets:
+            server = await loop.create_server(
+                lambda: FirstRequest(self), sock=listener, backlog=backlog
             )
-        except StreamClosedError:
-            return
-        # A peer that never finishes its request head is dropped (slowloris).
-        deadline = asyncio.get_running_loop().call_later(HEAD_TIMEOUT, stream.close)
-        head.add_done_callback(lambda read: self._first_request(stream, address, read, deadline))
+            self._fast_servers.append(server)
 
-    def _first_request(
-        self,
-        stream: IOStream,
-        address: tuple[Any, ...],
-        read: asyncio.Future[bytes],
-        deadline: asyncio.TimerHandle,
-    ) -> None:
-        deadline.cancel()
-        assert self.node is not None
+    def stop(self) -> None:
+        """Stop listening (connections already accepted go on)."""
+        for server in self._fast_servers:
+            server.close()
+        self._fast_servers = []
+        super().stop()
+
+    def hand_over(self, transport: asyncio.Transport, head: bytes) -> None:
+        """Give an accepted connection, ``head`` read already, to Tornado's HTTP stack."""
+        peer = transport.get_extra_info("peername")
         try:
-            head = read.result()
-        except (StreamClosedError, UnsatisfiableReadError):
-            stream.close()
+            sock = socket.socket(fileno=os.dup(transport.get_extra_info("socket").fileno()))
+        except OSError:
+            transport.abort()
             return
-        request = parse_upgrade(head)
-        if request is None:
-            tornado_compat.push_back(stream, head)
-            super().handle_stream(stream, address)
-            return
-        remote_ip = self._remote_ip(address, request)
-        accepting = FastConnection.accept(
-            self.node, stream, request, remote_ip, nodelay=not self.nodelay_inherited
-        )
+        transport.abort()  # closes our descriptor only: the duplicate keeps the connection
+        stream = IOStream(sock, max_buffer_size=self.max_buffer_size,
+                          read_chunk_size=self.read_chunk_size)  # fmt: skip
+        tornado_compat.push_back(stream, head)
+        super().handle_stream(stream, peer if isinstance(peer, tuple) else ("",))
+
+    def upgrade(self, transport: asyncio.Transport, request: UpgradeRequest, early: bytes) -> None:
+        """Admit a ``/ws`` upgrade and run it as a :class:`FastConnection`."""
+        assert self.node is not None
+        peer = transport.get_extra_info("peername")
+        remote_ip = self._remote_ip(peer if isinstance(peer, tuple) else (), request)
+        accepting = FastConnection.accept(self.node, transport, request, remote_ip, early)
         pending = eager.start(accepting)  # usually finishes without waiting
         if pending is not None:
             pending.add_done_callback(_report)
@@ -166,12 +173,66 @@ class UpgradeServer(tornado.httpserver.HTTPServer):
         return str(real) if tornado.netutil.is_valid_ip(real) else ip
 
 
+class FirstRequest(asyncio.Protocol):
+    """Reads a new connection's first request head, then hands the connection on.
+
+    A ``/ws`` upgrade becomes a :class:`FastConnection` on the same
+    transport; anything else goes, unread, to Tornado. A head longer than
+    ``MAX_HEAD_BYTES`` or slower than ``HEAD_TIMEOUT`` drops the connection.
+    """
+
+    __slots__ = ("_buffer", "_deadline", "_server", "_transport")
+
+    def __init__(self, server: UpgradeServer) -> None:
+        self._server = server
+        self._buffer = b""
+        self._transport: asyncio.Transport | None = None
+        self._deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Start the clock for the request head."""
+        self._transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        self._deadline = asyncio.get_running_loop().call_later(HEAD_TIMEOUT, transport.abort)  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        """Buffer until the head is complete, then decide."""
+        transport = self._transport
+        if transport is None:
+            return
+        buffer = self._buffer + data if self._buffer else data
+        end = _HEAD_END.search(buffer, 0, MAX_HEAD_BYTES)
+        if end is None:
+            if len(buffer) >= MAX_HEAD_BYTES:
+                self._drop()
+                transport.abort()
+            else:
+                self._buffer = buffer
+            return
+        self._drop()
+        request = parse_upgrade(buffer[: end.end()])
+        if request is None:
+            self._server.hand_over(transport, buffer)
+        else:
+            self._server.upgrade(transport, request, buffer[end.end() :])
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """The peer left before its head was complete."""
+        self._drop()
+
+    def _drop(self) -> None:
+        self._transport = None
+        self._buffer = b""
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+
 def _report(done: asyncio.Future[None]) -> None:
     if not done.cancelled() and done.exception() is not None:
         log.error("WebSocket upgrade failed", exc_info=done.exception())
 
 
-async def _refuse(stream: IOStream, refusal: HandshakeError) -> None:
+def _refuse(transport: asyncio.Transport, refusal: HandshakeError) -> None:
     body = orjson.dumps(refusal.body())
     status = HTTPStatus(refusal.status)
     head = [
@@ -182,9 +243,8 @@ async def _refuse(stream: IOStream, refusal: HandshakeError) -> None:
     ]
     if refusal.retry_after is not None:
         head.append(f"Retry-After: {max(1, round(refusal.retry_after))}")
-    with contextlib.suppress(StreamClosedError):
-        await stream.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
-    stream.close()
+    transport.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+    transport.close()
 
 
 class FastConnection(WireConnection):
@@ -194,31 +254,27 @@ class FastConnection(WireConnection):
     async def accept(
         cls,
         node: Node,
-        stream: IOStream,
+        transport: asyncio.Transport,
         request: UpgradeRequest,
         remote_ip: str,
-        *,
-        nodelay: bool = True,
+        early: bytes = b"",
     ) -> None:
-        """Check the handshake, answer it, and run the connection."""
+        """Check the handshake, answer it, and run the connection on ``transport``."""
         started = time.monotonic()
         try:
             principal = await admit(node, request.headers, remote_ip, request.token)
         except HandshakeError as refusal:
             logs.log_request(refusal.status, "GET", request.target, remote_ip,
                              time.monotonic() - started)  # fmt: skip
-            await _refuse(stream, refusal)
+            _refuse(transport, refusal)
             return
-        accept_value = WebSocketProtocol13.compute_accept_value(request.key).encode()
-        try:
-            if nodelay:
-                stream.set_nodelay(True)
-            sock, early = tornado_compat.detach(stream)
-            connection = cls(node, _SWITCHING + accept_value + b"\r\n\r\n", early)
-            await wire.attach(connection, sock)
-        except (OSError, StreamClosedError):
+        if transport.is_closing():  # the peer left while its token was checked
             node.hub.release(principal.user, remote_ip)
             return
+        accept_value = WebSocketProtocol13.compute_accept_value(request.key).encode()
+        connection = cls(node, _SWITCHING + accept_value + b"\r\n\r\n", early)
+        transport.set_protocol(connection)
+        connection.connection_made(transport)
         logs.log_request(101, "GET", request.target, remote_ip, time.monotonic() - started)
         try:
             await connection.start_session(principal, remote_ip)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pushsvc import eager, tornado_compat
 from pushsvc.connection import ConnectionBase
@@ -358,9 +358,3 @@ class WireConnection(ConnectionBase, asyncio.Protocol):
     def __repr__(self) -> str:
         session = self.session
         return f"<WireConnection {session.session if session is not None else '-'}>"
-
-
-def attach(connection: WireConnection, sock: Any) -> asyncio.Future[Any]:
-    """Run ``connection`` on ``sock`` (an accepted, upgraded socket) on the running loop."""
-    loop = asyncio.get_running_loop()
-    return asyncio.ensure_future(loop.connect_accepted_socket(lambda: connection, sock))

@@ -8,6 +8,7 @@ import os
 from typing import Any
 
 import orjson
+import pytest
 
 from conftest import Server, token
 from pushsvc.upgrade import FastConnection, parse_upgrade
@@ -129,4 +130,28 @@ async def test_xheaders_give_the_client_address(start_server: Any) -> None:
         server.port, upgrade_request(f"/ws?access_token={jwt}", X_Real_Ip="10.0.0.3")
     )
     assert answer.startswith(b"HTTP/1.1 429") and b"per_ip" in answer
+    writer.close()
+
+
+async def test_head_in_pieces_still_upgrades(server: Server) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    request = upgrade_request(f"/ws?access_token={token('slow')}")
+    for start in range(0, len(request), 40):
+        writer.write(request[start : start + 40])
+        await writer.drain()
+        await asyncio.sleep(0.01)
+    assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 101")
+    writer.close()
+
+
+async def test_unfinished_head_is_dropped_after_the_timeout(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pushsvc import upgrade
+
+    monkeypatch.setattr(upgrade, "HEAD_TIMEOUT", 0.2)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"GET /ws HTTP/1.1\r\nHost: x\r\n")  # no blank line: never complete
+    await writer.drain()
+    assert await asyncio.wait_for(reader.read(), 5) == b""
     writer.close()
