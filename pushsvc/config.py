@@ -224,7 +224,7 @@ class ChatConfig:
         True, "Join every connection to default_room on connect (when its token allows)."
     )
     presence_max_members: int = setting(
-        1000, "Rooms larger than this send no presence events (they cost N² frames).", minimum=0
+        100, "Rooms larger than this send no presence events (they cost N² frames).", minimum=0
     )
     max_rooms_per_connection: int = setting(100, "Rooms one connection may join.", minimum=1)
 
