@@ -136,7 +136,7 @@ $(head -c 1500 "$WORK/token.err")"
   DATA_DIR=$(mktemp -d "${TMPDIR:-/tmp}/pushsvc-bench-data.XXXXXX")
   server_cmd="$(sq "$PUSHSVC_BIN") serve --config $(sq "$PUSHSVC_CONFIG") --port $PUSHSVC_PORT --data-dir $(sq "$DATA_DIR")"
   WS_JSON_ARGS="--label pushsvc --url ws://127.0.0.1:$PUSHSVC_PORT/ws --token-cmd $(sq "$token_cmd")"
-  WS_JSON_ARGS+=" --server-cmd $(sq "$server_cmd") --server-loop $(sq "${PUSHSVC_LOOP:-tornado (pushsvc $pushsvc_version)}")"
+  WS_JSON_ARGS+=" --server-cmd $(sq "$server_cmd") --server-loop $(sq "${PUSHSVC_LOOP:-uvloop + tornado (pushsvc $pushsvc_version)}")"
   WS_JSON_ARGS+=" ${PUSHSVC_ARGS:-}"
   export WS_JSON_ARGS
 fi

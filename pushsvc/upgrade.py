@@ -209,6 +209,7 @@ class FirstRequest(asyncio.Protocol):
                 self._buffer = buffer
             return
         self._drop()
+        transport.pause_reading()  # what follows waits for the connection's new owner
         request = parse_upgrade(buffer[: end.end()])
         if request is None:
             self._server.hand_over(transport, buffer)

@@ -192,6 +192,7 @@ class WireConnection(ConnectionBase, asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Answer the handshake; frames are handled once :meth:`start` is called."""
         self._transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        self._paused = not transport.is_reading()  # type: ignore[attr-defined]
         transport.write(self._greeting)  # type: ignore[attr-defined]
         self._greeting = b""
         if self._early:

@@ -138,6 +138,18 @@ async def test_frames_sent_with_the_upgrade_request_are_handled_in_order(server:
     assert (await client.message("pong"))["ref"] == "2"
 
 
+async def test_frames_right_behind_the_request_head_are_kept(server: Server) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(upgrade_request(f"/ws?access_token={token('eager')}"))
+    await writer.drain()  # the frames follow in a packet of their own, before the 101
+    writer.write(text({"type": "ping", "ref": "a"}) + text({"type": "ping", "ref": "b"}))
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 101")
+    client = Raw(reader, writer)
+    assert (await client.message("pong"))["ref"] == "a"
+    assert (await client.message("pong"))["ref"] == "b"
+
+
 async def test_fragmented_message_and_client_ping(server: Server) -> None:
     client = await Raw.open(server, "frag")
     await client.message("welcome")
