@@ -9,6 +9,7 @@ send order.
 
 from __future__ import annotations
 
+import base64
 import itertools
 import os
 import time
@@ -16,6 +17,8 @@ import time
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _RANDOM_BITS = 80
 _RANDOM_MAX = (1 << _RANDOM_BITS) - 1
+#: RFC 4648 base32 digits to Crockford's: base64.b32encode (C) writes the random part.
+_TO_CROCKFORD = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", _ALPHABET.encode())
 
 
 class IdGenerator:
@@ -24,6 +27,8 @@ class IdGenerator:
     def __init__(self) -> None:
         self._last_ms = -1  # millisecond of the previous id
         self._last_random = 0  # random part of the previous id
+        self._prefix_ms = -1  # millisecond whose encoding is in _prefix
+        self._prefix = ""  # the 10 time characters of an id
 
     def new(self, now_ms: int | None = None) -> str:
         """Return a new id, greater than every id this generator made before."""
@@ -38,7 +43,11 @@ class IdGenerator:
             # Keep the top bit clear so increments in this millisecond never overflow.
             rand = int.from_bytes(os.urandom(10), "big") >> 1
         self._last_ms, self._last_random = ms, rand
-        return encode(ms, rand)
+        if ms != self._prefix_ms:
+            self._prefix_ms, self._prefix = ms, encode(ms, 0)[:10]
+        # 80 bits are exactly 16 base32 digits: the same characters encode() writes.
+        random_part = base64.b32encode(rand.to_bytes(10, "big")).translate(_TO_CROCKFORD)
+        return self._prefix + random_part.decode("ascii")
 
 
 def encode(ms: int, rand: int) -> str:

@@ -90,6 +90,17 @@ def _type_ok(value: Any, wanted: type) -> bool:
     return isinstance(value, wanted)
 
 
+_EXACT_TYPES: dict[type | tuple[type, ...], frozenset[type]] = {}  # Field.types -> accepted
+
+
+def _exact_types(types: type | tuple[type, ...]) -> frozenset[type]:
+    """The exact value types that satisfy ``types`` (``int`` where ``float`` is asked)."""
+    wanted = set(types if isinstance(types, tuple) else (types,))
+    if float in wanted:
+        wanted.add(int)
+    return frozenset(wanted)
+
+
 def _describe(types: tuple[type, ...]) -> str:
     return " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in types)
 
@@ -101,17 +112,22 @@ def validate(command: Command, fields: Mapping[str, Field]) -> Command | FrameEr
     as ``bad_request`` naming the field.
     """
     clean: dict[str, Any] = {}
+    given = command.fields
     for name, spec in fields.items():
-        value = command.fields.get(name)
+        value = given.get(name)
         if value is None:
             if spec.required:
                 return FrameError(ErrorCode.BAD_REQUEST, f"{name}: missing", command.ref)
             continue
-        types = spec.types if isinstance(spec.types, tuple) else (spec.types,)
-        if not any(_type_ok(value, t) for t in types):
-            message = f"{name}: must be {_describe(types)}"
-            return FrameError(ErrorCode.BAD_REQUEST, message, command.ref)
-        too_long = spec.max_length is not None and isinstance(value, str | list)
+        # Decoded JSON holds exact types only, so one set lookup settles most fields.
+        exact = _EXACT_TYPES.get(spec.types)
+        if exact is None:
+            exact = _EXACT_TYPES[spec.types] = _exact_types(spec.types)
+        if type(value) not in exact:
+            types = spec.types if isinstance(spec.types, tuple) else (spec.types,)
+            if not any(_type_ok(value, t) for t in types):
+                message = f"{name}: must be {_describe(types)}"
+                return FrameError(ErrorCode.BAD_REQUEST, message, command.ref)
         if spec.max_length is not None and isinstance(value, str | list):
             too_long = len(value) > spec.max_length
         else:

@@ -86,3 +86,12 @@ def test_ids_are_unique_and_sorted() -> None:
     assert made == sorted(made) and len(set(made)) == len(made)
     assert all(len(i) == 26 for i in made)
     assert ids.timestamp_ms(made[0]) == 1_700_000_000_000
+
+
+@given(st.integers(min_value=0, max_value=(1 << 48) - 1), st.integers(0, (1 << 79) - 1))
+def test_fast_id_encoding_matches_the_reference(ms: int, rand: int) -> None:
+    generator = ids.IdGenerator()
+    generator._last_ms, generator._last_random = ms, rand - 1 if rand else 0
+    made = generator.new(ms)
+    assert made == ids.encode(generator._last_ms, generator._last_random)
+    assert ids.timestamp_ms(made) == generator._last_ms
