@@ -46,14 +46,11 @@ def decode_frame(data: str | bytes, *, binary: bool = False) -> Command | FrameE
     """
     if binary:
         return FrameError(ErrorCode.BAD_REQUEST, "binary frames are not supported; send JSON text")
-    if isinstance(data, bytes):
-        try:
-            data = data.decode("utf-8")
-        except UnicodeDecodeError:
-            return FrameError(ErrorCode.BAD_REQUEST, "frame is not valid UTF-8")
     try:
-        obj = orjson.loads(data)
+        obj = orjson.loads(data)  # bytes are checked for UTF-8 by orjson itself
     except orjson.JSONDecodeError as exc:
+        if isinstance(data, bytes) and not _is_utf8(data):
+            return FrameError(ErrorCode.BAD_REQUEST, "frame is not valid UTF-8")
         return FrameError(ErrorCode.BAD_REQUEST, f"invalid JSON: {exc}")
     if not isinstance(obj, dict):
         return FrameError(ErrorCode.BAD_REQUEST, "a frame must be a JSON object")
@@ -70,6 +67,14 @@ def decode_frame(data: str | bytes, *, binary: bool = False) -> Command | FrameE
     for name in SERVER_FILLED:
         obj.pop(name, None)
     return Command(kind, obj, ref)
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 _TYPE_NAMES = {
