@@ -9,7 +9,6 @@ send order.
 
 from __future__ import annotations
 
-import base64
 import itertools
 import os
 import time
@@ -17,8 +16,8 @@ import time
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _RANDOM_BITS = 80
 _RANDOM_MAX = (1 << _RANDOM_BITS) - 1
-#: RFC 4648 base32 digits to Crockford's: base64.b32encode (C) writes the random part.
-_TO_CROCKFORD = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", _ALPHABET.encode())
+#: Every pair of digits (10 bits), so the 80 random bits are 8 lookups.
+_PAIRS = [first + second for first in _ALPHABET for second in _ALPHABET]
 
 
 class IdGenerator:
@@ -45,9 +44,12 @@ class IdGenerator:
         self._last_ms, self._last_random = ms, rand
         if ms != self._prefix_ms:
             self._prefix_ms, self._prefix = ms, encode(ms, 0)[:10]
-        # 80 bits are exactly 16 base32 digits: the same characters encode() writes.
-        random_part = base64.b32encode(rand.to_bytes(10, "big")).translate(_TO_CROCKFORD)
-        return self._prefix + random_part.decode("ascii")
+        pairs = _PAIRS  # 80 bits are exactly 16 digits: what encode() writes for them
+        return "".join((self._prefix,
+                        pairs[rand >> 70], pairs[(rand >> 60) & 1023],
+                        pairs[(rand >> 50) & 1023], pairs[(rand >> 40) & 1023],
+                        pairs[(rand >> 30) & 1023], pairs[(rand >> 20) & 1023],
+                        pairs[(rand >> 10) & 1023], pairs[rand & 1023]))  # fmt: skip
 
 
 def encode(ms: int, rand: int) -> str:
