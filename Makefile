@@ -42,6 +42,7 @@ bench: $(STAMP)
 	bench/peers.sh
 	$(BIN)/python bench/durable.py
 	$(BIN)/python bench/features.py
+	$(BIN)/python bench/memory.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -94,6 +94,8 @@ class ConnectionBase:
     once the upgrade is done and :meth:`connection_closed` when it ends.
     """
 
+    __slots__ = ("_outbox", "_reserved", "node", "session", "ws_connection")
+
     node: Node
     session: Session | None
     ws_connection: Any  # the WebSocketProtocol13, None once closed by us

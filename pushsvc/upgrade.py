@@ -251,6 +251,8 @@ def _refuse(transport: asyncio.Transport, refusal: HandshakeError) -> None:
 class FastConnection(WireConnection):
     """A WebSocket connection served without a RequestHandler, on its own protocol."""
 
+    __slots__ = ()
+
     @classmethod
     async def accept(
         cls,

@@ -167,6 +167,22 @@ class WireConnection(ConnectionBase, asyncio.Protocol):
     exists; frames read before :meth:`start` wait in the backlog.
     """
 
+    __slots__ = (
+        "_backlog",
+        "_close_sent",
+        "_close_timer",
+        "_early",
+        "_ended",
+        "_greeting",
+        "_paused",
+        "_peer_close_code",
+        "_peer_closed",
+        "_reader",
+        "_transport",
+        "_waiting",
+        "sent_close_code",
+    )
+
     def __init__(self, node: Node, greeting: bytes, early: bytes = b"") -> None:
         self.node = node
         self.session = None  # set by start_session
