@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import random
 import time
 
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -24,6 +25,9 @@ class IdGenerator:
     """Makes monotonic ULIDs; one generator per process is enough."""
 
     def __init__(self) -> None:
+        # Ids must be unique, not secret: a generator seeded from the OS draws the
+        # random parts (a getrandbits call, not a getrandom syscall per millisecond).
+        self._random = random.Random(os.urandom(32))
         self._last_ms = -1  # millisecond of the previous id
         self._last_random = 0  # random part of the previous id
         self._prefix_ms = -1  # millisecond whose encoding is in _prefix
@@ -37,14 +41,17 @@ class IdGenerator:
             rand = self._last_random + 1
             if rand > _RANDOM_MAX:  # 2**80 ids in one millisecond: move to the next
                 ms += 1
-                rand = int.from_bytes(os.urandom(10), "big") >> 1
+                rand = self._random.getrandbits(_RANDOM_BITS - 1)
         else:
             # Keep the top bit clear so increments in this millisecond never overflow.
-            rand = int.from_bytes(os.urandom(10), "big") >> 1
+            rand = self._random.getrandbits(_RANDOM_BITS - 1)
         self._last_ms, self._last_random = ms, rand
+        pairs = _PAIRS  # 80 bits are exactly 16 digits (and 48 fit in 10): encode()'s digits
         if ms != self._prefix_ms:
-            self._prefix_ms, self._prefix = ms, encode(ms, 0)[:10]
-        pairs = _PAIRS  # 80 bits are exactly 16 digits: what encode() writes for them
+            self._prefix_ms = ms
+            self._prefix = "".join((pairs[ms >> 40], pairs[(ms >> 30) & 1023],
+                                    pairs[(ms >> 20) & 1023], pairs[(ms >> 10) & 1023],
+                                    pairs[ms & 1023]))  # fmt: skip
         return "".join((self._prefix,
                         pairs[rand >> 70], pairs[(rand >> 60) & 1023],
                         pairs[(rand >> 50) & 1023], pairs[(rand >> 40) & 1023],
