@@ -14,8 +14,8 @@ one with every connection open, it reports per connection:
 
 Run from the repo root with the venv's python::
 
-    python bench/memory.py                      # 5,000 connections
-    python bench/memory.py --connections 10000
+    python bench/memory.py                      # 10,000 connections
+    python bench/memory.py --connections 2000   # quicker
 """
 
 from __future__ import annotations
@@ -193,7 +193,7 @@ def report(count: int, before: Sample, after: Sample) -> None:
 def main() -> None:
     """Parse the arguments and run."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--connections", type=int, default=5000)
+    parser.add_argument("--connections", type=int, default=10_000)
     args = parser.parse_args()
     if os.name != "posix":
         raise SystemExit("needs /proc (Linux)")
