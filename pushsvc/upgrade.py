@@ -141,7 +141,7 @@ class UpgradeServer(tornado.httpserver.HTTPServer):
         peer = transport.get_extra_info("peername")
         try:
             sock = socket.socket(fileno=os.dup(transport.get_extra_info("socket").fileno()))
-        except OSError:
+        except (OSError, AttributeError):  # gone already, or a transport without a socket
             transport.abort()
             return
         transport.abort()  # closes our descriptor only: the duplicate keeps the connection

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from typing import TYPE_CHECKING
 
 from pushsvc import eager, tornado_compat
@@ -139,8 +140,9 @@ class FrameReader:
             self._fragment_size = len(payload)
             return
         assert self._fragments is not None  # checked by _check_header
-        self._fragments.append(payload)
-        self._fragment_size += len(payload)
+        if payload:  # empty ones would grow the list without a byte of the limit
+            self._fragments.append(payload)
+            self._fragment_size += len(payload)
         if final:
             messages.append((self._fragment_opcode, b"".join(self._fragments)))
             self._fragments = None
@@ -192,7 +194,7 @@ class WireConnection(ConnectionBase, asyncio.Protocol):
         self._transport: asyncio.Transport | None = None  # None once closed
         self._greeting = greeting
         self._reader = FrameReader(node.config.server.max_message_bytes)
-        self._backlog: list[tuple[int, bytes]] = []  # frames waiting for their turn
+        self._backlog: deque[tuple[int, bytes]] | None = None  # frames waiting their turn
         self._waiting = True  # a frame handler (or the session start) is running
         self._paused = False  # reading paused while waiting
         self._early = early  # bytes read with the handshake
@@ -229,13 +231,13 @@ class WireConnection(ConnectionBase, asyncio.Protocol):
             self._violation(violation)
             return
         if self._waiting:
-            self._backlog.extend(frames)
+            self._hold(frames)
             self._pause()
             return
         for index, (opcode, payload) in enumerate(frames):
             pending = self._handle(opcode, payload)
             if pending is not None:
-                self._backlog.extend(frames[index + 1 :])
+                self._hold(frames[index + 1 :])
                 self._wait_for(pending)
                 return
 
@@ -245,7 +247,7 @@ class WireConnection(ConnectionBase, asyncio.Protocol):
             return
         self._ended = True
         self._transport = None
-        self._backlog.clear()
+        self._backlog = None
         if self._close_timer is not None:
             self._close_timer.cancel()
             self._close_timer = None
@@ -278,15 +280,22 @@ class WireConnection(ConnectionBase, asyncio.Protocol):
             log.error("a frame handler failed", exc_info=done.exception())
         self._resume()
 
+    def _hold(self, frames: list[tuple[int, bytes]]) -> None:
+        if frames:
+            if self._backlog is None:
+                self._backlog = deque()
+            self._backlog.extend(frames)
+
     def _resume(self) -> None:
         self._waiting = False
         backlog = self._backlog
         while backlog and not self._ended:
-            opcode, payload = backlog.pop(0)
+            opcode, payload = backlog.popleft()
             pending = self._handle(opcode, payload)
             if pending is not None:
                 self._wait_for(pending)
                 return
+        self._backlog = None  # an empty deque is 600 bytes: most connections never need one
         transport = self._transport
         if self._paused and transport is not None and not transport.is_closing():
             self._paused = False
@@ -327,9 +336,7 @@ class WireConnection(ConnectionBase, asyncio.Protocol):
             return
         transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
         if transport.get_write_buffer_size() > self.node.config.server.max_buffer_bytes:
-            session = self.session
-            if session is not None:
-                session.close_with(CloseCode.SLOW_CONSUMER, "slow consumer", "slow_consumer")
+            self._slow_consumer()
 
     def close_connection(self, code: int, reason: str, abort: bool = False) -> None:
         """Send a close frame; then wait for the peer's (5 s at most), or with ``abort`` not."""
@@ -363,9 +370,20 @@ class WireConnection(ConnectionBase, asyncio.Protocol):
         self._write(b"".join([*frames, close]) if frames else close)
 
     def _write(self, data: bytes) -> None:
+        """Write a control frame (a pong, a ping, the close frame) now."""
         transport = self._transport
         if transport is not None and not transport.is_closing():
             transport.write(data)
+            if transport.get_write_buffer_size() > self.node.config.server.max_buffer_bytes:
+                self._slow_consumer()
+
+    def _slow_consumer(self) -> None:
+        session = self.session
+        if session is not None:
+            session.close_with(CloseCode.SLOW_CONSUMER, "slow consumer", "slow_consumer")
+        elif not self._close_sent:  # the session is not started yet or already gone
+            self._send_close(CloseCode.SLOW_CONSUMER, "slow consumer")
+            self._abort()
 
     def _abort(self) -> None:
         transport = self._transport

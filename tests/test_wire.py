@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+from typing import Any
 
 import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from test_gateway import raw_upgrade
 from test_upgrade import upgrade_request
 
 from conftest import Server, token
@@ -201,3 +204,26 @@ async def test_peer_that_never_answers_our_close_is_dropped(
     opcode, payload = await client.frame()
     assert (opcode, int.from_bytes(payload[:2], "big")) == (0x8, 4000)
     assert await client.eof()  # without our close frame back, within the timeout
+
+
+def test_empty_continuations_are_not_kept() -> None:
+    reader = FrameReader(100)
+    reader.feed(masked(0x1, b"a", final=False) + masked(0x0, b"", final=False) * 1000)
+    assert reader._fragments == [b"a"]
+    assert reader.feed(masked(0x0, b"b")) == [(1, b"ab")]
+
+
+async def test_ping_flood_without_reading_is_a_slow_consumer(start_server: Any) -> None:
+    server: Server = await start_server(server={"max_buffer_bytes": 4096})
+    sock = raw_upgrade(server, "flood", rcvbuf=4096)  # never reads: the pongs pile up
+    sock.setblocking(False)
+    closes = server.node.metrics.closes.labels("slow_consumer")
+    pings = masked(0x9, b"x" * 125) * 100
+    for _ in range(500):
+        if closes._value.get():
+            break
+        with contextlib.suppress(BlockingIOError):
+            sock.send(pings)
+        await asyncio.sleep(0.005)
+    assert closes._value.get() == 1
+    sock.close()
