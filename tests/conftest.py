@@ -26,6 +26,27 @@ from pushsvc import app, auth
 from pushsvc import config as config_module
 from pushsvc.plugins import load_plugins
 
+#: Tests of the WebSocket transport run on both event loops: pushsvc serves on uvloop
+#: when it is installed, and on asyncio's own loop otherwise.
+BOTH_LOOPS = frozenset({"test_wire.py", "test_upgrade.py", "test_gateway.py"})
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """asyncio's loop for every test; uvloop too for the modules in ``BOTH_LOOPS``."""
+    factories: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+        "asyncio": asyncio.new_event_loop
+    }
+    if item.path.name in BOTH_LOOPS:
+        try:
+            import uvloop
+        except ImportError:  # an optional dependency: the asyncio runs still cover the code
+            return factories
+        factories["uvloop"] = uvloop.new_event_loop
+    return factories
+
+
 SECRET = "test-secret-that-is-long-enough-for-hs256!"
 BIN = Path(sys.executable).parent
 

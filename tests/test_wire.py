@@ -83,6 +83,18 @@ def test_fragments_are_joined_and_control_frames_pass_between() -> None:
         (masked(0x1, b"x" * 101), 1009),
         (masked(0x1, b"x" * 60, final=False) + masked(0x0, b"x" * 60), 1009),
     ],
+    ids=[
+        "rsv",
+        "unmasked",
+        "opcode-3",
+        "opcode-11",
+        "long-control",
+        "fragmented-control",
+        "lone-continuation",
+        "nested-message",
+        "too-big",
+        "too-big-in-fragments",
+    ],
 )
 def test_violations(stream: bytes, code: int) -> None:
     with pytest.raises(ProtocolViolation) as raised:
