@@ -93,7 +93,8 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
         print(f"pushsvc: --dev: try token: {auth.mint(secret, 'dev', ttl=86400)}", file=sys.stderr)
     try:
         import uvloop
-    except ImportError:
+    except ImportError:  # a platform uvloop does not support: asyncio's loop serves too
+        log.warning("uvloop is not installed: running on asyncio's own event loop (slower)")
         runner = asyncio.run
     else:
         runner = uvloop.run
