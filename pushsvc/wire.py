@@ -165,8 +165,9 @@ class WireConnection(ConnectionBase, asyncio.Protocol):
     """A fast-path WebSocket: an asyncio protocol that is also the session's transport.
 
     Created by :mod:`pushsvc.upgrade` after the handshake was admitted.
-    ``greeting`` (the ``101`` response) is written as soon as the transport
-    exists; frames read before :meth:`start` wait in the backlog.
+    ``greeting`` (the ``101`` response) is queued as soon as the transport
+    exists and leaves with the first frames; frames read before
+    :meth:`start` wait in the backlog.
     """
 
     __slots__ = (
@@ -211,8 +212,8 @@ class WireConnection(ConnectionBase, asyncio.Protocol):
         """Answer the handshake; frames are handled once :meth:`start` is called."""
         self._transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
         self._paused = not transport.is_reading()  # type: ignore[attr-defined]
-        transport.write(self._greeting)  # type: ignore[attr-defined]
-        self._greeting = b""
+        greeting, self._greeting = self._greeting, b""
+        self.write_framed(greeting)  # queued: it leaves with the welcome, in one send
         if self._early:
             early, self._early = self._early, b""
             self.data_received(early)
