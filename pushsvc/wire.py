@@ -158,7 +158,8 @@ def close_payload(code: int | None, reason: str) -> bytes:
     """The body of a close frame: the code, then the UTF-8 reason (cut to fit)."""
     if code is None:
         return b""
-    return code.to_bytes(2, "big") + reason.encode()[:123]
+    # 123 bytes at most, cut on a character boundary: the reason must stay valid UTF-8.
+    return code.to_bytes(2, "big") + reason.encode()[:123].decode(errors="ignore").encode()
 
 
 class WireConnection(ConnectionBase, asyncio.Protocol):
@@ -355,11 +356,6 @@ class WireConnection(ConnectionBase, asyncio.Protocol):
         """Send a protocol ping (the peer's pong updates ``last_seen``)."""
         if not self._close_sent:
             self._write(PING_FRAME)
-
-    def buffered_bytes(self) -> int:
-        """Bytes written but not yet taken by the kernel."""
-        transport = self._transport
-        return transport.get_write_buffer_size() if transport is not None else 0
 
     def _send_close(self, code: int | None, reason: str) -> None:
         if self._close_sent:

@@ -15,7 +15,7 @@ from test_gateway import raw_upgrade
 from test_upgrade import upgrade_request
 
 from conftest import Server, token
-from pushsvc.wire import FrameReader, ProtocolViolation
+from pushsvc.wire import FrameReader, ProtocolViolation, close_payload
 
 
 def masked(opcode: int, payload: bytes, final: bool = True, rsv: int = 0) -> bytes:
@@ -239,3 +239,10 @@ async def test_ping_flood_without_reading_is_a_slow_consumer(start_server: Any) 
         await asyncio.sleep(0.005)
     assert closes._value.get() == 1
     sock.close()
+
+
+def test_close_reason_is_cut_on_a_character_boundary() -> None:
+    payload = close_payload(4000, "é" * 100)
+    assert len(payload) <= 125
+    payload[2:].decode()  # still UTF-8
+    assert close_payload(None, "ignored") == b""
