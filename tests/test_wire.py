@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import sys
 from typing import Any
 
 import orjson
@@ -246,3 +247,17 @@ def test_close_reason_is_cut_on_a_character_boundary() -> None:
     assert len(payload) <= 125
     payload[2:].decode()  # still UTF-8
     assert close_payload(None, "ignored") == b""
+
+
+async def test_an_idle_connection_stays_small(server: Server) -> None:
+    """The objects pushsvc keeps per idle connection (bench/memory.py measures the rest)."""
+    await server.connect("idle")
+    [session] = server.node.hub.user_clients("idle")
+    connection = session.transport
+    parts = [connection, session, connection._reader, session.bucket, session.violations,
+             session.inflight, session.rooms]  # fmt: skip
+    for part in parts[:-1]:
+        assert not hasattr(part, "__dict__"), f"{type(part).__name__} grew a __dict__"
+    total = sum(sys.getsizeof(part) for part in parts)
+    # 792 bytes when this was written: 20 % more fails, so the change says what it costs.
+    assert total <= 950, f"{total} bytes of pushsvc objects per idle connection (was 792)"
