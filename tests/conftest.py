@@ -41,7 +41,7 @@ def pytest_asyncio_loop_factories(
     if item.path.name in BOTH_LOOPS:
         try:
             import uvloop
-        except ImportError:  # an optional dependency: the asyncio runs still cover the code
+        except ImportError:  # no uvloop on Windows: the asyncio runs still cover the code
             return factories
         factories["uvloop"] = uvloop.new_event_loop
     return factories
