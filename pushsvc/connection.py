@@ -1,27 +1,24 @@
-"""Connection owns what every WebSocket endpoint shares: admission and the byte transport.
+"""Connection owns what every WebSocket endpoint shares: admission, the session, the outbox.
 
-Two endpoints accept WebSockets: the fast upgrade path (:mod:`pushsvc.upgrade`,
-no RequestHandler at all) and Tornado's ``WebSocketHandler``
-(:mod:`pushsvc.handler`, the fallback and the path for upgrades on
-keep-alive connections). Both refuse handshakes with :func:`admit` and move
-frames with :class:`ConnectionBase`, so they behave the same.
+Two endpoints accept WebSockets: the fast upgrade path (:mod:`pushsvc.upgrade`
+and :mod:`pushsvc.wire`, no RequestHandler at all) and Tornado's
+``WebSocketHandler`` (:mod:`pushsvc.handler`, the fallback and the path for
+upgrades on keep-alive connections). Both refuse handshakes with
+:func:`admit`, start and end sessions and queue frames with
+:class:`ConnectionBase`, so they behave the same; each moves the bytes its
+own way.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fnmatch
 import logging
 import time
 import urllib.parse
 from collections.abc import Mapping
-from typing import Any
 
-from tornado.iostream import StreamClosedError
-from tornado.websocket import WebSocketClosedError, WebSocketProtocol13
-
-from pushsvc import eager, ids, tornado_compat
+from pushsvc import ids
 from pushsvc.auth import AuthError, token_from_request
 from pushsvc.errors import CloseCode, HandshakeError
 from pushsvc.node import Node
@@ -88,17 +85,18 @@ async def _admit(
 
 
 class ConnectionBase:
-    """The transport half of a WebSocket connection: frames in, frames out, close.
+    """What both endpoints share: the session's lifecycle and the per-pass outbox.
 
-    Subclasses set ``node``, ``ws_connection`` and call :meth:`start_session`
-    once the upgrade is done and :meth:`connection_closed` when it ends.
+    Subclasses set ``node``, call :meth:`start_session` once the upgrade is
+    done and :meth:`connection_closed` when it ends, and implement the rest
+    of the session's :class:`~pushsvc.session.Transport` (``write_frame``,
+    ``close_connection``, ``send_ping``) and ``flush_outbox``.
     """
 
-    __slots__ = ("_outbox", "_reserved", "node", "session", "ws_connection")
+    __slots__ = ("_outbox", "_reserved", "node", "session")
 
     node: Node
     session: Session | None
-    ws_connection: Any  # the WebSocketProtocol13, None once closed by us
     _outbox: list[bytes] | None  # frames queued for this loop pass
     _reserved: bool  # holds a slot of node.hub.reserve
 
@@ -138,36 +136,7 @@ class ConnectionBase:
             self.node.hub.release(session.principal.user, session.remote_ip)
         self.node.track(asyncio.ensure_future(self.node.disconnected(session, code)))
 
-    # -- frames in --------------------------------------------------------------
-
-    def on_message(self, message: str | bytes) -> asyncio.Future[None] | None:
-        """A text (``str``) or binary (``bytes``) frame, handled eagerly (see :mod:`eager`)."""
-        if self.session is None:
-            return None
-        return eager.start(self.session.on_frame(message, binary=isinstance(message, bytes)))
-
-    def on_invalid_text(self, data: bytes) -> asyncio.Future[None] | None:
-        """A text frame that is not valid UTF-8 (see ``LenientTextProtocol``)."""
-        if self.session is None:
-            return None
-        return eager.start(self.session.on_frame(data, binary=False))
-
-    def on_pong(self, data: bytes) -> None:
-        """The client answered our ping."""
-        if self.session is not None:
-            self.session.on_pong()
-
-    # -- frames out (the session's transport) -----------------------------------------
-
-    def write_frame(self, data: bytes) -> None:
-        """Write ``data`` as one text frame (queued until the end of this loop pass)."""
-        if tornado_compat.RAW_FRAMES:
-            self.write_framed(tornado_compat.text_frame(data))
-            return
-        connection = self.ws_connection
-        if connection is not None and not connection.is_closing():
-            tornado_compat.write_text(connection, data)
-            self._check_buffer()
+    # -- frames out ---------------------------------------------------------------------
 
     def write_framed(self, frame: bytes) -> None:
         """Queue a complete frame; the node's flusher writes the queue once per loop pass."""
@@ -178,36 +147,20 @@ class ConnectionBase:
         else:
             outbox.append(frame)
 
-    def flush_outbox(self) -> None:
-        """Write the queued frames with one send, then check for a slow consumer."""
-        frames, self._outbox = self._outbox, None
-        connection = self.ws_connection
-        if not frames or connection is None or connection.is_closing():
-            return
-        data = frames[0] if len(frames) == 1 else b"".join(frames)
-        if tornado_compat.write_raw(connection, data) == tornado_compat.BUFFERED:
-            self._check_buffer()
+    # Each endpoint moves bytes its own way:
 
-    def _check_buffer(self) -> None:
-        connection = self.ws_connection
-        if connection is None or self.session is None:
-            return
-        if tornado_compat.buffered_bytes(connection) > self.node.config.server.max_buffer_bytes:
-            self.session.close_with(CloseCode.SLOW_CONSUMER, "slow consumer", "slow_consumer")
+    def flush_outbox(self) -> None:
+        """Write the queued frames, in order."""
+        raise NotImplementedError
+
+    def write_frame(self, data: bytes) -> None:
+        """Write ``data`` (JSON) as one text frame."""
+        raise NotImplementedError
 
     def close_connection(self, code: int, reason: str, abort: bool = False) -> None:
         """Send a close frame; with ``abort`` drop the socket without waiting for the peer."""
-        connection: WebSocketProtocol13 | None = self.ws_connection
-        if connection is None:
-            return
-        self.ws_connection = None
-        connection.close(code, reason)
-        if abort:
-            tornado_compat.abort(connection)
+        raise NotImplementedError
 
     def send_ping(self) -> None:
         """Send a protocol ping (the peer's pong updates ``last_seen``)."""
-        connection = self.ws_connection
-        if connection is not None:
-            with contextlib.suppress(WebSocketClosedError, StreamClosedError):
-                connection.write_ping(b"")
+        raise NotImplementedError

@@ -4,20 +4,27 @@ Most connections arrive through :mod:`pushsvc.upgrade`, which upgrades
 without a RequestHandler. This handler serves ``/ws`` when that path is off
 (Tornado internals missing) and for upgrades sent on a keep-alive HTTP
 connection; it refuses bad handshakes with the same :func:`~pushsvc.connection.admit`
-and moves frames with the same :class:`~pushsvc.connection.ConnectionBase`.
+and shares sessions and the outbox with the fast path through
+:class:`~pushsvc.connection.ConnectionBase`; its frames move through
+Tornado's ``WebSocketProtocol13`` (with the internals of
+:mod:`pushsvc.tornado_compat` when they are there).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from typing import Any
 
 import tornado.web
 import tornado.websocket
+from tornado.iostream import StreamClosedError
+from tornado.websocket import WebSocketClosedError, WebSocketProtocol13
 
-from pushsvc import tornado_compat
+from pushsvc import eager, tornado_compat
 from pushsvc.connection import ConnectionBase, admit
-from pushsvc.errors import HandshakeError
+from pushsvc.errors import CloseCode, HandshakeError
 from pushsvc.node import Node
 from pushsvc.plugin_api import Principal
 
@@ -28,6 +35,7 @@ class WebSocketHandler(ConnectionBase, tornado.websocket.WebSocketHandler):
     """``GET /ws``: authenticated WebSocket connections."""
 
     principal: Principal | None
+    ws_connection: WebSocketProtocol13 | None  # what get_websocket_protocol made
 
     def initialize(self, node: Node) -> None:
         """Receive the node (Tornado calls this per request)."""
@@ -106,3 +114,68 @@ class WebSocketHandler(ConnectionBase, tornado.websocket.WebSocketHandler):
         """Unregister the session and release the connection slot."""
         sent = self._protocol.sent_close_code if self._protocol is not None else None
         self.connection_closed(self.close_code, sent)
+
+    # -- frames in --------------------------------------------------------------
+
+    def on_message(self, message: str | bytes) -> asyncio.Future[None] | None:
+        """A text (``str``) or binary (``bytes``) frame, handled eagerly (see :mod:`eager`)."""
+        if self.session is None:
+            return None
+        return eager.start(self.session.on_frame(message, binary=isinstance(message, bytes)))
+
+    def on_invalid_text(self, data: bytes) -> asyncio.Future[None] | None:
+        """A text frame that is not valid UTF-8 (see ``LenientTextProtocol``)."""
+        if self.session is None:
+            return None
+        return eager.start(self.session.on_frame(data, binary=False))
+
+    def on_pong(self, data: bytes) -> None:
+        """The client answered our ping."""
+        if self.session is not None:
+            self.session.on_pong()
+
+    # -- frames out (the session's transport) ------------------------------------------
+
+    def write_frame(self, data: bytes) -> None:
+        """Write ``data`` as one text frame (queued until the end of this loop pass)."""
+        if tornado_compat.RAW_FRAMES:
+            self.write_framed(tornado_compat.text_frame(data))
+            return
+        connection = self.ws_connection
+        if connection is not None and not connection.is_closing():
+            tornado_compat.write_text(connection, data)
+            self._check_buffer()
+
+    def flush_outbox(self) -> None:
+        """Write the queued frames with one send, then check for a slow consumer."""
+        frames, self._outbox = self._outbox, None
+        connection = self.ws_connection
+        if not frames or connection is None or connection.is_closing():
+            return
+        data = frames[0] if len(frames) == 1 else b"".join(frames)
+        if tornado_compat.write_raw(connection, data) == tornado_compat.BUFFERED:
+            self._check_buffer()
+
+    def _check_buffer(self) -> None:
+        connection = self.ws_connection
+        if connection is None or self.session is None:
+            return
+        if tornado_compat.buffered_bytes(connection) > self.node.config.server.max_buffer_bytes:
+            self.session.close_with(CloseCode.SLOW_CONSUMER, "slow consumer", "slow_consumer")
+
+    def close_connection(self, code: int, reason: str, abort: bool = False) -> None:
+        """Send a close frame; with ``abort`` drop the socket without waiting for the peer."""
+        connection = self.ws_connection
+        if connection is None:
+            return
+        self.ws_connection = None
+        connection.close(code, reason)
+        if abort:
+            tornado_compat.abort(connection)
+
+    def send_ping(self) -> None:
+        """Send a protocol ping (the peer's pong updates ``last_seen``)."""
+        connection = self.ws_connection
+        if connection is not None:
+            with contextlib.suppress(WebSocketClosedError, StreamClosedError):
+                connection.write_ping(b"")

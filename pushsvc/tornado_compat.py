@@ -123,10 +123,8 @@ class LenientTextProtocol(WebSocketProtocol13):
             return stream._consume(n)
         return await super()._read_bytes(n)
 
-    def start_reading(self, stream: IOStream | None = None) -> None:
-        """Read frames from ``stream`` (default: the one set) in a task of its own."""
-        if stream is not None:
-            self.stream = stream
+    def start_reading(self) -> None:
+        """Read frames from the stream in a task of its own."""
         # No attribute is added here: that would unshare this instance's __dict__ keys.
         task = asyncio.ensure_future(WebSocketProtocol13._receive_frame_loop(self))
         _FRAME_LOOPS.add(task)

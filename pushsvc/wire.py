@@ -190,7 +190,6 @@ class WireConnection(ConnectionBase, asyncio.Protocol):
     def __init__(self, node: Node, greeting: bytes, early: bytes = b"") -> None:
         self.node = node
         self.session = None  # set by start_session
-        self.ws_connection = None  # unused: this class is its own transport
         self._reserved = True  # admit() reserved a slot for this connection
         self._outbox = None  # frames queued for this loop pass
         self._transport: asyncio.Transport | None = None  # None once closed
