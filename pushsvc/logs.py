@@ -10,24 +10,45 @@ import logging
 import re
 import sys
 import time
+import urllib.parse
 from http import HTTPStatus
 from typing import Any
 
 import orjson
 import tornado.web
 
+#: Query parameters whose values are secrets, by their decoded, lower-cased name.
+SECRET_PARAMETERS = frozenset({"access_token"})
+# A query parameter: the name as written (any percent-encoding), then its value.
+_PARAMETER = re.compile(r"(?:^|(?<=[?&;\s\"'(,]))([^=&;\s\"'#?]+)(=)([^&;\s\"'#]*)")
 _SECRETS = re.compile(
-    r"(access_token=)[^&\s\"']+"  # query strings
-    r"|(Bearer\s+)[^\s\"']+"  # Authorization headers
-    r"|eyJ[\w-]{4,}\.[\w-]{4,}\.[\w-]*",  # anything that looks like a JWT
+    r"(Bearer\s+)[^\s\"']+"  # Authorization headers
+    # anything that looks like a JWT, its dots written plain or percent-encoded
+    r"|eyJ(?:[\w-]|%2[dD]|%5[fF]){4,}(?:\.|%2[eE])(?:[\w-]|%2[dD]|%5[fF]){4,}"
+    r"(?:\.|%2[eE])(?:[\w-]|%2[dD]|%5[fF])*",
     re.IGNORECASE,
 )
 _FIELDS = ("session", "user")
 
 
+def _redact_parameter(match: re.Match[str]) -> str:
+    name = urllib.parse.unquote_plus(match.group(1)).strip().lower()
+    if name in SECRET_PARAMETERS:
+        return f"{match.group(1)}=[redacted]"
+    return match.group(0)
+
+
 def redact(text: str) -> str:
-    """Replace tokens in ``text`` with ``[redacted]``."""
-    return _SECRETS.sub(lambda m: (m.group(1) or m.group(2) or "") + "[redacted]", text)
+    """Replace tokens in ``text`` with ``[redacted]``.
+
+    A query parameter is matched by its decoded name, so every spelling the
+    query parsers accept (``access_token``, ``access%5Ftoken``,
+    ``%61ccess_token``, ``ACCESS_TOKEN``...) is redacted; so are bearer
+    headers and anything shaped like a JWT.
+    """
+    if "=" in text:
+        text = _PARAMETER.sub(_redact_parameter, text)
+    return _SECRETS.sub(lambda m: (m.group(1) or "") + "[redacted]", text)
 
 
 class TextFormatter(logging.Formatter):

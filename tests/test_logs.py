@@ -140,3 +140,52 @@ async def test_json_logs_of_a_real_run_never_contain_tokens(spawn: Any, tmp_path
     access = [line["message"] for line in lines if line["logger"] == "tornado.access"]
     assert any("/ws?access_token=[redacted]" in message for message in access), access
     assert any(message.startswith("401 ") for message in access), access
+
+
+#: Every spelling of the token parameter that the query parsers decode to ``access_token``.
+TOKEN_SPELLINGS = (
+    "access_token",
+    "access%5Ftoken",
+    "access%5ftoken",
+    "%61ccess_token",
+    "%61%63%63%65%73%73%5F%74%6F%6B%65%6E",
+    "ACCESS_TOKEN",
+)
+
+
+@pytest.mark.parametrize("name", TOKEN_SPELLINGS)
+@pytest.mark.parametrize("logger", ["tornado.access", "tornado.application", "pushsvc.debug"])
+def test_every_spelling_is_redacted_on_every_log_line(name: str, logger: str) -> None:
+    uri = f"/ws?x=1&{name}={OPAQUE}&y=2"
+    for level in (logging.DEBUG, logging.WARNING, logging.ERROR):
+        line = logging.LogRecord(logger, level, __file__, 1, "GET %s (127.0.0.1)", (uri,), None)
+        for formatter in (logs.TextFormatter(logs.TEXT_FORMAT), logs.JsonFormatter()):
+            text = formatter.format(line)
+            assert OPAQUE not in text, text
+            assert f"{name}=[redacted]&y=2" in text, text
+
+
+def test_percent_encoded_jwts_are_redacted() -> None:
+    encoded = JWT.replace(".", "%2E")
+    assert encoded not in logs.redact(f"/ws?t={encoded}")
+    assert logs.redact("/ws?access+token=visible") == "/ws?access+token=visible"  # not a token
+
+
+@pytest.mark.parametrize("name", TOKEN_SPELLINGS[1:5])
+async def test_encoded_parameter_names_never_reach_the_log(
+    spawn: Any, tmp_path: Path, name: str
+) -> None:
+    server: ServerProcess = spawn(
+        env={"PUSHSVC_LOG__LEVEL": "debug", "PUSHSVC_LOG__ACCESS_LOG": "true"}
+    )
+    # Honoured: the decoded parameter carries the token (first request and keep-alive paths).
+    alice = Client(await websocket_connect(f"{server.ws_url}?{name}={JWT.replace('.', '%2E')}"))
+    assert (await alice.recv_type("welcome"))["user"] == "alice"
+    with pytest.raises(HTTPClientError) as refused:  # refused, logged at warning
+        await websocket_connect(f"{server.ws_url}?{name}={OPAQUE}")
+    assert refused.value.code == 401
+    assert server.terminate() == 0
+    text = server.log()
+    for secret in (OPAQUE, JWT, JWT.split(".")[1], JWT.split(".")[2]):
+        assert secret not in text, text
+    assert f"{name}=[redacted]" in text
