@@ -52,7 +52,7 @@ from typing import Any
 
 import orjson
 
-from pushsvc import auth
+from pushsvc.auth import tokens
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -243,7 +243,7 @@ class Bench:
     # -- connections ----------------------------------------------------------------
 
     async def connect(self, sub: str, on_message: Callable[[Conn, Any], None]) -> Conn:
-        token = auth.mint(self.secret, sub, ttl=86400)
+        token = tokens.mint(self.secret, sub, ttl=86400)
         loop = asyncio.get_running_loop()
         _, conn = await loop.create_connection(
             lambda: Conn(f"/ws?access_token={token}", f"127.0.0.1:{self.port}", on_message),

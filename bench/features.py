@@ -19,13 +19,15 @@ from pathlib import Path
 
 import tornado
 
-from pushsvc import auth, ids, protocol, tornado_compat
+from pushsvc.auth import tokens
 from pushsvc.broker import Envelope
 from pushsvc.config import AuthConfig
-from pushsvc.metrics import Metrics
-from pushsvc.node import Node
-from pushsvc.ratelimit import KeyedBuckets, TokenBucket
-from pushsvc.session import CORE_FIELDS
+from pushsvc.core.node import Node
+from pushsvc.core.ratelimit import KeyedBuckets, TokenBucket
+from pushsvc.core.session import CORE_FIELDS
+from pushsvc.ops.metrics import Metrics
+from pushsvc.protocol import frames, ids
+from pushsvc.transport import tornado_compat
 
 SECRET = "features-benchmark-secret-0123456789abcdef"
 
@@ -37,24 +39,24 @@ def per_op(fn: Callable[[], object], number: int = 20_000, repeat: int = 5) -> f
 
 def measure() -> list[tuple[str, str, float]]:
     chat = '{"type":"chat","room":"bench","text":"hello world, this is a benchmark message"}'
-    command = protocol.decode_frame(chat)
-    assert isinstance(command, protocol.Command)
+    command = frames.decode_frame(chat)
+    assert isinstance(command, frames.Command)
     chat_fields = {"room": CORE_FIELDS["join"]["room"], "text": CORE_FIELDS["join"]["room"]}
     bucket = TokenBucket(1e9, 1e9, 0.0)
     users = KeyedBuckets(1e9, 1e9)
     metrics = Metrics()
     child = metrics.frames_sent.labels("chat")
-    authenticator = auth.Authenticator(AuthConfig(jwt_secret=SECRET), SECRET)
-    token = auth.mint(SECRET, "bench", ttl=3600)
+    authenticator = tokens.Authenticator(AuthConfig(jwt_secret=SECRET), SECRET)
+    token = tokens.mint(SECRET, "bench", ttl=3600)
     loop = asyncio.new_event_loop()
     verify = authenticator._verify  # the uncached path
-    payload = protocol.encode({"type": "chat", "room": "bench", "text": "x" * 80})
+    payload = frames.encode({"type": "chat", "room": "bench", "text": "x" * 80})
     envelope = Envelope("live", "chat", ids.new_id(), payload)
     wire = envelope.to_bytes()
     message = {"type": "chat", "room": "bench", "user": "u", "name": "u", "text": "hello"}
     return [
-        ("frame", "decode_frame (chat, 80 B)", per_op(lambda: protocol.decode_frame(chat))),
-        ("frame", "validate (2 fields)", per_op(lambda: protocol.validate(command, chat_fields))),
+        ("frame", "decode_frame (chat, 80 B)", per_op(lambda: frames.decode_frame(chat))),
+        ("frame", "validate (2 fields)", per_op(lambda: frames.validate(command, chat_fields))),
         ("frame", "rate limit: connection bucket", per_op(lambda: bucket.try_take(1.0))),
         ("frame", "rate limit: user bucket (dict)", per_op(lambda: users.try_take("u", 1.0))),
         (
@@ -66,7 +68,7 @@ def measure() -> list[tuple[str, str, float]]:
         (
             "message",
             "stamp + encode (chat)",
-            per_op(lambda: protocol.encode(Node.stamp(message)[1])),
+            per_op(lambda: frames.encode(Node.stamp(message)[1])),
         ),
         (
             "message",

@@ -37,9 +37,10 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from pushsvc import app, auth
+from pushsvc import app
 from pushsvc import config as config_module
-from pushsvc.plugins import load_plugins
+from pushsvc.auth import tokens
+from pushsvc.plugin.manager import load_plugins
 
 HERE = Path(__file__).resolve().parent
 
@@ -115,7 +116,7 @@ async def measure(count: int) -> None:
         config = config_module.build([settings])
         plugins = load_plugins(config.plugins.disabled, config.auth.default_rooms)
         service = await app.start(config, registry=CollectorRegistry(), plugins=plugins)
-        token = auth.mint(config.auth.jwt_secret or "", "bench", ttl=3600)
+        token = tokens.mint(config.auth.jwt_secret or "", "bench", ttl=3600)
         warm = await open_all(service, 100, token)  # imports, caches, first-use objects
         await close_all(service, warm)
         gc.collect()

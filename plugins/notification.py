@@ -14,11 +14,11 @@ from pushsvc import (
     MessageType,
     Reply,
     hookimpl,
-    openapi,
 )
-from pushsvc.api import ApiHandler
 from pushsvc.config import Config
-from pushsvc.plugin_api import Delivery
+from pushsvc.http import openapi
+from pushsvc.http.api import ApiHandler
+from pushsvc.plugin.api import Delivery
 from pushsvc.store import IdempotencyKey
 
 MAX_RECIPIENTS_PER_FRAME = 1000

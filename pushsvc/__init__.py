@@ -11,7 +11,7 @@ The public API for plugin authors is re-exported here:
 - :class:`Reply` and :class:`CommandError` are what a handler answers with.
 """
 
-from pushsvc.plugin_api import (
+from pushsvc.plugin.api import (
     CommandError,
     Field,
     FrameContext,

@@ -37,18 +37,19 @@ import tornado.netutil
 import tornado.web
 from prometheus_client import CollectorRegistry
 
-from pushsvc import api, logs, sdnotify
 from pushsvc import config as config_module
-from pushsvc.auth import Authenticator
+from pushsvc.auth.tokens import Authenticator
 from pushsvc.broker import make_broker
 from pushsvc.config import Config, ConfigError
-from pushsvc.errors import CloseCode
-from pushsvc.handler import WebSocketHandler
-from pushsvc.metrics import Metrics
-from pushsvc.node import Node
-from pushsvc.plugins import DefaultRoomPolicy, Plugins, await_me_maybe, load_plugins
+from pushsvc.core.node import Node
+from pushsvc.http import api
+from pushsvc.ops import logs, sdnotify
+from pushsvc.ops.metrics import Metrics
+from pushsvc.plugin.manager import DefaultRoomPolicy, Plugins, await_me_maybe, load_plugins
+from pushsvc.protocol.codes import CloseCode
 from pushsvc.store import make_store
-from pushsvc.upgrade import UpgradeServer
+from pushsvc.transport.tornado_handler import WebSocketHandler
+from pushsvc.transport.upgrade import UpgradeServer
 
 log = logging.getLogger("pushsvc.app")
 

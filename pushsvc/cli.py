@@ -12,10 +12,12 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from pushsvc import __version__, auth, logs
+from pushsvc import __version__
 from pushsvc import config as config_module
+from pushsvc.auth import tokens
 from pushsvc.config import Config, ConfigError
-from pushsvc.plugins import PluginError, load_plugins
+from pushsvc.ops import logs
+from pushsvc.plugin.manager import PluginError, load_plugins
 
 log = logging.getLogger("pushsvc")
 
@@ -90,7 +92,9 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
             config, auth=dataclasses.replace(config.auth, jwt_secret=secret)
         )
         print(f"pushsvc: --dev: generated JWT secret {secret}", file=sys.stderr)
-        print(f"pushsvc: --dev: try token: {auth.mint(secret, 'dev', ttl=86400)}", file=sys.stderr)
+        print(
+            f"pushsvc: --dev: try token: {tokens.mint(secret, 'dev', ttl=86400)}", file=sys.stderr
+        )
     try:
         import uvloop
     except ImportError:  # a platform uvloop does not support: asyncio's loop serves too
@@ -108,7 +112,8 @@ def _tune_gc() -> None:
 
 
 async def _run(config: Config, path: str | None, overrides: dict[str, dict[str, Any]]) -> int:
-    from pushsvc import app, sdnotify
+    from pushsvc import app
+    from pushsvc.ops import sdnotify
 
     try:
         service = await app.start(config, config_path=path, overrides=overrides)
@@ -134,10 +139,14 @@ async def _run(config: Config, path: str | None, overrides: dict[str, dict[str, 
 def _token(args: argparse.Namespace, config: Config) -> int:
     secret = args.secret or config.secret()
     if not secret:
-        print("pushsvc: no JWT secret: set auth.jwt_secret or PUSHSVC_JWT_SECRET", file=sys.stderr)
+        print(
+            "pushsvc: no JWT secret: set auth.jwt_secret or PUSHSVC_JWT_SECRET", file=sys.stderr
+        )
         return 2
     rooms = args.rooms.split() if args.rooms is not None else None
-    print(auth.mint(secret, args.sub, ttl=args.ttl, scope=args.scope, rooms=rooms, name=args.name))
+    print(
+        tokens.mint(secret, args.sub, ttl=args.ttl, scope=args.scope, rooms=rooms, name=args.name)
+    )
     return 0
 
 

@@ -22,9 +22,10 @@ from prometheus_client import CollectorRegistry
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
-from pushsvc import app, auth
+from pushsvc import app
 from pushsvc import config as config_module
-from pushsvc.plugins import load_plugins
+from pushsvc.auth import tokens
+from pushsvc.plugin.manager import load_plugins
 
 #: Tests of the WebSocket transport run on both event loops: pushsvc serves on uvloop
 #: when it is installed, and on asyncio's own loop otherwise.
@@ -53,7 +54,7 @@ BIN = Path(sys.executable).parent
 
 def token(sub: str = "alice", **kwargs: Any) -> str:
     """An HS256 token for ``sub`` signed with the test secret."""
-    return auth.mint(SECRET, sub, **kwargs)
+    return tokens.mint(SECRET, sub, **kwargs)
 
 
 def make_config(data_dir: Path, **sections: dict[str, Any]) -> config_module.Config:

@@ -21,7 +21,7 @@ import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
 from conftest import SECRET, Client, Server, token
-from pushsvc import auth
+from pushsvc.auth import tokens
 
 Start = Callable[..., Any]
 NOTE = {"title": "Hi", "message": "hello"}
@@ -229,8 +229,8 @@ ENDPOINTS = [
 
 
 async def test_every_endpoint_needs_a_valid_publish_token(server: Server) -> None:
-    expired = auth.mint(SECRET, "backend", ttl=-120, scope="publish")
-    forged = auth.mint("another-secret-that-is-long-enough-too!", "backend", scope="publish")
+    expired = tokens.mint(SECRET, "backend", ttl=-120, scope="publish")
+    forged = tokens.mint("another-secret-that-is-long-enough-too!", "backend", scope="publish")
     cases: list[tuple[dict[str, str], int, str, str | None]] = [
         ({}, 401, "unauthorized", "missing_token"),
         ({"Authorization": "Bearer not-a-jwt"}, 401, "unauthorized", "malformed"),

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from conftest import Server, token
-from pushsvc import api
+from pushsvc.http import api
 
 Start = Callable[..., Any]
 #: Every route of PROTOCOL §4 and the extensions, with its methods.

@@ -19,9 +19,10 @@ import pushsvc_poke
 import pytest
 
 from conftest import Client, Server
-from pushsvc import Guarantee, hookimpl, ids
-from pushsvc.delivery import AckTracker, RetryPolicy
-from pushsvc.session import Session
+from pushsvc import Guarantee, hookimpl
+from pushsvc.core.session import Session
+from pushsvc.delivery.tracker import AckTracker, RetryPolicy
+from pushsvc.protocol import ids
 
 #: Short timers: resend after ~0.2 s, then ~0.4 s, dead after the 3rd send (~1.4 s in all).
 FAST = {"ack_timeout": 0.2, "max_attempts": 3, "backoff_max": 1.0}

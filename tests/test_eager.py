@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from pushsvc import eager
+from pushsvc.transport import eager
 
 
 async def test_finishes_synchronously_without_a_future() -> None:

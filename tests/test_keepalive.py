@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from pushsvc.keepalive import COMPACT_SLACK, Keepalive
-from pushsvc.plugin_api import Principal
+from pushsvc.core.keepalive import COMPACT_SLACK, Keepalive
+from pushsvc.plugin.api import Principal
 
 
 @dataclasses.dataclass

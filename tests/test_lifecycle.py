@@ -31,7 +31,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from tornado.websocket import websocket_connect
 
 from conftest import BIN, SECRET, Client, ServerProcess, kill_all, token, wait_until_listening
-from pushsvc import auth
+from pushsvc.auth import tokens
 
 REASON = re.compile(r"^server draining; reconnect in (\d+(?:\.\d+)?)s$")
 
@@ -513,15 +513,15 @@ async def test_reload_rotates_jwt_secret(
     path = tmp_path / "pushsvc.toml"
     write_config(path, f'[auth]\njwt_secret = "{SECRET_A}"\n')
     server = spawn("--config", str(path), env={"PUSHSVC_JWT_SECRET": ""})
-    old = await connect(server, auth.mint(SECRET_A, "alice"))
+    old = await connect(server, tokens.mint(SECRET_A, "alice"))
 
     write_config(path, f'[auth]\njwt_secret = "{SECRET_B}"\n')
     server.proc.send_signal(signal.SIGHUP)
     assert "reloaded: auth.jwt_secret" in await wait_log(server, "reloaded:")
     with pytest.raises(HTTPClientError) as refused:
-        await connect(server, auth.mint(SECRET_A, "carol"))
+        await connect(server, tokens.mint(SECRET_A, "carol"))
     assert refused.value.code == 401
-    await connect(server, auth.mint(SECRET_B, "carol"))
+    await connect(server, tokens.mint(SECRET_B, "carol"))
     assert await pings(old, 1) == ["pong"]
 
     secret_file = tmp_path / "jwt_secret"
@@ -529,13 +529,13 @@ async def test_reload_rotates_jwt_secret(
     write_config(path, f'[auth]\njwt_secret_file = "{secret_file}"\n')
     server.proc.send_signal(signal.SIGHUP)
     await wait_log(server, "reloaded:", count=2)
-    await connect(server, auth.mint(SECRET_A, "dave"))
+    await connect(server, tokens.mint(SECRET_A, "dave"))
     secret_file.write_text(SECRET_B + "\n")  # rotated in place, config unchanged
     server.proc.send_signal(signal.SIGHUP)
     assert "reloaded: auth.jwt_secret_file" in await wait_log(server, "reloaded:", count=3)
     with pytest.raises(HTTPClientError):
-        await connect(server, auth.mint(SECRET_A, "erin"))
-    await connect(server, auth.mint(SECRET_B, "erin"))
+        await connect(server, tokens.mint(SECRET_A, "erin"))
+    await connect(server, tokens.mint(SECRET_B, "erin"))
     assert await pings(old, 1) == ["pong"]
 
 
@@ -550,7 +550,7 @@ async def test_reload_refuses_config_without_secret(
     server.proc.send_signal(signal.SIGHUP)
     log = await wait_log(server, "reload refused")
     assert "auth.jwt_secret: no JWT secret" in log
-    await connect(server, auth.mint(SECRET_A, "alice"))
+    await connect(server, tokens.mint(SECRET_A, "alice"))
 
 
 # -- the secret at startup ------------------------------------------------------------------

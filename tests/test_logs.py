@@ -14,7 +14,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from tornado.websocket import websocket_connect
 
 from conftest import Client, ServerProcess, token
-from pushsvc import logs
+from pushsvc.ops import logs
 
 JWT = token("alice")
 OPAQUE = "opaque-query-secret-0123456789"

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import Server, make_config, token
 from pushsvc import FrameContext, MessageType, app, hookimpl
-from pushsvc.plugins import load_plugins
+from pushsvc.plugin.manager import load_plugins
 
 Start = Callable[..., Any]
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

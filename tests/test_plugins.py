@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 
 from conftest import BIN, SECRET, Server
-from pushsvc import CommandError, Field, FrameContext, MessageType, Reply, hookimpl, hookspecs
-from pushsvc.plugins import PluginError, load_plugins
+from pushsvc import CommandError, Field, FrameContext, MessageType, Reply, hookimpl
+from pushsvc.plugin import hookspecs
+from pushsvc.plugin.manager import PluginError, load_plugins
 
 ROOT = Path(__file__).resolve().parent.parent
 

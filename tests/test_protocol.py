@@ -7,10 +7,10 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pushsvc import ids
-from pushsvc.errors import ErrorCode
-from pushsvc.plugin_api import Field
-from pushsvc.protocol import Command, FrameError, decode_frame, validate
+from pushsvc.plugin.api import Field
+from pushsvc.protocol import ids
+from pushsvc.protocol.codes import ErrorCode
+from pushsvc.protocol.frames import Command, FrameError, decode_frame, validate
 
 FIELDS = {
     "to": Field((str, list), items=str, max_length=3),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pushsvc.ratelimit import KeyedBuckets, TokenBucket, ViolationCounter
+from pushsvc.core.ratelimit import KeyedBuckets, TokenBucket, ViolationCounter
 
 
 def test_bucket_allows_burst_then_refills() -> None:

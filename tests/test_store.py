@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pushsvc import ids
+from pushsvc.protocol import ids
 from pushsvc.store import StoreUnavailable
 from pushsvc.store import sqlite as sqlite_module
 from pushsvc.store.sqlite import ACKED_RETENTION, SqliteStore

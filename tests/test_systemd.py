@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from pushsvc import sdnotify
+from pushsvc.ops import sdnotify
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT_SOURCE = REPO / "systemd"
@@ -389,7 +389,7 @@ passed = int(sys.argv[1])
 os.dup2(passed, 3)
 os.close(passed)
 os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="1", LISTEN_FDNAMES="pushsvc.socket")
-from pushsvc import sdnotify
+from pushsvc.ops import sdnotify
 socks = sdnotify.listen_fds()
 (sock,) = socks
 select.select([sock], [], [], 5)
@@ -445,7 +445,7 @@ def test_listen_fds_on_a_non_socket_raises(tmp_path: Path) -> None:
         fd = os.open(sys.argv[1], os.O_RDONLY)
         os.dup2(fd, 3)
         os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="1")
-        from pushsvc import sdnotify
+        from pushsvc.ops import sdnotify
         try:
             sdnotify.listen_fds()
         except OSError:

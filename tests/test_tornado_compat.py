@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from conftest import Server
-from pushsvc import tornado_compat
+from pushsvc.transport import tornado_compat
 
 
 @pytest.fixture(params=["internals", "public-api"])

@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from conftest import Server, token
-from pushsvc.upgrade import FastConnection, parse_upgrade
+from pushsvc.transport.upgrade import FastConnection, parse_upgrade
 
 
 def upgrade_request(path: str = "/ws", **headers: str) -> bytes:
@@ -147,7 +147,7 @@ async def test_head_in_pieces_still_upgrades(server: Server) -> None:
 async def test_unfinished_head_is_dropped_after_the_timeout(
     server: Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pushsvc import upgrade
+    from pushsvc.transport import upgrade
 
     monkeypatch.setattr(upgrade, "HEAD_TIMEOUT", 0.2)
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)

@@ -16,7 +16,7 @@ from test_gateway import raw_upgrade
 from test_upgrade import upgrade_request
 
 from conftest import Server, token
-from pushsvc.wire import FrameReader, ProtocolViolation, close_payload
+from pushsvc.transport.websocket import FrameReader, ProtocolViolation, close_payload
 
 
 def masked(opcode: int, payload: bytes, final: bool = True, rsv: int = 0) -> bytes:
@@ -207,7 +207,7 @@ async def test_close_handshake_echoes_the_code(server: Server) -> None:
 async def test_peer_that_never_answers_our_close_is_dropped(
     server: Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pushsvc import wire
+    from pushsvc.transport import websocket as wire
 
     monkeypatch.setattr(wire, "CLOSE_TIMEOUT", 0.2)
     client = await Raw.open(server, "deaf")

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pushsvc import ids
+from pushsvc.protocol import ids
 from pushsvc.store import (
     AckResult,
     DeadLetter,

@@ -15,7 +15,8 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 from pushsvc import __version__
-from pushsvc.api import (
+from pushsvc.config import Config
+from pushsvc.http.api import (
     IDEMPOTENCY_HEADER,
     MAX_ID_LENGTH,
     MAX_IDS,
@@ -27,11 +28,10 @@ from pushsvc.api import (
     TYPE_PATTERN,
     at_least_once_types,
 )
-from pushsvc.config import Config
-from pushsvc.errors import ApiErrorCode
+from pushsvc.protocol.codes import ApiErrorCode
 
 if TYPE_CHECKING:
-    from pushsvc.node import Node
+    from pushsvc.core.node import Node
 
 OPENAPI_VERSION = "3.1.0"
 SECURITY_SCHEME = "bearerAuth"

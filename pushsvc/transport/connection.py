@@ -18,12 +18,12 @@ import time
 import urllib.parse
 from collections.abc import Mapping
 
-from pushsvc import ids
-from pushsvc.auth import AuthError, token_from_request
-from pushsvc.errors import CloseCode, HandshakeError
-from pushsvc.node import Node
-from pushsvc.plugin_api import Principal
-from pushsvc.session import Session
+from pushsvc.auth.tokens import AuthError, token_from_request
+from pushsvc.core.node import Node
+from pushsvc.core.session import Session
+from pushsvc.plugin.api import Principal
+from pushsvc.protocol import ids
+from pushsvc.protocol.codes import CloseCode, HandshakeError
 
 log = logging.getLogger("pushsvc.connection")
 

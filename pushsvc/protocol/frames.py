@@ -12,8 +12,8 @@ from typing import Any
 
 import orjson
 
-from pushsvc.errors import ErrorCode
-from pushsvc.plugin_api import Field
+from pushsvc.plugin.api import Field
+from pushsvc.protocol.codes import ErrorCode
 
 MAX_REF_LENGTH = 64
 #: Fields a client may send but the server always fills itself.

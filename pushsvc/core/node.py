@@ -14,21 +14,22 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from pushsvc import fanout, ids, protocol
-from pushsvc.auth import Authenticator
+from pushsvc.auth.revocation import Revocations
+from pushsvc.auth.tokens import Authenticator
 from pushsvc.broker import Broker, Envelope, room_channel, user_channel
 from pushsvc.config import Config
-from pushsvc.delivery import Delivery as DeliveryTracker
-from pushsvc.errors import ErrorCode
-from pushsvc.hub import Hub
-from pushsvc.keepalive import Keepalive
-from pushsvc.metrics import Metrics
-from pushsvc.plugin_api import CommandError, Delivery, Guarantee, Principal
-from pushsvc.plugins import Plugins
-from pushsvc.ratelimit import KeyedBuckets
-from pushsvc.revocation import Revocations
-from pushsvc.session import Session
+from pushsvc.core.hub import Hub
+from pushsvc.core.keepalive import Keepalive
+from pushsvc.core.ratelimit import KeyedBuckets
+from pushsvc.core.session import Session
+from pushsvc.delivery.tracker import Delivery as DeliveryTracker
+from pushsvc.ops.metrics import Metrics
+from pushsvc.plugin.api import CommandError, Delivery, Guarantee, Principal
+from pushsvc.plugin.manager import Plugins
+from pushsvc.protocol import frames, ids
+from pushsvc.protocol.codes import ErrorCode
 from pushsvc.store import IdempotencyKey, Store
+from pushsvc.transport import outbox
 
 log = logging.getLogger("pushsvc.node")
 
@@ -58,7 +59,7 @@ class Node:
         )
         self.delivery = DeliveryTracker(self)  # at-least-once tracking
         self.revocations = Revocations(store)  # revoked tokens (loaded by app.start)
-        self.flusher = fanout.Flusher()  # writes queued frames once per loop pass
+        self.flusher = outbox.Flusher()  # writes queued frames once per loop pass
         self.draining = False  # True once shutdown began: refuse new work
         self._tasks: set[asyncio.Task[Any]] = set()  # background work to finish on shutdown
 
@@ -79,7 +80,7 @@ class Node:
 
     def welcome_frame(self, session: Session) -> bytes:
         """The ``welcome`` frame for a new connection."""
-        return protocol.encode(
+        return frames.encode(
             {
                 "type": "welcome",
                 "message": f"Welcome, {session.principal.name or session.principal.user}!",
@@ -158,7 +159,7 @@ class Node:
     async def _presence(self, room: str, event: str, session: Session) -> None:
         if len(self.hub.members(room)) > self.config.chat.presence_max_members:
             return
-        frame = protocol.encode(
+        frame = frames.encode(
             {"type": "presence", "room": room, "event": event, "user": session.principal.user}
         )
         await self.broker.publish(
@@ -220,7 +221,7 @@ class Node:
         """Stamp, encode and count an at-most-once message."""
         message_id, frame = self.stamp(message)
         self.metrics.messages_accepted.labels(frame["type"]).inc()
-        return Envelope("live", frame["type"], message_id, protocol.encode(frame))
+        return Envelope("live", frame["type"], message_id, frames.encode(frame))
 
     async def publish(self, room: str, message: dict[str, Any]) -> str:
         """Fan ``message`` out to ``room``'s members on every node (at most once)."""

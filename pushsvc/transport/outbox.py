@@ -20,7 +20,7 @@ import asyncio
 from collections.abc import Iterable
 from typing import Protocol
 
-from pushsvc import tornado_compat
+from pushsvc.transport import tornado_compat
 
 
 class Sink(Protocol):

@@ -19,7 +19,7 @@ from typing import Any
 
 import pluggy
 
-from pushsvc.plugin_api import MessageType, Principal
+from pushsvc.plugin.api import MessageType, Principal
 
 hookspec = pluggy.HookspecMarker("pushsvc")
 

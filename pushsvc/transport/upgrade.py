@@ -33,11 +33,12 @@ import tornado.netutil
 from tornado.iostream import IOStream
 from tornado.websocket import WebSocketProtocol13
 
-from pushsvc import eager, logs, tornado_compat
-from pushsvc.connection import admit
-from pushsvc.errors import HandshakeError
-from pushsvc.node import Node
-from pushsvc.wire import WireConnection
+from pushsvc.core.node import Node
+from pushsvc.ops import logs
+from pushsvc.protocol.codes import HandshakeError
+from pushsvc.transport import eager, tornado_compat
+from pushsvc.transport.connection import admit
+from pushsvc.transport.websocket import WireConnection
 
 log = logging.getLogger("pushsvc.upgrade")
 

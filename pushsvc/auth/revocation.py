@@ -15,9 +15,9 @@ import time
 from collections.abc import Iterable
 from typing import Any, Protocol
 
-from pushsvc.auth import AuthError
-from pushsvc.errors import CloseCode
-from pushsvc.plugin_api import Principal
+from pushsvc.auth.tokens import AuthError
+from pushsvc.plugin.api import Principal
+from pushsvc.protocol.codes import CloseCode
 from pushsvc.store import Revocation, Store
 
 #: ``kind`` of a revocation of one token (by its ``jti`` claim).

@@ -24,12 +24,12 @@ import logging
 from collections import deque
 from typing import TYPE_CHECKING
 
-from pushsvc import eager, tornado_compat
-from pushsvc.connection import ConnectionBase
-from pushsvc.errors import CloseCode
+from pushsvc.protocol.codes import CloseCode
+from pushsvc.transport import eager, tornado_compat
+from pushsvc.transport.connection import ConnectionBase
 
 if TYPE_CHECKING:
-    from pushsvc.node import Node
+    from pushsvc.core.node import Node
 
 log = logging.getLogger("pushsvc.wire")
 

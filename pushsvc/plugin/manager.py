@@ -17,8 +17,8 @@ from typing import Any, TypeVar, cast
 
 import pluggy
 
-from pushsvc import hookspecs
-from pushsvc.plugin_api import MessageType, Principal, hookimpl
+from pushsvc.plugin import hookspecs
+from pushsvc.plugin.api import MessageType, Principal, hookimpl
 
 log = logging.getLogger("pushsvc.plugins")
 

@@ -23,15 +23,15 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from pushsvc import protocol
 from pushsvc.broker import Envelope, user_channel
-from pushsvc.errors import ErrorCode
-from pushsvc.plugin_api import CommandError
+from pushsvc.plugin.api import CommandError
+from pushsvc.protocol import frames
+from pushsvc.protocol.codes import ErrorCode
 from pushsvc.store import DeadLetter, IdempotencyKey, StoreUnavailable
 
 if TYPE_CHECKING:
-    from pushsvc.node import Node
-    from pushsvc.session import Session
+    from pushsvc.core.node import Node
+    from pushsvc.core.session import Session
 
 log = logging.getLogger("pushsvc.delivery")
 
@@ -139,7 +139,7 @@ class Delivery:
         node = self.node
         message_id, frame = node.stamp(message)
         frame["ack"] = True
-        data = protocol.encode(frame)
+        data = frames.encode(frame)
         kind = frame["type"]
         lifetime = min(ttl, node.config.delivery.ttl) if ttl else node.config.delivery.ttl
         try:  # latency and failures are counted by the instrumented store

@@ -22,7 +22,7 @@ import orjson
 from tornado.httpclient import AsyncHTTPClient
 
 from pushsvc.config import AuthConfig
-from pushsvc.plugin_api import Principal
+from pushsvc.plugin.api import Principal
 
 log = logging.getLogger("pushsvc.auth")
 # PyJWT warns on every call with a short HMAC key; pushsvc says it once at startup.

@@ -22,11 +22,11 @@ import tornado.websocket
 from tornado.iostream import StreamClosedError
 from tornado.websocket import WebSocketClosedError, WebSocketProtocol13
 
-from pushsvc import eager, tornado_compat
-from pushsvc.connection import ConnectionBase, admit
-from pushsvc.errors import CloseCode, HandshakeError
-from pushsvc.node import Node
-from pushsvc.plugin_api import Principal
+from pushsvc.core.node import Node
+from pushsvc.plugin.api import Principal
+from pushsvc.protocol.codes import CloseCode, HandshakeError
+from pushsvc.transport import eager, tornado_compat
+from pushsvc.transport.connection import ConnectionBase, admit
 
 log = logging.getLogger("pushsvc.handler")
 

@@ -31,10 +31,10 @@ from prometheus_client import (
 )
 
 from pushsvc import __version__
-from pushsvc.plugins import CORE_TYPES
+from pushsvc.plugin.manager import CORE_TYPES
 
 if TYPE_CHECKING:
-    from pushsvc.node import Node
+    from pushsvc.core.node import Node
     from pushsvc.store import Store
 
 #: ``result`` of a handshake: ``ok`` or the refusal's ``error`` code (PROTOCOL §1).

@@ -12,17 +12,17 @@ import time
 from collections.abc import Collection
 from typing import TYPE_CHECKING, Any, Protocol
 
-from pushsvc import protocol
-from pushsvc.auth import AuthError
+from pushsvc.auth.tokens import AuthError
 from pushsvc.broker import Envelope
 from pushsvc.config import RateLimitConfig
-from pushsvc.errors import CloseCode, ErrorCode
-from pushsvc.plugin_api import CommandError, Field, FrameContext, Principal, Reply
-from pushsvc.protocol import Command, FrameError
-from pushsvc.ratelimit import TokenBucket, ViolationCounter
+from pushsvc.core.ratelimit import TokenBucket, ViolationCounter
+from pushsvc.plugin.api import CommandError, Field, FrameContext, Principal, Reply
+from pushsvc.protocol import frames
+from pushsvc.protocol.codes import CloseCode, ErrorCode
+from pushsvc.protocol.frames import Command, FrameError
 
 if TYPE_CHECKING:
-    from pushsvc.node import Node
+    from pushsvc.core.node import Node
 
 log = logging.getLogger("pushsvc.session")
 
@@ -126,7 +126,7 @@ class Session:
     ) -> None:
         """Send an ``error`` frame."""
         self.node.metrics.frame_errors.labels(code).inc()
-        self.send(protocol.error_frame(code, message, ref, retry_after), "error")
+        self.send(frames.error_frame(code, message, ref, retry_after), "error")
 
     def close_with(self, code: int, reason: str, metric_reason: str) -> None:
         """Close the connection once, counting why.
@@ -170,7 +170,7 @@ class Session:
         """Handle one client frame; never raises."""
         now = time.monotonic()
         self.last_seen = now
-        command = protocol.decode_frame(data, binary=binary)
+        command = frames.decode_frame(data, binary=binary)
         kind = "invalid"
         cost = 1.0
         registered = None
@@ -229,7 +229,7 @@ class Session:
 
     def _reply(self, ref: str | None, fields: dict[str, Any] | None = None) -> None:
         if ref is not None:
-            self.send(protocol.reply_frame(ref, fields), "reply")
+            self.send(frames.reply_frame(ref, fields), "reply")
 
     async def _plugin_command(self, command: Command, plugin: str) -> None:
         message_type = self.node.plugins.types[command.type].message_type
@@ -237,7 +237,7 @@ class Session:
             raise CommandError(
                 ErrorCode.FORBIDDEN, f"{command.type} needs scope {message_type.scope!r}"
             )
-        checked = protocol.validate(command, message_type.fields)
+        checked = frames.validate(command, message_type.fields)
         if isinstance(checked, FrameError):
             self.send_error(checked.code, checked.message, checked.ref)
             return
@@ -264,7 +264,7 @@ class Session:
             self._reply(command.ref)
 
     async def _core_command(self, command: Command) -> None:
-        checked = protocol.validate(command, CORE_FIELDS[command.type])
+        checked = frames.validate(command, CORE_FIELDS[command.type])
         if isinstance(checked, FrameError):
             self.send_error(checked.code, checked.message, checked.ref)
             return
@@ -273,7 +273,7 @@ class Session:
             pong: dict[str, Any] = {"type": "pong"}
             if ref is not None:
                 pong["ref"] = ref
-            self.send(protocol.encode(pong), "pong")
+            self.send(frames.encode(pong), "pong")
         elif command.type == "join":
             await self.node.join(self, fields["room"])
             self._reply(ref, {"room": fields["room"]})

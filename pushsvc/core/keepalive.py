@@ -12,8 +12,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
-from pushsvc.errors import CloseCode
-from pushsvc.plugin_api import Principal
+from pushsvc.plugin.api import Principal
+from pushsvc.protocol.codes import CloseCode
 
 #: Heap entries beyond twice the open connections before it is rebuilt.
 COMPACT_SLACK = 1024

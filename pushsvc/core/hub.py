@@ -11,11 +11,11 @@ import logging
 from collections.abc import Collection, Iterable
 from typing import Protocol
 
-from pushsvc import fanout, tornado_compat
 from pushsvc.broker import Broker, Envelope, room_channel, user_channel
 from pushsvc.config import RateLimitConfig
-from pushsvc.metrics import Metrics
-from pushsvc.plugin_api import Principal
+from pushsvc.ops.metrics import Metrics
+from pushsvc.plugin.api import Principal
+from pushsvc.transport import outbox, tornado_compat
 
 log = logging.getLogger("pushsvc.hub")
 
@@ -182,10 +182,10 @@ class Hub:
                 return
             if envelope.kind == "presence":  # to the others: ``id`` is the subject's session
                 others = [c for s, c in members.items() if s != envelope.id]
-                self._count(envelope, fanout.send_to_all(others, envelope.frame, envelope.type))
+                self._count(envelope, outbox.send_to_all(others, envelope.frame, envelope.type))
                 return
             self.metrics.broadcast_recipients.observe(len(members))
-            sent = fanout.send_to_all(members.values(), envelope.frame, envelope.type)
+            sent = outbox.send_to_all(members.values(), envelope.frame, envelope.type)
             self.metrics.messages_delivered.labels(envelope.type).inc(sent)
             self._count(envelope, sent)
             return
@@ -193,7 +193,7 @@ class Hub:
         if not clients:
             return
         if envelope.kind == "live":
-            sent = fanout.send_to_all(clients, envelope.frame, envelope.type)
+            sent = outbox.send_to_all(clients, envelope.frame, envelope.type)
             self.metrics.messages_delivered.labels(envelope.type).inc(sent)
             self._count(envelope, sent)
         elif envelope.kind == "durable":

@@ -1,0 +1,1 @@
+"""Who is connecting: JWT verification and revocations."""

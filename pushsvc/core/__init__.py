@@ -1,0 +1,1 @@
+"""The service core, transport-neutral: sessions, the hub, keepalive, rate limits, the node."""

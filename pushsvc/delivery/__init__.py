@@ -1,0 +1,1 @@
+"""At-least-once delivery: retry policy, per-connection windows, the tracker."""

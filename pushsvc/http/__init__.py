@@ -1,0 +1,1 @@
+"""The HTTP layer: the API handlers, health, metrics and OpenAPI routes."""

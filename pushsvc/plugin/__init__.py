@@ -1,0 +1,1 @@
+"""The plugin platform: the public API, the hook specifications, the plugin manager."""

@@ -1,0 +1,1 @@
+"""The wire contract, pure: codes, frames, ids, fields, command and disconnect tables."""

@@ -1,0 +1,1 @@
+"""Transports: the WebSocket engine (codec, upgrade, connection) and the per-pass outbox."""
