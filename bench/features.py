@@ -22,7 +22,6 @@ import tornado
 from pushsvc.auth import tokens
 from pushsvc.broker import Envelope
 from pushsvc.config import AuthConfig
-from pushsvc.core.node import Node
 from pushsvc.core.ratelimit import KeyedBuckets, TokenBucket
 from pushsvc.core.session import CORE_FIELDS
 from pushsvc.ops.metrics import Metrics
@@ -68,7 +67,7 @@ def measure() -> list[tuple[str, str, float]]:
         (
             "message",
             "stamp + encode (chat)",
-            per_op(lambda: frames.encode(Node.stamp(message)[1])),
+            per_op(lambda: frames.encode(frames.stamp(message)[1])),
         ),
         (
             "message",

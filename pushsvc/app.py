@@ -46,7 +46,7 @@ from pushsvc.http import api
 from pushsvc.ops import logs, sdnotify
 from pushsvc.ops.metrics import Metrics
 from pushsvc.plugin.manager import DefaultRoomPolicy, Plugins, await_me_maybe, load_plugins
-from pushsvc.protocol.codes import CloseCode
+from pushsvc.protocol.disconnects import DISCONNECTS
 from pushsvc.store import make_store
 from pushsvc.transport.tornado_handler import WebSocketHandler
 from pushsvc.transport.upgrade import UpgradeServer
@@ -357,12 +357,10 @@ class Service:
                 delay = RESTART_ALLOWANCE_SECONDS + max(0.0, slot - (loop.time() - begin))
             else:
                 delay = drain + RESTART_ALLOWANCE_SECONDS
-            client.close_with(CloseCode.GOING_AWAY, drain_reason(delay), "drain")
+            client.close(DISCONNECTS.going_away.because(drain_reason(delay)))
         # Handshakes that were past the draining check when it began.
         for client in list(node.hub.all_clients()):
-            client.close_with(
-                CloseCode.GOING_AWAY, drain_reason(RESTART_ALLOWANCE_SECONDS), "drain"
-            )
+            client.close(DISCONNECTS.going_away.because(drain_reason(RESTART_ALLOWANCE_SECONDS)))
         await _wait_until(lambda: not node.hub.sessions, CLOSE_GRACE_SECONDS)
 
     async def _sleep_unless_hurried(self, seconds: float) -> None:

@@ -6,6 +6,7 @@ import dataclasses
 
 from pushsvc.core.keepalive import COMPACT_SLACK, Keepalive
 from pushsvc.plugin.api import Principal
+from pushsvc.protocol.disconnects import Disconnect
 
 
 @dataclasses.dataclass
@@ -20,8 +21,8 @@ class FakeConnection:
     def ping(self) -> None:
         self.pings += 1
 
-    def close_with(self, code: int, reason: str, metric_reason: str) -> None:
-        self.closing, self.closed_with = True, code
+    def close(self, disconnect: Disconnect) -> None:
+        self.closing, self.closed_with = True, disconnect.code
 
 
 def principal(exp: float | None) -> Principal:

@@ -16,6 +16,7 @@ from test_gateway import raw_upgrade
 from test_upgrade import upgrade_request
 
 from conftest import Server, token
+from pushsvc.protocol.disconnects import DISCONNECTS
 from pushsvc.transport.websocket import FrameReader, ProtocolViolation, close_payload
 
 
@@ -213,9 +214,9 @@ async def test_peer_that_never_answers_our_close_is_dropped(
     client = await Raw.open(server, "deaf")
     await client.message("welcome")
     [session] = server.node.hub.user_clients("deaf")
-    session.close_with(4000, "test", "test")
+    session.close(DISCONNECTS.api)
     opcode, payload = await client.frame()
-    assert (opcode, int.from_bytes(payload[:2], "big")) == (0x8, 4000)
+    assert (opcode, int.from_bytes(payload[:2], "big")) == (0x8, DISCONNECTS.api.code)
     assert await client.eof()  # without our close frame back, within the timeout
 
 

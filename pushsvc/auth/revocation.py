@@ -15,18 +15,15 @@ import time
 from collections.abc import Iterable
 from typing import Any, Protocol
 
+from pushsvc.auth.principal import Principal
 from pushsvc.auth.tokens import AuthError
-from pushsvc.plugin.api import Principal
-from pushsvc.protocol.codes import CloseCode
+from pushsvc.protocol.disconnects import DISCONNECTS, Disconnect
 from pushsvc.store import Revocation, Store
 
 #: ``kind`` of a revocation of one token (by its ``jti`` claim).
 JTI = "jti"
 #: ``kind`` of a revocation of a user's tokens issued before ``until``.
 USER = "user"
-#: Close reason sent with 4001 and the label of ``pushsvc_closes_total``.
-CLOSE_REASON = "token revoked"
-CLOSE_METRIC = "revoked"
 #: ``AuthError.reason`` of a revoked token (401 ``reason``, ``auth`` refusals).
 AUTH_REASON = "revoked"
 
@@ -37,7 +34,7 @@ class Holder(Protocol):
     principal: Principal  # the token in use
     closing: bool  # a close was started
 
-    def close_with(self, code: int, reason: str, metric_reason: str) -> None:
+    def close(self, disconnect: Disconnect) -> None:
         """Close the connection."""
         ...
 
@@ -105,7 +102,7 @@ class Revocations:
         closed = 0
         for holder in list(holders):
             if not holder.closing and self.is_revoked(holder.principal):
-                holder.close_with(CloseCode.TOKEN_EXPIRED, CLOSE_REASON, CLOSE_METRIC)
+                holder.close(DISCONNECTS.revoked)
                 closed += 1
         return stored, closed
 

@@ -21,8 +21,8 @@ import jwt
 import orjson
 from tornado.httpclient import AsyncHTTPClient
 
+from pushsvc.auth.principal import Principal
 from pushsvc.config import AuthConfig
-from pushsvc.plugin.api import Principal
 
 log = logging.getLogger("pushsvc.auth")
 # PyJWT warns on every call with a short HMAC key; pushsvc says it once at startup.

@@ -1,27 +1,35 @@
 """Hub tracks the client connections on this node: by session, user, address and room.
 
 It is the broker's local end: envelopes for ``room:`` and ``user:``
-channels arrive in :meth:`Hub.on_envelope` and go to the local sockets
-through :func:`pushsvc.fanout.send_to_all`, the one broadcast path.
+channels arrive in :meth:`Hub.on_envelope`; live ones go to the local
+connections through :func:`send_to_all`, the one broadcast path (the payload
+is encoded once and wrapped once per transport kind), durable and settled
+ones go straight to the delivery tracker.
+
+Trade-off, as plainly as websockets puts it for its ``broadcast()``: there is
+no backpressure towards the publisher. A member whose transport cannot keep
+up is closed as a slow consumer (4008) instead of growing memory; the others
+are not slowed down by it.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Collection, Iterable
-from typing import Protocol
+from typing import Any, Protocol
 
+from pushsvc.auth.principal import Principal
 from pushsvc.broker import Broker, Envelope, room_channel, user_channel
 from pushsvc.config import RateLimitConfig
 from pushsvc.ops.metrics import Metrics
-from pushsvc.plugin.api import Principal
-from pushsvc.transport import outbox, tornado_compat
+from pushsvc.protocol.disconnects import DISCONNECTS, Disconnect
+from pushsvc.protocol.frames import Broadcast
 
 log = logging.getLogger("pushsvc.hub")
 
 
 class Client(Protocol):
-    """What the hub needs of a connection (implemented by the WebSocket handler)."""
+    """What the hub needs of a connection (a :class:`~pushsvc.core.session.Session`)."""
 
     session: str  # unique id of the connection
     principal: Principal  # who is connected
@@ -35,23 +43,15 @@ class Client(Protocol):
         ...
 
     def send(self, data: bytes, kind: str) -> None:
-        """Write one text frame; ``kind`` is the message type (for metrics)."""
+        """Write one payload; ``kind`` is the message type (for metrics)."""
         ...
 
-    def send_framed(self, frame: bytes) -> bool:
-        """Queue an already framed message; False when the connection is closing."""
+    def send_broadcast(self, broadcast: Broadcast) -> bool:
+        """Queue a shared payload; False when the connection is closing."""
         ...
 
-    def close_with(self, code: int, reason: str, metric_reason: str) -> None:
+    def close(self, disconnect: Disconnect) -> None:
         """Close the connection with a close code and a reason."""
-        ...
-
-    def on_durable(self, envelope: Envelope) -> None:
-        """An at-least-once message for this connection's user arrived."""
-        ...
-
-    def on_settled(self, ids: Collection[str]) -> None:
-        """These message ids were acked (possibly by another connection)."""
         ...
 
     def reconfigure_limits(self, limits: RateLimitConfig, now: float) -> None:
@@ -59,12 +59,33 @@ class Client(Protocol):
         ...
 
 
+class DurableReceiver(Protocol):
+    """Where at-least-once envelopes go (the delivery tracker)."""
+
+    def offer(self, client: Any, envelope: Envelope) -> None:
+        """A new at-least-once message for ``client``'s user."""
+        ...
+
+    def settled(self, client: Any, message_ids: Collection[str]) -> None:
+        """These ids were acked or dead-lettered: stop resending them on ``client``."""
+        ...
+
+
+def send_to_all(clients: Iterable[Client], broadcast: Broadcast) -> int:
+    """Queue the same payload on every client; returns how many took it."""
+    sent = 0
+    for client in list(clients):
+        sent += client.send_broadcast(broadcast)
+    return sent
+
+
 class Hub:
     """Local registry of connections and rooms, fed by the broker."""
 
-    def __init__(self, broker: Broker, metrics: Metrics) -> None:
+    def __init__(self, broker: Broker, metrics: Metrics, durable: DurableReceiver) -> None:
         self.broker = broker  # where subscriptions are made
         self.metrics = metrics  # for fan-out sizes
+        self.durable = durable  # the delivery tracker
         self.sessions: dict[str, Client] = {}  # session -> client
         self.users: dict[str, dict[str, Client]] = {}  # user -> session -> client
         self.rooms: dict[str, dict[str, Client]] = {}  # room -> session -> client
@@ -167,11 +188,13 @@ class Hub:
 
     # -- broker input -----------------------------------------------------------
 
-    def _count(self, envelope: Envelope, sent: int) -> None:
-        """Frame and byte counters, once per broadcast instead of once per member."""
-        if sent and tornado_compat.RAW_FRAMES:  # the fallback path counts in Session.send
+    def _broadcast(self, clients: Iterable[Client], envelope: Envelope) -> int:
+        """Send a live envelope to ``clients``; frame and byte counters once per broadcast."""
+        sent = send_to_all(clients, Broadcast(envelope.frame, envelope.type))
+        if sent:
             self.metrics.frames_sent.labels(envelope.type).inc(sent)
             self.metrics.sent_bytes.labels(envelope.type).inc(sent * len(envelope.frame))
+        return sent
 
     def on_envelope(self, channel: str, envelope: Envelope) -> None:
         """Deliver an envelope from the broker to the local connections."""
@@ -181,31 +204,28 @@ class Hub:
             if not members:
                 return
             if envelope.kind == "presence":  # to the others: ``id`` is the subject's session
-                others = [c for s, c in members.items() if s != envelope.id]
-                self._count(envelope, outbox.send_to_all(others, envelope.frame, envelope.type))
+                self._broadcast([c for s, c in members.items() if s != envelope.id], envelope)
                 return
             self.metrics.broadcast_recipients.observe(len(members))
-            sent = outbox.send_to_all(members.values(), envelope.frame, envelope.type)
+            sent = self._broadcast(members.values(), envelope)
             self.metrics.messages_delivered.labels(envelope.type).inc(sent)
-            self._count(envelope, sent)
             return
         clients = list(self.user_clients(name))
         if not clients:
             return
         if envelope.kind == "live":
-            sent = outbox.send_to_all(clients, envelope.frame, envelope.type)
+            sent = self._broadcast(clients, envelope)
             self.metrics.messages_delivered.labels(envelope.type).inc(sent)
-            self._count(envelope, sent)
         elif envelope.kind == "durable":
             for client in clients:
-                client.on_durable(envelope)
+                self.durable.offer(client, envelope)
         elif envelope.kind == "settled":
             ids = envelope.frame.decode().split()
             for client in clients:
-                client.on_settled(ids)
+                self.durable.settled(client, ids)
         elif envelope.kind == "disconnect":
-            reason = envelope.frame.decode()
+            disconnect = DISCONNECTS.api.because(envelope.frame.decode())
             for client in clients:
-                client.close_with(4003, reason, "api")
+                client.close(disconnect)
         else:
             log.warning("unknown envelope kind %r on %s", envelope.kind, channel)

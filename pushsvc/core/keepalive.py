@@ -12,8 +12,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
-from pushsvc.plugin.api import Principal
-from pushsvc.protocol.codes import CloseCode
+from pushsvc.auth.principal import Principal
+from pushsvc.protocol.disconnects import DISCONNECTS, Disconnect
 
 #: Heap entries beyond twice the open connections before it is rebuilt.
 COMPACT_SLACK = 1024
@@ -31,7 +31,7 @@ class Watched(Protocol):
         """Send a protocol-level ping."""
         ...
 
-    def close_with(self, code: int, reason: str, metric_reason: str) -> None:
+    def close(self, disconnect: Disconnect) -> None:
         """Close the connection."""
         ...
 
@@ -76,7 +76,7 @@ class Keepalive:
                 continue
             current = client.principal.expires_at  # an ``auth`` frame may have renewed it
             if current is not None and current <= wall:
-                client.close_with(CloseCode.TOKEN_EXPIRED, "token expired", "token_expired")
+                client.close(DISCONNECTS.token_expired)
         if mono >= self._next_ping:
             self._next_ping = mono + self.heartbeat
             silent_after = self.heartbeat + self.timeout
@@ -87,7 +87,7 @@ class Keepalive:
                 if client.closing:
                     continue
                 if mono - client.last_seen > silent_after:
-                    client.close_with(CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout", "heartbeat")
+                    client.close(DISCONNECTS.heartbeat)
                 else:
                     client.ping()
 

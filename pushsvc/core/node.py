@@ -1,8 +1,11 @@
-"""Node is the service on this process: the operations plugins and the HTTP API use.
+"""Node is the service on this process: a thin facade over the parts.
 
-It ties the parts together without owning their internals: the hub (local
-connections), the broker (other nodes), the store and delivery tracker
-(at-least-once), the authenticator and the rate limits.
+It builds the parts and wires them to each other (the hub, the broker, the
+store and delivery tracker, the authenticator, the rate limits) and
+implements the small interfaces the other layers ask for: what a session
+needs (:class:`~pushsvc.core.session.SessionServices`), what a plugin may do
+(:class:`~pushsvc.plugin.api.Node`), what the metrics read
+(:class:`~pushsvc.ops.metrics.Observed`). No part reaches into the node.
 """
 
 from __future__ import annotations
@@ -25,11 +28,10 @@ from pushsvc.core.session import Session
 from pushsvc.delivery.tracker import Delivery as DeliveryTracker
 from pushsvc.ops.metrics import Metrics
 from pushsvc.plugin.api import CommandError, Delivery, Guarantee, Principal
-from pushsvc.plugin.manager import Plugins
-from pushsvc.protocol import frames, ids
+from pushsvc.plugin.manager import Plugins, RegisteredType
+from pushsvc.protocol import frames
 from pushsvc.protocol.codes import ErrorCode
 from pushsvc.store import IdempotencyKey, Store
-from pushsvc.transport import outbox
 
 log = logging.getLogger("pushsvc.node")
 
@@ -46,7 +48,10 @@ class Node:
         self.plugins = plugins  # hooks and message types
         self.broker = broker  # other nodes
         self.store = store  # durable messages
-        self.hub = Hub(broker, metrics)  # local connections and rooms
+        self.delivery = DeliveryTracker(
+            config.delivery, store, broker, metrics, self._dead_lettered
+        )  # at-least-once tracking
+        self.hub = Hub(broker, metrics, self.delivery)  # local connections and rooms
         self.authenticator = Authenticator(config.auth, config.secret())  # token checks
         self.user_buckets = KeyedBuckets(limits.user_rate, limits.user_burst)  # per user
         self.handshake_buckets = KeyedBuckets(limits.handshake_rate, limits.handshake_burst)
@@ -57,9 +62,7 @@ class Node:
             config.server.heartbeat,
             config.server.heartbeat_timeout,
         )
-        self.delivery = DeliveryTracker(self)  # at-least-once tracking
         self.revocations = Revocations(store)  # revoked tokens (loaded by app.start)
-        self.flusher = outbox.Flusher()  # writes queued frames once per loop pass
         self.draining = False  # True once shutdown began: refuse new work
         self._tasks: set[asyncio.Task[Any]] = set()  # background work to finish on shutdown
 
@@ -117,6 +120,35 @@ class Node:
             api = self.config.api
             self.api_buckets.reconfigure(api.rate, api.burst, time.monotonic())
         return list(changed)
+
+    def _dead_lettered(self, user: str, message: dict[str, Any], reason: str) -> None:
+        self.plugins.notify("pushsvc_dead_lettered", user=user, message=message, reason=reason)
+
+    # -- what the session and the metrics need ---------------------------------
+
+    def message_type(self, name: str) -> RegisteredType | None:
+        """The plugin message type registered as ``name``, if any."""
+        return self.plugins.types.get(name)
+
+    def message_types(self) -> list[str]:
+        """Every registered plugin message type."""
+        return list(self.plugins.types)
+
+    def broker_healthy(self) -> bool:
+        """Whether the broker reaches the other nodes."""
+        return self.broker.healthy()
+
+    def store_healthy(self) -> bool:
+        """Whether the last store write succeeded."""
+        return self.store.healthy()
+
+    def token_refreshed(self, session: Session) -> None:
+        """``session`` holds a new token: re-arm its expiry."""
+        self.keepalive.track_expiry(session)
+
+    async def ack(self, session: Session, ids: Sequence[str]) -> int:
+        """Settle at-least-once messages for ``session``'s user; returns how many."""
+        return await self.delivery.ack(session, ids)
 
     # -- authentication ---------------------------------------------------------
 
@@ -208,18 +240,9 @@ class Node:
 
     # -- messages ---------------------------------------------------------------
 
-    @staticmethod
-    def stamp(message: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        """Give a message its ``id`` and ``timestamp`` (server clock, ms)."""
-        message_id = ids.new_id()
-        out = {"type": message["type"], "id": message_id}
-        out.update((k, v) for k, v in message.items() if k not in ("type", "id", "timestamp"))
-        out["timestamp"] = int(time.time() * 1000)
-        return message_id, out
-
     def _live(self, message: dict[str, Any]) -> Envelope:
         """Stamp, encode and count an at-most-once message."""
-        message_id, frame = self.stamp(message)
+        message_id, frame = frames.stamp(message)
         self.metrics.messages_accepted.labels(frame["type"]).inc()
         return Envelope("live", frame["type"], message_id, frames.encode(frame))
 

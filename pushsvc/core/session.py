@@ -1,44 +1,36 @@
-"""Session is one client connection's protocol logic, independent of Tornado.
+"""Session is one client connection's protocol logic, independent of any transport.
 
 It turns frames into actions: decode, rate-limit, dispatch to a core command
-or a plugin's message type, answer with ``reply`` or ``error``. The transport
-(the WebSocket handler) only moves bytes.
+(:data:`~pushsvc.protocol.commands.CORE_COMMANDS`) or a plugin's message type,
+answer with ``reply`` or ``error``. It needs the service only through
+:class:`SessionServices` and its connection only through :class:`Transport`
+(which moves payload bytes its own way: WebSocket frames, or anything else).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Collection
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Sequence
+from typing import Any, Protocol
 
+from pushsvc.auth.principal import Principal
 from pushsvc.auth.tokens import AuthError
-from pushsvc.broker import Envelope
 from pushsvc.config import RateLimitConfig
-from pushsvc.core.ratelimit import TokenBucket, ViolationCounter
-from pushsvc.plugin.api import CommandError, Field, FrameContext, Principal, Reply
+from pushsvc.core.ratelimit import KeyedBuckets, TokenBucket, ViolationCounter
+from pushsvc.ops.metrics import Metrics
+from pushsvc.plugin.api import FrameContext, Reply
+from pushsvc.plugin.api import Node as PluginNode
+from pushsvc.plugin.manager import RegisteredType
 from pushsvc.protocol import frames
-from pushsvc.protocol.codes import CloseCode, ErrorCode
-from pushsvc.protocol.frames import Command, FrameError
-
-if TYPE_CHECKING:
-    from pushsvc.core.node import Node
+from pushsvc.protocol.codes import ErrorCode
+from pushsvc.protocol.commands import CORE_COMMANDS
+from pushsvc.protocol.disconnects import DISCONNECTS, Disconnect
+from pushsvc.protocol.fields import CommandError
+from pushsvc.protocol.frames import Broadcast, Command, FrameError
 
 log = logging.getLogger("pushsvc.session")
 
-ROOM_FIELD = Field(str, max_length=200)
-CORE_FIELDS: dict[str, dict[str, Field]] = {
-    "join": {"room": ROOM_FIELD},
-    "leave": {"room": ROOM_FIELD},
-    "auth": {"token": Field(str, max_length=8192)},
-    "ping": {},
-    "ack": {
-        "id": Field(str, required=False, max_length=64),
-        "ids": Field(list, required=False, items=str, max_length=1000),
-    },
-}
-#: Rate-limit cost of core commands; acks are cheap so that acking stays possible.
-CORE_COSTS = {"join": 1.0, "leave": 1.0, "auth": 1.0, "ping": 1.0, "ack": 0.1}
 #: Close reasons logged at debug level only (one line per connection would flood the log).
 QUIET_CLOSES = frozenset({"drain"})
 
@@ -47,19 +39,57 @@ class Transport(Protocol):
     """What a session needs from its socket."""
 
     def write_frame(self, data: bytes) -> None:
-        """Write ``data`` as one text frame, closing the connection if its buffer is too full."""
+        """Write one payload (a JSON message), closing the connection if its buffer is too full."""
         ...
 
-    def write_framed(self, frame: bytes) -> None:
-        """Write bytes that are already a complete WebSocket frame."""
+    def write_broadcast(self, broadcast: Broadcast) -> None:
+        """Write a payload shared by many connections.
+
+        A transport that wraps payloads (WebSocket framing) wraps it once per
+        broadcast with :meth:`~pushsvc.protocol.frames.Broadcast.wrapped`.
+        """
         ...
 
     def close_connection(self, code: int, reason: str, abort: bool = False) -> None:
-        """Send a close frame; with ``abort``, drop the socket without waiting."""
+        """Close with ``code`` and ``reason``; with ``abort``, drop it without waiting."""
         ...
 
     def send_ping(self) -> None:
-        """Send a protocol-level ping."""
+        """Send a transport-level ping (the peer's answer calls ``Session.on_pong``)."""
+        ...
+
+
+class SessionServices(PluginNode, Protocol):
+    """What a session needs of the service (implemented by :class:`~pushsvc.core.node.Node`).
+
+    It is also what the session's plugin handlers get as ``FrameContext.node``.
+    """
+
+    metrics: Metrics  # Prometheus series
+    user_buckets: KeyedBuckets  # the per-user rate limit, shared by the user's connections
+
+    def message_type(self, name: str) -> RegisteredType | None:
+        """The plugin message type registered as ``name``, if any."""
+        ...
+
+    async def join(self, session: Session, room: str) -> None:
+        """Join ``room`` (raises ``CommandError`` ``forbidden``)."""
+        ...
+
+    async def leave(self, session: Session, room: str) -> None:
+        """Leave ``room``."""
+        ...
+
+    async def authenticate(self, token: str | None) -> Principal:
+        """Verify a token (raises :class:`~pushsvc.auth.tokens.AuthError`)."""
+        ...
+
+    def token_refreshed(self, session: Session) -> None:
+        """``session`` holds a new token: re-arm its expiry."""
+        ...
+
+    async def ack(self, session: Session, ids: Sequence[str]) -> int:
+        """Settle at-least-once messages for ``session``'s user; returns how many."""
         ...
 
 
@@ -71,21 +101,26 @@ class Session:
         "closing",
         "inflight",
         "last_seen",
-        "node",
         "principal",
         "remote_ip",
         "rooms",
+        "services",
         "session",
         "transport",
         "violations",
     )
 
     def __init__(
-        self, node: Node, transport: Transport, principal: Principal, session: str, remote_ip: str
+        self,
+        services: SessionServices,
+        transport: Transport,
+        principal: Principal,
+        session: str,
+        remote_ip: str,
     ) -> None:
-        limits = node.config.ratelimit
+        limits = services.config.ratelimit
         now = time.monotonic()
-        self.node = node  # the service
+        self.services = services  # what the session needs of the service
         self.transport = transport  # the socket
         self.principal = principal  # who is connected (replaced by an 'auth' frame)
         self.session = session  # unique connection id
@@ -109,26 +144,26 @@ class Session:
         """Write one encoded frame (``kind`` labels the metrics)."""
         if self.closing:
             return
-        metrics = self.node.metrics
+        metrics = self.services.metrics
         metrics.frames_sent.labels(kind).inc()
         metrics.sent_bytes.labels(kind).inc(len(data))
         self.transport.write_frame(data)
 
-    def send_framed(self, frame: bytes) -> bool:
-        """Queue a frame built once for a broadcast (metrics are counted by the caller)."""
+    def send_broadcast(self, broadcast: Broadcast) -> bool:
+        """Queue a payload shared by many recipients (the caller counts the metrics once)."""
         if self.closing:
             return False
-        self.transport.write_framed(frame)
+        self.transport.write_broadcast(broadcast)
         return True
 
     def send_error(
         self, code: str, message: str, ref: str | None = None, retry_after: float | None = None
     ) -> None:
         """Send an ``error`` frame."""
-        self.node.metrics.frame_errors.labels(code).inc()
+        self.services.metrics.frame_errors.labels(code).inc()
         self.send(frames.error_frame(code, message, ref, retry_after), "error")
 
-    def close_with(self, code: int, reason: str, metric_reason: str) -> None:
+    def close(self, disconnect: Disconnect) -> None:
         """Close the connection once, counting why.
 
         Peers that stopped reading or answering (slow consumer, heartbeat)
@@ -137,24 +172,15 @@ class Session:
         if self.closing:
             return
         self.closing = True
-        self.node.metrics.closes.labels(metric_reason).inc()
+        self.services.metrics.closes.labels(disconnect.label).inc()
         log.log(
-            logging.DEBUG if metric_reason in QUIET_CLOSES else logging.INFO,
+            logging.DEBUG if disconnect.label in QUIET_CLOSES else logging.INFO,
             "closing the connection with %d: %s",
-            code,
-            reason,
+            disconnect.code,
+            disconnect.reason,
             extra={"session": self.session, "user": self.principal.user},
         )
-        abort = code in (CloseCode.SLOW_CONSUMER, CloseCode.HEARTBEAT_TIMEOUT)
-        self.transport.close_connection(code, reason, abort)
-
-    def on_durable(self, envelope: Envelope) -> None:
-        """An at-least-once message for this user: hand it to the delivery tracker."""
-        self.node.delivery.offer(self, envelope)
-
-    def on_settled(self, ids: Collection[str]) -> None:
-        """Messages acked elsewhere: stop resending them here."""
-        self.node.delivery.settled(self, ids)
+        self.transport.close_connection(disconnect.code, disconnect.reason, disconnect.abort)
 
     def ping(self) -> None:
         """Send a protocol-level ping (the keepalive calls this)."""
@@ -175,14 +201,14 @@ class Session:
         cost = 1.0
         registered = None
         if isinstance(command, Command):
-            registered = self.node.plugins.types.get(command.type)
+            registered = self.services.message_type(command.type)
             if registered is not None:
                 kind, cost = command.type, registered.message_type.cost
-            elif command.type in CORE_FIELDS:
-                kind, cost = command.type, CORE_COSTS[command.type]
+            elif command.type in CORE_COMMANDS:
+                kind, cost = command.type, CORE_COMMANDS[command.type].cost
             else:
                 kind = "unknown"
-        metrics = self.node.metrics
+        metrics = self.services.metrics
         metrics.frames_received.labels(kind).inc()
         metrics.received_bytes.labels(kind).inc(len(data))
         ref = command.ref if isinstance(command, Command | FrameError) else None
@@ -193,8 +219,8 @@ class Session:
             return
         try:
             if registered is not None:
-                await self._plugin_command(command, registered.plugin)
-            elif command.type in CORE_FIELDS:
+                await self._plugin_command(command, registered)
+            elif command.type in CORE_COMMANDS:
                 await self._core_command(command)
             else:
                 self.send_error(
@@ -215,24 +241,24 @@ class Session:
         retry = self.bucket.try_take(now, cost)
         bucket = "connection"
         if not retry:
-            retry = self.node.user_buckets.try_take(self.principal.user, now, cost)
+            retry = self.services.user_buckets.try_take(self.principal.user, now, cost)
             bucket = "user"
         if not retry:
             return True
-        self.node.metrics.rate_limited.labels(bucket).inc()
+        self.services.metrics.rate_limited.labels(bucket).inc()
         self.send_error(
             ErrorCode.RATE_LIMITED, f"rate limit exceeded ({bucket})", ref, min(retry, 3600.0)
         )
         if self.violations.add(now):
-            self.close_with(CloseCode.POLICY_VIOLATION, "rate limit abuse", "rate_abuse")
+            self.close(DISCONNECTS.rate_abuse)
         return False
 
     def _reply(self, ref: str | None, fields: dict[str, Any] | None = None) -> None:
         if ref is not None:
             self.send(frames.reply_frame(ref, fields), "reply")
 
-    async def _plugin_command(self, command: Command, plugin: str) -> None:
-        message_type = self.node.plugins.types[command.type].message_type
+    async def _plugin_command(self, command: Command, registered: RegisteredType) -> None:
+        message_type, plugin = registered.message_type, registered.plugin
         if message_type.scope and not self.principal.has_scope(message_type.scope):
             raise CommandError(
                 ErrorCode.FORBIDDEN, f"{command.type} needs scope {message_type.scope!r}"
@@ -242,14 +268,14 @@ class Session:
             self.send_error(checked.code, checked.message, checked.ref)
             return
         context = FrameContext(
-            self.principal, self.session, checked.fields, message_type, self.node
+            self.principal, self.session, checked.fields, message_type, self.services
         )
         try:
             reply = await message_type.handle(context)
         except CommandError:
             raise
         except Exception:
-            self.node.metrics.plugin_errors.labels(plugin).inc()
+            self.services.metrics.plugin_errors.labels(plugin).inc()
             log.exception(
                 "plugin %s failed on a %r frame",
                 plugin,
@@ -264,7 +290,7 @@ class Session:
             self._reply(command.ref)
 
     async def _core_command(self, command: Command) -> None:
-        checked = frames.validate(command, CORE_FIELDS[command.type])
+        checked = frames.validate(command, CORE_COMMANDS[command.type].fields)
         if isinstance(checked, FrameError):
             self.send_error(checked.code, checked.message, checked.ref)
             return
@@ -275,10 +301,10 @@ class Session:
                 pong["ref"] = ref
             self.send(frames.encode(pong), "pong")
         elif command.type == "join":
-            await self.node.join(self, fields["room"])
+            await self.services.join(self, fields["room"])
             self._reply(ref, {"room": fields["room"]})
         elif command.type == "leave":
-            await self.node.leave(self, fields["room"])
+            await self.services.leave(self, fields["room"])
             self._reply(ref, {"room": fields["room"]})
         elif command.type == "auth":
             await self._reauthenticate(fields["token"], ref)
@@ -288,16 +314,16 @@ class Session:
                 ids = [fields["id"], *ids]
             if not ids:
                 raise CommandError(ErrorCode.BAD_REQUEST, "ack: needs id or ids")
-            acked = await self.node.delivery.ack(self, ids)
+            acked = await self.services.ack(self, ids)
             self._reply(ref, {"acked": acked})
 
     async def _reauthenticate(self, token: str, ref: str | None) -> None:
         try:
-            principal = await self.node.authenticate(token)
+            principal = await self.services.authenticate(token)
         except AuthError as exc:
             raise CommandError(ErrorCode.FORBIDDEN, f"token refused: {exc.reason}") from exc
         if principal.user != self.principal.user:
             raise CommandError(ErrorCode.FORBIDDEN, "token is for another user (sub differs)")
         self.principal = principal
-        self.node.keepalive.track_expiry(self)
+        self.services.token_refreshed(self)
         self._reply(ref, {"exp": principal.expires_at})

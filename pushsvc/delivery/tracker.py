@@ -19,19 +19,18 @@ import random
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import orjson
 
+from pushsvc.auth.principal import Principal
 from pushsvc.broker import Envelope, user_channel
-from pushsvc.plugin.api import CommandError
+from pushsvc.config import DeliveryConfig
+from pushsvc.ops.metrics import Metrics
 from pushsvc.protocol import frames
 from pushsvc.protocol.codes import ErrorCode
-from pushsvc.store import DeadLetter, IdempotencyKey, StoreUnavailable
-
-if TYPE_CHECKING:
-    from pushsvc.core.node import Node
-    from pushsvc.core.session import Session
+from pushsvc.protocol.fields import CommandError
+from pushsvc.store import DeadLetter, IdempotencyKey, Store, StoreUnavailable
 
 log = logging.getLogger("pushsvc.delivery")
 
@@ -105,18 +104,54 @@ class AckTracker:
         return self.inflight.pop(message_id, None)
 
 
+class Recipient(Protocol):
+    """A connection as delivery sees it (a :class:`~pushsvc.core.session.Session`)."""
+
+    session: str  # unique id of the connection
+    principal: Principal  # whose messages it receives
+    closing: bool  # a close was started
+    inflight: Any  # its :class:`AckTracker`, set and cleared by delivery only
+
+    def send(self, data: bytes, kind: str) -> None:
+        """Write one payload; ``kind`` labels the metrics."""
+        ...
+
+
+class Publisher(Protocol):
+    """Where settled and durable envelopes go (the broker)."""
+
+    async def publish(self, channel: str, envelope: Envelope) -> None:
+        """Send ``envelope`` to every node subscribed to ``channel``."""
+        ...
+
+
+#: Called for each dead letter: ``(user, message, reason)`` (the plugins' hook).
+DeadLetterHook = Callable[[str, dict[str, Any], str], None]
+
+
 class Delivery:
     """Runs at-least-once delivery for the node."""
 
-    def __init__(self, node: Node) -> None:
-        delivery = node.config.delivery
-        self.node = node  # the service
+    def __init__(
+        self,
+        config: DeliveryConfig,
+        store: Store,
+        broker: Publisher,
+        metrics: Metrics,
+        dead_lettered: DeadLetterHook,
+    ) -> None:
+        delivery = config
+        self.config = config  # delivery.* settings
+        self.store = store  # the durable inbox
+        self.broker = broker  # other nodes, and this one's hub
+        self.metrics = metrics  # Prometheus series
+        self.dead_lettered = dead_lettered  # the plugins' pushsvc_dead_lettered hook
         self.policy = RetryPolicy(delivery.ack_timeout, delivery.max_attempts, delivery.backoff_max)
-        # (due, seq, session id, message id) heap. Ids, not Session objects: an entry
+        # (due, seq, session id, message id) heap. Ids, not Recipient objects: an entry
         # outlives its ack until it is due, and must neither keep a closed connection
         # alive nor be scanned by the garbage collector (tuples of strings are not).
         self._timers: list[tuple[float, int, str, str]] = []
-        self._sessions: dict[str, Session] = {}  # session id -> connection with a window
+        self._sessions: dict[str, Recipient] = {}  # session id -> connection with a window
         self._seq = itertools.count()  # heap tie-breaker
         self._tasks: set[asyncio.Task[Any]] = set()  # refills in progress
 
@@ -136,14 +171,13 @@ class Delivery:
         Raises:
             CommandError: ``unavailable`` when the store failed (nothing accepted).
         """
-        node = self.node
-        message_id, frame = node.stamp(message)
+        message_id, frame = frames.stamp(message)
         frame["ack"] = True
         data = frames.encode(frame)
         kind = frame["type"]
-        lifetime = min(ttl, node.config.delivery.ttl) if ttl else node.config.delivery.ttl
+        lifetime = min(ttl, self.config.ttl) if ttl else self.config.ttl
         try:  # latency and failures are counted by the instrumented store
-            await node.store.accept(
+            await self.store.accept(
                 message_id, kind, data, recipients, time.time() + lifetime, idempotency=idempotency
             )
         except StoreUnavailable as exc:
@@ -152,34 +186,34 @@ class Delivery:
                 f"not accepted, store unavailable: {exc}",
                 RETRY_AFTER_UNAVAILABLE,
             ) from exc
-        node.metrics.messages_accepted.labels(kind).inc()
+        self.metrics.messages_accepted.labels(kind).inc()
         envelope = Envelope("durable", kind, message_id, data)
         for user in recipients:
             try:
-                await node.broker.publish(user_channel(user), envelope)
+                await self.broker.publish(user_channel(user), envelope)
             except Exception:  # persisted already: delivered on reconnect
                 log.exception("broker publish failed for an accepted message %s", message_id)
         return message_id
 
     # -- connections ------------------------------------------------------------
 
-    async def connected(self, session: Session) -> None:
+    async def connected(self, session: Recipient) -> None:
         """Give a new connection its window and send what is pending for its user."""
         if session.closing:  # closed while it was being registered
             return
-        tracker = session.inflight = AckTracker(self.node.config.delivery.window)
+        tracker = session.inflight = AckTracker(self.config.window)
         self._sessions[session.session] = session
-        if self.node.store.may_have_pending(session.principal.user):
+        if self.store.may_have_pending(session.principal.user):
             self._spawn_refill(session)
         else:
             tracker.backlog = False  # nothing stored: new messages go straight out
 
-    def disconnected(self, session: Session) -> None:
+    def disconnected(self, session: Recipient) -> None:
         """Drop a closed connection's window (its messages stay pending in the store)."""
         session.inflight = None
         self._sessions.pop(session.session, None)
 
-    def offer(self, session: Session, envelope: Envelope) -> None:
+    def offer(self, session: Recipient, envelope: Envelope) -> None:
         """A new at-least-once message for ``session``'s user arrived from the broker."""
         tracker: AckTracker | None = session.inflight
         if tracker is None or session.closing or envelope.id in tracker.inflight:
@@ -193,7 +227,7 @@ class Delivery:
             tracker.rewind = True
         self._spawn_refill(session)
 
-    def settled(self, session: Session, message_ids: Collection[str]) -> None:
+    def settled(self, session: Recipient, message_ids: Collection[str]) -> None:
         """These ids were acked or dead-lettered: stop resending them here."""
         tracker: AckTracker | None = session.inflight
         if tracker is None:
@@ -208,7 +242,7 @@ class Delivery:
 
     def _send(
         self,
-        session: Session,
+        session: Recipient,
         tracker: AckTracker,
         message_id: str,
         kind: str,
@@ -219,13 +253,13 @@ class Delivery:
         due = now + self.policy.delay(attempts)
         tracker.sent(message_id, kind, frame, attempts, now, due)
         heapq.heappush(self._timers, (due, next(self._seq), session.session, message_id))
-        metrics = self.node.metrics
+        metrics = self.metrics
         metrics.messages_delivered.labels(kind).inc()
         if attempts > 1:
             metrics.messages_redelivered.labels(kind).inc()
         session.send(frame, kind)
 
-    def _spawn_refill(self, session: Session) -> None:
+    def _spawn_refill(self, session: Recipient) -> None:
         tracker: AckTracker | None = session.inflight
         if tracker is None or tracker.refilling or tracker.room() <= 0:
             return
@@ -234,9 +268,9 @@ class Delivery:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _refill(self, session: Session, tracker: AckTracker) -> None:
+    async def _refill(self, session: Recipient, tracker: AckTracker) -> None:
         """Load pending messages from the store into the window, oldest first."""
-        store, user = self.node.store, session.principal.user
+        store, user = self.store, session.principal.user
         max_attempts = self.policy.max_attempts
         try:
             while session.inflight is tracker and not session.closing:
@@ -280,16 +314,15 @@ class Delivery:
 
     # -- acks -------------------------------------------------------------------
 
-    async def ack(self, session: Session, message_ids: Sequence[str]) -> int:
+    async def ack(self, session: Recipient, message_ids: Sequence[str]) -> int:
         """Settle ``message_ids`` for ``session``'s user; returns how many were settled."""
-        node = self.node
         try:
-            result = await node.store.ack(session.principal.user, message_ids)
+            result = await self.store.ack(session.principal.user, message_ids)
         except StoreUnavailable as exc:
             raise CommandError(
                 ErrorCode.UNAVAILABLE, f"ack not recorded: {exc}", RETRY_AFTER_UNAVAILABLE
             ) from exc
-        metrics = node.metrics
+        metrics = self.metrics
         for reason, count in (
             ("repeated", result.repeated),
             ("foreign", result.foreign),
@@ -307,7 +340,7 @@ class Delivery:
             if entry is not None:
                 metrics.ack_latency.observe(now - entry.sent_at)
         ids = " ".join(message_id for message_id, _kind in result.acked).encode()
-        await node.broker.publish(
+        await self.broker.publish(
             user_channel(session.principal.user), Envelope("settled", "", "", ids)
         )
         return len(result.acked)
@@ -318,9 +351,9 @@ class Delivery:
         """Resend or dead-letter what timed out (call often, e.g. every 50 ms)."""
         now = time.monotonic()
         timers = self._timers
-        resends: dict[Session, list[tuple[str, int]]] = {}
+        resends: dict[Recipient, list[tuple[str, int]]] = {}
         dead: dict[str, list[str]] = {}
-        freed: set[Session] = set()
+        freed: set[Recipient] = set()
         sessions = self._sessions
         while timers and timers[0][0] <= now:
             due, _seq, session_id, message_id = heapq.heappop(timers)
@@ -342,7 +375,7 @@ class Delivery:
             if session.inflight is not None and session.inflight.backlog:
                 self._spawn_refill(session)
         for session, pairs in resends.items():
-            self._background(self.node.store.record_attempts(session.principal.user, pairs))
+            self._background(self.store.record_attempts(session.principal.user, pairs))
         for user, message_ids in dead.items():
             self._background(self._dead_letter(user, message_ids, "max_attempts"))
 
@@ -361,38 +394,31 @@ class Delivery:
                 log.error("delivery task failed", exc_info=error)
 
     async def _dead_letter(self, user: str, message_ids: Sequence[str], reason: str) -> None:
-        dead = await self.node.store.dead_letter(user, message_ids, reason)
+        dead = await self.store.dead_letter(user, message_ids, reason)
         await self.announce_dead(dead)
 
     async def announce_dead(self, dead: Sequence[DeadLetter]) -> None:
         """Count dead letters, call the hook, and stop their resends everywhere."""
-        node = self.node
         by_user: dict[str, list[str]] = {}
         for letter in dead:
-            node.metrics.messages_dead_lettered.labels(letter.type, letter.reason).inc()
+            self.metrics.messages_dead_lettered.labels(letter.type, letter.reason).inc()
             by_user.setdefault(letter.user, []).append(letter.id)
-            node.plugins.notify(
-                "pushsvc_dead_lettered",
-                user=letter.user,
-                message=orjson.loads(letter.frame),
-                reason=letter.reason,
-            )
+            self.dead_lettered(letter.user, orjson.loads(letter.frame), letter.reason)
         for user, message_ids in by_user.items():
-            await node.broker.publish(
+            await self.broker.publish(
                 user_channel(user), Envelope("settled", "", "", " ".join(message_ids).encode())
             )
 
     async def sweep(self) -> None:
         """TTL expiry, retention clean-up and backlog gauges (call every few seconds)."""
-        node = self.node
-        dead = await node.store.expire(time.time(), node.config.delivery.dead_letter_retention)
+        dead = await self.store.expire(time.time(), self.config.dead_letter_retention)
         await self.announce_dead(dead)
-        stats = await node.store.stats()
-        node.metrics.pending_messages.set(stats.pending)
+        stats = await self.store.stats()
+        self.metrics.pending_messages.set(stats.pending)
         age = (
             0.0 if stats.oldest_created_ms is None else time.time() - stats.oldest_created_ms / 1000
         )
-        node.metrics.oldest_pending_age.set(max(0.0, age))
+        self.metrics.oldest_pending_age.set(max(0.0, age))
 
     async def drain(self) -> None:
         """Wait for refills and bookkeeping started so far."""

@@ -34,8 +34,8 @@ from pushsvc.broker import Envelope, user_channel
 from pushsvc.config import Config
 from pushsvc.core.node import Node
 from pushsvc.plugin.api import CommandError, Delivery, Guarantee, Principal
-from pushsvc.plugin.manager import CORE_TYPES
 from pushsvc.protocol.codes import ApiErrorCode
+from pushsvc.protocol.commands import CORE_TYPES
 from pushsvc.store import IdempotencyKey, Revocation, StoreUnavailable
 
 #: Server-only frame types that ``publish`` may not impersonate.

@@ -18,8 +18,8 @@ import functools
 import inspect
 import re
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from prometheus_client import (
     CollectorRegistry,
@@ -31,10 +31,10 @@ from prometheus_client import (
 )
 
 from pushsvc import __version__
-from pushsvc.plugin.manager import CORE_TYPES
+from pushsvc.protocol.commands import CORE_TYPES, SERVER_TYPES
+from pushsvc.protocol.disconnects import CLIENT_CLOSE_LABEL, every_disconnect
 
 if TYPE_CHECKING:
-    from pushsvc.core.node import Node
     from pushsvc.store import Store
 
 #: ``result`` of a handshake: ``ok`` or the refusal's ``error`` code (PROTOCOL §1).
@@ -51,9 +51,7 @@ NO_REASON = "none"
 OTHER = "other"
 _CODE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 #: Frame types the server itself sends or parses, besides the plugins' types.
-SERVER_TYPES = frozenset(
-    {"welcome", "reply", "error", "pong", "presence", "invalid", "unknown", *CORE_TYPES}
-)
+SERVER_TYPES = frozenset({"invalid", "unknown", *SERVER_TYPES, *CORE_TYPES})
 #: Label value for a message type that no plugin declared (bounded cardinality).
 OTHER_TYPE = OTHER
 #: ``bucket`` of a rate-limited frame, handshake or API call.
@@ -74,18 +72,8 @@ STORE_OPERATIONS = (
 )
 #: Store methods that are not operations (not timed).
 _STORE_LIFECYCLE = frozenset({"open", "close"})
-CLOSE_REASONS = (
-    "client",
-    "rate_abuse",
-    "slow_consumer",
-    "token_expired",
-    "revoked",
-    "oversize",
-    "heartbeat",
-    "api",
-    "drain",
-    "internal",
-)
+#: ``reason`` labels of ``pushsvc_closes_total``: the client's closes and every server one.
+CLOSE_REASONS = (CLIENT_CLOSE_LABEL, *dict.fromkeys(d.label for d in every_disconnect()))
 #: Buckets of the chat fan-out histogram (connections a broadcast went to).
 FANOUT_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000, 100000)
 LATENCY_BUCKETS = (
@@ -141,6 +129,24 @@ class TypedCounter:
     def forget_children(self) -> None:
         """Drop cached children (the known types changed)."""
         self._children.clear()
+
+
+class Observed(Protocol):
+    """What the state gauges read at scrape time (implemented by the node)."""
+
+    draining: bool  # shutdown began
+
+    def message_types(self) -> Iterable[str]:
+        """The registered message types (the ``type`` label's known values)."""
+        ...
+
+    def broker_healthy(self) -> bool:
+        """Whether the broker reaches the other nodes."""
+        ...
+
+    def store_healthy(self) -> bool:
+        """Whether the last store write succeeded."""
+        ...
 
 
 class Metrics:
@@ -268,16 +274,18 @@ class Metrics:
             code_label(result), code_label(reason) if reason else NO_REASON
         ).inc()
 
-    def bind(self, node: Node) -> None:
-        """Read the state gauges from ``node`` at scrape time; learn its message types."""
-        self.known_types.update(node.plugins.types)
+    def bind(self, service: Observed) -> None:
+        """Read the state gauges from ``service`` at scrape time; learn its message types."""
+        self.known_types.update(service.message_types())
         for series in vars(self).values():
             if isinstance(series, TypedCounter):
                 series.forget_children()  # looked up before the plugin types were known
-        self.broker_up.set_function(lambda: float(node.broker.healthy()))
-        self.draining.set_function(lambda: float(node.draining))
+        self.broker_up.set_function(lambda: float(service.broker_healthy()))
+        self.draining.set_function(lambda: float(service.draining))
         self.ready.set_function(
-            lambda: float(node.store.healthy() and node.broker.healthy() and not node.draining)
+            lambda: float(
+                service.store_healthy() and service.broker_healthy() and not service.draining
+            )
         )
 
     def instrument_store(self, store: Store) -> Store:

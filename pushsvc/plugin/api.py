@@ -12,7 +12,23 @@ from typing import Any, Protocol
 
 import pluggy
 
+from pushsvc.auth.principal import Principal
 from pushsvc.config import Config
+from pushsvc.protocol.fields import CommandError, Field
+
+__all__ = [
+    "CommandError",
+    "Delivery",
+    "Field",
+    "FrameContext",
+    "Guarantee",
+    "Handler",
+    "MessageType",
+    "Node",
+    "Principal",
+    "Reply",
+    "hookimpl",
+]
 
 #: Marks a hook implementation: ``@hookimpl def pushsvc_register_message_types(): ...``
 hookimpl = pluggy.HookimplMarker("pushsvc")
@@ -26,62 +42,6 @@ class Guarantee(enum.Enum):
     #: Persisted per recipient before it is accepted, resent until acked,
     #: delivered on reconnect, dead-lettered after the attempts or the TTL.
     AT_LEAST_ONCE = "at-least-once"
-
-
-@dataclass(frozen=True, slots=True)
-class Field:
-    """How one field of a client frame is validated.
-
-    Args:
-        types: accepted JSON types (``str``, ``int``, ``float``, ``bool``,
-            ``dict``, ``list``); ``int`` is accepted where ``float`` is.
-        required: a frame without it gets ``bad_request`` naming the field.
-        max_length: most characters of a string, or items of a list.
-        items: for a list, the type every item must have.
-
-    Example::
-
-        Field(str, max_length=4000)            # required string
-        Field((str, list), items=str)          # a user id or a list of them
-        Field(dict, required=False)            # optional object
-    """
-
-    types: type | tuple[type, ...]
-    required: bool = True
-    max_length: int | None = None
-    items: type | None = None
-
-
-class CommandError(Exception):
-    """Raised by a handler to answer the frame with an ``error`` frame.
-
-    Args:
-        code: an error code of PROTOCOL §2 (``bad_request``, ``forbidden``...).
-        message: a human-readable explanation.
-        retry_after: seconds, for ``rate_limited`` and ``unavailable``.
-    """
-
-    def __init__(self, code: str, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.retry_after = retry_after
-
-
-@dataclass(frozen=True, slots=True)
-class Principal:
-    """The verified identity behind a connection or an API request."""
-
-    user: str  # the token's ``sub``
-    name: str | None  # the token's ``name`` claim
-    scopes: frozenset[str]  # the token's ``scope``, split on spaces
-    rooms: tuple[str, ...] | None  # the ``rooms`` claim (globs); None: default policy
-    expires_at: float | None  # the token's ``exp`` (seconds since the epoch)
-    claims: Mapping[str, Any] = field(default_factory=dict)  # every verified claim
-
-    def has_scope(self, scope: str) -> bool:
-        """Whether the token granted ``scope``."""
-        return scope in self.scopes
 
 
 @dataclass(frozen=True, slots=True)

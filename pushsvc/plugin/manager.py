@@ -19,12 +19,12 @@ import pluggy
 
 from pushsvc.plugin import hookspecs
 from pushsvc.plugin.api import MessageType, Principal, hookimpl
+from pushsvc.protocol.commands import CORE_TYPES
 
 log = logging.getLogger("pushsvc.plugins")
 
 ENTRY_POINT_GROUP = "pushsvc"
 #: Frame types core handles itself; a plugin cannot declare them.
-CORE_TYPES = frozenset({"join", "leave", "ack", "auth", "ping"})
 
 T = TypeVar("T")
 

@@ -6,14 +6,16 @@ for any input; they return a :class:`Command` or a :class:`FrameError`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-from pushsvc.plugin.api import Field
+from pushsvc.protocol import ids
 from pushsvc.protocol.codes import ErrorCode
+from pushsvc.protocol.fields import Field
 
 MAX_REF_LENGTH = 64
 #: Fields a client may send but the server always fills itself.
@@ -155,6 +157,15 @@ def validate(command: Command, fields: Mapping[str, Field]) -> Command | FrameEr
     return Command(command.type, clean, command.ref)
 
 
+def stamp(message: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Give a message its ``id`` and ``timestamp`` (server clock, ms); ``type`` stays first."""
+    message_id = ids.new_id()
+    out = {"type": message["type"], "id": message_id}
+    out.update((k, v) for k, v in message.items() if k not in ("type", "id", "timestamp"))
+    out["timestamp"] = int(time.time() * 1000)
+    return message_id, out
+
+
 def encode(message: Mapping[str, Any]) -> bytes:
     """Serialise a server message to UTF-8 JSON bytes (once per broadcast)."""
     return orjson.dumps(message)
@@ -178,3 +189,27 @@ def reply_frame(ref: str, fields: Mapping[str, Any] | None = None) -> bytes:
     if fields:
         out.update(fields)
     return orjson.dumps(out)
+
+
+class Broadcast:
+    """One encoded payload for many recipients, wrapped once per transport kind.
+
+    The JSON is encoded once by the publisher; a transport that adds its own
+    framing (RFC 6455 header) asks :meth:`wrapped`, which computes the framed
+    bytes for the first member and returns the same bytes to the rest.
+    """
+
+    __slots__ = ("_wrap", "_wrapped", "payload", "type")
+
+    def __init__(self, payload: bytes, message_type: str) -> None:
+        self.payload = payload  # UTF-8 JSON, as every recipient receives it
+        self.type = message_type  # metric label
+        self._wrap: Callable[[bytes], bytes] | None = None  # the framing last used
+        self._wrapped = b""  # its result
+
+    def wrapped(self, wrap: Callable[[bytes], bytes]) -> bytes:
+        """``wrap(payload)``, computed once per broadcast and framing function."""
+        if self._wrap is not wrap:
+            self._wrapped = wrap(self.payload)
+            self._wrap = wrap
+        return self._wrapped

@@ -23,7 +23,11 @@ from pushsvc.core.node import Node
 from pushsvc.core.session import Session
 from pushsvc.plugin.api import Principal
 from pushsvc.protocol import ids
-from pushsvc.protocol.codes import CloseCode, HandshakeError
+from pushsvc.protocol.codes import HandshakeError
+from pushsvc.protocol.disconnects import CLIENT_CLOSE_LABEL, DISCONNECTS
+from pushsvc.protocol.frames import Broadcast
+from pushsvc.transport.outbox import flusher
+from pushsvc.transport.tornado_compat import text_frame
 
 log = logging.getLogger("pushsvc.connection")
 
@@ -124,7 +128,8 @@ class ConnectionBase:
         self.session = None
         if not session.closing:
             session.closing = True
-            reason = "oversize" if (code or sent_code) == CloseCode.MESSAGE_TOO_BIG else "client"
+            oversize = DISCONNECTS.oversize
+            reason = oversize.label if (code or sent_code) == oversize.code else CLIENT_CLOSE_LABEL
             self.node.metrics.closes.labels(reason).inc()
         log.debug(
             "connection closed (code %s)",
@@ -139,13 +144,17 @@ class ConnectionBase:
     # -- frames out ---------------------------------------------------------------------
 
     def write_framed(self, frame: bytes) -> None:
-        """Queue a complete frame; the node's flusher writes the queue once per loop pass."""
+        """Queue a complete frame; the loop's flusher writes the queue once per loop pass."""
         outbox = self._outbox
         if outbox is None:
             self._outbox = [frame]
-            self.node.flusher.mark(self)
+            flusher().mark(self)
         else:
             outbox.append(frame)
+
+    def write_broadcast(self, broadcast: Broadcast) -> None:
+        """Queue a shared payload, framed once per broadcast."""
+        self.write_framed(broadcast.wrapped(text_frame))
 
     # Each endpoint moves bytes its own way:
 

@@ -5,7 +5,7 @@ one event-loop pass per frame even when the handler never waits (a chat
 message through the in-process broker). :func:`start` runs the coroutine
 right away instead. Frames already buffered on a socket are then handled in
 the same loop pass, and their broadcasts leave in one ``send`` per member
-(see :mod:`pushsvc.fanout`). When the coroutine does wait (a store write),
+(see :mod:`pushsvc.transport.outbox`). When the coroutine does wait (a store write),
 a small :class:`_Stepper` resumes it from the awaited future's callback -
 what a Task does, without the Task. Python 3.12's
 ``asyncio.eager_task_factory`` is the same idea for every task.

@@ -1,38 +1,15 @@
-"""The broadcast path: one encoded frame to many connections, coalesced per loop pass.
+"""The outbox: frames queued per connection, written once per event-loop pass.
 
-Every fan-out in pushsvc (rooms, users, presence) goes through
-:func:`send_to_all`. The JSON is encoded once by the caller and the
-WebSocket frame is built once here (server frames are unmasked and
-uncompressed, so the bytes are the same for every member). Frames are queued
-per connection and written by :class:`Flusher` once per event-loop pass:
-under load, several frames leave in one ``send()``; when idle, a frame leaves
-in the same pass it was queued.
-
-Trade-off, as plainly as websockets puts it for its ``broadcast()``: there is
-no backpressure towards the publisher. A member whose unsent buffer passes
-``server.max_buffer_bytes`` is closed as a slow consumer (4008) instead of
-growing memory; the others are not slowed down by it.
+Under load, several frames for one connection leave in one ``send()``; when
+idle, a frame leaves in the same pass it was queued. One :class:`Flusher`
+serves every connection of an event loop (:func:`flusher`).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+import weakref
 from typing import Protocol
-
-from pushsvc.transport import tornado_compat
-
-
-class Sink(Protocol):
-    """A connection as the broadcast path sees it."""
-
-    def send(self, data: bytes, kind: str) -> None:
-        """Write ``data`` (JSON) as one text frame; ``kind`` labels metrics."""
-        ...
-
-    def send_framed(self, frame: bytes) -> bool:
-        """Queue an already framed message; False when the connection is closing."""
-        ...
 
 
 class Outbox(Protocol):
@@ -43,27 +20,11 @@ class Outbox(Protocol):
         ...
 
 
-def send_to_all(clients: Iterable[Sink], data: bytes, kind: str) -> int:
-    """Write the same message to every client; returns how many took it.
-
-    The caller counts metrics once for the whole broadcast.
-    """
-    if not tornado_compat.RAW_FRAMES:
-        members = list(clients)
-        for client in members:
-            client.send(data, kind)
-        return len(members)
-    frame = tornado_compat.text_frame(data)
-    sent = 0
-    for client in list(clients):
-        sent += client.send_framed(frame)
-    return sent
-
-
 class Flusher:
-    """Writes queued frames once per event-loop pass (one per node)."""
+    """Writes queued frames once per event-loop pass (one per loop)."""
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop  # the loop whose passes it follows
         self._dirty: list[Outbox] = []  # connections with queued frames
         self._scheduled = False  # a flush is scheduled on the loop
 
@@ -72,7 +33,7 @@ class Flusher:
         self._dirty.append(outbox)
         if not self._scheduled:
             self._scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
+            self._loop.call_soon(self.flush)
 
     def flush(self) -> None:
         """Write every queued frame now."""
@@ -80,3 +41,17 @@ class Flusher:
         self._scheduled = False
         for outbox in dirty:
             outbox.flush_outbox()
+
+
+_FLUSHERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Flusher] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def flusher() -> Flusher:
+    """The running loop's flusher."""
+    loop = asyncio.get_running_loop()
+    found = _FLUSHERS.get(loop)
+    if found is None:
+        found = _FLUSHERS[loop] = Flusher(loop)
+    return found

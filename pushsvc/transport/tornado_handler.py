@@ -24,7 +24,9 @@ from tornado.websocket import WebSocketClosedError, WebSocketProtocol13
 
 from pushsvc.core.node import Node
 from pushsvc.plugin.api import Principal
-from pushsvc.protocol.codes import CloseCode, HandshakeError
+from pushsvc.protocol.codes import HandshakeError
+from pushsvc.protocol.disconnects import DISCONNECTS
+from pushsvc.protocol.frames import Broadcast
 from pushsvc.transport import eager, tornado_compat
 from pushsvc.transport.connection import ConnectionBase, admit
 
@@ -146,6 +148,13 @@ class WebSocketHandler(ConnectionBase, tornado.websocket.WebSocketHandler):
             tornado_compat.write_text(connection, data)
             self._check_buffer()
 
+    def write_broadcast(self, broadcast: Broadcast) -> None:
+        """Queue a shared payload (framed once per broadcast when frames are built here)."""
+        if tornado_compat.RAW_FRAMES:
+            super().write_broadcast(broadcast)
+        else:
+            self.write_frame(broadcast.payload)
+
     def flush_outbox(self) -> None:
         """Write the queued frames with one send, then check for a slow consumer."""
         frames, self._outbox = self._outbox, None
@@ -161,7 +170,7 @@ class WebSocketHandler(ConnectionBase, tornado.websocket.WebSocketHandler):
         if connection is None or self.session is None:
             return
         if tornado_compat.buffered_bytes(connection) > self.node.config.server.max_buffer_bytes:
-            self.session.close_with(CloseCode.SLOW_CONSUMER, "slow consumer", "slow_consumer")
+            self.session.close(DISCONNECTS.slow_consumer)
 
     def close_connection(self, code: int, reason: str, abort: bool = False) -> None:
         """Send a close frame; with ``abort`` drop the socket without waiting for the peer."""

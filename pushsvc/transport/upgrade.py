@@ -36,6 +36,7 @@ from tornado.websocket import WebSocketProtocol13
 from pushsvc.core.node import Node
 from pushsvc.ops import logs
 from pushsvc.protocol.codes import HandshakeError
+from pushsvc.protocol.disconnects import DISCONNECTS
 from pushsvc.transport import eager, tornado_compat
 from pushsvc.transport.connection import admit
 from pushsvc.transport.websocket import WireConnection
@@ -284,5 +285,6 @@ class FastConnection(WireConnection):
             await connection.start_session(principal, remote_ip)
         except Exception:
             log.exception("starting a session failed")
-            connection.close_connection(1011, "internal error", abort=True)
+            internal = DISCONNECTS.internal
+            connection.close_connection(internal.code, internal.reason, internal.abort)
         connection.start()

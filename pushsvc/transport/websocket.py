@@ -25,6 +25,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from pushsvc.protocol.codes import CloseCode
+from pushsvc.protocol.disconnects import DISCONNECTS
 from pushsvc.transport import eager, tornado_compat
 from pushsvc.transport.connection import ConnectionBase
 
@@ -376,9 +377,9 @@ class WireConnection(ConnectionBase, asyncio.Protocol):
     def _slow_consumer(self) -> None:
         session = self.session
         if session is not None:
-            session.close_with(CloseCode.SLOW_CONSUMER, "slow consumer", "slow_consumer")
+            session.close(DISCONNECTS.slow_consumer)
         elif not self._close_sent:  # the session is not started yet or already gone
-            self._send_close(CloseCode.SLOW_CONSUMER, "slow consumer")
+            self._send_close(DISCONNECTS.slow_consumer.code, DISCONNECTS.slow_consumer.reason)
             self._abort()
 
     def _abort(self) -> None:
