@@ -21,8 +21,7 @@ from pushsvc.plugin.api import (
     Reply,
     hookimpl,
 )
-
-__version__ = "0.1.0"
+from pushsvc.version import __version__
 
 __all__ = [
     "CommandError",

@@ -12,12 +12,12 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from pushsvc import __version__
 from pushsvc import config as config_module
 from pushsvc.auth import tokens
 from pushsvc.config import Config, ConfigError
 from pushsvc.ops import logs
 from pushsvc.plugin.manager import PluginError, load_plugins
+from pushsvc.version import __version__
 
 log = logging.getLogger("pushsvc")
 

@@ -14,7 +14,6 @@ from collections.abc import Iterable, Mapping
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
-from pushsvc import __version__
 from pushsvc.config import Config
 from pushsvc.http.api import (
     IDEMPOTENCY_HEADER,
@@ -29,6 +28,7 @@ from pushsvc.http.api import (
     at_least_once_types,
 )
 from pushsvc.protocol.codes import ApiErrorCode
+from pushsvc.version import __version__
 
 if TYPE_CHECKING:
     from pushsvc.core.node import Node

@@ -30,9 +30,9 @@ from prometheus_client import (
     disable_created_metrics,
 )
 
-from pushsvc import __version__
 from pushsvc.protocol.commands import CORE_TYPES, SERVER_TYPES
 from pushsvc.protocol.disconnects import CLIENT_CLOSE_LABEL, every_disconnect
+from pushsvc.version import __version__
 
 if TYPE_CHECKING:
     from pushsvc.store import Store
