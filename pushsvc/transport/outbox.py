@@ -48,11 +48,6 @@ def send_to_all(clients: Iterable[Sink], data: bytes, kind: str) -> int:
 
     The caller counts metrics once for the whole broadcast.
     """
-    if not tornado_compat.RAW_FRAMES:
-        members = list(clients)
-        for client in members:
-            client.send(data, kind)
-        return len(members)
     frame = tornado_compat.text_frame(data)
     sent = 0
     for client in list(clients):
