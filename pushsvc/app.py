@@ -48,8 +48,7 @@ from pushsvc.ops.metrics import Metrics
 from pushsvc.plugin.manager import DefaultRoomPolicy, Plugins, await_me_maybe, load_plugins
 from pushsvc.protocol.disconnects import DISCONNECTS
 from pushsvc.store import make_store
-from pushsvc.transport.tornado_handler import WebSocketHandler
-from pushsvc.transport.upgrade import UpgradeServer
+from pushsvc.transport.upgrade import UpgradeHandler, UpgradeServer
 
 log = logging.getLogger("pushsvc.app")
 
@@ -149,7 +148,7 @@ class Application(tornado.web.Application):
 
 def make_app(node: Node) -> Application:
     """The Tornado application: ``/ws``, the HTTP API, metrics, health, plugin routes."""
-    routes: list[Any] = [(r"/ws", WebSocketHandler, {"node": node}), *api.routes(node)]
+    routes: list[Any] = [(r"/ws", UpgradeHandler, {"node": node}), *api.routes(node)]
     for rules in node.plugins.hook.pushsvc_register_routes():
         for pattern, handler, kwargs in rules:
             kwargs = {k: (node if k == "node" and v is None else v) for k, v in kwargs.items()}

@@ -1,4 +1,5 @@
-"""Both paths of the Tornado-internals boundary: the fast one and the public-API fallback."""
+"""Both sides of the Tornado-internals boundary: the event loop accepting connections, and
+Tornado accepting them (internals missing) with ``/ws`` on the same engine."""
 
 from __future__ import annotations
 
@@ -10,11 +11,10 @@ from conftest import Server
 from pushsvc.transport import tornado_compat
 
 
-@pytest.fixture(params=["internals", "public-api"])
+@pytest.fixture(params=["internals", "tornado-accepts"])
 def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    if request.param == "public-api":
+    if request.param == "tornado-accepts":
         monkeypatch.setattr(tornado_compat, "INTERNALS_OK", False)
-        monkeypatch.setattr(tornado_compat, "RAW_FRAMES", False)
     return str(request.param)
 
 
@@ -48,11 +48,8 @@ async def test_counters_match_on_both_paths(path: str, server: Server) -> None:
 async def test_invalid_utf8(path: str, server: Server) -> None:
     client = await server.connect("u")
     client.conn.protocol._write_frame(True, 0x1, b'{"type": "\xff"}')
-    if path == "internals":
-        error = await client.recv_type("error")
-        assert "UTF-8" in error["message"]
-    else:  # Tornado's own behaviour: the connection is dropped without a close frame.
-        assert await client.closed() is None
+    error = await client.recv_type("error")  # one engine: the connection stays on both paths
+    assert "UTF-8" in error["message"]
 
 
 def test_internals_present_on_the_pinned_tornado() -> None:

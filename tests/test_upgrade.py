@@ -79,7 +79,7 @@ async def test_refusal_is_json_and_closes(server: Server) -> None:
     assert orjson.loads(body) == {"error": "unauthorized", "reason": "malformed"}
 
 
-async def test_keep_alive_upgrade_uses_tornado_handler(server: Server) -> None:
+async def test_keep_alive_upgrade_uses_the_same_engine(server: Server) -> None:
     health = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
     ws = upgrade_request(f"/ws?access_token={token('kept')}")
     first, second = await exchange(server.port, health, ws, read=0)
@@ -91,7 +91,7 @@ async def test_keep_alive_upgrade_uses_tornado_handler(server: Server) -> None:
             break
         await asyncio.sleep(0.02)
     [session] = server.node.hub.user_clients("kept")
-    assert type(session.transport).__name__ == "WebSocketHandler"  # type: ignore[attr-defined]
+    assert type(session.transport) is FastConnection  # type: ignore[attr-defined]
 
 
 async def test_other_requests_reach_tornado(server: Server) -> None:
@@ -155,3 +155,19 @@ async def test_unfinished_head_is_dropped_after_the_timeout(
     await writer.drain()
     assert await asyncio.wait_for(reader.read(), 5) == b""
     writer.close()
+
+
+async def test_plain_get_of_ws_with_a_token_is_refused_and_releases_its_slot(
+    start_server: Any,
+) -> None:
+    server: Server = await start_server(ratelimit={"max_connections_per_user": 1})
+    plain = f"GET /ws?access_token={token('p')} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    [answer] = await exchange(server.port, plain)
+    assert answer.startswith(b"HTTP/1.1 400")
+    old = upgrade_request(f"/ws?access_token={token('p')}").replace(b"Version: 13", b"Version: 8")
+    health = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    _, answer = await exchange(server.port, health, old, read=0)
+    assert answer.startswith(b"HTTP/1.1 426") and b"sec-websocket-version: 13" in answer.lower()
+    client = await server.connect("p")  # the refusals kept no slot
+    await client.send({"type": "ping", "ref": "1"})
+    assert (await client.recv_type("pong"))["ref"] == "1"

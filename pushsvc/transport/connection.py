@@ -1,12 +1,12 @@
-"""Connection owns what every WebSocket endpoint shares: admission, the session, the outbox.
+"""Connection owns what every WebSocket shares: admission, the session, the outbox.
 
-Two endpoints accept WebSockets: the fast upgrade path (:mod:`pushsvc.upgrade`
-and :mod:`pushsvc.wire`, no RequestHandler at all) and Tornado's
-``WebSocketHandler`` (:mod:`pushsvc.handler`, the fallback and the path for
-upgrades on keep-alive connections). Both refuse handshakes with
-:func:`admit`, start and end sessions and queue frames with
-:class:`ConnectionBase`, so they behave the same; each moves the bytes its
-own way.
+Upgrades arrive two ways: as a connection's first request
+(:class:`~pushsvc.transport.upgrade.FirstRequest`) or through Tornado
+(:class:`~pushsvc.transport.upgrade.UpgradeHandler`: keep-alive connections,
+and every connection when Tornado accepts them). Both refuse handshakes with
+:func:`admit` and then run the same engine,
+:class:`~pushsvc.transport.websocket.WireConnection`, which starts and ends
+sessions and queues frames with :class:`ConnectionBase`.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ async def _admit(
 
 
 class ConnectionBase:
-    """What both endpoints share: the session's lifecycle and the per-pass outbox.
+    """The session's lifecycle and the per-pass outbox of a WebSocket connection.
 
     Subclasses set ``node``, call :meth:`start_session` once the upgrade is
     done and :meth:`connection_closed` when it ends, and implement the rest
@@ -156,7 +156,7 @@ class ConnectionBase:
         """Queue a shared payload, framed once per broadcast."""
         self.write_framed(broadcast.wrapped(text_frame))
 
-    # Each endpoint moves bytes its own way:
+    # The engine moves the bytes:
 
     def flush_outbox(self) -> None:
         """Write the queued frames, in order."""

@@ -1,17 +1,20 @@
-"""Upgrade turns a new TCP connection into a pushsvc WebSocket without Tornado's HTTP stack.
+"""Upgrade turns a connection into a pushsvc WebSocket: one engine for every ``/ws``.
 
 The first request on every connection is read here. A WebSocket upgrade of
-``/ws`` is checked with :func:`~pushsvc.connection.admit` and answered with
-``101`` (or the refusal's status and JSON body); the socket then leaves
-Tornado and lives as a :class:`FastConnection` on an asyncio transport
-(:mod:`pushsvc.wire`) - no RequestHandler, no HTTP1Connection, no IOStream,
-no request object kept per connection. Anything else goes
-back, unread, to Tornado's HTTP server (the HTTP API, metrics, plugin routes,
-and upgrades sent later on a keep-alive connection, which
-:class:`~pushsvc.handler.WebSocketHandler` serves).
+``/ws`` is checked with :func:`~pushsvc.transport.connection.admit` and
+answered with ``101`` (or the refusal's status and JSON body); the socket
+then leaves Tornado and lives as a :class:`FastConnection` on an asyncio
+transport (:mod:`pushsvc.transport.websocket`) - no RequestHandler, no
+HTTP1Connection, no IOStream, no request object kept per connection.
+Anything else goes back, unread, to Tornado's HTTP server (the HTTP API,
+metrics, plugin routes).
 
-The path uses Tornado internals through :mod:`pushsvc.tornado_compat` only;
-without them the server behaves exactly like Tornado's ``HTTPServer``.
+An upgrade that reaches Tornado anyway - sent later on a keep-alive
+connection, or on any connection when the internal the hand-over needs is
+missing and Tornado accepts every connection - is served by
+:class:`UpgradeHandler`: the same checks, then the socket is detached from
+Tornado and becomes the same :class:`FastConnection`. Tornado serves HTTP
+only; every WebSocket has the same engine and the same bounds.
 """
 
 from __future__ import annotations
@@ -30,11 +33,13 @@ from typing import Any
 import orjson
 import tornado.httpserver
 import tornado.netutil
-from tornado.iostream import IOStream
+import tornado.web
+from tornado.iostream import IOStream, StreamClosedError
 from tornado.websocket import WebSocketProtocol13
 
 from pushsvc.core.node import Node
 from pushsvc.ops import logs
+from pushsvc.plugin.api import Principal
 from pushsvc.protocol.codes import HandshakeError
 from pushsvc.protocol.disconnects import DISCONNECTS
 from pushsvc.transport import eager, tornado_compat
@@ -122,7 +127,7 @@ class UpgradeServer(tornado.httpserver.HTTPServer):
     async def listen_fast(self, sockets: list[socket.socket], backlog: int) -> None:
         """Accept on ``sockets`` with the event loop's own servers (Tornado's otherwise)."""
         if self.node is None or not tornado_compat.INTERNALS_OK:
-            self.add_sockets(sockets)
+            self.add_sockets(sockets)  # Tornado accepts; /ws still reaches UpgradeHandler
             return
         loop = asyncio.get_running_loop()
         for listener in sockets:
@@ -276,15 +281,114 @@ class FastConnection(WireConnection):
         if transport.is_closing():  # the peer left while its token was checked
             node.hub.release(principal.user, remote_ip)
             return
-        accept_value = WebSocketProtocol13.compute_accept_value(request.key).encode()
-        connection = cls(node, _SWITCHING + accept_value + b"\r\n\r\n", early)
+        connection = cls(node, switching(request.key), early)
         transport.set_protocol(connection)
         connection.connection_made(transport)
         logs.log_request(101, "GET", request.target, remote_ip, time.monotonic() - started)
+        await connection.run(principal, remote_ip)
+
+    async def run(self, principal: Principal, remote_ip: str) -> None:
+        """Start the session on the open connection, then handle its frames."""
+        if self._ended:  # the peer left before the session could start
+            self._reserved = False
+            self.node.hub.release(principal.user, remote_ip)
+            return
         try:
-            await connection.start_session(principal, remote_ip)
+            await self.start_session(principal, remote_ip)
         except Exception:
             log.exception("starting a session failed")
             internal = DISCONNECTS.internal
-            connection.close_connection(internal.code, internal.reason, internal.abort)
-        connection.start()
+            self.close_connection(internal.code, internal.reason, internal.abort)
+        self.start()
+
+
+def switching(key: str) -> bytes:
+    """The ``101`` response to an upgrade with ``Sec-WebSocket-Key: key``."""
+    return _SWITCHING + WebSocketProtocol13.compute_accept_value(key).encode() + b"\r\n\r\n"
+
+
+class UpgradeHandler(tornado.web.RequestHandler):
+    """``GET /ws`` reaching Tornado: admitted here, then run as a :class:`FastConnection`.
+
+    Serves upgrades sent on a keep-alive connection after other requests,
+    and every upgrade when Tornado accepts the connections itself. Only
+    Tornado's public API is used: :meth:`detach`, ``IOStream.socket`` and a
+    partial ``read_bytes`` for the bytes read past the request head.
+    """
+
+    def initialize(self, node: Node) -> None:
+        """Receive the node (Tornado calls this per request)."""
+        self.node = node
+
+    async def get(self) -> None:
+        """Check the handshake, then hand the socket to the event loop."""
+        request = self.request
+        headers = request.headers
+        remote_ip = request.remote_ip or "unknown"
+        try:
+            principal = await admit(
+                self.node, headers, remote_ip, self.get_query_argument("access_token", None)
+            )
+        except HandshakeError as refusal:
+            self.set_status(refusal.status)
+            if refusal.retry_after is not None:
+                self.set_header("Retry-After", str(max(1, round(refusal.retry_after))))
+            self.set_header("Content-Type", "application/json")
+            self.finish(refusal.body())
+            return
+        key = headers.get("Sec-WebSocket-Key")
+        refused = _not_an_upgrade(headers)
+        if refused is not None or not key:
+            self.node.hub.release(principal.user, remote_ip)
+            if refused == 426:
+                self.set_header("Sec-WebSocket-Version", "13")
+            self.set_status(refused or 400)
+            self.finish({"error": "bad_request", "reason": "not a WebSocket upgrade"})
+            return
+        self.set_status(101)
+        self.application.log_request(self)  # Tornado logs a request when it finishes
+        stream = self.detach()
+        early = _take_buffered(stream)
+        try:
+            sock = socket.socket(fileno=os.dup(stream.socket.fileno()))
+        except (OSError, AttributeError):  # the peer is gone already
+            stream.close()
+            self.node.hub.release(principal.user, remote_ip)
+            return
+        stream.close()  # closes Tornado's descriptor only: the duplicate keeps the connection
+        connection = FastConnection(self.node, switching(key), early)
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(lambda: connection, sock)
+        except OSError:
+            sock.close()
+            self.node.hub.release(principal.user, remote_ip)
+            return
+        await connection.run(principal, remote_ip)
+
+
+def _not_an_upgrade(headers: Any) -> int | None:
+    """None for a version-13 WebSocket upgrade; else the status to answer with."""
+    connection = {token.strip().lower() for token in headers.get("Connection", "").split(",")}
+    if headers.get("Upgrade", "").lower() != "websocket" or "upgrade" not in connection:
+        return 400
+    if headers.get("Sec-WebSocket-Version") != "13":
+        return 426
+    return None
+
+
+def _take_buffered(stream: IOStream) -> bytes:
+    """The bytes the stream read past the request head (the client's first frames)."""
+    try:
+        read = stream.read_bytes(1 << 30, partial=True)  # resolves at once when buffered
+    except StreamClosedError:
+        return b""
+    future = asyncio.ensure_future(read)
+    if future.done():
+        return b"" if future.cancelled() or future.exception() else future.result()
+    future.add_done_callback(_retrieve)  # fails with StreamClosedError when the stream closes
+    return b""
+
+
+def _retrieve(future: asyncio.Future[bytes]) -> None:
+    if not future.cancelled():
+        future.exception()

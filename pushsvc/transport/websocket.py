@@ -11,6 +11,14 @@ awaits two to four small reads per frame, each with its Future.
 Frames of one connection are handled in order: while a frame's handler
 waits (a store commit), reading pauses and later frames wait in a backlog.
 
+Writes go to the transport only while it holds nothing unsent (its high
+water mark is 0): once the kernel does not take a write whole, later frames
+wait in the connection's own queue, so the transport only ever holds whole
+frames. A connection whose unsent bytes (transport and queue) pass
+``server.max_buffer_bytes`` is a slow consumer: the queued frames are
+dropped, the close frame (4008) follows what the transport holds, and the
+socket closes once that is sent (aborted after ``CLOSE_TIMEOUT``).
+
 The server side of RFC 6455 as pushsvc needs it: no extensions, client
 frames masked, fragmented messages reassembled, pings answered, the close
 handshake with a 5 s wait for the peer's close frame. Protocol errors close
@@ -24,7 +32,6 @@ import logging
 from collections import deque
 from typing import TYPE_CHECKING
 
-from pushsvc.protocol.codes import CloseCode
 from pushsvc.protocol.disconnects import DISCONNECTS
 from pushsvc.transport import eager, tornado_compat
 from pushsvc.transport.connection import ConnectionBase
@@ -130,7 +137,7 @@ class FrameReader:
         elif self._fragments is not None:
             raise ProtocolViolation(PROTOCOL_ERROR, "new message inside a fragmented one")
         if length > self.max_size:
-            raise ProtocolViolation(CloseCode.MESSAGE_TOO_BIG, "message too big")
+            raise ProtocolViolation(DISCONNECTS.oversize.code, DISCONNECTS.oversize.reason)
 
     def _fragment(
         self, opcode: int, final: int, payload: bytes, messages: list[tuple[int, bytes]]
@@ -182,6 +189,8 @@ class WireConnection(ConnectionBase, asyncio.Protocol):
         "_paused",
         "_peer_close_code",
         "_peer_closed",
+        "_queue",
+        "_queued",
         "_reader",
         "_transport",
         "_waiting",
@@ -206,12 +215,15 @@ class WireConnection(ConnectionBase, asyncio.Protocol):
         self._close_sent = False  # our close frame is written
         self._close_timer: asyncio.TimerHandle | None = None
         self._ended = False  # connection_lost ran
+        self._queue: list[bytes] | None = None  # frames waiting for the transport to drain
+        self._queued = 0  # bytes in _queue
 
     # -- asyncio.Protocol -------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Answer the handshake; frames are handled once :meth:`start` is called."""
         self._transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        transport.set_write_buffer_limits(high=0)  # type: ignore[attr-defined]  # pause_writing once bytes wait
         self._paused = not transport.is_reading()  # type: ignore[attr-defined]
         greeting, self._greeting = self._greeting, b""
         self.write_framed(greeting)  # queued: it leaves with the welcome, in one send
@@ -250,6 +262,8 @@ class WireConnection(ConnectionBase, asyncio.Protocol):
         self._ended = True
         self._transport = None
         self._backlog = None
+        self._queue = None
+        self._queued = 0
         if self._close_timer is not None:
             self._close_timer.cancel()
             self._close_timer = None
@@ -315,14 +329,11 @@ class WireConnection(ConnectionBase, asyncio.Protocol):
         self._peer_close_code = code
         if not self._close_sent:
             self._send_close(code, "")  # echo the peer's code, as Tornado does
-        transport = self._transport
-        if transport is not None:
-            transport.close()  # after the buffered bytes are sent
+        self._close_transport()
 
     def _violation(self, violation: ProtocolViolation) -> None:
         log.debug("closing with %d: %s", violation.code, violation.reason)
-        self._send_close(violation.code, violation.reason)
-        self._abort()
+        self._close_now(violation.code, violation.reason)
 
     # -- frames out (the session's transport) ------------------------------------------
 
@@ -336,21 +347,52 @@ class WireConnection(ConnectionBase, asyncio.Protocol):
         transport = self._transport
         if not frames or transport is None or self._close_sent:
             return
-        transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
-        if transport.get_write_buffer_size() > self.node.config.server.max_buffer_bytes:
+        data = frames[0] if len(frames) == 1 else b"".join(frames)
+        queue = self._queue
+        if queue is None:
+            transport.write(data)  # pause_writing runs if the kernel did not take it all
+        else:
+            queue.append(data)
+            self._queued += len(data)
+        if (
+            transport.get_write_buffer_size() + self._queued
+            > self.node.config.server.max_buffer_bytes
+        ):
             self._slow_consumer()
 
     def close_connection(self, code: int, reason: str, abort: bool = False) -> None:
-        """Send a close frame; then wait for the peer's (5 s at most), or with ``abort`` not."""
+        """Send a close frame; then wait for the peer's (5 s at most).
+
+        With ``abort`` (a peer that stopped reading or answering) the frames
+        not yet handed to the kernel are dropped, the close frame follows
+        what the kernel has, and the connection ends now without waiting for
+        the peer's close frame.
+        """
         if self._close_sent or self._transport is None:
             return
-        self._send_close(code, reason)
         if abort:
-            self._abort()
-        elif self._peer_closed:
-            self._transport.close()
+            self._close_now(code, reason)
+            return
+        self._send_close(code, reason)
+        if self._peer_closed:
+            self._close_transport()
         else:
             self._close_timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self._abort)
+
+    # -- asyncio flow control (high water mark 0: the transport holds one write at most) ---
+
+    def pause_writing(self) -> None:
+        """The kernel did not take a write whole: queue later frames here."""
+        if self._queue is None:
+            self._queue = []
+
+    def resume_writing(self) -> None:
+        """The transport sent everything: hand it the queued frames."""
+        queue, self._queue = self._queue, None
+        self._queued = 0
+        transport = self._transport
+        if queue and transport is not None and not transport.is_closing():
+            transport.write(b"".join(queue))
 
     def send_ping(self) -> None:
         """Send a protocol ping (the peer's pong updates ``last_seen``)."""
@@ -366,21 +408,54 @@ class WireConnection(ConnectionBase, asyncio.Protocol):
         close = control_frame(OP_CLOSE, close_payload(code, reason))
         self._write(b"".join([*frames, close]) if frames else close)
 
+    def _close_now(self, code: int, reason: str) -> None:
+        """Drop the frames not handed to the kernel, send the close frame, end the connection."""
+        transport = self._transport
+        if self._close_sent or transport is None:
+            return
+        self._close_sent = True
+        self.sent_close_code = code
+        self._outbox = None
+        self._queue = None  # whole frames: the transport holds whole frames only
+        self._queued = 0
+        if not transport.is_closing():
+            transport.write(control_frame(OP_CLOSE, close_payload(code, reason)))
+            transport.close()  # once what it holds is sent
+            # A peer that never reads again would keep the socket: drop it in the end.
+            asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, transport.abort)
+        self.connection_lost(None)  # the session ends now, not when the peer has read
+
+    def _close_transport(self) -> None:
+        """Close once the queued and buffered bytes are sent."""
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        queue, self._queue = self._queue, None
+        self._queued = 0
+        if queue:
+            transport.write(b"".join(queue))
+        transport.close()
+
     def _write(self, data: bytes) -> None:
-        """Write a control frame (a pong, a ping, the close frame) now."""
+        """Write a control frame (a pong, a ping, the close frame) now, in order."""
         transport = self._transport
         if transport is not None and not transport.is_closing():
-            transport.write(data)
-            if transport.get_write_buffer_size() > self.node.config.server.max_buffer_bytes:
+            queue = self._queue
+            if queue is None:
+                transport.write(data)
+            else:
+                queue.append(data)
+                self._queued += len(data)
+            limit = self.node.config.server.max_buffer_bytes
+            if transport.get_write_buffer_size() + self._queued > limit:
                 self._slow_consumer()
 
     def _slow_consumer(self) -> None:
         session = self.session
         if session is not None:
             session.close(DISCONNECTS.slow_consumer)
-        elif not self._close_sent:  # the session is not started yet or already gone
-            self._send_close(DISCONNECTS.slow_consumer.code, DISCONNECTS.slow_consumer.reason)
-            self._abort()
+        else:  # the session is not started yet or already gone
+            self._close_now(DISCONNECTS.slow_consumer.code, DISCONNECTS.slow_consumer.reason)
 
     def _abort(self) -> None:
         transport = self._transport
