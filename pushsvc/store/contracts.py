@@ -112,7 +112,7 @@ class InboxStore(Protocol):
         ...
 
     async def close(self) -> None:
-        """Finish queued writes and release the storage."""
+        """Finish queued writes and release the storage (again: does nothing)."""
         ...
 
     def healthy(self) -> bool:
