@@ -47,7 +47,7 @@ from pushsvc.ops import logs, sdnotify
 from pushsvc.ops.metrics import Metrics
 from pushsvc.plugin.manager import DefaultRoomPolicy, Plugins, await_me_maybe, load_plugins
 from pushsvc.protocol.disconnects import DISCONNECTS
-from pushsvc.store import make_store
+from pushsvc.store import StoreOptions, make_store
 from pushsvc.transport.upgrade import UpgradeHandler, UpgradeServer
 
 log = logging.getLogger("pushsvc.app")
@@ -448,9 +448,11 @@ async def start(
     metrics = Metrics(registry)
     store = make_store(
         config.store_url(),
-        synchronous=config.store.synchronous,
-        batch_max=config.store.batch_max,
-        busy_timeout=config.store.busy_timeout,
+        StoreOptions(
+            synchronous=config.store.synchronous,
+            batch_max=config.store.batch_max,
+            busy_timeout=config.store.busy_timeout,
+        ),
     )
     await store.open()
     store = metrics.instrument_store(store)

@@ -3,196 +3,72 @@
 A message is stored once, with one delivery row per recipient. The store
 owns durability; the delivery tracker owns timing. Every method may raise
 :class:`StoreUnavailable`, after which nothing of that call was persisted.
+
+The contracts (one small Protocol per user, and :class:`Store`, all of them)
+and the values they exchange are in :mod:`pushsvc.store.contracts`, re-exported
+here; :func:`make_store` builds the implementation that ``store.url`` names.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
+from pushsvc.store.contracts import (
+    ACKED_RETENTION,
+    AckResult,
+    DeadLetter,
+    DeadLetterStore,
+    IdempotencyKey,
+    IdempotencyStore,
+    IdempotentResult,
+    InboxStore,
+    PendingMessage,
+    Revocation,
+    RevocationStore,
+    Store,
+    StoreStats,
+    StoreUnavailable,
+)
 
-class StoreUnavailable(Exception):
-    """The store could not complete an operation (disk full, locked, unreachable)."""
-
-
-@dataclass(frozen=True, slots=True)
-class PendingMessage:
-    """An unacked delivery of a message to one user."""
-
-    id: str  # message id (sortable by time)
-    type: str  # message type
-    frame: bytes  # the frame as the client receives it
-    attempts: int  # sends recorded so far
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    """A delivery given up after ``max_attempts`` or the TTL."""
-
-    user: str  # recipient
-    id: str  # message id
-    type: str  # message type
-    frame: bytes  # the frame
-    reason: str  # "max_attempts" | "ttl"
-    dead_at: float  # seconds since the epoch
-
-
-@dataclass(frozen=True, slots=True)
-class AckResult:
-    """What one ack did: ``acked`` ids settled, the rest classified and ignored."""
-
-    acked: Sequence[tuple[str, str]]  # (id, type) of the deliveries settled now
-    repeated: int = 0  # ids this user had acked already
-    foreign: int = 0  # ids of messages for other users
-    unknown: int = 0  # ids of no message at all
-
-
-@dataclass(frozen=True, slots=True)
-class IdempotencyKey:
-    """An ``Idempotency-Key`` stored with the message its request created."""
-
-    client: str  # the API client (the token's sub)
-    key: str  # the header's value
-    fingerprint: str  # hash of the request (method, path, canonical body)
-    expires_at: float  # seconds since the epoch; forgotten afterwards
+__all__ = [
+    "ACKED_RETENTION",
+    "AckResult",
+    "DeadLetter",
+    "DeadLetterStore",
+    "IdempotencyKey",
+    "IdempotencyStore",
+    "IdempotentResult",
+    "InboxStore",
+    "PendingMessage",
+    "Revocation",
+    "RevocationStore",
+    "Store",
+    "StoreOptions",
+    "StoreStats",
+    "StoreUnavailable",
+    "make_store",
+]
 
 
 @dataclass(frozen=True, slots=True)
-class IdempotentResult:
-    """What a remembered request created: replayed on a retry with the same key."""
+class StoreOptions:
+    """The ``[store]`` keys besides ``url``; an implementation ignores those it has no use for."""
 
-    message_id: str  # the message id answered the first time
-    recipients: int  # how many recipients it had
-    fingerprint: str  # the first request's fingerprint
-
-
-@dataclass(frozen=True, slots=True)
-class Revocation:
-    """A revoked token (``kind`` ``jti``) or a user's tokens issued before ``until``."""
-
-    kind: str  # "jti" | "user"
-    subject: str  # the jti, or the user id
-    until: float | None  # kind "user": tokens with iat < until are revoked
-    created_at: float  # seconds since the epoch
-    expires_at: float | None  # forgotten after this time; None: kept
+    synchronous: str = "normal"  # "normal" | "full" (SQLite: fsync every commit)
+    batch_max: int = 512  # most operations per transaction (group commit)
+    busy_timeout: float = 5.0  # seconds to wait on a locked store before failing a write
 
 
-@dataclass(frozen=True, slots=True)
-class StoreStats:
-    """Backlog figures for metrics."""
-
-    pending: int  # unacked deliveries
-    oldest_created_ms: int | None  # creation time of the oldest one
-
-
-class Store(Protocol):
-    """Durable per-user inbox of at-least-once messages."""
-
-    async def open(self) -> None:
-        """Create or open the storage; raises :class:`StoreUnavailable`."""
-        ...
-
-    async def close(self) -> None:
-        """Finish queued writes and release the storage."""
-        ...
-
-    def healthy(self) -> bool:
-        """False after a failed write, until a write succeeds again."""
-        ...
-
-    async def check(self) -> bool:
-        """Try a small write now; updates and returns :meth:`healthy`."""
-        ...
-
-    async def accept(
-        self,
-        message_id: str,
-        message_type: str,
-        frame: bytes,
-        recipients: Sequence[str],
-        expires_at: float,
-        idempotency: IdempotencyKey | None = None,
-    ) -> None:
-        """Persist a message and a pending delivery per recipient (durable on return).
-
-        With ``idempotency``, the key is remembered in the same transaction
-        (replacing an expired entry with the same client and key).
-        """
-        ...
-
-    def may_have_pending(self, user: str) -> bool:
-        """False only when the store knows ``user`` has nothing pending (no I/O).
-
-        A hint that lets a new connection skip its first :meth:`pending` read;
-        a store that cannot tell cheaply returns True.
-        """
-        ...
-
-    async def pending(self, user: str, after_id: str, limit: int) -> list[PendingMessage]:
-        """Up to ``limit`` pending deliveries of ``user`` with id > ``after_id``, oldest first."""
-        ...
-
-    async def ack(self, user: str, ids: Sequence[str]) -> AckResult:
-        """Settle ``user``'s pending deliveries among ``ids`` (durable on return)."""
-        ...
-
-    async def record_attempts(self, user: str, attempts: Sequence[tuple[str, int]]) -> None:
-        """Remember how often each message id was sent to ``user``."""
-        ...
-
-    async def dead_letter(self, user: str, ids: Sequence[str], reason: str) -> list[DeadLetter]:
-        """Move pending deliveries to the dead letters; returns those that moved."""
-        ...
-
-    async def expire(self, now: float, retention: float) -> list[DeadLetter]:
-        """Dead-letter deliveries past their TTL and drop old dead letters and acks."""
-        ...
-
-    async def dead_letters(self, user: str, limit: int) -> list[DeadLetter]:
-        """``user``'s dead letters, oldest first."""
-        ...
-
-    async def requeue(self, user: str, ids: Sequence[str], expires_at: float) -> list[str]:
-        """Make dead letters pending again (attempts reset); returns the ids requeued."""
-        ...
-
-    async def delete_dead(self, user: str, ids: Sequence[str]) -> int:
-        """Delete dead letters; returns how many."""
-        ...
-
-    async def stats(self) -> StoreStats:
-        """Backlog figures."""
-        ...
-
-    async def frames(self, ids: Sequence[str]) -> dict[str, tuple[str, bytes]]:
-        """Type and frame of the stored messages among ``ids`` (id -> (type, frame))."""
-        ...
-
-    async def idempotent_result(self, client: str, key: str, now: float) -> IdempotentResult | None:
-        """What ``client``'s request with ``key`` created, unless unknown or expired."""
-        ...
-
-    async def revoke(self, revocation: Revocation) -> Revocation:
-        """Persist a revocation; returns what is stored (a user's ``until`` only grows)."""
-        ...
-
-    async def revocations(self, now: float) -> list[Revocation]:
-        """Every revocation not expired at ``now``."""
-        ...
-
-
-def make_store(
-    url: str, *, synchronous: str = "normal", batch_max: int = 512, busy_timeout: float = 5.0
-) -> Store:
-    """Build the store for ``store.url``."""
+def make_store(url: str, options: StoreOptions | None = None) -> Store:
+    """Build the store ``url`` (``store.url``) names; raises ValueError for an unknown scheme."""
+    options = options or StoreOptions()
     if url.startswith("sqlite:///"):
         from pushsvc.store.sqlite import SqliteStore
 
         return SqliteStore(
             url[len("sqlite:///") :],
-            synchronous=synchronous,
-            batch_max=batch_max,
-            busy_timeout=busy_timeout,
+            synchronous=options.synchronous,
+            batch_max=options.batch_max,
+            busy_timeout=options.busy_timeout,
         )
     raise ValueError(f"store.url: unsupported scheme in {url!r} (supported: sqlite:///PATH)")

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 from pushsvc.protocol import ids
 from pushsvc.store import (
+    ACKED_RETENTION,
     AckResult,
     DeadLetter,
     IdempotencyKey,
@@ -41,8 +42,6 @@ log = logging.getLogger("pushsvc.store")
 
 T = TypeVar("T")
 PENDING, ACKED, DEAD = 0, 1, 2
-#: Seconds an acked delivery row is kept, so a repeated ack is recognised.
-ACKED_RETENTION = 300.0
 #: Seconds between WAL checkpoints, run by their own thread and connection.
 CHECKPOINT_INTERVAL = 0.2
 #: WAL pages after which the writer checkpoints itself (only if the checkpoint thread lags).
@@ -119,7 +118,7 @@ class _Op:
 
 
 class SqliteStore:
-    """The SQLite implementation of :class:`pushsvc.store.Store`."""
+    """The SQLite implementation of :class:`pushsvc.store.Store` (every contract)."""
 
     def __init__(
         self,
@@ -349,7 +348,7 @@ class SqliteStore:
 
         def read(db: sqlite3.Connection) -> list[PendingMessage]:
             rows = db.execute(
-                "SELECT m.id, m.type, m.frame, d.attempts FROM deliveries d "
+                "SELECT m.id, m.type, m.frame, d.attempts, m.expires_at FROM deliveries d "
                 "JOIN messages m ON m.id = d.message_id "
                 "WHERE d.user = ? AND d.state = 0 AND d.message_id > ? "
                 "ORDER BY d.message_id LIMIT ?",
@@ -359,7 +358,7 @@ class SqliteStore:
                 if len(self._nothing_pending) >= NOTHING_PENDING_MAX:
                     self._nothing_pending.clear()
                 self._nothing_pending.add(user)
-            return [PendingMessage(r[0], r[1], r[2], r[3]) for r in rows]
+            return [PendingMessage(r[0], r[1], r[2], r[3], r[4]) for r in rows]
 
         return await self._submit(read)
 

@@ -1,4 +1,9 @@
-"""The SQLite store on a real file: inbox order, ack classification, dead letters, group commit."""
+"""What only the SQLite store promises, on a real file: rows, WAL, group commit, checkpoints.
+
+The guarantees every store gives (order, acks, dead letters, TTL, retention,
+idempotency keys, revocations, durability, failure atomicity) are stated once
+for every implementation in ``tests/contracts/test_store_contract.py``.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from pushsvc.protocol import ids
-from pushsvc.store import StoreUnavailable
+from pushsvc.store import StoreOptions, StoreUnavailable, make_store
 from pushsvc.store import sqlite as sqlite_module
 from pushsvc.store.sqlite import ACKED_RETENTION, SqliteStore
 
@@ -37,111 +42,31 @@ async def put(
     return message_id
 
 
-async def test_accept_and_pending_in_id_order(store: SqliteStore) -> None:
-    first = await put(store, "ann", "bob")
-    second = await put(store, "ann")
-    third = await put(store, "bob", kind="notification")
-    ann = await store.pending("ann", "", 10)
-    assert [m.id for m in ann] == [first, second]
-    assert ann[0].type == "private" and ann[0].attempts == 0
-    assert ann[0].frame == b'{"id":"%s"}' % first.encode()
-    assert [m.id for m in await store.pending("bob", "", 10)] == [first, third]
-    assert [m.id for m in await store.pending("ann", first, 10)] == [second]  # after a cursor
-    assert [m.id for m in await store.pending("bob", "", 1)] == [first]  # limit
-    assert await store.pending("nobody", "", 10) == []
-    # One message, one delivery row per recipient.
+async def test_message_stored_once_with_a_delivery_row_per_recipient(store: SqliteStore) -> None:
+    await put(store, "ann", "bob")
+    await put(store, "ann")
+    await put(store, "bob", kind="notification")
     with sqlite3.connect(store.path) as db:
         assert db.execute("SELECT count(*) FROM messages").fetchone() == (3,)
         assert db.execute("SELECT count(*) FROM deliveries").fetchone() == (4,)
 
 
-async def test_ack_classifies_every_id(store: SqliteStore) -> None:
-    shared = await put(store, "ann", "bob")
-    bobs = await put(store, "bob")
-    unknown = ids.new_id()
-    result = await store.ack("ann", [shared, shared, bobs, unknown])
-    assert list(result.acked) == [(shared, "private")]
-    assert (result.repeated, result.foreign, result.unknown) == (0, 1, 1)
-    again = await store.ack("ann", [shared])
-    assert list(again.acked) == [] and again.repeated == 1
-    # Ann's ack settled nothing of Bob's: both his deliveries are still pending.
-    assert [m.id for m in await store.pending("bob", "", 10)] == [shared, bobs]
-    assert await store.pending("ann", "", 10) == []
-
-
-async def test_ack_of_many_ids_in_chunks(store: SqliteStore) -> None:
-    mine = [await put(store, "ann") for _ in range(3)]
-    noise = [ids.new_id() for _ in range(1200)]  # over the IN (...) chunk size
-    result = await store.ack("ann", [*noise, *mine])
-    assert sorted(i for i, _kind in result.acked) == mine
-    assert result.unknown == 1200
-
-
-async def test_record_attempts_never_lowers(store: SqliteStore) -> None:
-    message_id = await put(store, "ann")
-    await store.record_attempts("ann", [(message_id, 3)])
-    await store.record_attempts("ann", [(message_id, 2)])
-    assert (await store.pending("ann", "", 1))[0].attempts == 3
-    await store.record_attempts("bob", [(message_id, 9)])  # no such delivery: no effect
-    assert (await store.pending("ann", "", 1))[0].attempts == 3
-
-
-async def test_dead_letter_requeue_delete(store: SqliteStore) -> None:
-    first = await put(store, "ann", "bob")
-    second = await put(store, "ann")
-    dead = await store.dead_letter("ann", [first, second, ids.new_id()], "max_attempts")
-    assert [(d.user, d.id, d.reason) for d in dead] == [
-        ("ann", first, "max_attempts"),
-        ("ann", second, "max_attempts"),
-    ]
-    assert dead[0].frame == b'{"id":"%s"}' % first.encode() and dead[0].type == "private"
-    assert await store.dead_letter("ann", [first], "max_attempts") == []  # only pending moves
-    assert await store.pending("ann", "", 10) == []
-    assert [m.id for m in await store.pending("bob", "", 10)] == [first]  # bob unaffected
-    assert [d.id for d in await store.dead_letters("ann", 10)] == [first, second]
-    assert (await store.ack("ann", [first])).repeated == 1  # a dead letter is not re-settled
-
-    await store.record_attempts("ann", [(second, 5)])
-    assert await store.requeue("ann", [second, ids.new_id()], time.time() + HOUR) == [second]
-    requeued = await store.pending("ann", "", 10)
-    assert [(m.id, m.attempts) for m in requeued] == [(second, 0)]
-
-    assert await store.delete_dead("ann", [first, second]) == 1  # second is pending again
-    assert await store.dead_letters("ann", 10) == []
-    with sqlite3.connect(store.path) as db:  # first is still bob's: the message stays
-        assert db.execute("SELECT count(*) FROM messages").fetchone() == (2,)
-
-
-async def test_expire_ttl_and_retention(store: SqliteStore) -> None:
+async def test_settled_rows_and_orphan_messages_are_deleted(store: SqliteStore) -> None:
+    """delete_dead and the retention sweep leave no row behind that nothing refers to."""
     now = time.time()
-    old = await put(store, "ann", "bob", expires=now - 1)
-    fresh = await put(store, "ann")
-    dead = await store.expire(now, retention=HOUR)
-    assert sorted((d.user, d.reason) for d in dead) == [("ann", "ttl"), ("bob", "ttl")]
-    assert [m.id for m in await store.pending("ann", "", 10)] == [fresh]
-    assert [d.id for d in await store.dead_letters("bob", 10)] == [old]
-    assert await store.expire(now, retention=HOUR) == []  # already dead
-    await store.ack("ann", [fresh])
-    # Past the retention the dead letters go, past ACKED_RETENTION the acks go,
-    # and with them the messages no delivery refers to.
-    later = now + max(HOUR, ACKED_RETENTION) + 1
-    assert await store.expire(later, retention=HOUR) == []
-    assert await store.dead_letters("bob", 10) == []
+    shared = await put(store, "ann", "bob")
+    await store.dead_letter("ann", [shared], "max_attempts")
+    assert await store.delete_dead("ann", [shared]) == 1
+    with sqlite3.connect(store.path) as db:  # still bob's: the message stays
+        assert db.execute("SELECT count(*) FROM messages").fetchone() == (1,)
+    old = await put(store, "carol", expires=now - 1)
+    await store.expire(now, retention=HOUR)
+    await store.ack("bob", [shared])
+    assert [d.id for d in await store.dead_letters("carol", 10)] == [old]
+    await store.expire(now + max(HOUR, ACKED_RETENTION) + 1, retention=HOUR)
     with sqlite3.connect(store.path) as db:
         assert db.execute("SELECT count(*) FROM messages").fetchone() == (0,)
         assert db.execute("SELECT count(*) FROM deliveries").fetchone() == (0,)
-    assert (await store.ack("ann", [fresh])).unknown == 1
-
-
-async def test_stats(store: SqliteStore) -> None:
-    empty = await store.stats()
-    assert (empty.pending, empty.oldest_created_ms) == (0, None)
-    first = await put(store, "ann", "bob")
-    await put(store, "ann")
-    stats = await store.stats()
-    assert stats.pending == 3
-    assert stats.oldest_created_ms == ids.timestamp_ms(first)
-    assert abs(stats.oldest_created_ms / 1000 - time.time()) < 60
 
 
 async def test_group_commit_under_concurrency(store: SqliteStore) -> None:
@@ -160,20 +85,6 @@ async def test_group_commit_under_concurrency(store: SqliteStore) -> None:
     assert stats.pending == count
     loaded = [m.id for u in range(7) for m in await store.pending(f"u{u}", "", count)]
     assert sorted(loaded) == sorted(message_ids)
-
-
-async def test_survives_reopen(tmp_path: Path) -> None:
-    path = str(tmp_path / "reopen.sqlite3")
-    first = SqliteStore(path)
-    await first.open()
-    message_id = await put(first, "ann")
-    await first.close()
-    second = SqliteStore(path)
-    await second.open()
-    try:
-        assert [m.id for m in await second.pending("ann", "", 10)] == [message_id]
-    finally:
-        await second.close()
 
 
 async def test_locked_database_fails_then_recovers(store: SqliteStore) -> None:
@@ -245,22 +156,6 @@ async def test_sweep_works_in_bounded_steps(
         assert db.execute("SELECT count(*) FROM messages").fetchone() == (0,)
 
 
-async def test_requeued_message_expires_again(store: SqliteStore) -> None:
-    now = time.time()
-    message_id = await put(store, "ann", expires=now - 5)
-    assert [d.id for d in await store.expire(now, retention=HOUR)] == [message_id]
-    assert await store.requeue("ann", [message_id], now - 1) == [message_id]  # already old
-    assert [m.id for m in await store.pending("ann", "", 10)] == [message_id]
-    assert [d.id for d in await store.expire(now + 1, retention=HOUR)] == [message_id]
-
-
-async def test_sweep_after_the_clock_went_back(store: SqliteStore) -> None:
-    now = time.time()
-    await store.expire(now + 100, retention=HOUR)  # a sweep while the clock was ahead
-    message_id = await put(store, "ann", expires=now - 1)
-    assert [d.id for d in await store.expire(now, retention=HOUR)] == [message_id]
-
-
 @pytest.mark.parametrize(
     "query",
     [
@@ -307,3 +202,43 @@ async def test_nothing_pending_hint(store: SqliteStore) -> None:
     # Reads with a cursor say nothing about the whole inbox.
     await store.pending("erin", "ZZZZ", 10)
     assert store.may_have_pending("erin")
+
+
+@pytest.mark.parametrize(("synchronous", "level"), [("normal", 1), ("full", 2)])
+async def test_make_store_builds_sqlite_from_url_and_options(
+    tmp_path: Path, synchronous: str, level: int
+) -> None:
+    """``store.url`` picks SQLite; the options reach it: WAL, synchronous, batch, lock wait."""
+    path = tmp_path / "sub" / "db.sqlite3"
+    options = StoreOptions(synchronous=synchronous, batch_max=7, busy_timeout=0.25)
+    store = make_store(f"sqlite:///{path}", options)
+    assert isinstance(store, SqliteStore)
+    assert (store.path, store.synchronous, store.batch_max, store.busy_timeout) == (
+        str(path),
+        synchronous,
+        7,
+        0.25,
+    )
+    await store.open()
+    try:
+        pragmas = await store._submit(
+            lambda db: (
+                db.execute("PRAGMA journal_mode").fetchone()[0],
+                db.execute("PRAGMA synchronous").fetchone()[0],
+                db.execute("PRAGMA busy_timeout").fetchone()[0],
+            )
+        )
+        assert pragmas == ("wal", level, 250)
+        before = store.transactions
+        await asyncio.gather(*(put(store, "ann") for _ in range(70)))
+        assert store.transactions - before >= 10  # at most batch_max operations per commit
+    finally:
+        await store.close()
+
+
+async def test_make_store_defaults_and_unknown_scheme(tmp_path: Path) -> None:
+    store = make_store(f"sqlite:///{tmp_path / 'db.sqlite3'}")
+    assert isinstance(store, SqliteStore)
+    assert (store.synchronous, store.batch_max, store.busy_timeout) == ("normal", 512, 5.0)
+    with pytest.raises(ValueError, match=r"store\.url: unsupported scheme"):
+        make_store("postgres://db/pushsvc", StoreOptions())

@@ -1,0 +1,222 @@
+"""The store's contracts: the values it exchanges and one small Protocol per user.
+
+Each caller depends on the part it uses:
+
+- :class:`InboxStore`: the per-user inbox of at-least-once messages
+  (lifecycle, accept, pending, ack, attempts, stats, frames), used by the
+  delivery tracker, the node and the HTTP API;
+- :class:`DeadLetterStore`: deliveries given up, the TTL sweep and retention;
+- :class:`IdempotencyStore`: what a request with an ``Idempotency-Key``
+  created (the key itself is stored by :meth:`InboxStore.accept`, in the
+  same transaction as the message);
+- :class:`RevocationStore`: revoked tokens and users.
+
+:class:`Store` is all four: what an implementation provides
+(:mod:`pushsvc.store.sqlite`) and what ``make_store`` returns. Every method
+may raise :class:`StoreUnavailable`, after which nothing of that call was
+persisted. ``tests/contracts/test_store_contract.py`` states these
+guarantees for every implementation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+#: Seconds an acked delivery is remembered, so a repeated ack is classified
+#: ``repeated`` (afterwards it is ``unknown``); the sweep drops older acks.
+ACKED_RETENTION = 300.0
+
+
+class StoreUnavailable(Exception):
+    """The store could not complete an operation (disk full, locked, unreachable)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PendingMessage:
+    """An unacked delivery of a message to one user."""
+
+    id: str  # message id (sortable by time)
+    type: str  # message type
+    frame: bytes  # the frame as the client receives it
+    attempts: int  # sends recorded so far
+    expires_at: float  # seconds since the epoch; not to be sent afterwards (TTL)
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A delivery given up after ``max_attempts`` or the TTL."""
+
+    user: str  # recipient
+    id: str  # message id
+    type: str  # message type
+    frame: bytes  # the frame
+    reason: str  # "max_attempts" | "ttl"
+    dead_at: float  # seconds since the epoch
+
+
+@dataclass(frozen=True, slots=True)
+class AckResult:
+    """What one ack did: ``acked`` ids settled, the rest classified and ignored."""
+
+    acked: Sequence[tuple[str, str]]  # (id, type) of the deliveries settled now
+    repeated: int = 0  # ids this user had acked already
+    foreign: int = 0  # ids of messages for other users
+    unknown: int = 0  # ids of no message at all
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyKey:
+    """An ``Idempotency-Key`` stored with the message its request created."""
+
+    client: str  # the API client (the token's sub)
+    key: str  # the header's value
+    fingerprint: str  # hash of the request (method, path, canonical body)
+    expires_at: float  # seconds since the epoch; forgotten afterwards
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotentResult:
+    """What a remembered request created: replayed on a retry with the same key."""
+
+    message_id: str  # the message id answered the first time
+    recipients: int  # how many recipients it had
+    fingerprint: str  # the first request's fingerprint
+
+
+@dataclass(frozen=True, slots=True)
+class Revocation:
+    """A revoked token (``kind`` ``jti``) or a user's tokens issued before ``until``."""
+
+    kind: str  # "jti" | "user"
+    subject: str  # the jti, or the user id
+    until: float | None  # kind "user": tokens with iat < until are revoked
+    created_at: float  # seconds since the epoch
+    expires_at: float | None  # forgotten after this time; None: kept
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    """Backlog figures for metrics."""
+
+    pending: int  # unacked deliveries
+    oldest_created_ms: int | None  # creation time of the oldest one
+
+
+class InboxStore(Protocol):
+    """Durable per-user inbox of at-least-once messages."""
+
+    async def open(self) -> None:
+        """Create or open the storage; raises :class:`StoreUnavailable`."""
+        ...
+
+    async def close(self) -> None:
+        """Finish queued writes and release the storage (again: does nothing)."""
+        ...
+
+    def healthy(self) -> bool:
+        """False after a failed write, until a write succeeds again."""
+        ...
+
+    async def check(self) -> bool:
+        """Try a small write now; updates and returns :meth:`healthy`."""
+        ...
+
+    async def accept(
+        self,
+        message_id: str,
+        message_type: str,
+        frame: bytes,
+        recipients: Sequence[str],
+        expires_at: float,
+        idempotency: IdempotencyKey | None = None,
+    ) -> None:
+        """Persist a message and a pending delivery per recipient (durable on return).
+
+        With ``idempotency``, the key is remembered in the same transaction
+        (replacing an expired entry with the same client and key); see
+        :class:`IdempotencyStore`.
+        """
+        ...
+
+    def may_have_pending(self, user: str) -> bool:
+        """False only when the store knows ``user`` has nothing pending (no I/O).
+
+        A hint that lets a new connection skip its first :meth:`pending` read;
+        a store that cannot tell cheaply returns True.
+        """
+        ...
+
+    async def pending(self, user: str, after_id: str, limit: int) -> list[PendingMessage]:
+        """Up to ``limit`` pending deliveries of ``user`` with id > ``after_id``, oldest first."""
+        ...
+
+    async def ack(self, user: str, ids: Sequence[str]) -> AckResult:
+        """Settle ``user``'s pending deliveries among ``ids`` (durable on return)."""
+        ...
+
+    async def record_attempts(self, user: str, attempts: Sequence[tuple[str, int]]) -> None:
+        """Remember how often each message id was sent to ``user`` (never lowered)."""
+        ...
+
+    async def stats(self) -> StoreStats:
+        """Backlog figures."""
+        ...
+
+    async def frames(self, ids: Sequence[str]) -> dict[str, tuple[str, bytes]]:
+        """Type and frame of the stored messages among ``ids`` (id -> (type, frame))."""
+        ...
+
+
+class DeadLetterStore(Protocol):
+    """Deliveries given up: dead letters, the TTL sweep, retention."""
+
+    async def dead_letter(self, user: str, ids: Sequence[str], reason: str) -> list[DeadLetter]:
+        """Move pending deliveries to the dead letters; returns those that moved."""
+        ...
+
+    async def expire(self, now: float, retention: float) -> list[DeadLetter]:
+        """Dead-letter deliveries past their TTL and drop old dead letters and acks.
+
+        Dead letters settled more than ``retention`` seconds before ``now`` and
+        acks older than :data:`ACKED_RETENTION` go, with the messages no
+        delivery refers to any more.
+        """
+        ...
+
+    async def dead_letters(self, user: str, limit: int) -> list[DeadLetter]:
+        """``user``'s dead letters, oldest first."""
+        ...
+
+    async def requeue(self, user: str, ids: Sequence[str], expires_at: float) -> list[str]:
+        """Make dead letters pending again (attempts reset); returns the ids requeued."""
+        ...
+
+    async def delete_dead(self, user: str, ids: Sequence[str]) -> int:
+        """Delete dead letters; returns how many."""
+        ...
+
+
+class IdempotencyStore(Protocol):
+    """Requests remembered by their ``Idempotency-Key`` (written by ``accept``)."""
+
+    async def idempotent_result(self, client: str, key: str, now: float) -> IdempotentResult | None:
+        """What ``client``'s request with ``key`` created, unless unknown or expired."""
+        ...
+
+
+class RevocationStore(Protocol):
+    """Revoked tokens (by ``jti``) and users (tokens issued before a time)."""
+
+    async def revoke(self, revocation: Revocation) -> Revocation:
+        """Persist a revocation; returns what is stored (a user's ``until`` only grows)."""
+        ...
+
+    async def revocations(self, now: float) -> list[Revocation]:
+        """Every revocation not expired at ``now``."""
+        ...
+
+
+class Store(InboxStore, DeadLetterStore, IdempotencyStore, RevocationStore, Protocol):
+    """Everything a store implementation provides: the four contracts together."""
