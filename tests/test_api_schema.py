@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from conftest import Server, token
-from pushsvc.http import api
+from pushsvc.http import limits
 
 Start = Callable[..., Any]
 #: Every route of PROTOCOL §4 and the extensions, with its methods.
@@ -102,7 +102,7 @@ async def test_document_follows_config_and_plugins(start_server: Start) -> None:
 
 
 def test_limits_in_the_document_are_the_api_limits() -> None:
-    assert api.MAX_IDS == 1000 and api.MAX_LIMIT == 1000 and api.MAX_ROOM_LENGTH == 200
+    assert limits.MAX_IDS == 1000 and limits.MAX_LIMIT == 1000 and limits.MAX_ROOM_LENGTH == 200
 
 
 # -- schemathesis ---------------------------------------------------------------------

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 import pluggy
 
 from pushsvc.config import Config
+from pushsvc.store import IdempotencyKey
 
 #: Marks a hook implementation: ``@hookimpl def pushsvc_register_message_types(): ...``
 hookimpl = pluggy.HookimplMarker("pushsvc")
@@ -125,8 +126,13 @@ class Node(Protocol):
         message: dict[str, Any],
         guarantee: Guarantee,
         ttl: float | None = None,
+        idempotency: IdempotencyKey | None = None,
     ) -> Delivery:
-        """Deliver ``message`` to every connection of each user in ``to``."""
+        """Deliver ``message`` to every connection of each user in ``to``.
+
+        ``idempotency`` (the key :meth:`ApiHandler.accept_once` gives, at-least-once
+        only) is stored with the message in the same transaction.
+        """
         ...
 
 
