@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+import pushsvc
 from conftest import BIN, SECRET, Server
 from pushsvc import CommandError, Field, FrameContext, MessageType, Reply, hookimpl
 from pushsvc.plugin import hookspecs
@@ -220,3 +221,59 @@ def test_python_m_pushsvc() -> None:
         [sys.executable, "-m", "pushsvc", "--version"], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0 and result.stdout.startswith("pushsvc ")
+
+
+def test_api_handler_is_public_and_import_pushsvc_stays_light() -> None:
+    """``from pushsvc import ApiHandler`` works; ``import pushsvc`` alone loads no HTTP layer."""
+    script = textwrap.dedent(
+        """
+        import sys
+        import pushsvc
+        heavy = sorted(
+            m for m in sys.modules
+            if m.startswith(("pushsvc.http", "pushsvc.core", "pushsvc.transport", "tornado.web"))
+        )
+        assert not heavy, heavy
+        assert "ApiHandler" in pushsvc.__all__ and "ApiHandler" in dir(pushsvc)
+        from pushsvc import ApiError, ApiHandler, openapi
+        from pushsvc.http.base import ApiHandler as Base
+        assert ApiHandler is Base and "pushsvc.http.base" in sys.modules
+        assert ApiError.__module__ == "pushsvc.http.base"
+        assert openapi.__name__ == "pushsvc.http.openapi"
+        print("ok")
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+    with pytest.raises(AttributeError, match="no attribute 'NoSuchName'"):
+        _ = pushsvc.NoSuchName
+
+
+def test_pushsvc_api_is_a_deprecated_alias() -> None:
+    script = textwrap.dedent(
+        """
+        import warnings
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            from pushsvc.api import ApiError, ApiHandler, JsonHandler, bad_request
+        assert any(issubclass(w.category, DeprecationWarning) for w in caught), caught
+        import pushsvc
+        assert ApiHandler is pushsvc.ApiHandler and ApiError is pushsvc.ApiError
+        assert bad_request("x: y").status == 400 and issubclass(ApiHandler, JsonHandler)
+        print("ok")
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_builtin_plugins_import_only_the_public_api() -> None:
+    """``plugins/*.py`` import from ``pushsvc`` itself, never from its submodules."""
+    for source in sorted((ROOT / "plugins").glob("*.py")):
+        for line in source.read_text().splitlines():
+            if line.startswith(("from pushsvc", "import pushsvc")):
+                assert line.startswith("from pushsvc import "), f"{source.name}: {line}"

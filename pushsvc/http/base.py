@@ -178,7 +178,8 @@ class ApiHandler(JsonHandler):
         """OpenAPI path items of this handler's routes (``{path: {method: operation}}``).
 
         Plugin handlers override this so that ``/api/v1/openapi.json``
-        describes their routes; build operations with :func:`pushsvc.openapi.operation`.
+        describes their routes; build operations with ``openapi.operation``
+        (``from pushsvc import openapi``).
         """
         return {}
 
