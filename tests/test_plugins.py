@@ -277,3 +277,34 @@ def test_builtin_plugins_import_only_the_public_api() -> None:
         for line in source.read_text().splitlines():
             if line.startswith(("from pushsvc", "import pushsvc")):
                 assert line.startswith("from pushsvc import "), f"{source.name}: {line}"
+
+
+def test_every_public_name_is_documented() -> None:
+    """docs/plugins.md section 4 lists every name of ``pushsvc.__all__``, and nothing else."""
+    docs = (ROOT / "docs" / "plugins.md").read_text()
+    section = docs[docs.index("## 4. The plugin API") : docs.index("## 5.")]
+    names = set(pushsvc.__all__) - {"__version__"}
+    rows = {
+        line.split("|")[1].strip().strip("`").split("(")[0].split("`")[0]
+        for line in section.splitlines()
+        if line.startswith("| `")
+    }
+    for name in names:
+        assert f"| `{name}" in section or f"/ `{name}" in section, name
+        assert getattr(pushsvc, name) is not None
+    handler = pushsvc.ApiHandler
+    members = rows - names - {"Guarantee.AT_MOST_ONCE", "Reply"}
+    for member in members:
+        assert hasattr(handler, member) or member in ("node", "principal"), member
+    for helper in ("operation", "nullable", "json_body", "json_response", "path_param"):
+        assert f"`{helper}()`" in section and callable(getattr(pushsvc.openapi, helper))
+    signature = inspect.signature(handler.send)
+    assert list(signature.parameters) == [
+        "self",
+        "to",
+        "message",
+        "guarantee",
+        "ttl",
+        "idempotency",
+    ]
+    assert "`send(to, message, guarantee, ttl=None, *, idempotency=None)`" in section
