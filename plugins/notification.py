@@ -7,19 +7,19 @@ from http import HTTPStatus
 from typing import Any
 
 from pushsvc import (
+    ApiHandler,
     CommandError,
+    Config,
+    Delivery,
     Field,
     FrameContext,
     Guarantee,
+    IdempotencyKey,
     MessageType,
     Reply,
     hookimpl,
+    openapi,
 )
-from pushsvc.config import Config
-from pushsvc.http import openapi
-from pushsvc.http.api import ApiHandler
-from pushsvc.plugin.api import Delivery
-from pushsvc.store import IdempotencyKey
 
 MAX_RECIPIENTS_PER_FRAME = 1000
 MAX_TITLE_LENGTH = 1000
@@ -62,9 +62,7 @@ class NotifyHandler(ApiHandler):
         message = notification(title, text, extra)
 
         async def accept(key: IdempotencyKey | None) -> Delivery:
-            send = self.node.send(users, message, Guarantee.AT_LEAST_ONCE, ttl, idempotency=key)
-            delivery: Delivery = await self.run(send)
-            return delivery
+            return await self.send(users, message, Guarantee.AT_LEAST_ONCE, ttl, idempotency=key)
 
         message_id, recipients = await self.accept_once(data, accept)
         return HTTPStatus.ACCEPTED, {"id": message_id, "recipients": recipients}

@@ -1,9 +1,18 @@
-"""Deprecated: import :class:`~pushsvc.http.api.ApiHandler` from :mod:`pushsvc`.
+"""Deprecated alias: import :class:`ApiHandler` from :mod:`pushsvc` instead.
 
 Kept so that plugins written against the 0.1 docs (``from pushsvc.api import
-ApiHandler``) still load; it will be removed in 1.0.
+ApiHandler``) still load; importing it warns (``DeprecationWarning``) and it
+will be removed in 1.0. The names live in :mod:`pushsvc.http.base` now.
 """
 
-from pushsvc.http.api import ApiError, ApiHandler, JsonHandler, bad_request
+import warnings
+
+from pushsvc.http.base import ApiError, ApiHandler, JsonHandler, bad_request
+
+warnings.warn(
+    "pushsvc.api is deprecated; use 'from pushsvc import ApiHandler' (removed in 1.0)",
+    DeprecationWarning,
+    stacklevel=2,
+)
 
 __all__ = ["ApiError", "ApiHandler", "JsonHandler", "bad_request"]

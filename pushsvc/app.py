@@ -42,13 +42,14 @@ from pushsvc.auth.tokens import Authenticator
 from pushsvc.broker import make_broker
 from pushsvc.config import Config, ConfigError
 from pushsvc.core.node import Node
-from pushsvc.http import api
+from pushsvc.http import routes as http_routes
+from pushsvc.http.health import NotFoundHandler
 from pushsvc.ops import logs, sdnotify
 from pushsvc.ops.metrics import Metrics
 from pushsvc.plugin.manager import DefaultRoomPolicy, Plugins, await_me_maybe, load_plugins
 from pushsvc.protocol.disconnects import DISCONNECTS
 from pushsvc.store import StoreOptions, make_store
-from pushsvc.transport.upgrade import UpgradeHandler, UpgradeServer
+from pushsvc.transport.upgrade import UpgradeServer
 
 log = logging.getLogger("pushsvc.app")
 
@@ -147,18 +148,18 @@ class Application(tornado.web.Application):
 
 
 def make_app(node: Node) -> Application:
-    """The Tornado application: ``/ws``, the HTTP API, metrics, health, plugin routes."""
-    routes: list[Any] = [(r"/ws", UpgradeHandler, {"node": node}), *api.routes(node)]
-    for rules in node.plugins.hook.pushsvc_register_routes():
-        for pattern, handler, kwargs in rules:
-            kwargs = {k: (node if k == "node" and v is None else v) for k, v in kwargs.items()}
-            routes.append((pattern, handler, kwargs))
+    """The Tornado application: ``/ws``, the HTTP API, metrics, health, plugin routes.
+
+    The route table (and the OpenAPI document) is built once, here
+    (:func:`pushsvc.http.routes.build`).
+    """
+    table = http_routes.build(node)
     return Application(
-        routes,
+        list(table.rules),
         log_function=logs.access_log if node.config.log.access_log else lambda handler: None,
         websocket_max_message_size=node.config.server.max_message_bytes,
         xheaders=node.config.server.xheaders,
-        default_handler_class=api.NotFoundHandler,
+        default_handler_class=NotFoundHandler,
         default_handler_args={"node": node},
     )
 

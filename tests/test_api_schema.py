@@ -21,7 +21,8 @@ from typing import Any
 import pytest
 
 from conftest import Server, token
-from pushsvc.http import api
+from pushsvc import ApiHandler, Config, hookimpl, openapi
+from pushsvc.http import limits
 
 Start = Callable[..., Any]
 #: Every route of PROTOCOL §4 and the extensions, with its methods.
@@ -102,7 +103,51 @@ async def test_document_follows_config_and_plugins(start_server: Start) -> None:
 
 
 def test_limits_in_the_document_are_the_api_limits() -> None:
-    assert api.MAX_IDS == 1000 and api.MAX_LIMIT == 1000 and api.MAX_ROOM_LENGTH == 200
+    assert limits.MAX_IDS == 1000 and limits.MAX_LIMIT == 1000 and limits.MAX_ROOM_LENGTH == 200
+
+
+class CountingRoutes:
+    """A plugin whose ``pushsvc_register_routes`` counts its calls and describes its route."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    @hookimpl
+    def pushsvc_register_routes(self) -> list[tuple[str, type, dict[str, Any]]]:
+        self.calls += 1
+        return [(r"/api/v1/counted", CountedHandler, {"node": None})]
+
+
+class CountedHandler(ApiHandler):
+    """``GET /api/v1/counted``: a plugin API route built on the public ``ApiHandler``."""
+
+    async def get(self) -> None:
+        self.send_json(200, {"user": self.principal.user})
+
+    @classmethod
+    def openapi_paths(cls, config: Config) -> dict[str, Any]:
+        ok = (200, "who asked", {"type": "object"})
+        return {
+            "/api/v1/counted": {
+                "get": openapi.operation("Counted", operation_id="counted", tag="test", ok=ok)
+            }
+        }
+
+
+async def test_routes_hook_runs_once_and_the_document_is_served_from_memory(
+    start_server: Start,
+) -> None:
+    plugin = CountingRoutes()
+    server = await start_server(extra=[("counting", plugin)])
+    assert plugin.calls == 1  # the route table was built at startup
+    first = await document(server)
+    assert "/api/v1/counted" in first["paths"]
+    for _ in range(3):
+        assert await document(server) == first
+    assert plugin.calls == 1  # neither the requests nor the document ran the hook again
+    status, body, _ = await server.http("GET", "/api/v1/counted", sub="ops")
+    assert status == 200 and body == {"user": "ops"}
+    assert plugin.calls == 1
 
 
 # -- schemathesis ---------------------------------------------------------------------

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+import pushsvc
 from conftest import BIN, SECRET, Server
 from pushsvc import CommandError, Field, FrameContext, MessageType, Reply, hookimpl
 from pushsvc.plugin import hookspecs
@@ -220,3 +221,90 @@ def test_python_m_pushsvc() -> None:
         [sys.executable, "-m", "pushsvc", "--version"], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0 and result.stdout.startswith("pushsvc ")
+
+
+def test_api_handler_is_public_and_import_pushsvc_stays_light() -> None:
+    """``from pushsvc import ApiHandler`` works; ``import pushsvc`` alone loads no HTTP layer."""
+    script = textwrap.dedent(
+        """
+        import sys
+        import pushsvc
+        heavy = sorted(
+            m for m in sys.modules
+            if m.startswith(("pushsvc.http", "pushsvc.core", "pushsvc.transport", "tornado.web"))
+        )
+        assert not heavy, heavy
+        assert "ApiHandler" in pushsvc.__all__ and "ApiHandler" in dir(pushsvc)
+        from pushsvc import ApiError, ApiHandler, openapi
+        from pushsvc.http.base import ApiHandler as Base
+        assert ApiHandler is Base and "pushsvc.http.base" in sys.modules
+        assert ApiError.__module__ == "pushsvc.http.base"
+        assert openapi.__name__ == "pushsvc.http.openapi"
+        print("ok")
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+    with pytest.raises(AttributeError, match="no attribute 'NoSuchName'"):
+        _ = pushsvc.NoSuchName
+
+
+def test_pushsvc_api_is_a_deprecated_alias() -> None:
+    script = textwrap.dedent(
+        """
+        import warnings
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            from pushsvc.api import ApiError, ApiHandler, JsonHandler, bad_request
+        assert any(issubclass(w.category, DeprecationWarning) for w in caught), caught
+        import pushsvc
+        assert ApiHandler is pushsvc.ApiHandler and ApiError is pushsvc.ApiError
+        assert bad_request("x: y").status == 400 and issubclass(ApiHandler, JsonHandler)
+        print("ok")
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_builtin_plugins_import_only_the_public_api() -> None:
+    """``plugins/*.py`` import from ``pushsvc`` itself, never from its submodules."""
+    for source in sorted((ROOT / "plugins").glob("*.py")):
+        for line in source.read_text().splitlines():
+            if line.startswith(("from pushsvc", "import pushsvc")):
+                assert line.startswith("from pushsvc import "), f"{source.name}: {line}"
+
+
+def test_every_public_name_is_documented() -> None:
+    """docs/plugins.md section 4 lists every name of ``pushsvc.__all__``, and nothing else."""
+    docs = (ROOT / "docs" / "plugins.md").read_text()
+    section = docs[docs.index("## 4. The plugin API") : docs.index("## 5.")]
+    names = set(pushsvc.__all__) - {"__version__"}
+    rows = {
+        line.split("|")[1].strip().strip("`").split("(")[0].split("`")[0]
+        for line in section.splitlines()
+        if line.startswith("| `")
+    }
+    for name in names:
+        assert f"| `{name}" in section or f"/ `{name}" in section, name
+        assert getattr(pushsvc, name) is not None
+    handler = pushsvc.ApiHandler
+    members = rows - names - {"Guarantee.AT_MOST_ONCE", "Reply"}
+    for member in members:
+        assert hasattr(handler, member) or member in ("node", "principal"), member
+    for helper in ("operation", "nullable", "json_body", "json_response", "path_param"):
+        assert f"`{helper}()`" in section and callable(getattr(pushsvc.openapi, helper))
+    signature = inspect.signature(handler.send)
+    assert list(signature.parameters) == [
+        "self",
+        "to",
+        "message",
+        "guarantee",
+        "ttl",
+        "idempotency",
+    ]
+    assert "`send(to, message, guarantee, ttl=None, *, idempotency=None)`" in section

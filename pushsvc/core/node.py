@@ -278,3 +278,7 @@ class Node:
         for user in recipients:
             await self.broker.publish(user_channel(user), envelope)
         return Delivery(envelope.id, recipients)
+
+    async def requeue_dead_letters(self, user: str, ids: Sequence[str]) -> list[str]:
+        """Requeue dead letters of ``user`` for ``delivery.ttl`` more; returns the ids requeued."""
+        return await self.delivery.requeue(user, ids, time.time() + self.config.delivery.ttl)

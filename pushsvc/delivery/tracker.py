@@ -424,3 +424,20 @@ class Delivery:
         """Wait for refills and bookkeeping started so far."""
         if self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def requeue(self, user: str, ids: Sequence[str], expires_at: float) -> list[str]:
+        """Make the dead letters ``ids`` of ``user`` pending again until ``expires_at``.
+
+        Returns the ids that were dead letters of ``user``; connected clients
+        get them now, through the delivery window like any new message.
+
+        Raises:
+            StoreUnavailable: nothing was requeued (the caller answers 503).
+        """
+        requeued = await self.store.requeue(user, ids, expires_at)
+        stored = await self.store.frames(requeued) if requeued else {}
+        for message_id in requeued:
+            kind, frame = stored[message_id]
+            envelope = Envelope("durable", kind, message_id, frame)
+            await self.broker.publish(user_channel(user), envelope)
+        return list(requeued)

@@ -1,21 +1,25 @@
 """The OpenAPI 3.1 document of the server API, served at ``/api/v1/openapi.json``.
 
-Core routes are described here; a plugin's API handler describes its own
-routes with ``openapi_paths(config)`` (see :class:`pushsvc.api.ApiHandler`),
-built with :func:`operation` and the other helpers below, so the document
-lists every route the server answers without core naming any plugin.
-Limits that come from the config (recipients per call, body size) are read
-from the config in force.
+Generated once at startup from the route table (:mod:`pushsvc.http.routes`),
+then served from memory. Core routes are described here; any handler in the
+table with an ``openapi_paths(config)`` class method (a plugin's
+:class:`~pushsvc.http.base.ApiHandler`) describes its own routes, built with
+:func:`operation` and the other helpers below, so the document lists every
+route the server answers without core naming any plugin. Limits that come
+from the config (recipients per call, body size) are read from the config.
+
+This module imports no handler: handlers and the route table import it.
+Plugins reach it as ``from pushsvc import openapi``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pushsvc.config import Config
-from pushsvc.http.api import (
+from pushsvc.http.limits import (
     IDEMPOTENCY_HEADER,
     MAX_ID_LENGTH,
     MAX_IDS,
@@ -25,13 +29,9 @@ from pushsvc.http.api import (
     MAX_ROOM_LENGTH,
     RESERVED_TYPES,
     TYPE_PATTERN,
-    at_least_once_types,
 )
 from pushsvc.protocol.codes import ApiErrorCode
 from pushsvc.version import __version__
-
-if TYPE_CHECKING:
-    from pushsvc.core.node import Node
 
 OPENAPI_VERSION = "3.1.0"
 SECURITY_SCHEME = "bearerAuth"
@@ -499,21 +499,27 @@ def _ops_paths() -> dict[str, Any]:
     }
 
 
-def core_paths(node: Node) -> dict[str, Any]:
-    """The path items of the core routes."""
-    unpublishable = sorted({*RESERVED_TYPES, *at_least_once_types(node)})
+def core_paths(at_least_once: Iterable[str] = ()) -> dict[str, Any]:
+    """The path items of the core routes (``at_least_once``: types ``publish`` refuses)."""
+    unpublishable = sorted({*RESERVED_TYPES, *at_least_once})
     return {**_ops_paths(), **_api_paths(unpublishable)}
 
 
-def document(node: Node) -> dict[str, Any]:
-    """The whole document: core routes plus every plugin route that describes itself."""
-    config = node.config
-    paths = core_paths(node)
-    for rules in node.plugins.hook.pushsvc_register_routes():
-        for _pattern, handler, _kwargs in rules:
-            describe = getattr(handler, "openapi_paths", None)
-            if callable(describe):
-                paths.update(describe(config))
+def document(
+    config: Config,
+    rules: Iterable[Sequence[Any]],
+    at_least_once: Iterable[str] = (),
+) -> dict[str, Any]:
+    """The whole document: core routes plus every route of ``rules`` that describes itself.
+
+    ``rules`` is the route table, Tornado ``(pattern, handler, kwargs)`` rules;
+    a handler with an ``openapi_paths(config)`` class method adds its path items.
+    """
+    paths = core_paths(at_least_once)
+    for rule in rules:
+        describe = getattr(rule[1], "openapi_paths", None)
+        if callable(describe):
+            paths.update(describe(config))
     return {
         "openapi": OPENAPI_VERSION,
         "info": {

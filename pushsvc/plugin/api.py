@@ -15,6 +15,7 @@ import pluggy
 from pushsvc.auth.principal import Principal
 from pushsvc.config import Config
 from pushsvc.protocol.fields import CommandError, Field
+from pushsvc.store import IdempotencyKey
 
 __all__ = [
     "CommandError",
@@ -85,8 +86,13 @@ class Node(Protocol):
         message: dict[str, Any],
         guarantee: Guarantee,
         ttl: float | None = None,
+        idempotency: IdempotencyKey | None = None,
     ) -> Delivery:
-        """Deliver ``message`` to every connection of each user in ``to``."""
+        """Deliver ``message`` to every connection of each user in ``to``.
+
+        ``idempotency`` (the key :meth:`ApiHandler.accept_once` gives, at-least-once
+        only) is stored with the message in the same transaction.
+        """
         ...
 
 

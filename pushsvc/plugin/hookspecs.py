@@ -57,7 +57,8 @@ def pushsvc_register_routes() -> Sequence[tuple[str, type, Mapping[str, Any]]]:
     Routes are served on the same port as ``/ws``; prefix them with the
     plugin's name. Each handler's ``initialize(**kwargs)`` gets the kwargs;
     the :class:`~pushsvc.plugin_api.Node` is passed as ``node`` when the
-    kwargs ask for it with ``{"node": None}``.
+    kwargs ask for it with ``{"node": None}``. Called once at startup: the
+    route table and the OpenAPI document generated from it are kept.
 
     Example::
 

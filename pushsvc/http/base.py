@@ -1,15 +1,15 @@
-"""The HTTP API for app backends (PROTOCOL §4), plus health and metrics.
+"""The base of the HTTP API: JSON handlers, API errors and :class:`ApiHandler`.
 
-:class:`ApiHandler` is public: plugins that add API routes subclass it to
-get the same authentication (scope ``publish``), JSON bodies, size and rate
-limits, ``Idempotency-Key`` handling (:meth:`ApiHandler.accept_once`) and
-error bodies ``{"error": code, "message": text}``. A subclass describes its
-routes for the OpenAPI document with :meth:`ApiHandler.openapi_paths`.
+:class:`ApiHandler` is public (``from pushsvc import ApiHandler``): plugins
+that add API routes subclass it to get the same authentication (scope
+``publish``), JSON bodies, size and rate limits, ``Idempotency-Key``
+handling (:meth:`ApiHandler.accept_once`) and error bodies ``{"error":
+code, "message": text}``. A subclass describes its routes for the OpenAPI
+document with :meth:`ApiHandler.openapi_paths`.
 
 Check order of every ``/api/v1`` request: token (401), scope ``publish``
 (403), the caller's rate-limit bucket (429), body size (413), then the
-endpoint's own validation (400 naming the field). Unknown routes answer 404
-in JSON (:class:`NotFoundHandler`).
+endpoint's own validation (400 naming the field).
 """
 
 from __future__ import annotations
@@ -20,27 +20,31 @@ import hashlib
 import re
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from http import HTTPStatus
 from typing import Any
 
 import orjson
 import tornado.web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from pushsvc.auth import revocation
 from pushsvc.auth.tokens import AuthError, token_from_request
-from pushsvc.broker import Envelope, user_channel
 from pushsvc.config import Config
 from pushsvc.core.node import Node
+from pushsvc.http.limits import (
+    DEFAULT_LIMIT,
+    IDEMPOTENCY_HEADER,
+    IDEMPOTENCY_KEY_PATTERN,
+    MAX_ID_LENGTH,
+    MAX_IDS,
+    MAX_LIMIT,
+    MAX_RETRY_AFTER,
+    REPLAYED_HEADER,
+    RETRY_AFTER_UNAVAILABLE,
+)
 from pushsvc.plugin.api import CommandError, Delivery, Guarantee, Principal
 from pushsvc.protocol.codes import ApiErrorCode
-from pushsvc.protocol.commands import CORE_TYPES
-from pushsvc.store import IdempotencyKey, Revocation, StoreUnavailable
+from pushsvc.store import IdempotencyKey, StoreUnavailable
 
-#: Server-only frame types that ``publish`` may not impersonate.
-RESERVED_TYPES = CORE_TYPES | {"welcome", "reply", "error", "pong", "presence"}
-TYPE_PATTERN = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
 #: HTTP status of each ``CommandError`` code a node operation may raise.
 ERROR_STATUS = {
     "bad_request": HTTPStatus.BAD_REQUEST,
@@ -51,35 +55,7 @@ ERROR_STATUS = {
     "internal": HTTPStatus.INTERNAL_SERVER_ERROR,
     "unknown_type": HTTPStatus.BAD_REQUEST,
 }
-#: Longest room name (as for ``join`` frames).
-MAX_ROOM_LENGTH = 200
-#: Longest user id, ``jti`` or message id list entry accepted in a body.
-MAX_NAME_LENGTH = 256
-#: Longest message id in ``ids`` lists and ``after``.
-MAX_ID_LENGTH = 64
-#: Most ids in one dead-letter requeue or delete call.
-MAX_IDS = 1000
-#: ``limit`` of listings: default and largest.
-DEFAULT_LIMIT = 100
-MAX_LIMIT = 1000
-#: ``reason`` of a disconnect: characters, and bytes (a WebSocket close reason fits 123).
-MAX_REASON_LENGTH = 100
-MAX_REASON_BYTES = 123
-#: Seconds a caller is told to wait after a store failure (503).
-RETRY_AFTER_UNAVAILABLE = 1.0
-#: Longest ``Retry-After`` announced (a bucket with rate 0 never refills).
-MAX_RETRY_AFTER = 3600.0
-#: The idempotency request header, its value's pattern, and the replay marker header.
-IDEMPOTENCY_HEADER = "Idempotency-Key"
-IDEMPOTENCY_KEY_PATTERN = re.compile(r"^[!-~]{1,255}$")
-REPLAYED_HEADER = "Idempotent-Replayed"
 _DIGITS = re.compile(r"^[0-9]{1,9}$")
-
-
-def at_least_once_types(node: Node) -> list[str]:
-    """Registered message types that need at-least-once delivery (not publishable)."""
-    types = node.plugins.types.items()
-    return sorted(k for k, t in types if t.message_type.guarantee is Guarantee.AT_LEAST_ONCE)
 
 
 class ApiError(Exception):
@@ -161,16 +137,6 @@ class JsonHandler(tornado.web.RequestHandler):
         self.finish(orjson.dumps({"error": code, "message": self._reason}))
 
 
-class NotFoundHandler(JsonHandler):
-    """Every path no route matches: 404 ``not_found`` in JSON, whatever the method."""
-
-    def prepare(self) -> None:
-        """Answer 404 before any method runs."""
-        path = self.request.path
-        message = f"no route for {self.request.method} {path}"
-        self.send_api_error(ApiError(HTTPStatus.NOT_FOUND, ApiErrorCode.NOT_FOUND, message))
-
-
 class _KeyLocks:
     """One asyncio lock per (client, Idempotency-Key) while requests with it run."""
 
@@ -212,7 +178,8 @@ class ApiHandler(JsonHandler):
         """OpenAPI path items of this handler's routes (``{path: {method: operation}}``).
 
         Plugin handlers override this so that ``/api/v1/openapi.json``
-        describes their routes; build operations with :func:`pushsvc.openapi.operation`.
+        describes their routes; build operations with ``openapi.operation``
+        (``from pushsvc import openapi``).
         """
         return {}
 
@@ -351,6 +318,26 @@ class ApiHandler(JsonHandler):
             status = ERROR_STATUS.get(exc.code, HTTPStatus.BAD_REQUEST)
             raise ApiError(status, exc.code, exc.message, exc.retry_after) from exc
 
+    async def send(
+        self,
+        to: Sequence[str],
+        message: dict[str, Any],
+        guarantee: Guarantee,
+        ttl: float | None = None,
+        *,
+        idempotency: IdempotencyKey | None = None,
+    ) -> Delivery:
+        """Deliver ``message`` to the users in ``to`` (``Node.send``), errors as API errors.
+
+        ``idempotency`` is the key :meth:`accept_once` hands to its ``accept``:
+        stored with an at-least-once message in the same transaction. A
+        :class:`CommandError` (e.g. ``unavailable``) becomes its API error.
+        """
+        delivery: Delivery = await self.run(
+            self.node.send(to, message, guarantee, ttl, idempotency=idempotency)
+        )
+        return delivery
+
     @staticmethod
     async def stored(coroutine: Awaitable[Any]) -> Any:
         """Await a store operation; a store failure becomes 503 ``unavailable``."""
@@ -387,8 +374,8 @@ class ApiHandler(JsonHandler):
         path and body) within ``api.idempotency_window`` answers what the
         first one did, with ``Idempotent-Replayed: true``, and stores nothing;
         the same key with another request is 409 ``idempotency_mismatch``.
-        ``accept`` must store the key it is given with its message (in the
-        same transaction: ``Node.send(..., idempotency=key)``).
+        ``accept`` must store the key it is given with its message, in the
+        same transaction: ``await self.send(..., idempotency=key)``.
         """
         key = self.idempotency_key()
         if key is None:
@@ -410,247 +397,3 @@ class ApiHandler(JsonHandler):
             expires_at = time.time() + self.node.config.api.idempotency_window
             delivery = await accept(IdempotencyKey(client, key, fingerprint, expires_at))
             return delivery.id, len(delivery.recipients)
-
-
-class PublishHandler(ApiHandler):
-    """``POST /api/v1/publish``: live fan-out to a room (at most once)."""
-
-    async def post(self) -> None:
-        """Publish ``{"room", "type"?, "text"?, "data"?}``; 202 ``{"id"}``."""
-        await self.handle(self._publish())
-
-    async def _publish(self) -> tuple[int, Any]:
-        data = self.body()
-        room = self.field(data, "room", str, max_length=MAX_ROOM_LENGTH, min_length=1)
-        kind = self.field(data, "type", str, required=False)
-        kind = "chat" if kind is None else kind
-        if not TYPE_PATTERN.match(kind) or kind in RESERVED_TYPES:
-            raise bad_request(f"type: {kind!r} cannot be published")
-        if kind in at_least_once_types(self.node):
-            raise bad_request(f"type: {kind!r} is at-least-once; use notify")
-        message: dict[str, Any] = {"type": kind, "room": room, "user": self.principal.user}
-        if self.principal.name:
-            message["name"] = self.principal.name
-        text = self.field(data, "text", str, required=False)
-        if text is not None:
-            message["text"] = text
-        extra = self.field(data, "data", dict, required=False)
-        if extra is not None:
-            message["data"] = extra
-        message_id = await self.node.publish(room, message)
-        return HTTPStatus.ACCEPTED, {"id": message_id}
-
-
-class PendingHandler(ApiHandler):
-    """``GET /api/v1/users/{user}/pending``: unacked messages of a user."""
-
-    async def get(self, user: str) -> None:
-        """200 ``{"messages": [...]}``, oldest first, after id ``after``, at most ``limit``."""
-        await self.handle(self._pending(user))
-
-    async def _pending(self, user: str) -> tuple[int, Any]:
-        limit = self.query_limit()
-        after = self.get_query_argument("after", "")
-        if len(after) > MAX_ID_LENGTH:
-            raise bad_request(f"after: at most {MAX_ID_LENGTH} characters")
-        rows = await self.stored(self.node.store.pending(user, after, limit))
-        messages = [{**orjson.loads(row.frame), "attempts": row.attempts} for row in rows]
-        return HTTPStatus.OK, {"messages": messages}
-
-
-class DisconnectHandler(ApiHandler):
-    """``POST /api/v1/users/{user}/disconnect``: close a user's connections with 4003."""
-
-    async def post(self, user: str) -> None:
-        """200 ``{"closed": n}`` (n counts this node's connections)."""
-        await self.handle(self._disconnect(user))
-
-    async def _disconnect(self, user: str) -> tuple[int, Any]:
-        data = self.body()
-        reason = self.field(data, "reason", str, required=False, max_length=MAX_REASON_LENGTH)
-        if reason is not None and len(reason.encode()) > MAX_REASON_BYTES:
-            raise bad_request(f"reason: at most {MAX_REASON_BYTES} bytes in UTF-8")
-        closed = await self.node.disconnect_user(user, reason or "disconnected by the server")
-        return HTTPStatus.OK, {"closed": closed}
-
-
-class PresenceHandler(ApiHandler):
-    """``GET /api/v1/rooms/{room}/presence``: users in a room."""
-
-    async def get(self, room: str) -> None:
-        """200 ``{"users": [...]}`` (distinct users with a connection on this node, sorted)."""
-        await self.handle(self._presence(room))
-
-    async def _presence(self, room: str) -> tuple[int, Any]:
-        if len(room) > MAX_ROOM_LENGTH:
-            raise bad_request(f"room: at most {MAX_ROOM_LENGTH} characters")
-        return HTTPStatus.OK, {"users": self.node.presence(room)}
-
-
-class DeadLettersHandler(ApiHandler):
-    """``GET`` and ``DELETE /api/v1/users/{user}/dead-letters``."""
-
-    async def get(self, user: str) -> None:
-        """200 ``{"messages": [...]}``: the frames with ``reason`` and ``dead_at``, oldest first."""
-        await self.handle(self._list(user))
-
-    async def delete(self, user: str) -> None:
-        """Delete ``{"ids": [...]}``; 200 ``{"deleted": n}``."""
-        await self.handle(delete_dead_letters(self, user))
-
-    async def _list(self, user: str) -> tuple[int, Any]:
-        letters = await self.stored(self.node.store.dead_letters(user, self.query_limit()))
-        messages = [
-            {**orjson.loads(letter.frame), "reason": letter.reason, "dead_at": letter.dead_at}
-            for letter in letters
-        ]
-        return HTTPStatus.OK, {"messages": messages}
-
-
-class DeadLettersDeleteHandler(ApiHandler):
-    """``POST /api/v1/users/{user}/dead-letters/delete``: for clients without DELETE bodies."""
-
-    async def post(self, user: str) -> None:
-        """Delete ``{"ids": [...]}``; 200 ``{"deleted": n}``."""
-        await self.handle(delete_dead_letters(self, user))
-
-
-async def delete_dead_letters(handler: ApiHandler, user: str) -> tuple[int, Any]:
-    """Delete the dead letters of ``user`` among ``ids``."""
-    ids = handler.ids(handler.body())
-    deleted = await handler.stored(handler.node.store.delete_dead(user, ids))
-    return HTTPStatus.OK, {"deleted": deleted}
-
-
-class DeadLettersRequeueHandler(ApiHandler):
-    """``POST /api/v1/users/{user}/dead-letters/requeue``: dead letters become pending again."""
-
-    async def post(self, user: str) -> None:
-        """Requeue ``{"ids": [...]}``; 200 ``{"requeued": n, "ids": [...]}``."""
-        await self.handle(self._requeue(user))
-
-    async def _requeue(self, user: str) -> tuple[int, Any]:
-        ids = self.ids(self.body())
-        node = self.node
-        store = node.store
-        expires_at = time.time() + node.config.delivery.ttl
-        requeued = await self.stored(store.requeue(user, ids, expires_at))
-        frames = await self.stored(store.frames(requeued)) if requeued else {}
-        # Connected clients get them now, through the delivery window like any new message.
-        for message_id in requeued:
-            kind, frame = frames[message_id]
-            envelope = Envelope("durable", kind, message_id, frame)
-            await node.broker.publish(user_channel(user), envelope)
-        return HTTPStatus.OK, {"requeued": len(requeued), "ids": requeued}
-
-
-class RevocationsHandler(ApiHandler):
-    """``GET`` and ``POST /api/v1/revocations``: revoked tokens."""
-
-    async def get(self) -> None:
-        """200 ``{"revocations": [...]}``: those in force, oldest first."""
-        listing = [revocation.to_json(entry) for entry in self.node.revocations.listing()]
-        self.send_json(HTTPStatus.OK, {"revocations": listing})
-
-    async def post(self) -> None:
-        """Revoke ``{"jti"}`` or ``{"user", "until"?}``; 200 with the entry and ``closed``."""
-        await self.handle(self._revoke())
-
-    async def _revoke(self) -> tuple[int, Any]:
-        entry = self._revocation(self.body())
-        hub = self.node.hub
-        holders: Iterable[Any] = (
-            hub.all_clients() if entry.kind == revocation.JTI else hub.user_clients(entry.subject)
-        )
-        stored, closed = await self.stored(self.node.revocations.revoke(entry, holders))
-        return HTTPStatus.OK, {**revocation.to_json(stored), "closed": closed}
-
-    def _revocation(self, data: dict[str, Any]) -> Revocation:
-        jti = self.field(data, "jti", str, required=False, max_length=MAX_NAME_LENGTH, min_length=1)
-        user = self.field(
-            data, "user", str, required=False, max_length=MAX_NAME_LENGTH, min_length=1
-        )
-        if (jti is None) == (user is None):
-            raise bad_request("jti or user: exactly one of them is required")
-        until = self.number(data, "until")
-        expires_at = self.number(data, "expires_at")
-        now = time.time()
-        if jti is not None:
-            if until is not None:
-                raise bad_request("until: only with user")
-            return Revocation(revocation.JTI, jti, None, now, expires_at)
-        return Revocation(revocation.USER, user, now if until is None else until, now, expires_at)
-
-
-class OpenApiHandler(JsonHandler):
-    """``GET /api/v1/openapi.json``: the OpenAPI 3.1 document of this server's API."""
-
-    def get(self) -> None:
-        """200 with the document (core routes and the plugins' routes); no token needed."""
-        from pushsvc.http import openapi  # the document module builds on this one's names
-
-        self.send_json(HTTPStatus.OK, openapi.document(self.node))
-
-
-class HealthHandler(JsonHandler):
-    """``GET /healthz``: 200 while the process runs."""
-
-    def get(self) -> None:
-        """Always 200."""
-        self.send_json(200, {"status": "ok"})
-
-
-_FAILED_CHECK = {"serving": "draining"}  # how a failed check is named in the message
-
-
-class ReadyHandler(JsonHandler):
-    """``GET /readyz``: 200 when it can accept and persist; 503 naming the failed check."""
-
-    async def get(self) -> None:
-        """Check store (a real write, bounded by ``store.busy_timeout``), broker, draining."""
-        node = self.node
-        store_ok = await node.store.check()
-        broker_ok = node.broker.healthy()
-        # Every check is true when it passes; "serving" is false while the node drains.
-        checks = {"store": store_ok, "broker": broker_ok, "serving": not node.draining}
-        if all(checks.values()):
-            self.send_json(200, {"status": "ready", "checks": checks})
-            return
-        failed = [_FAILED_CHECK.get(name, name) for name, ok in checks.items() if not ok]
-        self.send_json(
-            503,
-            {
-                "error": "unavailable",
-                "message": f"not ready: {', '.join(failed)}",
-                "checks": checks,
-            },
-        )
-
-
-class MetricsHandler(JsonHandler):
-    """``GET /metrics``: Prometheus text format."""
-
-    def get(self) -> None:
-        """The node's registry."""
-        self.set_header("Content-Type", CONTENT_TYPE_LATEST)
-        self.finish(generate_latest(self.node.metrics.registry))
-
-
-def routes(node: Node) -> list[tuple[str, type[tornado.web.RequestHandler], dict[str, Any]]]:
-    """The core HTTP routes."""
-    kwargs = {"node": node}
-    user = r"/api/v1/users/([^/]+)"
-    return [
-        (r"/healthz", HealthHandler, kwargs),
-        (r"/readyz", ReadyHandler, kwargs),
-        (r"/metrics", MetricsHandler, kwargs),
-        (r"/api/v1/openapi\.json", OpenApiHandler, kwargs),
-        (r"/api/v1/publish", PublishHandler, kwargs),
-        (rf"{user}/pending", PendingHandler, kwargs),
-        (rf"{user}/disconnect", DisconnectHandler, kwargs),
-        (rf"{user}/dead-letters", DeadLettersHandler, kwargs),
-        (rf"{user}/dead-letters/requeue", DeadLettersRequeueHandler, kwargs),
-        (rf"{user}/dead-letters/delete", DeadLettersDeleteHandler, kwargs),
-        (r"/api/v1/rooms/([^/]+)/presence", PresenceHandler, kwargs),
-        (r"/api/v1/revocations", RevocationsHandler, kwargs),
-    ]

@@ -1,0 +1,94 @@
+"""The route table of the service, built once at startup.
+
+:func:`build` collects the core routes (``/ws``, the server API, health,
+metrics) and the rules of every plugin's ``pushsvc_register_routes`` hook —
+the hook runs once, here — and generates the OpenAPI document from that table
+once; ``GET /api/v1/openapi.json`` serves it from memory.
+
+Imports go one way: this module imports the handler modules and
+:mod:`pushsvc.http.openapi`; none of them imports it back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import tornado.web
+
+from pushsvc.core.node import Node
+from pushsvc.http import openapi
+from pushsvc.http.dead_letters import (
+    DeadLettersDeleteHandler,
+    DeadLettersHandler,
+    DeadLettersRequeueHandler,
+)
+from pushsvc.http.health import HealthHandler, MetricsHandler, OpenApiHandler, ReadyHandler
+from pushsvc.http.limits import at_least_once_types
+from pushsvc.http.messages import (
+    DisconnectHandler,
+    PendingHandler,
+    PresenceHandler,
+    PublishHandler,
+)
+from pushsvc.http.revocations import RevocationsHandler
+from pushsvc.transport.upgrade import UpgradeHandler
+
+#: A Tornado rule: (pattern, handler class, initialize kwargs).
+Rule = tuple[str, type[tornado.web.RequestHandler], dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class RouteTable:
+    """The routes the application serves and the OpenAPI document generated from them."""
+
+    rules: Sequence[Rule]  # core routes first, then the plugins' in hook order
+    document: dict[str, Any]  # the OpenAPI document (served encoded)
+
+
+def core_routes(node: Node, document_kwargs: dict[str, Any] | None = None) -> list[Rule]:
+    """The core HTTP routes (``/ws`` excluded); ``document_kwargs``: the OpenAPI route's."""
+    kwargs = {"node": node}
+    user = r"/api/v1/users/([^/]+)"
+    return [
+        (r"/healthz", HealthHandler, kwargs),
+        (r"/readyz", ReadyHandler, kwargs),
+        (r"/metrics", MetricsHandler, kwargs),
+        (r"/api/v1/openapi\.json", OpenApiHandler, document_kwargs or kwargs),
+        (r"/api/v1/publish", PublishHandler, kwargs),
+        (rf"{user}/pending", PendingHandler, kwargs),
+        (rf"{user}/disconnect", DisconnectHandler, kwargs),
+        (rf"{user}/dead-letters", DeadLettersHandler, kwargs),
+        (rf"{user}/dead-letters/requeue", DeadLettersRequeueHandler, kwargs),
+        (rf"{user}/dead-letters/delete", DeadLettersDeleteHandler, kwargs),
+        (r"/api/v1/rooms/([^/]+)/presence", PresenceHandler, kwargs),
+        (r"/api/v1/revocations", RevocationsHandler, kwargs),
+    ]
+
+
+def plugin_routes(node: Node) -> list[Rule]:
+    """The rules of the plugins' ``pushsvc_register_routes`` hook (runs it once).
+
+    A kwarg ``{"node": None}`` receives the node.
+    """
+    rules: list[Rule] = []
+    for registered in node.plugins.hook.pushsvc_register_routes():
+        for pattern, handler, kwargs in registered:
+            kwargs = {k: (node if k == "node" and v is None else v) for k, v in kwargs.items()}
+            rules.append((pattern, handler, kwargs))
+    return rules
+
+
+def build(node: Node) -> RouteTable:
+    """The route table: ``/ws``, the core routes, the plugins' routes, and their document."""
+    document_kwargs: dict[str, Any] = {"node": node}
+    rules: list[Rule] = [
+        (r"/ws", UpgradeHandler, {"node": node}),
+        *core_routes(node, document_kwargs),
+        *plugin_routes(node),
+    ]
+    document = openapi.document(node.config, rules, at_least_once_types(node))
+    document_kwargs["document"] = orjson.dumps(document)
+    return RouteTable(tuple(rules), document)
