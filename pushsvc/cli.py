@@ -139,9 +139,7 @@ async def _run(config: Config, path: str | None, overrides: dict[str, dict[str, 
 def _token(args: argparse.Namespace, config: Config) -> int:
     secret = args.secret or config.secret()
     if not secret:
-        print(
-            "pushsvc: no JWT secret: set auth.jwt_secret or PUSHSVC_JWT_SECRET", file=sys.stderr
-        )
+        print("pushsvc: no JWT secret: set auth.jwt_secret or PUSHSVC_JWT_SECRET", file=sys.stderr)
         return 2
     rooms = args.rooms.split() if args.rooms is not None else None
     print(

@@ -8,10 +8,10 @@ through :func:`pushsvc.fanout.send_to_all`, the one broadcast path.
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Protocol
 
-from pushsvc.broker import Broker, Envelope, room_channel, user_channel
+from pushsvc.broker import Broker, Envelope, EnvelopeKind, room_channel, user_channel
 from pushsvc.config import RateLimitConfig
 from pushsvc.ops.metrics import Metrics
 from pushsvc.plugin.api import Principal
@@ -70,6 +70,8 @@ class Hub:
         self.rooms: dict[str, dict[str, Client]] = {}  # room -> session -> client
         self.reserved_users: dict[str, int] = {}  # user -> connections open or opening
         self.reserved_ips: dict[str, int] = {}  # address -> connections open or opening
+        #: ``control:`` channel envelopes go here (set by the node); None: dropped
+        self.on_control: Callable[[str, Envelope], None] | None = None
         broker.set_callback(self.on_envelope)
 
     # -- connection caps: reserved before the upgrade, released on close ----------
@@ -176,11 +178,15 @@ class Hub:
     def on_envelope(self, channel: str, envelope: Envelope) -> None:
         """Deliver an envelope from the broker to the local connections."""
         scope, _, name = channel.partition(":")
+        if scope == "control":  # broadcasts to every node (revocations)
+            if self.on_control is not None:
+                self.on_control(channel, envelope)
+            return
         if scope == "room":
             members = self.rooms.get(name)
             if not members:
                 return
-            if envelope.kind == "presence":  # to the others: ``id`` is the subject's session
+            if envelope.kind is EnvelopeKind.PRESENCE:  # to the others: ``id``: the subject
                 others = [c for s, c in members.items() if s != envelope.id]
                 self._count(envelope, outbox.send_to_all(others, envelope.frame, envelope.type))
                 return
@@ -192,18 +198,18 @@ class Hub:
         clients = list(self.user_clients(name))
         if not clients:
             return
-        if envelope.kind == "live":
+        if envelope.kind is EnvelopeKind.LIVE:
             sent = outbox.send_to_all(clients, envelope.frame, envelope.type)
             self.metrics.messages_delivered.labels(envelope.type).inc(sent)
             self._count(envelope, sent)
-        elif envelope.kind == "durable":
+        elif envelope.kind is EnvelopeKind.DURABLE:
             for client in clients:
                 client.on_durable(envelope)
-        elif envelope.kind == "settled":
+        elif envelope.kind is EnvelopeKind.SETTLED:
             ids = envelope.frame.decode().split()
             for client in clients:
                 client.on_settled(ids)
-        elif envelope.kind == "disconnect":
+        elif envelope.kind is EnvelopeKind.DISCONNECT:
             reason = envelope.frame.decode()
             for client in clients:
                 client.close_with(4003, reason, "api")

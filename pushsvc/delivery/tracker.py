@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from pushsvc.broker import Envelope, user_channel
+from pushsvc.broker import Envelope, EnvelopeKind, user_channel
 from pushsvc.plugin.api import CommandError
 from pushsvc.protocol import frames
 from pushsvc.protocol.codes import ErrorCode
@@ -153,7 +153,7 @@ class Delivery:
                 RETRY_AFTER_UNAVAILABLE,
             ) from exc
         node.metrics.messages_accepted.labels(kind).inc()
-        envelope = Envelope("durable", kind, message_id, data)
+        envelope = Envelope(EnvelopeKind.DURABLE, kind, message_id, data)
         for user in recipients:
             try:
                 await node.broker.publish(user_channel(user), envelope)
@@ -308,7 +308,7 @@ class Delivery:
                 metrics.ack_latency.observe(now - entry.sent_at)
         ids = " ".join(message_id for message_id, _kind in result.acked).encode()
         await node.broker.publish(
-            user_channel(session.principal.user), Envelope("settled", "", "", ids)
+            user_channel(session.principal.user), Envelope(EnvelopeKind.SETTLED, "", "", ids)
         )
         return len(result.acked)
 
@@ -379,7 +379,8 @@ class Delivery:
             )
         for user, message_ids in by_user.items():
             await node.broker.publish(
-                user_channel(user), Envelope("settled", "", "", " ".join(message_ids).encode())
+                user_channel(user),
+                Envelope(EnvelopeKind.SETTLED, "", "", " ".join(message_ids).encode()),
             )
 
     async def sweep(self) -> None:

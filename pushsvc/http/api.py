@@ -20,7 +20,7 @@ import hashlib
 import re
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from http import HTTPStatus
 from typing import Any
 
@@ -30,7 +30,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pushsvc.auth import revocation
 from pushsvc.auth.tokens import AuthError, token_from_request
-from pushsvc.broker import Envelope, user_channel
+from pushsvc.broker import Envelope, EnvelopeKind, user_channel
 from pushsvc.config import Config
 from pushsvc.core.node import Node
 from pushsvc.plugin.api import CommandError, Delivery, Guarantee, Principal
@@ -539,7 +539,7 @@ class DeadLettersRequeueHandler(ApiHandler):
         # Connected clients get them now, through the delivery window like any new message.
         for message_id in requeued:
             kind, frame = frames[message_id]
-            envelope = Envelope("durable", kind, message_id, frame)
+            envelope = Envelope(EnvelopeKind.DURABLE, kind, message_id, frame)
             await node.broker.publish(user_channel(user), envelope)
         return HTTPStatus.OK, {"requeued": len(requeued), "ids": requeued}
 
@@ -558,11 +558,7 @@ class RevocationsHandler(ApiHandler):
 
     async def _revoke(self) -> tuple[int, Any]:
         entry = self._revocation(self.body())
-        hub = self.node.hub
-        holders: Iterable[Any] = (
-            hub.all_clients() if entry.kind == revocation.JTI else hub.user_clients(entry.subject)
-        )
-        stored, closed = await self.stored(self.node.revocations.revoke(entry, holders))
+        stored, closed = await self.stored(self.node.revoke(entry))
         return HTTPStatus.OK, {**revocation.to_json(stored), "closed": closed}
 
     def _revocation(self, data: dict[str, Any]) -> Revocation:
