@@ -55,6 +55,8 @@ class MemoryBroker:
         values = query.get("delivery", [SYNC])
         if len(values) != 1:
             raise ValueError(f"broker.url: delivery given more than once in {url!r}")
+        if values[0] not in (SYNC, ASYNC):
+            raise ValueError(f"broker.url: delivery must be sync or async, not {values[0]!r}")
         return cls(values[0])
 
     def set_callback(self, callback: MessageCallback) -> None:

@@ -186,7 +186,7 @@ class Hub:
             members = self.rooms.get(name)
             if not members:
                 return
-            if envelope.kind is EnvelopeKind.PRESENCE:  # to the others: ``id``: the subject
+            if envelope.kind is EnvelopeKind.PRESENCE:  # to the others (``id``: its session)
                 others = [c for s, c in members.items() if s != envelope.id]
                 self._count(envelope, outbox.send_to_all(others, envelope.frame, envelope.type))
                 return
