@@ -1,13 +1,14 @@
 # Two commands on a fresh clone (only python3 and make needed):
 #   make run     create .venv and run pushsvc on the embedded default (SQLite, in-process broker)
 #   make check   create .venv and run the whole check: ruff, ruff format, mypy, pytest
+#                (and the delivery, gateway, API tests again on the async broker)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: run check lint test tools bench clean
+.PHONY: run check lint test test-async tools bench clean
 
 $(STAMP): setup.cfg pyproject.toml tests/example_plugin/setup.cfg
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +27,12 @@ lint: $(STAMP)
 test: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
+# The delivery, gateway and API tests again on the asynchronous in-memory broker
+# (delivery on a later loop pass, as over a network; docs/broker.md).
+test-async: $(STAMP)
+	PUSHSVC_BROKER__URL='memory://?delivery=async' $(BIN)/pytest $(PYTEST_ARGS) \
+		tests/test_delivery.py tests/test_gateway.py tests/test_api.py
+
 # Best effort: in CI (CI set, running as root) install promtool and prometheus
 # (Debian package 'prometheus') for the tests that use them; they skip when absent.
 tools:
@@ -36,7 +43,7 @@ tools:
 		|| echo "tools: could not install prometheus; its tests will be skipped"; \
 	fi
 
-check: tools lint test
+check: tools lint test test-async
 
 bench: $(STAMP)
 	bench/peers.sh

@@ -20,7 +20,7 @@ from pathlib import Path
 import tornado
 
 from pushsvc.auth import tokens
-from pushsvc.broker import Envelope
+from pushsvc.broker import Envelope, EnvelopeKind
 from pushsvc.config import AuthConfig
 from pushsvc.core.ratelimit import KeyedBuckets, TokenBucket
 from pushsvc.core.session import CORE_FIELDS
@@ -50,7 +50,7 @@ def measure() -> list[tuple[str, str, float]]:
     loop = asyncio.new_event_loop()
     verify = authenticator._verify  # the uncached path
     payload = frames.encode({"type": "chat", "room": "bench", "text": "x" * 80})
-    envelope = Envelope("live", "chat", ids.new_id(), payload)
+    envelope = Envelope(EnvelopeKind.LIVE, "chat", ids.new_id(), payload)
     wire = envelope.to_bytes()
     message = {"type": "chat", "room": "bench", "user": "u", "name": "u", "text": "hello"}
     return [

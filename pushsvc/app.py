@@ -39,7 +39,7 @@ from prometheus_client import CollectorRegistry
 
 from pushsvc import config as config_module
 from pushsvc.auth.tokens import Authenticator
-from pushsvc.broker import make_broker
+from pushsvc.broker import REVOCATIONS_CHANNEL, make_broker
 from pushsvc.config import Config, ConfigError
 from pushsvc.core.node import Node
 from pushsvc.http import routes as http_routes
@@ -462,6 +462,7 @@ async def start(
     metrics.broker_up.set(1 if broker.healthy() else 0)
     node = Node(config, metrics, plugins, broker, store)
     metrics.bind(node)
+    await broker.subscribe(REVOCATIONS_CHANNEL)  # before the load: none is missed in between
     await node.revocations.load()
     await await_me_maybe(plugins.hook.pushsvc_startup(node=node))
     app = make_app(node)

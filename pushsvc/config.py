@@ -212,7 +212,12 @@ class StoreConfig:
 class BrokerConfig:
     """``[broker]``: how nodes exchange messages."""
 
-    url: str = setting("memory://", "'memory://' (one process).", schemes=("memory://",))
+    url: str = setting(
+        "memory://",
+        "'memory://' (one process; delivery inside publish), or 'memory://?delivery=async'"
+        " (delivery on a later loop pass, as over a network; for tests).",
+        schemes=("memory://",),
+    )
 
 
 @dataclass(frozen=True)

@@ -57,13 +57,24 @@ def token(sub: str = "alice", **kwargs: Any) -> str:
     return tokens.mint(SECRET, sub, **kwargs)
 
 
+#: Async in-memory broker: delivery on a later loop pass, as over a network.
+ASYNC_BROKER = "memory://?delivery=async"
+
+
 def make_config(data_dir: Path, **sections: dict[str, Any]) -> config_module.Config:
-    """A config for tests: test secret, data dir, fast timers; ``sections`` override."""
+    """A config for tests: test secret, data dir, fast timers; ``sections`` override.
+
+    ``PUSHSVC_BROKER__URL`` in the environment sets the broker of in-process
+    servers too (spawned ones read it themselves), so a whole test file runs
+    on another broker: ``PUSHSVC_BROKER__URL='memory://?delivery=async' pytest``.
+    """
     base: dict[str, dict[str, Any]] = {
         "server": {"data_dir": str(data_dir), "heartbeat": 25.0},
         "auth": {"jwt_secret": SECRET},
         "log": {"access_log": False},
     }
+    if os.environ.get("PUSHSVC_BROKER__URL"):
+        base["broker"] = {"url": os.environ["PUSHSVC_BROKER__URL"]}
     for name, values in sections.items():
         base.setdefault(name, {}).update(values)
     return config_module.build([base])

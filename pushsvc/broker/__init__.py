@@ -7,43 +7,72 @@ forwards a message to its sockets without decoding the JSON.
 
 Channels are ``room:<name>`` and ``user:<id>``; a node subscribes to a
 channel only while it has a local member, so nodes receive only what their
-own connections need.
+own connections need. ``control:<name>`` channels are broadcasts every node
+subscribes to at start (:data:`REVOCATIONS_CHANNEL`).
+
+``broker.url`` selects the implementation: ``memory://`` (in-process,
+synchronous delivery inside ``publish``; the default) or
+``memory://?delivery=async`` (in-process, delivery on a later loop pass
+through the wire form, like a network broker; for tests).
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 _SEP = b"\x1f"
 
+#: The broadcast channel of token revocations (:attr:`EnvelopeKind.REVOKED`).
+REVOCATIONS_CHANNEL = "control:revocations"
+
+
+class EnvelopeKind(enum.Enum):
+    """What an envelope asks the receiving node to do; the value is its wire byte."""
+
+    LIVE = b"L"  # send to the channel's connections, at most once
+    PRESENCE = b"P"  # like LIVE, to a room's members except the session in ``id``
+    DURABLE = b"D"  # send and track for an ack (at least once)
+    SETTLED = b"S"  # ids acked elsewhere (space-separated in ``frame``): stop resending
+    DISCONNECT = b"X"  # close the user's connections; ``frame`` is the UTF-8 reason
+    REVOKED = b"R"  # a token revocation (JSON in ``frame``): cache it, close its holders
+
+
+_KINDS: dict[bytes, EnvelopeKind] = {kind.value: kind for kind in EnvelopeKind}
+
 
 @dataclass(frozen=True, slots=True)
 class Envelope:
     """One message on a broker channel.
 
-    ``kind`` is ``live`` (send, at most once), ``presence`` (like live, to
-    a room's members except the session in ``id``), ``durable`` (send and
-    track for an ack), ``settled`` (``ids`` acked elsewhere: stop resending; the
-    ids are space-separated in ``frame``), or ``disconnect`` (close the
-    user's connections; ``frame`` is the UTF-8 reason).
+    ``kind`` says what the receiver does with it (:class:`EnvelopeKind`).
+    On the wire it is one byte, then the type, the id and the frame,
+    separated by ``\x1f`` (the frame last, so it may contain any byte).
     """
 
-    kind: str  # live | presence | durable | settled | disconnect
+    kind: EnvelopeKind  # what the receiving node does with it
     type: str  # message type (metric label); "" for control envelopes
     id: str  # message id; "" when none
     frame: bytes  # the frame exactly as clients receive it, or the control payload
 
     def to_bytes(self) -> bytes:
         """Serialise for the wire."""
-        return _SEP.join((self.kind.encode(), self.type.encode(), self.id.encode(), self.frame))
+        return _SEP.join((self.kind.value, self.type.encode(), self.id.encode(), self.frame))
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Envelope:
-        """Parse what :meth:`to_bytes` made (the frame is not decoded)."""
+        """Parse what :meth:`to_bytes` made (the frame is not decoded).
+
+        Raises ``ValueError`` for malformed data or an unknown kind.
+        """
         kind, kind_type, message_id, frame = data.split(_SEP, 3)
-        return cls(kind.decode(), kind_type.decode(), message_id.decode(), frame)
+        try:
+            envelope_kind = _KINDS[kind]
+        except KeyError:
+            raise ValueError(f"unknown envelope kind {kind!r}") from None
+        return cls(envelope_kind, kind_type.decode(), message_id.decode(), frame)
 
 
 def room_channel(room: str) -> str:
@@ -75,7 +104,7 @@ class Broker(Protocol):
         ...
 
     def healthy(self) -> bool:
-        """Whether publishes currently reach the other nodes."""
+        """Whether publishes currently reach the other nodes (False once closed)."""
         ...
 
     async def subscribe(self, channel: str) -> None:
@@ -87,14 +116,22 @@ class Broker(Protocol):
         ...
 
     async def publish(self, channel: str, envelope: Envelope) -> None:
-        """Send ``envelope`` to every node subscribed to ``channel``."""
+        """Send ``envelope`` to every node subscribed to ``channel``.
+
+        After :meth:`close` it delivers nothing and does not raise (at most
+        once: a closed node is like a node that is down).
+        """
         ...
 
 
 def make_broker(url: str) -> Broker:
-    """Build the broker for ``broker.url``."""
+    """Build the broker for ``broker.url``; raises ``ValueError`` for a bad URL.
+
+    ``memory://`` delivers inside ``publish`` (the default: no loop pass per
+    message); ``memory://?delivery=async`` delivers on a later loop pass.
+    """
     if url.startswith("memory://"):
         from pushsvc.broker.memory import MemoryBroker
 
-        return MemoryBroker()
+        return MemoryBroker.from_url(url)
     raise ValueError(f"broker.url: unsupported scheme in {url!r} (supported: memory://)")

@@ -15,11 +15,11 @@ are not slowed down by it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any, Protocol
 
 from pushsvc.auth.principal import Principal
-from pushsvc.broker import Broker, Envelope, room_channel, user_channel
+from pushsvc.broker import Broker, Envelope, EnvelopeKind, room_channel, user_channel
 from pushsvc.config import RateLimitConfig
 from pushsvc.ops.metrics import Metrics
 from pushsvc.protocol.disconnects import DISCONNECTS, Disconnect
@@ -91,6 +91,8 @@ class Hub:
         self.rooms: dict[str, dict[str, Client]] = {}  # room -> session -> client
         self.reserved_users: dict[str, int] = {}  # user -> connections open or opening
         self.reserved_ips: dict[str, int] = {}  # address -> connections open or opening
+        #: ``control:`` channel envelopes go here (set by the node); None: dropped
+        self.on_control: Callable[[str, Envelope], None] | None = None
         broker.set_callback(self.on_envelope)
 
     # -- connection caps: reserved before the upgrade, released on close ----------
@@ -199,11 +201,15 @@ class Hub:
     def on_envelope(self, channel: str, envelope: Envelope) -> None:
         """Deliver an envelope from the broker to the local connections."""
         scope, _, name = channel.partition(":")
+        if scope == "control":  # broadcasts to every node (revocations)
+            if self.on_control is not None:
+                self.on_control(channel, envelope)
+            return
         if scope == "room":
             members = self.rooms.get(name)
             if not members:
                 return
-            if envelope.kind == "presence":  # to the others: ``id`` is the subject's session
+            if envelope.kind is EnvelopeKind.PRESENCE:  # to the others (``id``: its session)
                 self._broadcast([c for s, c in members.items() if s != envelope.id], envelope)
                 return
             self.metrics.broadcast_recipients.observe(len(members))
@@ -213,17 +219,17 @@ class Hub:
         clients = list(self.user_clients(name))
         if not clients:
             return
-        if envelope.kind == "live":
+        if envelope.kind is EnvelopeKind.LIVE:
             sent = self._broadcast(clients, envelope)
             self.metrics.messages_delivered.labels(envelope.type).inc(sent)
-        elif envelope.kind == "durable":
+        elif envelope.kind is EnvelopeKind.DURABLE:
             for client in clients:
                 self.durable.offer(client, envelope)
-        elif envelope.kind == "settled":
+        elif envelope.kind is EnvelopeKind.SETTLED:
             ids = envelope.frame.decode().split()
             for client in clients:
                 self.durable.settled(client, ids)
-        elif envelope.kind == "disconnect":
+        elif envelope.kind is EnvelopeKind.DISCONNECT:
             disconnect = DISCONNECTS.api.because(envelope.frame.decode())
             for client in clients:
                 client.close(disconnect)

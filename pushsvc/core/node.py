@@ -17,9 +17,17 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from pushsvc.auth import revocation
 from pushsvc.auth.revocation import Revocations
 from pushsvc.auth.tokens import Authenticator
-from pushsvc.broker import Broker, Envelope, room_channel, user_channel
+from pushsvc.broker import (
+    REVOCATIONS_CHANNEL,
+    Broker,
+    Envelope,
+    EnvelopeKind,
+    room_channel,
+    user_channel,
+)
 from pushsvc.config import Config
 from pushsvc.core.hub import Hub
 from pushsvc.core.keepalive import Keepalive
@@ -31,7 +39,7 @@ from pushsvc.plugin.api import CommandError, Delivery, Guarantee, Principal
 from pushsvc.plugin.manager import Plugins, RegisteredType
 from pushsvc.protocol import frames
 from pushsvc.protocol.codes import ErrorCode
-from pushsvc.store import IdempotencyKey, Store
+from pushsvc.store import IdempotencyKey, Revocation, Store
 
 log = logging.getLogger("pushsvc.node")
 
@@ -63,6 +71,7 @@ class Node:
             config.server.heartbeat_timeout,
         )
         self.revocations = Revocations(store)  # revoked tokens (loaded by app.start)
+        self.hub.on_control = self.on_control  # control: broadcasts (revocations)
         self.draining = False  # True once shutdown began: refuse new work
         self._tasks: set[asyncio.Task[Any]] = set()  # background work to finish on shutdown
 
@@ -195,7 +204,7 @@ class Node:
             {"type": "presence", "room": room, "event": event, "user": session.principal.user}
         )
         await self.broker.publish(
-            room_channel(room), Envelope("presence", "presence", session.session, frame)
+            room_channel(room), Envelope(EnvelopeKind.PRESENCE, "presence", session.session, frame)
         )
 
     def presence(self, room: str) -> list[str]:
@@ -234,9 +243,45 @@ class Node:
         """Close every connection of ``user`` (on every node) with 4003; returns local count."""
         count = len(self.hub.user_clients(user))
         await self.broker.publish(
-            user_channel(user), Envelope("disconnect", "", "", reason.encode())
+            user_channel(user), Envelope(EnvelopeKind.DISCONNECT, "", "", reason.encode())
         )
         return count
+
+    # -- revocations (every node) --------------------------------------------------
+
+    async def revoke(self, entry: Revocation) -> tuple[Revocation, int]:
+        """Store ``entry``, apply it here and publish it to every node.
+
+        Returns what the store kept and how many local connections were
+        closed. Raises ``StoreUnavailable``: nothing was revoked then.
+        """
+        stored = await self.revocations.persist(entry)
+        envelope = revocation.to_envelope(stored)
+        closed = self.on_revoked(envelope)  # the path the other nodes take too
+        try:
+            await self.broker.publish(REVOCATIONS_CHANNEL, envelope)
+        except Exception:  # stored: other nodes load it at their next start
+            log.exception("broker publish failed for a revocation of %s", stored.subject)
+        return stored, closed
+
+    def on_control(self, channel: str, envelope: Envelope) -> None:
+        """A ``control:`` envelope from the broker (the hub hands them here)."""
+        if channel == REVOCATIONS_CHANNEL and envelope.kind is EnvelopeKind.REVOKED:
+            try:
+                self.on_revoked(envelope)
+            except ValueError as exc:
+                log.warning("malformed revocation envelope dropped: %s", exc)
+        else:
+            log.warning("unexpected envelope kind %s on %s", envelope.kind, channel)
+
+    def on_revoked(self, envelope: Envelope) -> int:
+        """Apply a REVOKED envelope: cache it, close the local holders; returns how many."""
+        entry = revocation.from_envelope(envelope)
+        hub = self.hub
+        holders = (
+            hub.all_clients() if entry.kind == revocation.JTI else hub.user_clients(entry.subject)
+        )
+        return self.revocations.apply(entry, holders)
 
     # -- messages ---------------------------------------------------------------
 
@@ -244,7 +289,7 @@ class Node:
         """Stamp, encode and count an at-most-once message."""
         message_id, frame = frames.stamp(message)
         self.metrics.messages_accepted.labels(frame["type"]).inc()
-        return Envelope("live", frame["type"], message_id, frames.encode(frame))
+        return Envelope(EnvelopeKind.LIVE, frame["type"], message_id, frames.encode(frame))
 
     async def publish(self, room: str, message: dict[str, Any]) -> str:
         """Fan ``message`` out to ``room``'s members on every node (at most once)."""

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import orjson
 
 from pushsvc.auth.principal import Principal
-from pushsvc.broker import Envelope, user_channel
+from pushsvc.broker import Envelope, EnvelopeKind, user_channel
 from pushsvc.config import DeliveryConfig
 from pushsvc.ops.metrics import Metrics
 from pushsvc.protocol import frames
@@ -187,7 +187,7 @@ class Delivery:
                 RETRY_AFTER_UNAVAILABLE,
             ) from exc
         self.metrics.messages_accepted.labels(kind).inc()
-        envelope = Envelope("durable", kind, message_id, data)
+        envelope = Envelope(EnvelopeKind.DURABLE, kind, message_id, data)
         for user in recipients:
             try:
                 await self.broker.publish(user_channel(user), envelope)
@@ -341,7 +341,7 @@ class Delivery:
                 metrics.ack_latency.observe(now - entry.sent_at)
         ids = " ".join(message_id for message_id, _kind in result.acked).encode()
         await self.broker.publish(
-            user_channel(session.principal.user), Envelope("settled", "", "", ids)
+            user_channel(session.principal.user), Envelope(EnvelopeKind.SETTLED, "", "", ids)
         )
         return len(result.acked)
 
@@ -406,7 +406,8 @@ class Delivery:
             self.dead_lettered(letter.user, orjson.loads(letter.frame), letter.reason)
         for user, message_ids in by_user.items():
             await self.broker.publish(
-                user_channel(user), Envelope("settled", "", "", " ".join(message_ids).encode())
+                user_channel(user),
+                Envelope(EnvelopeKind.SETTLED, "", "", " ".join(message_ids).encode()),
             )
 
     async def sweep(self) -> None:
@@ -438,6 +439,6 @@ class Delivery:
         stored = await self.store.frames(requeued) if requeued else {}
         for message_id in requeued:
             kind, frame = stored[message_id]
-            envelope = Envelope("durable", kind, message_id, frame)
+            envelope = Envelope(EnvelopeKind.DURABLE, kind, message_id, frame)
             await self.broker.publish(user_channel(user), envelope)
         return list(requeued)

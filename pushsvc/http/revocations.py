@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
 from http import HTTPStatus
 from typing import Any
 
@@ -27,11 +26,7 @@ class RevocationsHandler(ApiHandler):
 
     async def _revoke(self) -> tuple[int, Any]:
         entry = self._revocation(self.body())
-        hub = self.node.hub
-        holders: Iterable[Any] = (
-            hub.all_clients() if entry.kind == revocation.JTI else hub.user_clients(entry.subject)
-        )
-        stored, closed = await self.stored(self.node.revocations.revoke(entry, holders))
+        stored, closed = await self.stored(self.node.revoke(entry))
         return HTTPStatus.OK, {**revocation.to_json(stored), "closed": closed}
 
     def _revocation(self, data: dict[str, Any]) -> Revocation:
