@@ -20,6 +20,7 @@ from tornado.websocket import websocket_connect
 from conftest import ASYNC_BROKER, Client, Server, ServerProcess, token
 from pushsvc.auth import revocation
 from pushsvc.broker import REVOCATIONS_CHANNEL, Envelope, EnvelopeKind
+from pushsvc.protocol.disconnects import DISCONNECTS
 from pushsvc.store import Revocation
 
 
@@ -55,7 +56,7 @@ async def test_api_revocation_closes_and_refuses_over_a_real_server(
     response = await AsyncHTTPClient().fetch(request, raise_error=False)
     body = orjson.loads(response.body)
     assert response.code == 200 and body["user"] == "vera" and body["closed"] == 1, body
-    assert await victim.closed() == 4001 and victim.close_reason == revocation.CLOSE_REASON
+    assert await victim.closed() == 4001 and victim.close_reason == DISCONNECTS.revoked.reason
     assert await refused_reason(server.ws_url, victim_token) == revocation.AUTH_REASON
     await bystander.send({"type": "ping", "ref": "p"})
     assert (await bystander.recv_type("pong"))["ref"] == "p"
@@ -72,7 +73,7 @@ async def test_revoked_envelope_from_the_broker_is_applied(server: Server) -> No
     other = await server.connect("zoe", extra={"jti": "z-2"})
     entry = Revocation(revocation.JTI, "z-1", None, time.time(), None)
     await server.node.broker.publish(REVOCATIONS_CHANNEL, revocation.to_envelope(entry))
-    assert await held.closed() == 4001 and held.close_reason == revocation.CLOSE_REASON
+    assert await held.closed() == 4001 and held.close_reason == DISCONNECTS.revoked.reason
     body = await server.handshake(f"?access_token={token('zoe', extra={'jti': 'z-1'})}")
     assert isinstance(body, HTTPClientError) and body.code == 401
     status, listing, _ = await server.http("GET", "/api/v1/revocations")

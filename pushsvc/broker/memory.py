@@ -22,7 +22,7 @@ import asyncio
 import logging
 from urllib.parse import parse_qs, urlsplit
 
-from pushsvc.broker import Envelope, MessageCallback
+from pushsvc.broker.contracts import Envelope, MessageCallback
 
 log = logging.getLogger("pushsvc.broker")
 

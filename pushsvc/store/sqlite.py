@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pushsvc.protocol import ids
-from pushsvc.store import (
+from pushsvc.store.contracts import (
     ACKED_RETENTION,
     AckResult,
     DeadLetter,

@@ -1,0 +1,108 @@
+"""The broker contract: envelopes, their kinds, channels and the :class:`Broker` protocol."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+_SEP = b"\x1f"
+
+#: The broadcast channel of token revocations (:attr:`EnvelopeKind.REVOKED`).
+REVOCATIONS_CHANNEL = "control:revocations"
+
+
+class EnvelopeKind(enum.Enum):
+    """What an envelope asks the receiving node to do; the value is its wire byte."""
+
+    LIVE = b"L"  # send to the channel's connections, at most once
+    PRESENCE = b"P"  # like LIVE, to a room's members except the session in ``id``
+    DURABLE = b"D"  # send and track for an ack (at least once)
+    SETTLED = b"S"  # ids acked elsewhere (space-separated in ``frame``): stop resending
+    DISCONNECT = b"X"  # close the user's connections; ``frame`` is the UTF-8 reason
+    REVOKED = b"R"  # a token revocation (JSON in ``frame``): cache it, close its holders
+
+
+_KINDS: dict[bytes, EnvelopeKind] = {kind.value: kind for kind in EnvelopeKind}
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """One message on a broker channel.
+
+    ``kind`` says what the receiver does with it (:class:`EnvelopeKind`).
+    On the wire it is one byte, then the type, the id and the frame,
+    separated by ``\x1f`` (the frame last, so it may contain any byte).
+    """
+
+    kind: EnvelopeKind  # what the receiving node does with it
+    type: str  # message type (metric label); "" for control envelopes
+    id: str  # message id; "" when none
+    frame: bytes  # the frame exactly as clients receive it, or the control payload
+
+    def to_bytes(self) -> bytes:
+        """Serialise for the wire."""
+        return _SEP.join((self.kind.value, self.type.encode(), self.id.encode(), self.frame))
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Envelope:
+        """Parse what :meth:`to_bytes` made (the frame is not decoded).
+
+        Raises ``ValueError`` for malformed data or an unknown kind.
+        """
+        kind, kind_type, message_id, frame = data.split(_SEP, 3)
+        try:
+            envelope_kind = _KINDS[kind]
+        except KeyError:
+            raise ValueError(f"unknown envelope kind {kind!r}") from None
+        return cls(envelope_kind, kind_type.decode(), message_id.decode(), frame)
+
+
+def room_channel(room: str) -> str:
+    """The broker channel of a room."""
+    return f"room:{room}"
+
+
+def user_channel(user: str) -> str:
+    """The broker channel of a user's connections."""
+    return f"user:{user}"
+
+
+MessageCallback = Callable[[str, Envelope], None]
+
+
+class Broker(Protocol):
+    """Fans envelopes out to every node subscribed to a channel, at most once."""
+
+    def set_callback(self, callback: MessageCallback) -> None:
+        """Where envelopes for subscribed channels go (the local hub)."""
+        ...
+
+    async def start(self) -> None:
+        """Connect; raises if the broker cannot be reached."""
+        ...
+
+    async def close(self) -> None:
+        """Disconnect and release resources."""
+        ...
+
+    def healthy(self) -> bool:
+        """Whether publishes currently reach the other nodes (False once closed)."""
+        ...
+
+    async def subscribe(self, channel: str) -> None:
+        """Start receiving ``channel`` on this node."""
+        ...
+
+    async def unsubscribe(self, channel: str) -> None:
+        """Stop receiving ``channel`` on this node."""
+        ...
+
+    async def publish(self, channel: str, envelope: Envelope) -> None:
+        """Send ``envelope`` to every node subscribed to ``channel``.
+
+        After :meth:`close` it delivers nothing and does not raise (at most
+        once: a closed node is like a node that is down).
+        """
+        ...
