@@ -381,3 +381,21 @@ async def test_dead_letters_free_the_window_for_the_backlog(start_with: Any) -> 
         await asyncio.sleep(0.05)
     assert sorted(d[1] for d in recorder.dead) == stored
     await mute.expect_nothing(0.5)
+
+
+async def test_ttl_is_enforced_between_sweeps(server: Server) -> None:
+    """A notify with ``"ttl": 1`` is dead-lettered, not sent, to a user who connects 2 s later."""
+    status, body, _headers = await server.http(
+        "POST", "/api/v1/notify", {"to": ["late"], "title": "T", "message": "M", "ttl": 1}
+    )
+    assert status == 202
+    await asyncio.sleep(1.5)  # well before the 5-second sweep
+    late = await server.connect("late")
+    await late.expect_nothing(0.5)
+    status, dead, _headers = await server.http("GET", "/api/v1/users/late/dead-letters")
+    assert status == 200
+    assert [(m["id"], m["reason"]) for m in dead["messages"]] == [(body["id"], "ttl")]
+    assert (
+        metric(server, "pushsvc_messages_dead_lettered_total", type="notification", reason="ttl")
+        == 1
+    )

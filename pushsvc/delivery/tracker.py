@@ -28,14 +28,15 @@ from pushsvc.broker import Envelope, EnvelopeKind, user_channel
 from pushsvc.config import DeliveryConfig
 from pushsvc.ops.metrics import Metrics
 from pushsvc.protocol import frames
-from pushsvc.protocol.codes import ErrorCode
+from pushsvc.protocol.codes import RETRY_AFTER_UNAVAILABLE, ErrorCode
 from pushsvc.protocol.fields import CommandError
 from pushsvc.store import DeadLetter, IdempotencyKey, Store, StoreUnavailable
 
 log = logging.getLogger("pushsvc.delivery")
 
-#: Seconds a client is told to wait after ``unavailable``.
-RETRY_AFTER_UNAVAILABLE = 1.0
+#: ``reason`` of a dead letter: the attempts ran out, or the TTL did.
+DEAD_MAX_ATTEMPTS = "max_attempts"
+DEAD_TTL = "ttl"
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,9 +286,14 @@ class Delivery:
                     return
                 sends: list[tuple[str, int]] = []
                 expired: list[str] = []
+                too_old: list[str] = []
+                now = time.time()
                 for row in rows:
                     tracker.cursor = max(tracker.cursor, row.id)
                     if row.id in tracker.inflight:
+                        continue
+                    if row.expires_at <= now:  # never delivered past its TTL, sweep or not
+                        too_old.append(row.id)
                         continue
                     attempts = row.attempts + 1
                     if attempts > max_attempts:
@@ -298,7 +304,9 @@ class Delivery:
                 if sends:
                     await store.record_attempts(user, sends)
                 if expired:
-                    await self._dead_letter(user, expired, "max_attempts")
+                    await self._dead_letter(user, expired, DEAD_MAX_ATTEMPTS)
+                if too_old:
+                    await self._dead_letter(user, too_old, DEAD_TTL)
                 if len(rows) < room and not tracker.dirty:
                     tracker.backlog = False
                     break
@@ -377,7 +385,7 @@ class Delivery:
         for session, pairs in resends.items():
             self._background(self.store.record_attempts(session.principal.user, pairs))
         for user, message_ids in dead.items():
-            self._background(self._dead_letter(user, message_ids, "max_attempts"))
+            self._background(self._dead_letter(user, message_ids, DEAD_MAX_ATTEMPTS))
 
     def _background(self, coroutine: Any) -> None:
         task = asyncio.ensure_future(coroutine)

@@ -39,10 +39,9 @@ from pushsvc.http.limits import (
     MAX_LIMIT,
     MAX_RETRY_AFTER,
     REPLAYED_HEADER,
-    RETRY_AFTER_UNAVAILABLE,
 )
 from pushsvc.plugin.api import CommandError, Delivery, Guarantee, Principal
-from pushsvc.protocol.codes import ApiErrorCode
+from pushsvc.protocol.codes import RETRY_AFTER_UNAVAILABLE, ApiErrorCode, retry_after_header
 from pushsvc.store import IdempotencyKey, StoreUnavailable
 
 #: HTTP status of each ``CommandError`` code a node operation may raise.
@@ -108,7 +107,7 @@ class JsonHandler(tornado.web.RequestHandler):
     def send_api_error(self, error: ApiError) -> None:
         """Finish with ``{"error", "message"}`` (and ``Retry-After``)."""
         if error.retry_after is not None:
-            self.set_header("Retry-After", str(max(1, round(error.retry_after))))
+            self.set_header("Retry-After", retry_after_header(error.retry_after))
         body = {"error": error.code, "message": error.message}
         if error.reason is not None:
             body["reason"] = error.reason

@@ -32,8 +32,6 @@ MAX_LIMIT = 1000
 #: ``reason`` of a disconnect: characters, and bytes (a WebSocket close reason fits 123).
 MAX_REASON_LENGTH = 100
 MAX_REASON_BYTES = 123
-#: Seconds a caller is told to wait after a store failure (503).
-RETRY_AFTER_UNAVAILABLE = 1.0
 #: Longest ``Retry-After`` announced (a bucket with rate 0 never refills).
 MAX_RETRY_AFTER = 3600.0
 #: The idempotency request header, its value's pattern, and the replay marker header.

@@ -21,6 +21,7 @@ from typing import Any
 from pushsvc.config import Config
 from pushsvc.http.limits import (
     IDEMPOTENCY_HEADER,
+    IDEMPOTENCY_KEY_PATTERN,
     MAX_ID_LENGTH,
     MAX_IDS,
     MAX_LIMIT,
@@ -116,7 +117,7 @@ def idempotency_key_param() -> dict[str, Any]:
             "within `api.idempotency_window` answers the first result and stores "
             "nothing new; with a different request it is 409 `idempotency_mismatch`."
         ),
-        "schema": {"type": "string", "pattern": "^[!-~]{1,255}$"},
+        "schema": {"type": "string", "pattern": IDEMPOTENCY_KEY_PATTERN.pattern},
     }
 
 

@@ -56,6 +56,15 @@ class ApiErrorCode(enum.StrEnum):
     UNAVAILABLE = "unavailable"  # 503, with ``Retry-After``: nothing was accepted
 
 
+#: Seconds a client or API caller is told to wait after ``unavailable`` (503).
+RETRY_AFTER_UNAVAILABLE = 1.0
+
+
+def retry_after_header(seconds: float) -> str:
+    """The ``Retry-After`` header value for a wait of ``seconds`` (whole seconds, at least 1)."""
+    return str(max(1, round(seconds)))
+
+
 class HandshakeError(Exception):
     """Refuses a WebSocket upgrade with an HTTP status and a JSON body.
 

@@ -40,7 +40,7 @@ from tornado.websocket import WebSocketProtocol13
 from pushsvc.core.node import Node
 from pushsvc.ops import logs
 from pushsvc.plugin.api import Principal
-from pushsvc.protocol.codes import HandshakeError
+from pushsvc.protocol.codes import HandshakeError, retry_after_header
 from pushsvc.protocol.disconnects import DISCONNECTS
 from pushsvc.transport import eager, tornado_compat
 from pushsvc.transport.connection import admit
@@ -250,7 +250,7 @@ def _refuse(transport: asyncio.Transport, refusal: HandshakeError) -> None:
         "Connection: close",
     ]
     if refusal.retry_after is not None:
-        head.append(f"Retry-After: {max(1, round(refusal.retry_after))}")
+        head.append(f"Retry-After: {retry_after_header(refusal.retry_after)}")
     transport.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
     transport.close()
 
@@ -332,7 +332,7 @@ class UpgradeHandler(tornado.web.RequestHandler):
         except HandshakeError as refusal:
             self.set_status(refusal.status)
             if refusal.retry_after is not None:
-                self.set_header("Retry-After", str(max(1, round(refusal.retry_after))))
+                self.set_header("Retry-After", retry_after_header(refusal.retry_after))
             self.set_header("Content-Type", "application/json")
             self.finish(refusal.body())
             return
