@@ -26,6 +26,7 @@ from pushsvc.core.node import Node
 from pushsvc.ops.metrics import Metrics
 from pushsvc.plugin.manager import await_me_maybe, load_plugins
 from pushsvc.protocol.codes import HandshakeError
+from pushsvc.protocol.disconnects import DISCONNECTS
 from pushsvc.store import StoreOptions, make_store
 from pushsvc.transport.memory import FRAMING, MemoryConnection, open_session
 
@@ -87,7 +88,7 @@ async def make_node(tmp_path: Path, broker_url: str) -> AsyncIterator[NodeFactor
         with contextlib.suppress(asyncio.CancelledError):
             await ticker
         for client in list(node.hub.all_clients()):
-            client.transport.close_connection(1001, "test over")  # type: ignore[attr-defined]
+            client.close(DISCONNECTS.going_away)
         await node.settle_background()
         await node.delivery.drain()
         await node.broker.close()
@@ -278,6 +279,15 @@ async def test_auth_refreshes_the_token(node: Node) -> None:
     assert session.principal.user == "alice" and not conn.closes
 
 
+async def test_token_expiry_closes_with_4001(node: Node) -> None:
+    conn = await connect(node, "alice", ttl=60)
+    node.keepalive.tick(wall=time.time() + 120)  # the keepalive's expiry timer, an hour early
+    assert await conn.wait_closed() == 4001
+    assert conn.closes == [(4001, "token expired", False)]
+    assert metric(node, "pushsvc_closes_total", reason="token_expired") == 1
+    assert node.hub.sessions == {}
+
+
 # -- at-least-once delivery ---------------------------------------------------------------
 
 
@@ -322,8 +332,8 @@ async def test_resent_after_the_ack_timeout(make_node: NodeFactory) -> None:
     node: Node = await make_node(delivery={"ack_timeout": 0.1, "max_attempts": 5})
     mute = await connect(node, "mute")
     sam = await connect(node, "sam")
+    sent_at = time.monotonic()  # before the first send
     message_id = await send_private(sam, "mute", "there?", "s")
-    sent_at = time.monotonic()
     first = await mute.recv_type("private")
     again = await mute.recv_type("private", seconds=2)
     assert first == again and again["id"] == message_id
