@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pushsvc.plugin.api import Field
-from pushsvc.protocol import ids
+from pushsvc.protocol import frames, ids
 from pushsvc.protocol.codes import ErrorCode
 from pushsvc.protocol.frames import Command, FrameError, decode_frame, validate
 
@@ -95,3 +95,20 @@ def test_fast_id_encoding_matches_the_reference(ms: int, rand: int) -> None:
     made = generator.new(ms)
     assert made == ids.encode(generator._last_ms, generator._last_random)
     assert ids.timestamp_ms(made) == generator._last_ms
+
+
+def test_a_broadcast_is_framed_once_per_transport_kind_in_any_order() -> None:
+    calls: list[str] = []
+
+    def websocket(payload: bytes) -> bytes:
+        calls.append("ws")
+        return b"\x81" + bytes([len(payload)]) + payload
+
+    def netstring(payload: bytes) -> bytes:
+        calls.append("ns")
+        return b"%d:%s," % (len(payload), payload)
+
+    broadcast = frames.Broadcast(b'{"type":"chat"}', "chat")
+    framed = [broadcast.wrapped(wrap) for wrap in (websocket, netstring) * 3]
+    assert calls == ["ws", "ns"]
+    assert framed[0] is framed[2] is framed[4] and framed[1] is framed[3] is framed[5]

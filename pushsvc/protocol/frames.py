@@ -199,17 +199,26 @@ class Broadcast:
     bytes for the first member and returns the same bytes to the rest.
     """
 
-    __slots__ = ("_wrap", "_wrapped", "payload", "type")
+    __slots__ = ("_other", "_wrap", "_wrapped", "payload", "type")
 
     def __init__(self, payload: bytes, message_type: str) -> None:
         self.payload = payload  # UTF-8 JSON, as every recipient receives it
         self.type = message_type  # metric label
-        self._wrap: Callable[[bytes], bytes] | None = None  # the framing last used
+        self._wrap: Callable[[bytes], bytes] | None = None  # the first framing asked for
         self._wrapped = b""  # its result
+        self._other: dict[Callable[[bytes], bytes], bytes] | None = None  # other transports'
 
     def wrapped(self, wrap: Callable[[bytes], bytes]) -> bytes:
         """``wrap(payload)``, computed once per broadcast and framing function."""
-        if self._wrap is not wrap:
-            self._wrapped = wrap(self.payload)
-            self._wrap = wrap
-        return self._wrapped
+        if self._wrap is wrap:
+            return self._wrapped
+        if self._wrap is None:
+            self._wrap, self._wrapped = wrap, wrap(self.payload)
+            return self._wrapped
+        other = self._other
+        if other is None:
+            other = self._other = {}
+        framed = other.get(wrap)
+        if framed is None:
+            framed = other[wrap] = wrap(self.payload)
+        return framed
