@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pushsvc.plugin.api import Field
-from pushsvc.protocol import frames, ids
+from pushsvc.protocol import ids
 from pushsvc.protocol.codes import ErrorCode
-from pushsvc.protocol.frames import Command, FrameError, decode_frame, validate
+from pushsvc.protocol.frames import Broadcast, Command, FrameError, decode_frame, validate
 
 FIELDS = {
     "to": Field((str, list), items=str, max_length=3),
@@ -108,7 +108,7 @@ def test_a_broadcast_is_framed_once_per_transport_kind_in_any_order() -> None:
         calls.append("ns")
         return b"%d:%s," % (len(payload), payload)
 
-    broadcast = frames.Broadcast(b'{"type":"chat"}', "chat")
+    broadcast = Broadcast(b'{"type":"chat"}', "chat")
     framed = [broadcast.wrapped(wrap) for wrap in (websocket, netstring) * 3]
     assert calls == ["ws", "ns"]
     assert framed[0] is framed[2] is framed[4] and framed[1] is framed[3] is framed[5]
