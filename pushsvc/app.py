@@ -150,6 +150,7 @@ class Application(tornado.web.Application):
 def make_app(node: Node) -> Application:
     """The Tornado application: ``/ws``, the HTTP API, metrics, health, plugin routes."""
     routes: list[Any] = [(r"/ws", WebSocketHandler, {"node": node}), *api.routes(node)]
+    routes += __import__("pushsvc.http.clients").http.clients.client_routes()  # JS client, demo
     for rules in node.plugins.hook.pushsvc_register_routes():
         for pattern, handler, kwargs in rules:
             kwargs = {k: (node if k == "node" and v is None else v) for k, v in kwargs.items()}
