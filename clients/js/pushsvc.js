@@ -115,14 +115,11 @@ export class PushClient {
     this._closedByUser = false;
     this._online = true;
     this._network = this.options.network || (typeof window !== "undefined" ? window : null);
-    if (this._network && typeof this._network.addEventListener === "function") {
-      if (typeof navigator !== "undefined" && navigator.onLine === false && !this.options.network) {
-        this._online = false;
-      }
-      this._onOnline = () => this._setOnline(true);
-      this._onOffline = () => this._setOnline(false);
-      this._network.addEventListener("online", this._onOnline);
-      this._network.addEventListener("offline", this._onOffline);
+    this._listening = false;
+    this._onOnline = () => this._setOnline(true);
+    this._onOffline = () => this._setOnline(false);
+    if (this._network && !this.options.network && typeof navigator !== "undefined" && navigator.onLine === false) {
+      this._online = false;
     }
     if (this.options.autoConnect) this.connect();
   }
@@ -161,6 +158,7 @@ export class PushClient {
   connect() {
     if (this.state === "connecting" || this.state === "open") return;
     this._closedByUser = false;
+    this._listen(true);
     clearTimeout(this._reconnectTimer);
     this._reconnectTimer = null;
     if (!this._online) {
@@ -224,6 +222,7 @@ export class PushClient {
 
   _onClose(ws, code, reason) {
     if (ws !== this._ws) return;
+    const wasOpen = this.state === "open";
     this._ws = null;
     this._stopTimers();
     ws.onopen = ws.onmessage = ws.onerror = ws.onclose = null;
@@ -242,7 +241,9 @@ export class PushClient {
       this._failAll("closed", `closed by the server (${code}${reason ? `: ${reason}` : ""}); not reconnecting`);
       return;
     }
-    if (code === 4001) this._tokenStale = true;
+    // 4001: expired or revoked. A handshake refused again and again (a 401 shows as 1006
+    // in browsers) may be a revoked token too: from the second failure on, fetch a new one.
+    if (code === 4001 || (!wasOpen && this._attempt >= 1)) this._tokenStale = true;
     this.state = "reconnecting";
     this._scheduleReconnect(code, reason);
   }
@@ -273,6 +274,15 @@ export class PushClient {
         this.connect();
       }
     }, delay);
+  }
+
+  _listen(on) {
+    const net = this._network;
+    if (!net || typeof net.addEventListener !== "function" || on === this._listening) return;
+    this._listening = on;
+    const method = on ? "addEventListener" : "removeEventListener";
+    net[method]("online", this._onOnline);
+    net[method]("offline", this._onOffline);
   }
 
   _setOnline(online) {
@@ -306,10 +316,7 @@ export class PushClient {
     this._closedByUser = true;
     clearTimeout(this._reconnectTimer);
     this._reconnectTimer = null;
-    if (this._network && this._onOnline) {
-      this._network.removeEventListener("online", this._onOnline);
-      this._network.removeEventListener("offline", this._onOffline);
-    }
+    this._listen(false);
     this._failAll("closed", "client closed");
     const ws = this._ws;
     if (ws) {

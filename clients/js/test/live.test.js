@@ -143,6 +143,27 @@ describe("against a running server", () => {
     await until(async () => (await server.api("GET", "/api/v1/rooms/h/presence")).body.users.includes("hank"), 5000, "rejoin");
   });
 
+  test("a revoked token (4001 token revoked) is replaced before reconnecting", async () => {
+    let calls = 0;
+    const lena = client(server, "lena", {
+      token: () => {
+        calls += 1;
+        return token("lena");
+      },
+    });
+    await next(lena, "open");
+    const closed = next(lena, "close");
+    const { status } = await server.api("POST", "/api/v1/revocations", { user: "lena" });
+    assert.equal(status, 200);
+    const [code, reason] = await closed;
+    assert.equal(code, 4001);
+    assert.match(reason, /revoked/);
+    // Tokens issued in the same second may count as revoked too (iat has second precision):
+    // refused handshakes make the client fetch new tokens until one is accepted.
+    await next(lena, "open", 10000);
+    assert.ok(calls >= 2);
+  });
+
   test("the token is refreshed in-band (auth frame) before exp", async () => {
     let calls = 0;
     const ivan = client(server, "ivan", {
