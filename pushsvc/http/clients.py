@@ -33,7 +33,7 @@ CLIENT_MAX_AGE = 300
 #: The demo page's Content-Security-Policy: its own scripts only, WebSockets to any host.
 DEMO_CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
-    "connect-src 'self' ws: wss:; img-src 'self'; base-uri 'none'; form-action 'none'; "
+    "connect-src 'self' ws: wss:; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
     "frame-ancestors 'none'"
 )
 
