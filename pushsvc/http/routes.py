@@ -20,6 +20,7 @@ import tornado.web
 
 from pushsvc.core.node import Node
 from pushsvc.http import openapi
+from pushsvc.http.clients import client_routes
 from pushsvc.http.dead_letters import (
     DeadLettersDeleteHandler,
     DeadLettersHandler,
@@ -87,6 +88,7 @@ def build(node: Node) -> RouteTable:
     rules: list[Rule] = [
         (r"/ws", UpgradeHandler, {"node": node}),
         *core_routes(node, document_kwargs),
+        *client_routes(),  # the JavaScript client and the demo page
         *plugin_routes(node),
     ]
     document = openapi.document(node.config, rules, at_least_once_types(node))
