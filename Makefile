@@ -33,14 +33,21 @@ test-async: $(STAMP)
 	PUSHSVC_BROKER__URL='memory://?delivery=async' $(BIN)/pytest $(PYTEST_ARGS) \
 		tests/test_delivery.py tests/test_gateway.py tests/test_api.py
 
-# Best effort: in CI (CI set, running as root) install promtool and prometheus
-# (Debian package 'prometheus') for the tests that use them; they skip when absent.
+# Best effort: in CI (CI set, running as root) install promtool and prometheus (Debian
+# package 'prometheus'), Chromium (the browser test) and Node.js for the tests that use
+# them; they skip when absent.
 tools:
-	@if [ -n "$$CI" ] && [ "$$(id -u)" = 0 ] && ! command -v promtool >/dev/null 2>&1; then \
-		echo "tools: installing the Debian package prometheus (promtool, prometheus)"; \
-		( apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-		  apt-get install -y -qq --no-install-recommends prometheus >/dev/null ) \
-		|| echo "tools: could not install prometheus; its tests will be skipped"; \
+	@if [ -n "$$CI" ] && [ "$$(id -u)" = 0 ]; then \
+		missing=""; \
+		command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
+		command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+		command -v node >/dev/null 2>&1 || missing="$$missing nodejs npm"; \
+		if [ -n "$$missing" ]; then \
+			echo "tools: installing the Debian packages$$missing"; \
+			( apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+			  apt-get install -y -qq --no-install-recommends $$missing >/dev/null ) \
+			|| echo "tools: could not install$$missing; the tests that need them will be skipped"; \
+		fi; \
 	fi
 
 check: tools lint test test-async
