@@ -46,7 +46,7 @@ from pushsvc.http import routes as http_routes
 from pushsvc.http.health import NotFoundHandler
 from pushsvc.ops import logs, sdnotify
 from pushsvc.ops.metrics import Metrics
-from pushsvc.plugin.manager import DefaultRoomPolicy, Plugins, await_me_maybe, load_plugins
+from pushsvc.plugin.manager import DefaultRoomPolicy, Plugins, await_each, load_plugins
 from pushsvc.protocol.disconnects import DISCONNECTS
 from pushsvc.store import StoreOptions, make_store
 from pushsvc.transport.upgrade import UpgradeServer
@@ -383,7 +383,7 @@ class Service:
         for timer in self._timers:
             timer.cancel()
         await asyncio.gather(*self._timers, return_exceptions=True)
-        await await_me_maybe(node.plugins.hook.pushsvc_shutdown(node=node))
+        await await_each(node.plugins.hook.pushsvc_shutdown(node=node))
         await node.broker.close()
         await node.store.close()  # runs every queued write first
 
@@ -464,7 +464,7 @@ async def start(
     metrics.bind(node)
     await broker.subscribe(REVOCATIONS_CHANNEL)  # before the load: none is missed in between
     await node.revocations.load()
-    await await_me_maybe(plugins.hook.pushsvc_startup(node=node))
+    await await_each(plugins.hook.pushsvc_startup(node=node))
     app = make_app(node)
     server = UpgradeServer(app, xheaders=config.server.xheaders)
     server.node = node

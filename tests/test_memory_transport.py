@@ -24,7 +24,7 @@ from pushsvc import hookimpl
 from pushsvc.broker import REVOCATIONS_CHANNEL, make_broker
 from pushsvc.core.node import Node
 from pushsvc.ops.metrics import Metrics
-from pushsvc.plugin.manager import await_me_maybe, load_plugins
+from pushsvc.plugin.manager import await_each, load_plugins
 from pushsvc.protocol.codes import HandshakeError
 from pushsvc.protocol.disconnects import DISCONNECTS
 from pushsvc.store import StoreOptions, make_store
@@ -78,7 +78,7 @@ async def make_node(tmp_path: Path, broker_url: str) -> AsyncIterator[NodeFactor
         metrics.bind(node)
         await broker.subscribe(REVOCATIONS_CHANNEL)
         await node.revocations.load()
-        await await_me_maybe(plugins.hook.pushsvc_startup(node=node))
+        await await_each(plugins.hook.pushsvc_startup(node=node))
         built.append((node, asyncio.ensure_future(_every(TICK, node.delivery.tick))))
         return node
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import subprocess
 import sys
@@ -308,3 +309,39 @@ def test_every_public_name_is_documented() -> None:
         "idempotency",
     ]
     assert "`send(to, message, guarantee, ttl=None, *, idempotency=None)`" in section
+
+
+class AsyncLifecycle:
+    """A plugin whose startup and shutdown hooks are ``async def``."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    @hookimpl
+    async def pushsvc_startup(self, node: Any) -> None:
+        await asyncio.sleep(0)
+        self.events.append("startup")
+
+    @hookimpl
+    async def pushsvc_shutdown(self, node: Any) -> None:
+        await asyncio.sleep(0)
+        self.events.append("shutdown")
+
+
+class FailingStartup:
+    @hookimpl
+    async def pushsvc_startup(self, node: Any) -> None:
+        raise RuntimeError("the plugin's database is unreachable")
+
+
+async def test_async_startup_and_shutdown_hooks_run(start_server: Any) -> None:
+    plugin = AsyncLifecycle()
+    server = await start_server(extra=[("lifecycle", plugin)])
+    assert plugin.events == ["startup"]
+    await server.service.shutdown(pace=False)
+    assert plugin.events == ["startup", "shutdown"]
+
+
+async def test_an_async_startup_hook_that_raises_stops_startup(start_server: Any) -> None:
+    with pytest.raises(RuntimeError, match="database is unreachable"):
+        await start_server(extra=[("failing", FailingStartup())])

@@ -189,3 +189,14 @@ async def await_me_maybe(value: T | Awaitable[T]) -> T:
     if inspect.isawaitable(value):
         return await value
     return value
+
+
+async def await_each(results: Sequence[Any]) -> list[Any]:
+    """The results of a (not firstresult) hook call, each awaited if it is awaitable.
+
+    pluggy is synchronous: an ``async def`` implementation returns a coroutine
+    in the result list. They are awaited one by one, in the order pluggy
+    called them, so an exception stops the caller (startup fails) instead of
+    being lost with a "never awaited" warning.
+    """
+    return [await await_me_maybe(result) for result in results]
