@@ -112,3 +112,15 @@ def test_a_broadcast_is_framed_once_per_transport_kind_in_any_order() -> None:
     framed = [broadcast.wrapped(wrap) for wrap in (websocket, netstring) * 3]
     assert calls == ["ws", "ns"]
     assert framed[0] is framed[2] is framed[4] and framed[1] is framed[3] is framed[5]
+
+
+def test_every_disconnect_is_documented_with_its_label() -> None:
+    from pathlib import Path
+
+    from pushsvc.protocol.disconnects import every_disconnect
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "protocol.md").read_text()
+    for disconnect in every_disconnect():
+        row = next((line for line in doc.splitlines() if line.startswith(f"| {disconnect.code} | ")
+                    and f"`{disconnect.label}`" in line), None)  # fmt: skip
+        assert row is not None, f"docs/protocol.md: no row for {disconnect}"

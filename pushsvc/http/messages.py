@@ -21,6 +21,7 @@ from pushsvc.http.limits import (
     TYPE_PATTERN,
     at_least_once_types,
 )
+from pushsvc.protocol.disconnects import DISCONNECTS
 
 
 class PublishHandler(ApiHandler):
@@ -81,7 +82,7 @@ class DisconnectHandler(ApiHandler):
         reason = self.field(data, "reason", str, required=False, max_length=MAX_REASON_LENGTH)
         if reason is not None and len(reason.encode()) > MAX_REASON_BYTES:
             raise bad_request(f"reason: at most {MAX_REASON_BYTES} bytes in UTF-8")
-        closed = await self.node.disconnect_user(user, reason or "disconnected by the server")
+        closed = await self.node.disconnect_user(user, reason or DISCONNECTS.api.reason)
         return HTTPStatus.OK, {"closed": closed}
 
 

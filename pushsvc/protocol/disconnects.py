@@ -75,7 +75,7 @@ DISCONNECTS = _Table(
         CloseCode.TOKEN_EXPIRED, "token revoked", "revoked", Reconnect.AFTER_REFRESH
     ),
     api=Disconnect(
-        CloseCode.DISCONNECTED_BY_API, "disconnected by the server API", "api", Reconnect.NEVER
+        CloseCode.DISCONNECTED_BY_API, "disconnected by the server", "api", Reconnect.NEVER
     ),
     slow_consumer=Disconnect(
         CloseCode.SLOW_CONSUMER, "slow consumer", "slow_consumer", Reconnect.NOW, abort=True
