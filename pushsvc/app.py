@@ -430,20 +430,17 @@ async def _every_async(interval: float, fn: Callable[[], Any]) -> None:
             log.warning("timer %s failed: %s", getattr(fn, "__qualname__", fn), exc)
 
 
-async def start(
+async def build_node(
     config: Config,
     *,
     registry: CollectorRegistry | None = None,
     plugins: Plugins | None = None,
-    config_path: str | None = None,
-    overrides: dict[str, dict[str, Any]] | None = None,
-    sockets: list[socket.socket] | None = None,
-) -> Service:
-    """Build and start a service; it accepts connections when this returns.
+) -> Node:
+    """Build the node from the config and open its store and broker (no HTTP, no timers).
 
-    Without ``sockets``, adopts systemd's (socket activation) or binds
-    ``server.host:server.port``. The store and broker are open before any
-    socket is served, so a caller may report READY right after.
+    Order: plugins, metrics, store, broker, node, revocations, the plugins'
+    ``pushsvc_startup`` hooks. A transport, a test or a tool builds on this;
+    :func:`start` adds the HTTP application, the listening sockets and the timers.
     """
     plugins = plugins or load_plugins(config.plugins.disabled, config.auth.default_rooms)
     metrics = Metrics(registry)
@@ -465,6 +462,25 @@ async def start(
     await broker.subscribe(REVOCATIONS_CHANNEL)  # before the load: none is missed in between
     await node.revocations.load()
     await await_each(plugins.hook.pushsvc_startup(node=node))
+    return node
+
+
+async def start(
+    config: Config,
+    *,
+    registry: CollectorRegistry | None = None,
+    plugins: Plugins | None = None,
+    config_path: str | None = None,
+    overrides: dict[str, dict[str, Any]] | None = None,
+    sockets: list[socket.socket] | None = None,
+) -> Service:
+    """Build and start a service; it accepts connections when this returns.
+
+    Without ``sockets``, adopts systemd's (socket activation) or binds
+    ``server.host:server.port``. The store and broker are open before any
+    socket is served, so a caller may report READY right after.
+    """
+    node = await build_node(config, registry=registry, plugins=plugins)
     app = make_app(node)
     server = UpgradeServer(app, xheaders=config.server.xheaders)
     server.node = node

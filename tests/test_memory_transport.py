@@ -20,14 +20,11 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from conftest import ASYNC_BROKER, Server, make_config, token
-from pushsvc import hookimpl
-from pushsvc.broker import REVOCATIONS_CHANNEL, make_broker
+from pushsvc import app, hookimpl
 from pushsvc.core.node import Node
-from pushsvc.ops.metrics import Metrics
-from pushsvc.plugin.manager import await_each, load_plugins
+from pushsvc.plugin.manager import load_plugins
 from pushsvc.protocol.codes import HandshakeError
 from pushsvc.protocol.disconnects import DISCONNECTS
-from pushsvc.store import StoreOptions, make_store
 from pushsvc.transport.memory import FRAMING, MemoryConnection, open_session
 
 TICK = 0.02  # the delivery timer's period here (app: 50 ms)
@@ -60,7 +57,7 @@ def broker_url(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 async def make_node(tmp_path: Path, broker_url: str) -> AsyncIterator[NodeFactory]:
-    """Build nodes from real parts (``app.start`` without HTTP); stopped at teardown."""
+    """Build nodes from real parts (``app.build_node``: no HTTP); stopped at teardown."""
     built: list[tuple[Node, asyncio.Task[None]]] = []
 
     async def build(*, extra: Sequence[tuple[str, object]] = (), **sections: Any) -> Node:
@@ -68,17 +65,7 @@ async def make_node(tmp_path: Path, broker_url: str) -> AsyncIterator[NodeFactor
         data_dir.mkdir()
         config = make_config(data_dir, broker={"url": broker_url}, **sections)
         plugins = load_plugins(config.plugins.disabled, config.auth.default_rooms, extra=extra)
-        metrics = Metrics(CollectorRegistry())
-        store = make_store(config.store_url(), StoreOptions(synchronous=config.store.synchronous))
-        await store.open()
-        store = metrics.instrument_store(store)
-        broker = make_broker(config.broker.url)
-        await broker.start()
-        node = Node(config, metrics, plugins, broker, store)
-        metrics.bind(node)
-        await broker.subscribe(REVOCATIONS_CHANNEL)
-        await node.revocations.load()
-        await await_each(plugins.hook.pushsvc_startup(node=node))
+        node = await app.build_node(config, registry=CollectorRegistry(), plugins=plugins)
         built.append((node, asyncio.ensure_future(_every(TICK, node.delivery.tick))))
         return node
 
