@@ -345,3 +345,34 @@ async def test_async_startup_and_shutdown_hooks_run(start_server: Any) -> None:
 async def test_an_async_startup_hook_that_raises_stops_startup(start_server: Any) -> None:
     with pytest.raises(RuntimeError, match="database is unreachable"):
         await start_server(extra=[("failing", FailingStartup())])
+
+
+class RaisesOnConnect:
+    @hookimpl
+    def pushsvc_connected(self, principal: Any, session: str) -> None:
+        raise RuntimeError("first plugin broke")
+
+
+class RecordsLast:
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    @hookimpl(trylast=True)
+    def pushsvc_connected(self, principal: Any) -> None:
+        self.seen.append(principal.user)
+
+
+async def test_one_plugins_failing_hook_does_not_silence_the_others(
+    start_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    recorder = RecordsLast()
+    server = await start_server(extra=[("recorder", recorder), ("broken", RaisesOnConnect())])
+    await server.connect("alice")
+    for _ in range(100):
+        if recorder.seen:
+            break
+        await asyncio.sleep(0.01)
+    assert recorder.seen == ["alice"]
+    assert any(
+        "plugin broken: hook pushsvc_connected raised" in r.getMessage() for r in caplog.records
+    )

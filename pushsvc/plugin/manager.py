@@ -7,7 +7,9 @@ Built-in message types and third-party ones load the same way, from the
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
+import functools
 import inspect
 import logging
 from collections.abc import Awaitable, Iterable, Sequence
@@ -86,11 +88,28 @@ class Plugins:
         return bool(self.hook.pushsvc_authorize_room(principal=principal, room=room))
 
     def notify(self, hook_name: str, **kwargs: Any) -> None:
-        """Call a notification hook, logging (not raising) plugin errors."""
-        try:
-            getattr(self.hook, hook_name)(**kwargs)
-        except Exception:
-            log.exception("plugin hook %s raised", hook_name)
+        """Call every implementation of a notification hook; one plugin's error stops no other.
+
+        pluggy stops a hook call at the first implementation that raises; here
+        each implementation is called on its own, in pluggy's order (``tryfirst``
+        ... ``trylast``), and an error is logged with the plugin's name. An
+        implementation that returns an awaitable is run as a task.
+        """
+        caller = getattr(self.hook, hook_name)
+        for impl in reversed(caller.get_hookimpls()):  # pluggy calls the last registered first
+            arguments = {name: kwargs[name] for name in impl.argnames if name in kwargs}
+            try:
+                result = impl.function(**arguments)
+                if inspect.isawaitable(result):
+                    task = asyncio.ensure_future(result)
+                    task.add_done_callback(functools.partial(_report, hook_name, impl.plugin_name))
+            except Exception:
+                log.exception("plugin %s: hook %s raised", impl.plugin_name, hook_name)
+
+
+def _report(hook_name: str, plugin: str, task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("plugin %s: hook %s raised", plugin, hook_name, exc_info=task.exception())
 
 
 def _distribution_of(entry_point: metadata.EntryPoint) -> str:
