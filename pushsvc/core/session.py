@@ -32,11 +32,11 @@ from pushsvc.protocol.frames import Broadcast, Command, FrameError
 log = logging.getLogger("pushsvc.session")
 
 #: Close reasons logged at debug level only (one line per connection would flood the log).
-QUIET_CLOSES = frozenset({"drain"})
+QUIET_CLOSES = frozenset({DISCONNECTS.going_away.label})
 
 
 class Transport(Protocol):
-    """What a session needs from its socket."""
+    """What a session needs of its connection (WebSocket, in-memory, or any other)."""
 
     def write_frame(self, data: bytes) -> None:
         """Write one payload (a JSON message), closing the connection if its buffer is too full."""
