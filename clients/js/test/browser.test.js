@@ -145,6 +145,19 @@ test("a private message", { skip: skip || undefined, timeout: 30000 }, async () 
   await bob.waitForFunction(() => document.getElementById("messages").textContent.includes("yes?"));
 });
 
+test("screenshot of the demo in a phone-sized window", { skip: skip || undefined, timeout: 30000 }, async () => {
+  assert.ok(alice, "needs the first test's pages");
+  await alice.click('#rooms li[data-room="lobby"] .conv');
+  await alice.fill("#text", "the message box sends on Enter");
+  const dir = mkdtempSync(join(tmpdir(), "pushsvc-demo-shot-"));
+  const path = join(dir, "demo.png");
+  await alice.screenshot({ path });
+  console.log(`demo screenshot: ${path}`);
+  if (process.env.PUSHSVC_DEMO_SCREENSHOT) copyFileSync(path, process.env.PUSHSVC_DEMO_SCREENSHOT);
+  assert.ok(existsSync(path));
+  await alice.fill("#text", "");
+});
+
 test("markup from users is shown as text and runs nothing", { skip: skip || undefined, timeout: 30000 }, async () => {
   assert.ok(alice && bob, "needs the first test's pages");
   const evil = "<img src=x onerror=window.__pwned=1>";
@@ -168,19 +181,6 @@ test("markup from users is shown as text and runs nothing", { skip: skip || unde
   }
   assert.match(await bob.textContent("#users"), /<b>mallory<\/b>/);
   mallory.close();
-});
-
-test("screenshot of the demo in a phone-sized window", { skip: skip || undefined, timeout: 30000 }, async () => {
-  assert.ok(alice, "needs the first test's pages");
-  await alice.click('#rooms li[data-room="lobby"] .conv');
-  await alice.fill("#text", "the message box sends on Enter");
-  const dir = mkdtempSync(join(tmpdir(), "pushsvc-demo-shot-"));
-  const path = join(dir, "demo.png");
-  await alice.screenshot({ path });
-  console.log(`demo screenshot: ${path}`);
-  if (process.env.PUSHSVC_DEMO_SCREENSHOT) copyFileSync(path, process.env.PUSHSVC_DEMO_SCREENSHOT);
-  assert.ok(existsSync(path));
-  await alice.fill("#text", "");
 });
 
 async function notifyApi(to, title, message) {
