@@ -147,13 +147,13 @@ class Application(tornado.web.Application):
         super().log_request(handler)
 
 
-def make_app(node: Node) -> Application:
+def make_app(node: Node, *, dev: bool = False) -> Application:
     """The Tornado application: ``/ws``, the HTTP API, metrics, health, plugin routes.
 
     The route table (and the OpenAPI document) is built once, here
-    (:func:`pushsvc.http.routes.build`).
+    (:func:`pushsvc.http.routes.build`); ``dev`` adds the ``--dev`` routes.
     """
-    table = http_routes.build(node)
+    table = http_routes.build(node, dev=dev)
     return Application(
         list(table.rules),
         log_function=logs.access_log if node.config.log.access_log else lambda handler: None,
@@ -473,15 +473,17 @@ async def start(
     config_path: str | None = None,
     overrides: dict[str, dict[str, Any]] | None = None,
     sockets: list[socket.socket] | None = None,
+    dev: bool = False,
 ) -> Service:
     """Build and start a service; it accepts connections when this returns.
 
     Without ``sockets``, adopts systemd's (socket activation) or binds
     ``server.host:server.port``. The store and broker are open before any
-    socket is served, so a caller may report READY right after.
+    socket is served, so a caller may report READY right after. ``dev``
+    (``pushsvc serve --dev``) serves the development-only routes too.
     """
     node = await build_node(config, registry=registry, plugins=plugins)
-    app = make_app(node)
+    app = make_app(node, dev=dev)
     server = UpgradeServer(app, xheaders=config.server.xheaders)
     server.node = node
     if sockets is None:

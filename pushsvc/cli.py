@@ -42,7 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--dev",
         action="store_true",
-        help="development mode: generate a JWT secret when none is set",
+        help="development mode: generate a JWT secret when none is set, serve the demo "
+        "page (demo.enabled) and POST /dev/token",
     )
 
     token = commands.add_parser("token", help="print an HS256 token signed with the secret")
@@ -78,6 +79,9 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
     from pushsvc.app import secret_missing
 
     overrides = _overrides(args)
+    if args.dev:  # the demo page at / and /demo (make run)
+        overrides.setdefault("demo", {})["enabled"] = True
+        config = dataclasses.replace(config, demo=dataclasses.replace(config.demo, enabled=True))
     if secret_missing(config):
         if not args.dev:
             print(
@@ -102,7 +106,7 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
         runner = asyncio.run
     else:
         runner = uvloop.run
-    return int(runner(_run(config, args.config, overrides)))
+    return int(runner(_run(config, args.config, overrides, dev=args.dev)))
 
 
 def _tune_gc() -> None:
@@ -111,12 +115,14 @@ def _tune_gc() -> None:
     gc.freeze()
 
 
-async def _run(config: Config, path: str | None, overrides: dict[str, dict[str, Any]]) -> int:
+async def _run(
+    config: Config, path: str | None, overrides: dict[str, dict[str, Any]], *, dev: bool = False
+) -> int:
     from pushsvc import app
     from pushsvc.ops import sdnotify
 
     try:
-        service = await app.start(config, config_path=path, overrides=overrides)
+        service = await app.start(config, config_path=path, overrides=overrides, dev=dev)
     except PluginError as exc:
         print(f"pushsvc: {exc}", file=sys.stderr)
         return 3
@@ -129,6 +135,8 @@ async def _run(config: Config, path: str | None, overrides: dict[str, dict[str, 
     host, port = service.sockets[0].getsockname()[:2]
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     logs.announce(f"pushsvc listening on http://{where} (ws://{where}/ws)")
+    if config.demo.enabled:
+        logs.announce(f"pushsvc demo chat page: http://{where}/demo")
     # Listening, store and broker open: only now may systemd start dependents.
     sdnotify.notify("READY=1", service.status())
     await service.stopped.wait()

@@ -270,6 +270,17 @@ class PluginsConfig:
 
 
 @dataclass(frozen=True)
+class DemoConfig:
+    """``[demo]``: the demo chat page."""
+
+    enabled: bool = setting(
+        False,
+        "Serve the demo chat page at / and /demo (pushsvc serve --dev turns it on). "
+        "Off: both answer 404; /client/pushsvc.js is served either way.",
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration; sections are attributes."""
 
@@ -283,6 +294,7 @@ class Config:
     api: ApiConfig = field(default_factory=ApiConfig)
     log: LogConfig = field(default_factory=LogConfig)
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
 
     def secret(self) -> str:
         """The HS256 secret, read from ``auth.jwt_secret_file`` when set."""

@@ -214,18 +214,19 @@ def data_dir(tmp_path: Path) -> Path:
 async def start_server(data_dir: Path) -> AsyncIterator[Callable[..., Any]]:
     """Start services with custom config sections; all are stopped at teardown.
 
-    ``extra`` registers plugin objects directly (``load_plugins(extra=...)``).
+    ``extra`` registers plugin objects directly (``load_plugins(extra=...)``);
+    ``dev`` serves the ``pushsvc serve --dev`` routes too.
     """
     services: list[app.Service] = []
 
     async def start(
-        *, extra: Sequence[tuple[str, object]] = (), **sections: dict[str, Any]
+        *, extra: Sequence[tuple[str, object]] = (), dev: bool = False, **sections: dict[str, Any]
     ) -> Server:
         config = make_config(data_dir, **sections)
         plugins = load_plugins(config.plugins.disabled, config.auth.default_rooms, extra=extra)
         sockets = tornado.netutil.bind_sockets(0, "127.0.0.1")
         service = await app.start(
-            config, registry=CollectorRegistry(), plugins=plugins, sockets=sockets
+            config, registry=CollectorRegistry(), plugins=plugins, sockets=sockets, dev=dev
         )
         services.append(service)
         return Server(service)

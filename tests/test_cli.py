@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import jwt
 import orjson
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from tornado.websocket import websocket_connect
 
 from conftest import BIN, SECRET
@@ -73,3 +75,42 @@ def test_token_needs_a_secret() -> None:
         check=False,
     )
     assert result.returncode == 2 and "no JWT secret" in result.stderr
+
+
+async def test_serve_dev_serves_the_demo_and_dev_tokens(spawn: Any) -> None:
+    """``serve --dev`` turns demo.enabled on and serves POST /dev/token (generated secret)."""
+    server = spawn("--dev", env={"PUSHSVC_JWT_SECRET": ""})
+    log = server.log()
+    assert f"demo chat page: http://127.0.0.1:{server.port}/demo" in log
+    match = re.search(r"generated JWT secret (\S+)", log)
+    assert match is not None
+    client = AsyncHTTPClient()
+    page = await client.fetch(f"{server.base}/demo", raise_error=False)
+    assert page.code == 200 and b"/client/demo.js" in page.body
+    request = HTTPRequest(f"{server.base}/dev/token", method="POST", body=b'{"name": "dana"}')
+    minted = orjson.loads((await client.fetch(request)).body)["token"]
+    claims = jwt.decode(minted, match.group(1), algorithms=["HS256"])
+    assert claims["sub"] == "dana" and claims["name"] == "dana"
+    conn = await websocket_connect(f"{server.ws_url}?access_token={minted}")
+    welcome = orjson.loads(await conn.read_message())
+    assert welcome["type"] == "welcome" and welcome["user"] == "dana"
+    conn.close()
+    assert server.terminate() == 0
+    assert minted not in server.log()
+
+
+async def test_serve_without_dev_has_no_demo(spawn: Any) -> None:
+    server = spawn()
+    client = AsyncHTTPClient()
+    for method, path, body in (
+        ("GET", "/", None),
+        ("GET", "/demo", None),
+        ("POST", "/dev/token", b"{}"),
+    ):
+        response = await client.fetch(
+            HTTPRequest(server.base + path, method=method, body=body), raise_error=False
+        )
+        assert response.code == 404, path
+        assert orjson.loads(response.body)["error"] == "not_found"
+    assert (await client.fetch(f"{server.base}/client/pushsvc.js")).code == 200
+    assert "demo chat page" not in server.log()

@@ -42,8 +42,11 @@ async def test_join_leave_presence_and_room_broadcast(server: Server) -> None:
     b = await server.connect("b")
     c = await server.connect("c")
     await a.send({"type": "join", "room": "team", "ref": "j"})
-    assert await a.recv_type("reply") == {"type": "reply", "ref": "j", "ok": True, "room": "team"}
-    await b.send({"type": "join", "room": "team"})
+    joined_reply = {"type": "reply", "ref": "j", "ok": True, "room": "team", "users": ["a"]}
+    assert await a.recv_type("reply") == joined_reply
+    await b.send({"type": "join", "room": "team", "ref": "j2"})
+    # The join reply lists the members so far (presence events tell the changes).
+    assert (await b.recv_type("reply"))["users"] == ["a", "b"]
     joined = await a.recv_type("presence")
     while joined["room"] != "team":
         joined = await a.recv_type("presence")
@@ -230,3 +233,13 @@ async def test_welcome_is_first_and_json_once(server: Server) -> None:
     client = await server.connect("j", welcome=False)
     raw = await client.conn.read_message()
     assert isinstance(raw, str) and orjson.loads(raw)["type"] == "welcome"
+
+
+async def test_join_reply_leaves_users_out_above_the_presence_cap(start_server: Any) -> None:
+    server = await start_server(chat={"presence_max_members": 1, "auto_join": False})
+    a = await server.connect("a")
+    b = await server.connect("b")
+    await a.send({"type": "join", "room": "big", "ref": "1"})
+    assert (await a.recv_type("reply"))["users"] == ["a"]
+    await b.send({"type": "join", "room": "big", "ref": "2"})
+    assert "users" not in await b.recv_type("reply")

@@ -171,8 +171,10 @@ async def test_join_and_leave_reply_and_tell_the_members(node: Node) -> None:
         "ref": "j",
         "ok": True,
         "room": "r1",
+        "users": ["alice"],
     }
-    await bob.request({"type": "join", "room": "r1", "ref": "j"})
+    joined = await bob.request({"type": "join", "room": "r1", "ref": "j"})
+    assert joined["users"] == ["alice", "bob"]  # the members so far, the joiner included
     presence = await presence_in(alice, "r1")
     assert presence == {"type": "presence", "room": "r1", "event": "join", "user": "bob"}
     assert node.presence("r1") == ["alice", "bob"]

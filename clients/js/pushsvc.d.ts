@@ -133,6 +133,10 @@ export interface ReplyFrame extends Frame {
   ref: string;
   ok: true;
   id?: string;
+  /** `join`/`leave` replies: the room. */
+  room?: string;
+  /** `join` replies: the room's users so far, sorted (absent above chat.presence_max_members). */
+  users?: string[];
 }
 
 export interface ErrorFrame extends Frame {

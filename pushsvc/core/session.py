@@ -80,6 +80,10 @@ class SessionServices(PluginNode, Protocol):
         """Leave ``room``."""
         ...
 
+    def presence(self, room: str) -> list[str]:
+        """Distinct users with a local connection in ``room``, sorted."""
+        ...
+
     async def authenticate(self, token: str | None) -> Principal:
         """Verify a token (raises :class:`~pushsvc.auth.tokens.AuthError`)."""
         ...
@@ -301,8 +305,15 @@ class Session:
                 pong["ref"] = ref
             self.send(frames.encode(pong), "pong")
         elif command.type == "join":
-            await self.services.join(self, fields["room"])
-            self._reply(ref, {"room": fields["room"]})
+            room = fields["room"]
+            await self.services.join(self, room)
+            joined: dict[str, Any] = {"room": room}
+            users = self.services.presence(room)
+            # The members so far (presence events tell the changes from now on),
+            # within the same cap as presence events.
+            if len(users) <= self.services.config.chat.presence_max_members:
+                joined["users"] = users
+            self._reply(ref, joined)
         elif command.type == "leave":
             await self.services.leave(self, fields["room"])
             self._reply(ref, {"room": fields["room"]})

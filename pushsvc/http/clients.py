@@ -4,8 +4,17 @@ Routes (:func:`client_routes`):
 
 - ``/client/pushsvc.js``: the client ES module (``clients/js/pushsvc.js``),
 - ``/client/pushsvc.d.ts``: its type declarations,
+
+and, only when ``demo.enabled`` is true (``pushsvc serve --dev`` sets it):
+
 - ``/client/demo.js``: the demo page's script,
-- ``/``: the demo chat page.
+- ``/`` and ``/demo``: the demo chat page;
+
+and, only under ``pushsvc serve --dev``:
+
+- ``POST /dev/token`` ``{"name"}``: ``{"token"}``, an HS256 token for that name
+  signed with the server's secret (the one ``--dev`` generated): anyone who can
+  reach the port may call it, so it is never registered without ``--dev``.
 
 The files are package data under ``pushsvc/http/static/``; the client's two
 files there are symlinks to ``clients/js/`` (one source of truth), copied into
@@ -22,7 +31,13 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
+import orjson
 import tornado.web
+
+from pushsvc.auth import tokens
+from pushsvc.core.node import Node
+from pushsvc.http.base import ApiError, JsonHandler, bad_request
+from pushsvc.protocol.codes import ApiErrorCode
 
 #: Content type of JavaScript (RFC 9239).
 JAVASCRIPT = "text/javascript; charset=utf-8"
@@ -36,6 +51,10 @@ DEMO_CSP = (
     "connect-src 'self' ws: wss:; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
     "frame-ancestors 'none'"
 )
+#: Longest name ``POST /dev/token`` accepts (it becomes the token's ``sub`` and ``name``).
+DEV_NAME_MAX = 64
+#: Seconds a ``POST /dev/token`` token is valid.
+DEV_TOKEN_TTL = 86400
 
 
 @dataclass(frozen=True)
@@ -91,25 +110,64 @@ class AssetHandler(tornado.web.RequestHandler):
         self.set_header("Content-Length", str(len(self.asset.body)))
 
 
+class DevTokenHandler(JsonHandler):
+    """``POST /dev/token`` ``{"name": "alice"}``: ``{"token": JWT}`` (``--dev`` only).
+
+    The name is the token's ``sub`` (the user id) and display ``name``; no
+    scope (a chat user, not an API client), default rooms, one day.
+    """
+
+    def post(self) -> None:
+        """Mint a token for the name in the JSON body."""
+        try:
+            data = orjson.loads(self.request.body or b"{}")
+        except orjson.JSONDecodeError:
+            self.send_api_error(bad_request("body: not JSON"))
+            return
+        name = data.get("name") if isinstance(data, dict) else None
+        if not isinstance(name, str) or not name.strip():
+            self.send_api_error(bad_request("name: a non-empty string is required"))
+            return
+        name = name.strip()
+        if len(name) > DEV_NAME_MAX or not name.isprintable():
+            self.send_api_error(bad_request(f"name: up to {DEV_NAME_MAX} printable characters"))
+            return
+        secret = self.node.config.secret()
+        if not secret:
+            message = "no HS256 secret configured"
+            self.send_api_error(ApiError(503, ApiErrorCode.UNAVAILABLE, message))
+            return
+        self.set_header("Cache-Control", "no-store")
+        token = tokens.mint(secret, name, ttl=DEV_TOKEN_TTL, name=name)
+        self.send_json(200, {"token": token})
+
+
 Route = tuple[str, type[tornado.web.RequestHandler], dict[str, Any]]
 
 
-def client_routes() -> list[Route]:
-    """Routes of the client module, its types, the demo script and the demo page ``/``."""
+def client_routes(
+    *, demo: bool = False, dev: bool = False, node: Node | None = None
+) -> list[Route]:
+    """Routes of the client module and its types; of the demo page and script when
+    ``demo``; of ``POST /dev/token`` when ``dev`` (its handler gets ``node``).
+    """
     client_cache = f"public, max-age={CLIENT_MAX_AGE}"
 
     def route(pattern: str, name: str, content_type: str, cache_control: str) -> Route:
         kwargs = {"name": name, "content_type": content_type, "cache_control": cache_control}
         return (pattern, AssetHandler, kwargs)
 
-    return [
+    routes = [
         route(r"/client/pushsvc\.js", "pushsvc.js", JAVASCRIPT, client_cache),
-        route(
-            r"/client/pushsvc\.d\.ts",
-            "pushsvc.d.ts",
-            "application/typescript; charset=utf-8",
-            client_cache,
-        ),
-        route(r"/client/demo\.js", "demo.js", JAVASCRIPT, "no-cache"),
-        route(r"/", "index.html", "text/html; charset=utf-8", "no-cache"),
+        route(r"/client/pushsvc\.d\.ts", "pushsvc.d.ts", TYPESCRIPT, client_cache),
     ]
+    if demo:
+        html = "text/html; charset=utf-8"
+        routes += [
+            route(r"/client/demo\.js", "demo.js", JAVASCRIPT, "no-cache"),
+            route(r"/", "index.html", html, "no-cache"),
+            route(r"/demo", "index.html", html, "no-cache"),
+        ]
+    if dev:
+        routes.append((r"/dev/token", DevTokenHandler, {"node": node}))
+    return routes

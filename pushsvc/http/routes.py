@@ -82,13 +82,17 @@ def plugin_routes(node: Node) -> list[Rule]:
     return rules
 
 
-def build(node: Node) -> RouteTable:
-    """The route table: ``/ws``, the core routes, the plugins' routes, and their document."""
+def build(node: Node, *, dev: bool = False) -> RouteTable:
+    """The route table: ``/ws``, the core routes, the plugins' routes, and their document.
+
+    ``dev`` (``pushsvc serve --dev``) adds the development-only routes (``POST /dev/token``).
+    """
     document_kwargs: dict[str, Any] = {"node": node}
     rules: list[Rule] = [
         (r"/ws", UpgradeHandler, {"node": node}),
         *core_routes(node, document_kwargs),
-        *client_routes(),  # the JavaScript client and the demo page
+        # the JavaScript client, the demo page (demo.enabled), POST /dev/token (--dev)
+        *client_routes(demo=node.config.demo.enabled, dev=dev, node=node),
         *plugin_routes(node),
     ]
     document = openapi.document(node.config, rules, at_least_once_types(node))

@@ -69,8 +69,10 @@ export function next(client, event, timeout = 10000) {
 
 /** `pushsvc serve` as a child process; restartable on the same port and data dir. */
 export class PushServer {
-  constructor(env = {}) {
+  /** `env`: extra environment; `args`: extra `serve` arguments (e.g. ["--dev"]). */
+  constructor(env = {}, args = []) {
     this.env = env;
+    this.args = args;
     this.dir = mkdtempSync(join(tmpdir(), "pushsvc-js-"));
     this.port = 0;
     this.proc = null;
@@ -95,7 +97,7 @@ export class PushServer {
       PUSHSVC_SERVER__DRAIN_SECONDS: "0.5",
       ...this.env,
     };
-    const args = ["-m", "pushsvc", "serve", "--host", "127.0.0.1", "--port", String(this.port), "--data-dir", join(this.dir, "data")];
+    const args = ["-m", "pushsvc", "serve", "--host", "127.0.0.1", "--port", String(this.port), "--data-dir", join(this.dir, "data"), ...this.args];
     const proc = spawn(python(), args, { env, stdio: ["ignore", "pipe", "pipe"] });
     this.proc = proc;
     const exited = new Promise((r) => proc.once("exit", (code) => r(code)));
