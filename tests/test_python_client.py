@@ -222,6 +222,31 @@ async def test_token_callable_refreshes_in_band(spawn: Spawn) -> None:
         assert client.state == "open" and client.close_code is None
 
 
+async def test_revoked_token_is_refreshed_then_reconnects(spawn: Spawn) -> None:
+    server = spawn()
+    calls: list[float] = []
+
+    async def provider() -> str:
+        if calls:
+            await asyncio.sleep(1.1)  # iat after the revocation's "until" (whole seconds)
+        calls.append(time.time())
+        return token("gina", ttl=600)
+
+    closes: list[int] = []
+    async with PushClient(server.ws_url, token=provider, **FAST) as client:
+        client.on("close", lambda code, reason: closes.append(code))
+        await client.wait_open(5)
+        await client.join("team")
+        code, body = await api(server, "POST", "/api/v1/revocations", {"user": "gina"})
+        assert code in (200, 201), body
+        await eventually(lambda: closes)
+        assert closes[0] == 4001
+        await eventually(lambda: client.state == "open" and len(calls) >= 2, 10)
+        assert client.rooms == {"team"}
+        reply = await client.send("chat", room="team", text="back", timeout=5)
+        assert reply["id"]
+
+
 # -- CLI -----------------------------------------------------------------------------
 
 
