@@ -74,7 +74,7 @@ class PushError(Exception):
 
     ``code`` is the server's error code (``forbidden``, ``rate_limited``...) or
     one of the client's: ``timeout``, ``outbox_full``, ``connection_lost``,
-    ``closed``, ``left``, ``token``, ``gave_up``.
+    ``closed``, ``left``, ``token``, ``handshake``, ``gave_up``.
     """
 
     def __init__(self, code: str, message: str, frame: dict[str, Any] | None = None) -> None:
@@ -110,6 +110,15 @@ def drain_delay(reason: str | None) -> float | None:
     """Seconds a 1001 close reason asks for (``server draining; reconnect in 2.5s``), or None."""
     match = _DRAIN_DELAY.search(reason or "")
     return float(match.group(1)) if match else None
+
+
+def _retry_after(exc: HTTPClientError) -> float | None:
+    """Seconds of a refused upgrade's ``Retry-After`` (429, 503), capped at 3600."""
+    value = exc.response.headers.get("Retry-After") if exc.response is not None else None
+    try:
+        return min(3600.0, max(0.0, float(value))) if value else None
+    except ValueError:
+        return None
 
 
 class _Queued:
@@ -218,6 +227,7 @@ class PushClient:
         self._closing = False
         self._drop_code: int | None = None
         self._last_frame = 0.0
+        self._retry_after: float | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -332,6 +342,9 @@ class PushClient:
         delay = random.uniform(0, cap)  # full jitter
         if code == CloseCode.POLICY_VIOLATION:
             delay = max(delay, self.policy_delay + random.uniform(0, self.policy_delay))
+        if self._retry_after is not None:  # a 429 or 503 handshake said how long
+            delay = max(delay, self._retry_after + random.uniform(0, self.drain_jitter))
+            self._retry_after = None
         elif code == CloseCode.GOING_AWAY:
             asked = drain_delay(reason)
             if asked is not None:
@@ -361,6 +374,7 @@ class PushClient:
         except HTTPClientError as exc:
             if exc.code == 401:
                 self._token_stale = True
+            self._retry_after = _retry_after(exc)
             self._emit("error", PushError("handshake", f"upgrade refused: {exc}"))
             return False, CLOSE_HANDSHAKE_FAILED, f"upgrade refused ({exc.code})"
         except (OSError, TimeoutError) as exc:

@@ -165,7 +165,7 @@ async def test_reconnect_after_restart(spawn: Spawn) -> None:
         queued = asyncio.ensure_future(client.send("chat", room="team", text="queued", timeout=20))
         await asyncio.sleep(0.3)
         assert not queued.done()
-        spawn(port=port, env=env, name="server2")
+        await asyncio.to_thread(spawn, port=port, env=env, name="server2")
         reply = await asyncio.wait_for(queued, 20)
         message = await asyncio.wait_for(chats.get(), 5)
         assert message["id"] == reply["id"] and message["text"] == "queued"
