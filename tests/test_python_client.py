@@ -53,6 +53,17 @@ def test_helpers() -> None:
     assert token_claims("not a jwt") is None
 
 
+def test_reconnect_delays() -> None:
+    client = PushClient("ws://127.0.0.1:1/ws", token="t", min_delay=1, max_delay=8)
+    for attempt, cap in ((1, 1), (2, 2), (4, 8), (10, 8)):
+        client._attempt = attempt
+        assert all(0 <= client._delay(1006, "") <= cap for _ in range(50))
+    client._attempt = 1
+    assert all(15 <= client._delay(1008, "") <= 30 for _ in range(50))
+    assert all(2.5 <= client._delay(1001, "reconnect in 2.5s") <= 3.5 for _ in range(50))
+    assert all(0 <= client._delay(1001, "going away") <= 1 for _ in range(50))
+
+
 async def test_send_reply_and_error(spawn: Spawn) -> None:
     server = spawn()
     async with PushClient(server.ws_url, token=token("alice"), **FAST) as client:
