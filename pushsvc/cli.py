@@ -260,6 +260,7 @@ async def _send(args: argparse.Namespace, fields: dict[str, Any]) -> int:
     from pushsvc.client import PushClient, PushError
 
     async with PushClient(args.url, token=args.token, send_timeout=args.timeout) as client:
+        client.on("error", lambda exc: print(f"pushsvc: {exc}", file=sys.stderr, flush=True))
         try:
             reply = await client.send(args.type, **fields)
         except PushError as exc:
