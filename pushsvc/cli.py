@@ -1,13 +1,16 @@
-"""Command line: ``pushsvc serve | token | check-config | plugins``."""
+"""Command line: ``pushsvc serve | token | check-config | plugins | listen | send``."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import gc
+import json
 import logging
 import secrets
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -63,7 +66,35 @@ def _parser() -> argparse.ArgumentParser:
 
     plugins = commands.add_parser("plugins", help="list loaded plugins and their message types")
     plugins.add_argument("--config", help="TOML config file")
+
+    listen = commands.add_parser(
+        "listen", help="connect as a client and print every incoming frame as a JSON line"
+    )
+    _client_arguments(listen)
+    listen.add_argument("--room", action="append", default=[], help="room to join (repeatable)")
+    listen.add_argument("--no-ack", action="store_true", help="do not ack at-least-once messages")
+
+    send = commands.add_parser(
+        "send", help="send one frame with a ref and print the reply (or the error) as JSON"
+    )
+    _client_arguments(send)
+    send.add_argument("type", metavar="TYPE", help="frame type, e.g. chat, join, private")
+    send.add_argument(
+        "--field",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="a string field (K:=V for a JSON value); repeatable",
+    )
+    send.add_argument("--json", default=None, help="the fields as one JSON object")
+    send.add_argument("--timeout", type=float, default=10.0, help="seconds for the reply")
     return parser
+
+
+def _client_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="TOML config file")
+    parser.add_argument("--url", default="ws://127.0.0.1:8888/ws", help="WebSocket URL of /ws")
+    parser.add_argument("--token", required=True, help="JWT (see pushsvc token)")
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -172,6 +203,92 @@ def _plugins(config: Config) -> int:
     return 0
 
 
+def _fields(args: argparse.Namespace) -> dict[str, Any]:
+    """``--json`` then ``--field`` values; raises ValueError naming the bad one."""
+    fields: dict[str, Any] = {}
+    if args.json is not None:
+        try:
+            loaded = json.loads(args.json)
+        except ValueError as exc:
+            raise ValueError(f"--json: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ValueError("--json: not a JSON object")
+        fields.update(loaded)
+    for item in args.field:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--field {item!r}: expected K=V or K:=JSON")
+        if key.endswith(":"):
+            try:
+                fields[key[:-1]] = json.loads(value)
+            except ValueError as exc:
+                raise ValueError(f"--field {item!r}: {exc}") from None
+        else:
+            fields[key] = value
+    return fields
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, ensure_ascii=False, separators=(",", ":")), flush=True)
+
+
+async def _listen(args: argparse.Namespace) -> int:
+    from pushsvc.client import PushClient, PushError
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):  # Windows
+            loop.add_signal_handler(signum, stop.set)
+    client = PushClient(args.url, token=args.token, ack_mode="manual" if args.no_ack else "auto")
+    client.on("open", _print_json)
+    client.on("message", _print_json)
+    client.on("error", lambda exc: print(f"pushsvc: {exc}", file=sys.stderr, flush=True))
+    client.on(
+        "close",
+        lambda code, reason: print(f"pushsvc: closed {code} {reason}", file=sys.stderr),
+    )
+
+    async def join(room: str) -> None:
+        with contextlib.suppress(PushError):  # reported by the "error" handler
+            await client.join(room)
+
+    async with client:
+        for room in args.room:
+            loop.create_task(join(room))  # noqa: RUF006 - settled by close()
+        stopped = loop.create_task(stop.wait())
+        closed = loop.create_task(client.wait_closed())
+        await asyncio.wait({stopped, closed}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        final = closed.done()
+    return 1 if final else 0
+
+
+async def _send(args: argparse.Namespace, fields: dict[str, Any]) -> int:
+    from pushsvc.client import PushClient, PushError
+
+    async with PushClient(args.url, token=args.token, send_timeout=args.timeout) as client:
+        client.on("error", lambda exc: print(f"pushsvc: {exc}", file=sys.stderr, flush=True))
+        try:
+            reply = await client.send(args.type, **fields)
+        except PushError as exc:
+            _print_json({"type": "error", **exc.as_dict()})
+            return 1
+    _print_json(reply)
+    return 0
+
+
+def _client_command(args: argparse.Namespace) -> int:
+    if args.command == "listen":
+        return asyncio.run(_listen(args))
+    try:
+        fields = _fields(args)
+    except ValueError as exc:
+        print(f"pushsvc: {exc}", file=sys.stderr)
+        return 2
+    return asyncio.run(_send(args, fields))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pushsvc`` command."""
     args = _parser().parse_args(argv)
@@ -184,6 +301,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return _serve(args, config)
+        if args.command in ("listen", "send"):
+            return _client_command(args)
         if args.command == "token":
             return _token(args, config)
         if args.command == "check-config":

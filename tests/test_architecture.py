@@ -25,7 +25,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("plugin",),
     ("core",),
     ("transport", "http"),
-    ("app", "cli", "__main__", "api", "__init__"),
+    ("app", "cli", "client", "__main__", "api", "__init__"),
 )
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 
