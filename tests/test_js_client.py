@@ -39,7 +39,9 @@ def test_js_client_suite() -> None:
         assert installed.returncode == 0, f"npm ci failed:\n{installed.stdout}\n{installed.stderr}"
     env = {**os.environ, "PUSHSVC_PYTHON": sys.executable}
     result = subprocess.run(
-        [node, "--test", "--test-reporter=spec", "clients/js/test/"],
+        # One file at a time: the suites start servers and measure delays, and the CI
+        # machine has two cores.
+        [node, "--test", "--test-concurrency=1", "--test-reporter=spec", "clients/js/test/"],
         cwd=ROOT,
         capture_output=True,
         text=True,
