@@ -152,6 +152,8 @@ def _plugins(config: Config) -> int:
     plugins = load_plugins(config.plugins.disabled, config.auth.default_rooms)
     for plugin in plugins.loaded:
         print(f"{plugin.name}  ({plugin.distribution}, module {plugin.module})")
+        if plugin.message_types:
+            print("  message types:")
         for name in plugin.message_types:
             declared = plugins.types[name].message_type
             scope = f", scope {declared.scope}" if declared.scope else ""
@@ -159,6 +161,17 @@ def _plugins(config: Config) -> int:
                 f"    {name}: {declared.guarantee.value}, cost {declared.cost:g}{scope}"
                 f"  {declared.description}"
             )
+        hooks = plugins.hooks_of(plugin.name)
+        if hooks:
+            print("  hooks:")
+        for hook in hooks:
+            marks = f"  [{', '.join(hook.marks)}]" if hook.marks else ""
+            print(f"    {hook.hook}{marks}")
+        routes = plugins.routes_of(plugin.name)
+        if routes:
+            print("  routes:")
+        for pattern, handler in routes:
+            print(f"    {pattern}  {handler.__module__}.{handler.__qualname__}")
     for name in config.plugins.disabled:
         print(f"{name}  (disabled by plugins.disabled)")
     return 0

@@ -14,7 +14,7 @@ import pytest
 
 import pushsvc
 from conftest import BIN, SECRET, Server
-from pushsvc import CommandError, Field, FrameContext, MessageType, Reply, hookimpl
+from pushsvc import CommandError, Field, FrameContext, MessageType, Principal, Reply, hookimpl
 from pushsvc.plugin import hookspecs
 from pushsvc.plugin.manager import PluginError, load_plugins
 
@@ -66,6 +66,68 @@ def test_cli_lists_plugins() -> None:
     assert "chat  (pushsvc " in result.stdout
     assert "poke  (pushsvc-poke 1.0.0" in result.stdout
     assert "private: at-least-once" in result.stdout
+
+
+def test_cli_lists_hooks_with_marks_and_routes(tmp_path: Path) -> None:
+    fake_distribution(
+        tmp_path,
+        "gatekeeper",
+        """
+        import tornado.web
+        from pushsvc import hookimpl
+
+        class Status(tornado.web.RequestHandler):
+            def get(self):
+                self.write({})
+
+        @hookimpl(tryfirst=True)
+        def pushsvc_authorize_room(principal, room):
+            return None
+
+        @hookimpl(trylast=True)
+        def pushsvc_connected(principal, session):
+            pass
+
+        @hookimpl
+        def pushsvc_register_routes():
+            return [(r"/gate/status", Status, {})]
+    """,
+    )
+    result = run_cli("plugins", pythonpath=tmp_path)
+    assert result.returncode == 0, result.stderr
+    section = result.stdout.split("gatekeeper  (gatekeeper 1.0, module gatekeeper)\n", 1)[1]
+    assert section.startswith(
+        "  hooks:\n"
+        "    pushsvc_authorize_room  [tryfirst]\n"
+        "    pushsvc_connected  [trylast]\n"
+        "    pushsvc_register_routes\n"
+        "  routes:\n"
+        "    /gate/status  gatekeeper.Status\n"
+    ), section
+    assert "  message types:\n    poke: at-least-once, cost 2" in result.stdout
+    assert "    /poke/stats  pushsvc_poke.PokeStats" in result.stdout
+
+
+def test_hooks_of_and_routes_of() -> None:
+    class Handler:
+        pass
+
+    class Both:
+        @hookimpl(tryfirst=True)
+        def pushsvc_authorize_room(self, principal: Principal, room: str) -> bool | None:
+            return None
+
+        @hookimpl
+        def pushsvc_register_routes(self) -> list[tuple[str, type, dict[str, object]]]:
+            return [("/both", Handler, {})]
+
+    plugins = load_plugins(extra=[("both", Both())])
+    assert [(h.hook, h.marks) for h in plugins.hooks_of("both")] == [
+        ("pushsvc_authorize_room", ("tryfirst",)),
+        ("pushsvc_register_routes", ()),
+    ]
+    assert plugins.routes_of("both") == [("/both", Handler)]
+    assert plugins.routes_of("chat") == []
 
 
 def test_duplicate_type_stops_startup_naming_both(tmp_path: Path) -> None:

@@ -46,6 +46,14 @@ class LoadedPlugin:
 
 
 @dataclass(frozen=True, slots=True)
+class HookImplementation:
+    """One hook a plugin implements, and its pluggy marks."""
+
+    hook: str  # the hook's name, e.g. ``pushsvc_authorize_room``
+    marks: tuple[str, ...]  # of ``tryfirst``, ``trylast``, ``wrapper``, ``hookwrapper``
+
+
+@dataclass(frozen=True, slots=True)
 class RegisteredType:
     """A message type and the plugin that declared it."""
 
@@ -82,6 +90,37 @@ class Plugins:
         self.hook = manager.hook  # shortcut for calling hooks
         self.loaded = loaded  # entry-point plugins, in load order
         self.types = types  # frame type -> declaration
+
+    def hooks_of(self, name: str) -> list[HookImplementation]:
+        """The hooks plugin ``name`` implements, sorted by hook name, with their marks."""
+        found: list[HookImplementation] = []
+        for hook_name in sorted(vars(self.hook)):
+            caller = getattr(self.hook, hook_name)
+            if not hasattr(caller, "get_hookimpls"):
+                continue
+            for impl in caller.get_hookimpls():
+                if impl.plugin_name != name:
+                    continue
+                marks = tuple(
+                    mark
+                    for mark in ("tryfirst", "trylast", "wrapper", "hookwrapper")
+                    if getattr(impl, mark, False)
+                )
+                found.append(HookImplementation(hook_name, marks))
+        return found
+
+    def routes_of(self, name: str) -> list[tuple[str, type]]:
+        """``(pattern, handler class)`` of the routes plugin ``name`` registers.
+
+        Calls that plugin's ``pushsvc_register_routes`` (what ``pushsvc
+        plugins`` shows); the service itself calls the hook once, at startup.
+        """
+        routes: list[tuple[str, type]] = []
+        for impl in self.hook.pushsvc_register_routes.get_hookimpls():
+            if impl.plugin_name == name:
+                for rule in cast(Iterable[Sequence[Any]], impl.function()):
+                    routes.append((str(rule[0]), cast(type, rule[1])))
+        return routes
 
     def authorize_room(self, principal: Principal, room: str) -> bool:
         """First result of ``pushsvc_authorize_room`` (the default policy decides last)."""
