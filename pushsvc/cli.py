@@ -192,8 +192,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "token":
             return _token(args, config)
         if args.command == "check-config":
-            text = config_module.documented_defaults() if args.reference else None
-            print(text or config_module.to_toml(config), end="")
+            if args.reference:
+                print(config_module.documented_defaults(), end="")
+                return 0
+            # A plugin that fails to load would stop serve: say so now, exit 3.
+            load_plugins(config.plugins.disabled, config.auth.default_rooms)
+            print(config_module.to_toml(config), end="")
             return 0
         return _plugins(config)
     except ConfigError as exc:

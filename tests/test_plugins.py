@@ -438,3 +438,53 @@ async def test_one_plugins_failing_hook_does_not_silence_the_others(
     assert any(
         "plugin broken: hook pushsvc_connected raised" in r.getMessage() for r in caplog.records
     )
+
+
+def test_check_config_names_the_plugin_file_and_line_of_an_import_error(tmp_path: Path) -> None:
+    fake_distribution(
+        tmp_path,
+        "typing-plugin",
+        """
+        import os
+
+        SETTINGS = {"rate": 1}
+        RATE = os.environ["typing_rate"]
+        """,
+        entry="typing",
+    )
+    module = tmp_path / "typing_plugin.py"
+    result = run_cli("check-config", pythonpath=tmp_path)
+    assert result.returncode == 3, (result.stdout, result.stderr)
+    assert result.stdout == ""
+    assert "plugin 'typing' (typing-plugin 1.0) failed to load" in result.stderr
+    assert "KeyError: 'typing_rate'" in result.stderr
+    assert f"at {module}, line 5" in result.stderr  # the plugin's line, not os.py's
+    # Disabled, it is not loaded: the config is fine again.
+    ok = run_cli("check-config", pythonpath=tmp_path, env={"PUSHSVC_PLUGINS__DISABLED": "typing"})
+    assert ok.returncode == 0, ok.stderr
+    assert "[server]" in ok.stdout
+
+
+def test_check_config_names_a_syntax_error_and_a_failing_register_hook(tmp_path: Path) -> None:
+    fake_distribution(tmp_path, "syntax-plugin", "x = 1\ndef broken(:\n    pass\n")
+    result = run_cli("check-config", pythonpath=tmp_path)
+    assert result.returncode == 3
+    assert "plugin 'syntax_plugin' (syntax-plugin 1.0) failed to load: SyntaxError" in result.stderr
+    assert f"at {tmp_path / 'syntax_plugin.py'}, line 2" in result.stderr
+
+
+def test_register_hook_error_names_the_plugin_and_line() -> None:
+    class Faulty:
+        @hookimpl
+        def pushsvc_register_message_types(self) -> list[MessageType]:
+            return [{"x": 1}["y"]]  # type: ignore[list-item]
+
+    with pytest.raises(PluginError) as info:
+        load_plugins(extra=[("faulty", Faulty())])
+    error = info.value
+    assert error.plugin == "faulty" and error.file == __file__
+    assert (
+        error.line is not None
+        and '{"x": 1}["y"]' in (Path(__file__).read_text().splitlines()[error.line - 1])
+    )
+    assert "failed in pushsvc_register_message_types: KeyError: 'y'" in str(error)

@@ -10,8 +10,11 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import functools
+import importlib.util
 import inspect
 import logging
+import os
+import traceback
 from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
@@ -32,7 +35,76 @@ T = TypeVar("T")
 
 
 class PluginError(RuntimeError):
-    """A plugin could not be loaded or conflicts with another; stops startup."""
+    """A plugin could not be loaded or conflicts with another; stops startup.
+
+    ``plugin`` is its entry-point name when one plugin is to blame; ``file``
+    and ``line`` say where its code failed, when it raised.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        plugin: str | None = None,
+        file: str | None = None,
+        line: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.plugin = plugin
+        self.file = file
+        self.line = line
+
+
+def _plugin_root(module: str) -> str | None:
+    """The folder (or file) of ``module``'s top-level package, found without importing it."""
+    try:
+        spec = importlib.util.find_spec(module.partition(".")[0])
+    except (ImportError, ValueError):
+        return None
+    if spec is None:
+        return None
+    if spec.submodule_search_locations:
+        return os.path.realpath(next(iter(spec.submodule_search_locations)))
+    return os.path.realpath(spec.origin) if spec.origin else None
+
+
+def _where(exc: BaseException, module: str | None = None) -> tuple[str, int] | None:
+    """The file and line where a plugin's code raised ``exc``.
+
+    A syntax error names its own place. Otherwise the innermost frame in the
+    plugin's package (``module``'s top-level folder) wins, so an error raised
+    inside the standard library (``os.environ["x"]``) points at the plugin
+    line that called it; else the innermost frame outside importlib.
+    """
+    if isinstance(exc, SyntaxError) and exc.filename:
+        return exc.filename, exc.lineno or 0
+    frames = [
+        frame
+        for frame in traceback.extract_tb(exc.__traceback__)
+        if not frame.filename.startswith("<frozen") and frame.filename != __file__
+    ]
+    root = _plugin_root(module) if module else None
+    if root is not None:
+        inside = [
+            frame
+            for frame in frames
+            if os.path.realpath(frame.filename) == root
+            or os.path.realpath(frame.filename).startswith(root + os.sep)
+        ]
+        frames = inside or frames
+    if not frames:
+        return None
+    return frames[-1].filename, frames[-1].lineno or 0
+
+
+def _failed(name: str, dist: str, what: str, exc: Exception, module: str | None) -> PluginError:
+    where = _where(exc, module)
+    at = f" at {where[0]}, line {where[1]}" if where else ""
+    return PluginError(
+        f"plugin {name!r} ({dist}) {what}: {type(exc).__name__}: {exc}{at}",
+        plugin=name,
+        file=where[0] if where else None,
+        line=where[1] if where else None,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,9 +261,8 @@ def load_plugins(
         try:
             plugin = entry_point.load()
         except Exception as exc:
-            raise PluginError(
-                f"plugin {entry_point.name!r} ({dist}) failed to load: {type(exc).__name__}: {exc}"
-            ) from exc
+            failure = _failed(entry_point.name, dist, "failed to load", exc, entry_point.module)
+            raise failure from exc
         sources.append((entry_point.name, dist, plugin))
     sources.extend((name, "registered directly", plugin) for name, plugin in extra)
 
@@ -199,17 +270,27 @@ def load_plugins(
         try:
             manager.register(plugin, name=name)
         except ValueError as exc:
-            raise PluginError(f"plugin {name!r}: {exc}") from exc
+            raise PluginError(f"plugin {name!r}: {exc}", plugin=name) from exc
     manager.register(DefaultRoomPolicy(default_rooms), name="pushsvc.default_room_policy")
     try:
         manager.check_pending()
     except pluggy.PluginValidationError as exc:
-        raise PluginError(f"plugin {exc.plugin!r} implements an unknown hook: {exc}") from exc
+        raise PluginError(
+            f"plugin {exc.plugin!r} implements an unknown hook: {exc}",
+            plugin=manager.get_name(exc.plugin),
+        ) from exc
 
     dists = {name: dist for name, dist, _plugin in sources}
     declared_by: dict[str, list[MessageType]] = {}
     for impl in manager.hook.pushsvc_register_message_types.get_hookimpls():
-        declared_by[impl.plugin_name] = list(cast(Iterable[MessageType], impl.function()))
+        try:
+            declared = list(cast(Iterable[MessageType], impl.function()))
+        except Exception as exc:
+            dist = dists.get(impl.plugin_name, "registered directly")
+            module = getattr(impl.function, "__module__", None)
+            what = "failed in pushsvc_register_message_types"
+            raise _failed(impl.plugin_name, dist, what, exc, module) from exc
+        declared_by[impl.plugin_name] = declared
     types: dict[str, RegisteredType] = {}
     for name, dist, _plugin in sources:
         for message_type in declared_by.get(name, ()):
