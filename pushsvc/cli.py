@@ -196,7 +196,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(config_module.documented_defaults(), end="")
                 return 0
             # A plugin that fails to load would stop serve: say so now, exit 3.
-            load_plugins(config.plugins.disabled, config.auth.default_rooms)
+            plugins = load_plugins(config.plugins.disabled, config.auth.default_rooms)
+            config = config.with_plugin_schemas(plugins.config_schemas)  # exit 2 naming the key
             print(config_module.to_toml(config), end="")
             return 0
         return _plugins(config)

@@ -488,3 +488,49 @@ def test_register_hook_error_names_the_plugin_and_line() -> None:
         and '{"x": 1}["y"]' in (Path(__file__).read_text().splitlines()[error.line - 1])
     )
     assert "failed in pushsvc_register_message_types: KeyError: 'y'" in str(error)
+
+
+TYPING_PLUGIN = """
+    from pushsvc import Setting, hookimpl
+
+    @hookimpl
+    def pushsvc_config_schema():
+        return {"rate": Setting(2.0, "Typing events per second.", minimum=0)}
+"""
+
+
+def test_check_config_checks_plugin_settings(tmp_path: Path) -> None:
+    fake_distribution(tmp_path, "typing-plugin", TYPING_PLUGIN, entry="typing")
+    config = tmp_path / "c.toml"
+    config.write_text("[plugins.typing]\nrate = -1\n")
+    bad = run_cli("check-config", "--config", str(config), pythonpath=tmp_path)
+    assert bad.returncode == 2, (bad.stdout, bad.stderr)
+    assert "pushsvc: bad config: plugins.typing.rate: must be at least 0" in bad.stderr
+    env = {"PUSHSVC_PLUGINS__TYPING__RATE": "4"}
+    good = run_cli("check-config", "--config", str(config), pythonpath=tmp_path, env=env)
+    assert good.returncode == 0, good.stderr
+    assert "[plugins.typing]\nrate = 4.0\n" in good.stdout
+
+
+def test_plugin_reads_its_settings_from_the_node_config() -> None:
+    from pushsvc import Config, Setting
+
+    class Typing:
+        @hookimpl
+        def pushsvc_config_schema(self) -> dict[str, Setting]:
+            return {"rate": Setting(2.0, "Rate.", minimum=0)}
+
+    plugins = load_plugins(extra=[("typing", Typing())])
+    assert set(plugins.config_schemas) == {"typing"}
+    config = Config().with_plugin_schemas(plugins.config_schemas)
+    assert config.plugin("typing") == {"rate": 2.0}
+
+    class NotASetting:
+        @hookimpl
+        def pushsvc_config_schema(self) -> dict[str, object]:
+            return {"rate": 2.0}
+
+    with pytest.raises(
+        PluginError, match=r"declares setting 'rate' as 2\.0, not a pushsvc\.Setting"
+    ):
+        load_plugins(extra=[("bad", NotASetting())])

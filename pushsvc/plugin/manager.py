@@ -15,13 +15,14 @@ import inspect
 import logging
 import os
 import traceback
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, TypeVar, cast
 
 import pluggy
 
+from pushsvc.config import Setting
 from pushsvc.plugin import hookspecs
 from pushsvc.plugin.api import MessageType, Principal, hookimpl
 from pushsvc.protocol.commands import CORE_TYPES
@@ -157,8 +158,10 @@ class Plugins:
         manager: pluggy.PluginManager,
         loaded: list[LoadedPlugin],
         types: dict[str, RegisteredType],
+        config_schemas: dict[str, Mapping[str, Setting]] | None = None,
     ) -> None:
         self.manager = manager  # the pluggy manager
+        self.config_schemas = config_schemas or {}  # plugin name -> its settings
         self.hook = manager.hook  # shortcut for calling hooks
         self.loaded = loaded  # entry-point plugins, in load order
         self.types = types  # frame type -> declaration
@@ -311,6 +314,24 @@ def load_plugins(
                     "disable one with plugins.disabled"
                 )
             types[message_type.name] = RegisteredType(message_type, name)
+    config_schemas: dict[str, Mapping[str, Setting]] = {}
+    for impl in manager.hook.pushsvc_config_schema.get_hookimpls():
+        dist = dists.get(impl.plugin_name, "registered directly")
+        try:
+            schema = dict(cast(Mapping[str, Setting], impl.function()))
+        except Exception as exc:
+            module = getattr(impl.function, "__module__", None)
+            raise _failed(
+                impl.plugin_name, dist, "failed in pushsvc_config_schema", exc, module
+            ) from exc
+        for key, spec in schema.items():
+            if not isinstance(spec, Setting):
+                raise PluginError(
+                    f"plugin {impl.plugin_name!r} ({dist}) declares setting {key!r} as "
+                    f"{spec!r}, not a pushsvc.Setting",
+                    plugin=impl.plugin_name,
+                )
+        config_schemas[impl.plugin_name] = schema
     loaded = [
         LoadedPlugin(
             name,
@@ -320,7 +341,7 @@ def load_plugins(
         )
         for name, dist, plugin in sources
     ]
-    return Plugins(manager, loaded, types)
+    return Plugins(manager, loaded, types, config_schemas)
 
 
 async def await_me_maybe(value: T | Awaitable[T]) -> T:
