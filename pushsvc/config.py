@@ -85,6 +85,10 @@ class Setting:
             if kind is None:
                 raise TypeError(f"Setting: no config type for default {self.default!r}")
             object.__setattr__(self, "kind", kind)
+        elif self.kind not in _KINDS.values():
+            raise TypeError(
+                f"Setting: kind must be bool, int, float, str or list[str], not {self.kind!r}"
+            )
 
     @property
     def metadata(self) -> Mapping[str, Any]:

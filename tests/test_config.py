@@ -167,3 +167,14 @@ def test_plugin_tables_are_checked_against_the_schema(tmp_path: Path) -> None:
             "plugins.typing.rooms",
         ],
     )
+
+
+def test_setting_types() -> None:
+    from pushsvc.config import Setting
+
+    assert Setting(1, "n").kind is int and Setting([], "l").kind == list[str]
+    assert Setting(1, "x", kind=float).kind is float
+    with pytest.raises(TypeError):
+        Setting({}, "no dict settings")
+    with pytest.raises(TypeError):
+        Setting(None, "n", kind=dict)
