@@ -23,9 +23,10 @@ from pushsvc.auth import tokens
 from pushsvc.broker import Envelope, EnvelopeKind
 from pushsvc.config import AuthConfig
 from pushsvc.core.ratelimit import KeyedBuckets, TokenBucket
-from pushsvc.core.session import CORE_FIELDS
 from pushsvc.ops.metrics import Metrics
 from pushsvc.protocol import frames, ids
+from pushsvc.protocol.commands import CORE_COMMANDS
+from pushsvc.protocol.fields import Field
 from pushsvc.transport import tornado_compat
 
 SECRET = "features-benchmark-secret-0123456789abcdef"
@@ -40,7 +41,12 @@ def measure() -> list[tuple[str, str, float]]:
     chat = '{"type":"chat","room":"bench","text":"hello world, this is a benchmark message"}'
     command = frames.decode_frame(chat)
     assert isinstance(command, frames.Command)
-    chat_fields = {"room": CORE_FIELDS["join"]["room"], "text": CORE_FIELDS["join"]["room"]}
+    room = CORE_COMMANDS["join"].fields["room"]
+    chat_fields = {"room": room, "text": room}
+    checked_fields = {
+        "room": Field(str, max_length=200, pattern=r"[a-z0-9-]+", choices={"bench", "other"}),
+        "text": Field(str, max_length=4000, min_length=1),
+    }
     bucket = TokenBucket(1e9, 1e9, 0.0)
     users = KeyedBuckets(1e9, 1e9)
     metrics = Metrics()
@@ -56,6 +62,11 @@ def measure() -> list[tuple[str, str, float]]:
     return [
         ("frame", "decode_frame (chat, 80 B)", per_op(lambda: frames.decode_frame(chat))),
         ("frame", "validate (2 fields)", per_op(lambda: frames.validate(command, chat_fields))),
+        (
+            "frame",
+            "validate (2 fields, pattern/choices/min_length)",
+            per_op(lambda: frames.validate(command, checked_fields)),
+        ),
         ("frame", "rate limit: connection bucket", per_op(lambda: bucket.try_take(1.0))),
         ("frame", "rate limit: user bucket (dict)", per_op(lambda: users.try_take("u", 1.0))),
         (

@@ -22,7 +22,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from pushsvc.config import Config
+from pushsvc.config import Config, Setting
 from pushsvc.plugin.api import (
     CommandError,
     Delivery,
@@ -62,6 +62,7 @@ __all__ = [
     "MessageType",
     "Principal",
     "Reply",
+    "Setting",
     "__version__",
     "hookimpl",
     "openapi",

@@ -285,6 +285,7 @@ class Service:
     def _load_new_config(self) -> Config:
         """Load and check the config file again (raises ConfigError naming the key)."""
         new = config_module.load(self.config_path, overrides=self.overrides)
+        new = new.with_plugin_schemas(self.node.plugins.config_schemas)
         if secret_missing(new):
             raise ConfigError("auth.jwt_secret", "no JWT secret (nor public key) configured")
         try:
@@ -443,6 +444,7 @@ async def build_node(
     :func:`start` adds the HTTP application, the listening sockets and the timers.
     """
     plugins = plugins or load_plugins(config.plugins.disabled, config.auth.default_rooms)
+    config = config.with_plugin_schemas(plugins.config_schemas)  # [plugins.<name>] tables
     metrics = Metrics(registry)
     store = make_store(
         config.store_url(),
@@ -492,6 +494,6 @@ async def start(
         )
     _set_nodelay(sockets)
     await server.listen_fast(sockets, LISTEN_BACKLOG)
-    service = Service(config, node, server, sockets, config_path, overrides or {}, app)
+    service = Service(node.config, node, server, sockets, config_path, overrides or {}, app)
     service.start_timers()
     return service

@@ -191,6 +191,8 @@ def _plugins(config: Config) -> int:
     plugins = load_plugins(config.plugins.disabled, config.auth.default_rooms)
     for plugin in plugins.loaded:
         print(f"{plugin.name}  ({plugin.distribution}, module {plugin.module})")
+        if plugin.message_types:
+            print("  message types:")
         for name in plugin.message_types:
             declared = plugins.types[name].message_type
             scope = f", scope {declared.scope}" if declared.scope else ""
@@ -198,6 +200,17 @@ def _plugins(config: Config) -> int:
                 f"    {name}: {declared.guarantee.value}, cost {declared.cost:g}{scope}"
                 f"  {declared.description}"
             )
+        hooks = plugins.hooks_of(plugin.name)
+        if hooks:
+            print("  hooks:")
+        for hook in hooks:
+            marks = f"  [{', '.join(hook.marks)}]" if hook.marks else ""
+            print(f"    {hook.hook}{marks}")
+        routes = plugins.routes_of(plugin.name)
+        if routes:
+            print("  routes:")
+        for pattern, handler in routes:
+            print(f"    {pattern}  {handler.__module__}.{handler.__qualname__}")
     for name in config.plugins.disabled:
         print(f"{name}  (disabled by plugins.disabled)")
     return 0
@@ -306,8 +319,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "token":
             return _token(args, config)
         if args.command == "check-config":
-            text = config_module.documented_defaults() if args.reference else None
-            print(text or config_module.to_toml(config), end="")
+            if args.reference:
+                print(config_module.documented_defaults(), end="")
+                return 0
+            # A plugin that fails to load would stop serve: say so now, exit 3.
+            plugins = load_plugins(config.plugins.disabled, config.auth.default_rooms)
+            config = config.with_plugin_schemas(plugins.config_schemas)  # exit 2 naming the key
+            print(config_module.to_toml(config), end="")
             return 0
         return _plugins(config)
     except ConfigError as exc:

@@ -15,6 +15,7 @@ import dataclasses
 import os
 import textwrap
 import tomllib
+import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -57,6 +58,52 @@ def setting(
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+_KINDS: dict[type, Any] = {bool: bool, int: int, float: float, str: str, list: list[str]}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One key a plugin declares for its ``[plugins.<name>]`` section.
+
+    The same checks as pushsvc's own keys (:func:`setting`): the type (taken
+    from ``default``: bool, int, float, str or a list of strings, unless
+    ``kind`` says otherwise), ``minimum``, ``choices``, ``schemes``.
+    """
+
+    default: Any
+    doc: str
+    minimum: float | None = None
+    choices: tuple[str, ...] | None = None
+    schemes: tuple[str, ...] | None = None
+    kind: Any = None
+
+    def __post_init__(self) -> None:
+        if self.kind is None:
+            kind = _KINDS.get(type(self.default))
+            if kind is None:
+                raise TypeError(f"Setting: no config type for default {self.default!r}")
+            object.__setattr__(self, "kind", kind)
+        elif self.kind not in _KINDS.values():
+            raise TypeError(
+                f"Setting: kind must be bool, int, float, str or list[str], not {self.kind!r}"
+            )
+
+    @property
+    def metadata(self) -> Mapping[str, Any]:
+        """The checks, as :func:`setting` stores them."""
+        return {"minimum": self.minimum, "choices": self.choices, "schemes": self.schemes}
+
+    def default_value(self) -> Any:
+        """The default (a fresh copy of a list)."""
+        return list(self.default) if isinstance(self.default, list) else self.default
+
+
+class _EnvValue(str):
+    """A raw ``PUSHSVC_PLUGINS__<NAME>__<KEY>`` value, converted once its type is known."""
+
+    __slots__ = ()
 
 
 @dataclass(frozen=True)
@@ -295,6 +342,59 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    #: ``[plugins.<name>]`` tables as read (file, environment), not yet checked.
+    plugin_tables: Mapping[str, Mapping[str, Any]] = field(
+        default_factory=dict, repr=False, metadata={"section": False}
+    )
+    #: Checked plugin values, by plugin name (see :meth:`with_plugin_schemas`).
+    plugin_values: Mapping[str, Mapping[str, Any]] = field(
+        default_factory=dict, metadata={"section": False}
+    )
+
+    def plugin(self, name: str) -> Mapping[str, Any]:
+        """Plugin ``name``'s checked settings: every key of its schema, defaults filled in.
+
+        Raises:
+            KeyError: the plugin declares no ``pushsvc_config_schema`` (or is not loaded).
+        """
+        try:
+            return self.plugin_values[name]
+        except KeyError:
+            raise KeyError(
+                f"plugin {name!r} declares no settings (pushsvc_config_schema)"
+            ) from None
+
+    def with_plugin_schemas(self, schemas: Mapping[str, Mapping[str, Setting]]) -> Config:
+        """This config with each plugin's ``[plugins.<name>]`` table checked against its schema.
+
+        Raises:
+            ConfigError: naming ``plugins.<name>.<key>`` for a bad or unknown key,
+                or ``plugins.<name>`` for a table no loaded plugin declares
+                (a table of a plugin in ``plugins.disabled`` is ignored).
+        """
+        for name in self.plugin_tables:
+            if name not in schemas and name not in self.plugins.disabled:
+                raise ConfigError(
+                    f"plugins.{name}", "no loaded plugin of that name declares settings"
+                )
+        values: dict[str, Mapping[str, Any]] = {}
+        for name, schema in schemas.items():
+            table = self.plugin_tables.get(name, {})
+            for key in table:
+                if key not in schema:
+                    known = ", ".join(schema) or "none"
+                    raise ConfigError(f"plugins.{name}.{key}", f"unknown key (known: {known})")
+            checked: dict[str, Any] = {}
+            for key, spec in schema.items():
+                if key not in table:
+                    checked[key] = spec.default_value()
+                    continue
+                value = table[key]
+                if isinstance(value, _EnvValue):
+                    value = _from_env(spec.kind, str(value))
+                checked[key] = _convert(f"plugins.{name}.{key}", value, spec.kind, spec)
+            values[name] = types.MappingProxyType(checked)
+        return dataclasses.replace(self, plugin_values=values)
 
     def secret(self) -> str:
         """The HS256 secret, read from ``auth.jwt_secret_file`` when set."""
@@ -312,7 +412,10 @@ class Config:
 
 def sections() -> dict[str, type[Any]]:
     """Section name -> its dataclass."""
-    return {f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
+    hints = typing.get_type_hints(Config)
+    return {
+        f.name: hints[f.name] for f in dataclasses.fields(Config) if f.metadata.get("section", True)
+    }
 
 
 def keys(section_cls: type[Any]) -> dict[str, tuple[Any, dataclasses.Field[Any]]]:
@@ -321,7 +424,7 @@ def keys(section_cls: type[Any]) -> dict[str, tuple[Any, dataclasses.Field[Any]]
     return {f.name: (hints[f.name], f) for f in dataclasses.fields(section_cls)}
 
 
-def _convert(key: str, value: Any, kind: Any, spec: dataclasses.Field[Any]) -> Any:
+def _convert(key: str, value: Any, kind: Any, spec: dataclasses.Field[Any] | Setting) -> Any:
     if kind is bool:
         if not isinstance(value, bool):
             raise ConfigError(key, f"must be true or false, not {value!r}")
@@ -371,6 +474,7 @@ def build(layers: list[Mapping[str, Mapping[str, Any]]]) -> Config:
         ConfigError: on an unknown section or key, or a bad value.
     """
     merged: dict[str, dict[str, Any]] = {}
+    tables: dict[str, dict[str, Any]] = {}
     known = sections()
     for layer in layers:
         for section, values in layer.items():
@@ -380,13 +484,18 @@ def build(layers: list[Mapping[str, Mapping[str, Any]]]) -> Config:
                 raise ConfigError(section, "must be a table")
             section_keys = keys(known[section])
             for key, value in values.items():
+                if section == "plugins" and key not in section_keys and isinstance(value, Mapping):
+                    tables.setdefault(key, {}).update(value)  # [plugins.<name>], checked later
+                    continue
                 if key not in section_keys:
                     raise ConfigError(f"{section}.{key}", "unknown key")
                 kind, spec = section_keys[key]
                 merged.setdefault(section, {})[key] = _convert(
                     f"{section}.{key}", value, kind, spec
                 )
-    return Config(**{name: known[name](**merged.get(name, {})) for name in known})
+    return Config(
+        **{name: known[name](**merged.get(name, {})) for name in known}, plugin_tables=tables
+    )
 
 
 def env_layer(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
@@ -400,6 +509,11 @@ def env_layer(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
         if section not in known:
             raise ConfigError(name, f"unknown section {section!r}")
         section_keys = keys(known[section])
+        if section == "plugins" and "__" in key:
+            plugin, _, plugin_key = key.partition("__")
+            plugins = layer.setdefault("plugins", {})
+            plugins.setdefault(plugin, {})[plugin_key] = _EnvValue(raw)
+            continue
         if key not in section_keys:
             raise ConfigError(name, f"unknown key {section}.{key}")
         layer.setdefault(section, {})[key] = _from_env(section_keys[key][0], raw)
@@ -450,6 +564,11 @@ def to_toml(config: Config) -> str:
                 value = "<set>"
             lines.append(f"{key} = {_toml_value(value)}")
         lines.append("")
+    for plugin, values in config.plugin_values.items():
+        if values:
+            lines.append(f"[plugins.{plugin}]")
+            lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -507,4 +626,10 @@ def changed_keys(old: Config, new: Config) -> tuple[list[str], list[str]]:
             if getattr(old_section, key) != getattr(new_section, key):
                 target = reloadable if spec.metadata.get("reloadable") else restart
                 target.append(f"{name}.{key}")
+    for plugin in sorted({*old.plugin_values, *new.plugin_values}):
+        old_values = old.plugin_values.get(plugin, {})
+        new_values = new.plugin_values.get(plugin, {})
+        for key in sorted({*old_values, *new_values}):
+            if old_values.get(key) != new_values.get(key):
+                restart.append(f"plugins.{plugin}.{key}")
     return reloadable, restart

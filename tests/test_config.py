@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -95,3 +96,85 @@ def test_secret_file_and_changed_keys(tmp_path: Path) -> None:
 def test_effective_config_hides_secrets() -> None:
     text = config_module.to_toml(config_module.build([{"auth": {"jwt_secret": "hunter2"}}]))
     assert "hunter2" not in text and 'jwt_secret = "<set>"' in text
+
+
+def test_plugin_tables_are_checked_against_the_schema(tmp_path: Path) -> None:
+    from pushsvc.config import Setting
+
+    schema = {
+        "typing": {
+            "rate": Setting(2.0, "Events per second.", minimum=0),
+            "mode": Setting("room", "Who sees them.", choices=("room", "off")),
+            "rooms": Setting(["a"], "Rooms."),
+            "on": Setting(True, "Enabled."),
+        }
+    }
+    path = tmp_path / "c.toml"
+    path.write_text('[plugins]\ndisabled = ["x"]\n\n[plugins.typing]\nrate = 5\nmode = "off"\n')
+    env = {"PUSHSVC_PLUGINS__TYPING__ON": "false", "PUSHSVC_PLUGINS__TYPING__ROOMS": "b, c"}
+    config = config_module.load(str(path), environ=env).with_plugin_schemas(schema)
+    assert config.plugins.disabled == ["x"]
+    assert dict(config.plugin("typing")) == {
+        "rate": 5.0,
+        "mode": "off",
+        "rooms": ["b", "c"],
+        "on": False,
+    }
+    assert '[plugins.typing]\nrate = 5.0\nmode = "off"' in config_module.to_toml(config)
+    # The environment wins over the file.
+    env_rate = {"PUSHSVC_PLUGINS__TYPING__RATE": "7"}
+    assert (
+        config_module.load(str(path), environ=env_rate)
+        .with_plugin_schemas(schema)
+        .plugin("typing")["rate"]
+        == 7.0
+    )
+    # Defaults, when there is no table.
+    assert (
+        config_module.load(environ={}).with_plugin_schemas(schema).plugin("typing")["rate"] == 2.0
+    )
+    with pytest.raises(KeyError):
+        config.plugin("chat")
+
+    cases = {
+        "[plugins.typing]\nrate = -1\n": "plugins.typing.rate: must be at least 0",
+        '[plugins.typing]\nrate = "fast"\n': "plugins.typing.rate: must be a number",
+        '[plugins.typing]\nmode = "all"\n': "plugins.typing.mode: must be one of room, off",
+        "[plugins.typing]\nspeed = 1\n": "plugins.typing.speed: unknown key (known: rate,",
+        "[plugins.tpying]\nrate = 1\n": "plugins.tpying: no loaded plugin",
+        "[plugins]\ntyping = 1\n": "plugins.typing: unknown key",
+    }
+    for text, message in cases.items():
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            config_module.load(str(path), environ={}).with_plugin_schemas(schema)
+    with pytest.raises(ConfigError, match=r"plugins\.typing\.rate: must be at least 0"):
+        config_module.load(environ={"PUSHSVC_PLUGINS__TYPING__RATE": "-3"}).with_plugin_schemas(
+            schema
+        )
+    # A disabled plugin's table is ignored.
+    path.write_text('[plugins]\ndisabled = ["gone"]\n\n[plugins.gone]\nx = 1\n')
+    assert config_module.load(str(path), environ={}).with_plugin_schemas({}).plugin_values == {}
+    # Plugin keys are restart-only.
+    old = config_module.load(environ={}).with_plugin_schemas(schema)
+    assert config_module.changed_keys(old, config) == (
+        [],
+        [
+            "plugins.disabled",
+            "plugins.typing.mode",
+            "plugins.typing.on",
+            "plugins.typing.rate",
+            "plugins.typing.rooms",
+        ],
+    )
+
+
+def test_setting_types() -> None:
+    from pushsvc.config import Setting
+
+    assert Setting(1, "n").kind is int and Setting([], "l").kind == list[str]
+    assert Setting(1, "x", kind=float).kind is float
+    with pytest.raises(TypeError):
+        Setting({}, "no dict settings")
+    with pytest.raises(TypeError):
+        Setting(None, "n", kind=dict)

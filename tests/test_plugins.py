@@ -14,7 +14,7 @@ import pytest
 
 import pushsvc
 from conftest import BIN, SECRET, Server
-from pushsvc import CommandError, Field, FrameContext, MessageType, Reply, hookimpl
+from pushsvc import CommandError, Field, FrameContext, MessageType, Principal, Reply, hookimpl
 from pushsvc.plugin import hookspecs
 from pushsvc.plugin.manager import PluginError, load_plugins
 
@@ -66,6 +66,68 @@ def test_cli_lists_plugins() -> None:
     assert "chat  (pushsvc " in result.stdout
     assert "poke  (pushsvc-poke 1.0.0" in result.stdout
     assert "private: at-least-once" in result.stdout
+
+
+def test_cli_lists_hooks_with_marks_and_routes(tmp_path: Path) -> None:
+    fake_distribution(
+        tmp_path,
+        "gatekeeper",
+        """
+        import tornado.web
+        from pushsvc import hookimpl
+
+        class Status(tornado.web.RequestHandler):
+            def get(self):
+                self.write({})
+
+        @hookimpl(tryfirst=True)
+        def pushsvc_authorize_room(principal, room):
+            return None
+
+        @hookimpl(trylast=True)
+        def pushsvc_connected(principal, session):
+            pass
+
+        @hookimpl
+        def pushsvc_register_routes():
+            return [(r"/gate/status", Status, {})]
+    """,
+    )
+    result = run_cli("plugins", pythonpath=tmp_path)
+    assert result.returncode == 0, result.stderr
+    section = result.stdout.split("gatekeeper  (gatekeeper 1.0, module gatekeeper)\n", 1)[1]
+    assert section.startswith(
+        "  hooks:\n"
+        "    pushsvc_authorize_room  [tryfirst]\n"
+        "    pushsvc_connected  [trylast]\n"
+        "    pushsvc_register_routes\n"
+        "  routes:\n"
+        "    /gate/status  gatekeeper.Status\n"
+    ), section
+    assert "  message types:\n    poke: at-least-once, cost 2" in result.stdout
+    assert "    /poke/stats  pushsvc_poke.PokeStats" in result.stdout
+
+
+def test_hooks_of_and_routes_of() -> None:
+    class Handler:
+        pass
+
+    class Both:
+        @hookimpl(tryfirst=True)
+        def pushsvc_authorize_room(self, principal: Principal, room: str) -> bool | None:
+            return None
+
+        @hookimpl
+        def pushsvc_register_routes(self) -> list[tuple[str, type, dict[str, object]]]:
+            return [("/both", Handler, {})]
+
+    plugins = load_plugins(extra=[("both", Both())])
+    assert [(h.hook, h.marks) for h in plugins.hooks_of("both")] == [
+        ("pushsvc_authorize_room", ("tryfirst",)),
+        ("pushsvc_register_routes", ()),
+    ]
+    assert plugins.routes_of("both") == [("/both", Handler)]
+    assert plugins.routes_of("chat") == []
 
 
 def test_duplicate_type_stops_startup_naming_both(tmp_path: Path) -> None:
@@ -376,3 +438,99 @@ async def test_one_plugins_failing_hook_does_not_silence_the_others(
     assert any(
         "plugin broken: hook pushsvc_connected raised" in r.getMessage() for r in caplog.records
     )
+
+
+def test_check_config_names_the_plugin_file_and_line_of_an_import_error(tmp_path: Path) -> None:
+    fake_distribution(
+        tmp_path,
+        "typing-plugin",
+        """
+        import os
+
+        SETTINGS = {"rate": 1}
+        RATE = os.environ["typing_rate"]
+        """,
+        entry="typing",
+    )
+    module = tmp_path / "typing_plugin.py"
+    result = run_cli("check-config", pythonpath=tmp_path)
+    assert result.returncode == 3, (result.stdout, result.stderr)
+    assert result.stdout == ""
+    assert "plugin 'typing' (typing-plugin 1.0) failed to load" in result.stderr
+    assert "KeyError: 'typing_rate'" in result.stderr
+    assert f"at {module}, line 5" in result.stderr  # the plugin's line, not os.py's
+    # Disabled, it is not loaded: the config is fine again.
+    ok = run_cli("check-config", pythonpath=tmp_path, env={"PUSHSVC_PLUGINS__DISABLED": "typing"})
+    assert ok.returncode == 0, ok.stderr
+    assert "[server]" in ok.stdout
+
+
+def test_check_config_names_a_syntax_error_and_a_failing_register_hook(tmp_path: Path) -> None:
+    fake_distribution(tmp_path, "syntax-plugin", "x = 1\ndef broken(:\n    pass\n")
+    result = run_cli("check-config", pythonpath=tmp_path)
+    assert result.returncode == 3
+    assert "plugin 'syntax_plugin' (syntax-plugin 1.0) failed to load: SyntaxError" in result.stderr
+    assert f"at {tmp_path / 'syntax_plugin.py'}, line 2" in result.stderr
+
+
+def test_register_hook_error_names_the_plugin_and_line() -> None:
+    class Faulty:
+        @hookimpl
+        def pushsvc_register_message_types(self) -> list[MessageType]:
+            return [{"x": 1}["y"]]  # type: ignore[list-item]
+
+    with pytest.raises(PluginError) as info:
+        load_plugins(extra=[("faulty", Faulty())])
+    error = info.value
+    assert error.plugin == "faulty" and error.file == __file__
+    assert (
+        error.line is not None
+        and '{"x": 1}["y"]' in (Path(__file__).read_text().splitlines()[error.line - 1])
+    )
+    assert "failed in pushsvc_register_message_types: KeyError: 'y'" in str(error)
+
+
+TYPING_PLUGIN = """
+    from pushsvc import Setting, hookimpl
+
+    @hookimpl
+    def pushsvc_config_schema():
+        return {"rate": Setting(2.0, "Typing events per second.", minimum=0)}
+"""
+
+
+def test_check_config_checks_plugin_settings(tmp_path: Path) -> None:
+    fake_distribution(tmp_path, "typing-plugin", TYPING_PLUGIN, entry="typing")
+    config = tmp_path / "c.toml"
+    config.write_text("[plugins.typing]\nrate = -1\n")
+    bad = run_cli("check-config", "--config", str(config), pythonpath=tmp_path)
+    assert bad.returncode == 2, (bad.stdout, bad.stderr)
+    assert "pushsvc: bad config: plugins.typing.rate: must be at least 0" in bad.stderr
+    env = {"PUSHSVC_PLUGINS__TYPING__RATE": "4"}
+    good = run_cli("check-config", "--config", str(config), pythonpath=tmp_path, env=env)
+    assert good.returncode == 0, good.stderr
+    assert "[plugins.typing]\nrate = 4.0\n" in good.stdout
+
+
+def test_plugin_reads_its_settings_from_the_node_config() -> None:
+    from pushsvc import Config, Setting
+
+    class Typing:
+        @hookimpl
+        def pushsvc_config_schema(self) -> dict[str, Setting]:
+            return {"rate": Setting(2.0, "Rate.", minimum=0)}
+
+    plugins = load_plugins(extra=[("typing", Typing())])
+    assert set(plugins.config_schemas) == {"typing"}
+    config = Config().with_plugin_schemas(plugins.config_schemas)
+    assert config.plugin("typing") == {"rate": 2.0}
+
+    class NotASetting:
+        @hookimpl
+        def pushsvc_config_schema(self) -> dict[str, object]:
+            return {"rate": 2.0}
+
+    with pytest.raises(
+        PluginError, match=r"declares setting 'rate' as 2\.0, not a pushsvc\.Setting"
+    ):
+        load_plugins(extra=[("bad", NotASetting())])

@@ -124,3 +124,56 @@ def test_every_disconnect_is_documented_with_its_label() -> None:
         row = next((line for line in doc.splitlines() if line.startswith(f"| {disconnect.code} | ")
                     and f"`{disconnect.label}`" in line), None)  # fmt: skip
         assert row is not None, f"docs/protocol.md: no row for {disconnect}"
+
+
+def _check(spec: Field, value: object) -> str | None:
+    result = validate(Command("x", {"f": value}, "r1"), {"f": spec})
+    if isinstance(result, FrameError):
+        assert result.code is ErrorCode.BAD_REQUEST and result.ref == "r1"
+        return result.message
+    assert result.fields == {"f": value}
+    return None
+
+
+def test_min_length_counts_code_points_and_items() -> None:
+    assert _check(Field(str, min_length=3), "ab") == "f: at least 3 characters"
+    assert _check(Field(str, min_length=3), "abc") is None
+    assert _check(Field(str, min_length=2), "👍🏽") is None  # two code points, one grapheme
+    assert _check(Field(list, min_length=1, required=False), []) == "f: at least 1 items"
+
+
+def test_pattern_is_a_full_match() -> None:
+    slug = Field(str, pattern=r"[a-z]+")
+    assert _check(slug, "abc") is None
+    assert _check(slug, "abc1") == "f: must match [a-z]+"
+    assert _check(slug, "1abc") is not None
+    assert _check(Field((str, int), pattern=r"[a-z]+"), 5) is None  # strings only
+
+
+def test_choices() -> None:
+    level = Field(str, choices=["low", "high"])
+    assert level.choices == frozenset({"low", "high"})
+    assert _check(level, "low") is None
+    assert _check(level, "mid") == "f: must be one of 'high', 'low'"
+    assert _check(Field((str, list), choices=[[1], "a"]), [1]) is None  # unhashable choices
+    assert _check(Field((str, list), choices=["a"]), [1]) is not None  # unhashable value
+
+
+def test_validator_value_error_is_bad_request() -> None:
+    def even(value: int) -> None:
+        if value % 2:
+            raise ValueError("must be even")
+
+    assert _check(Field(int, validator=even), 2) is None
+    assert _check(Field(int, validator=even), 3) == "f: must be even"
+
+
+def test_new_options_are_checked_when_declared() -> None:
+    import pytest
+
+    assert not Field(str).extra
+    assert Field(str, min_length=1).extra
+    with pytest.raises(ValueError):
+        Field(str, min_length=5, max_length=2)
+    with pytest.raises(TypeError):
+        Field(str, validator="nope")  # type: ignore[arg-type]

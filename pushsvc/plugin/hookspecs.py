@@ -19,6 +19,7 @@ from typing import Any
 
 import pluggy
 
+from pushsvc.config import Setting
 from pushsvc.plugin.api import MessageType, Principal
 
 hookspec = pluggy.HookspecMarker("pushsvc")
@@ -46,6 +47,25 @@ def pushsvc_register_message_types() -> Sequence[MessageType]:
         def pushsvc_register_message_types():
             return [MessageType("poke", handle_poke, {"to": Field(str)},
                                 guarantee=Guarantee.AT_LEAST_ONCE, cost=2)]
+    """
+    raise NotImplementedError
+
+
+@hookspec
+def pushsvc_config_schema() -> Mapping[str, Setting]:
+    """Declare the plugin's settings: its ``[plugins.<name>]`` table, key -> :class:`Setting`.
+
+    Called once, when the plugins load. pushsvc checks the table (and
+    ``PUSHSVC_PLUGINS__<NAME>__<KEY>`` variables) against it, fills in the
+    defaults, and hands the values to the plugin as
+    ``node.config.plugin("<name>")``. A bad value stops ``serve`` and
+    ``check-config`` naming ``plugins.<name>.<key>``.
+
+    Example::
+
+        @hookimpl
+        def pushsvc_config_schema():
+            return {"rate": Setting(2.0, "Typing events per second.", minimum=0)}
     """
     raise NotImplementedError
 

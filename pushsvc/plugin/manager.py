@@ -10,15 +10,19 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import functools
+import importlib.util
 import inspect
 import logging
-from collections.abc import Awaitable, Iterable, Sequence
+import os
+import traceback
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, TypeVar, cast
 
 import pluggy
 
+from pushsvc.config import Setting
 from pushsvc.plugin import hookspecs
 from pushsvc.plugin.api import MessageType, Principal, hookimpl
 from pushsvc.protocol.commands import CORE_TYPES
@@ -32,7 +36,76 @@ T = TypeVar("T")
 
 
 class PluginError(RuntimeError):
-    """A plugin could not be loaded or conflicts with another; stops startup."""
+    """A plugin could not be loaded or conflicts with another; stops startup.
+
+    ``plugin`` is its entry-point name when one plugin is to blame; ``file``
+    and ``line`` say where its code failed, when it raised.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        plugin: str | None = None,
+        file: str | None = None,
+        line: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.plugin = plugin
+        self.file = file
+        self.line = line
+
+
+def _plugin_root(module: str) -> str | None:
+    """The folder (or file) of ``module``'s top-level package, found without importing it."""
+    try:
+        spec = importlib.util.find_spec(module.partition(".")[0])
+    except (ImportError, ValueError):
+        return None
+    if spec is None:
+        return None
+    if spec.submodule_search_locations:
+        return os.path.realpath(next(iter(spec.submodule_search_locations)))
+    return os.path.realpath(spec.origin) if spec.origin else None
+
+
+def _where(exc: BaseException, module: str | None = None) -> tuple[str, int] | None:
+    """The file and line where a plugin's code raised ``exc``.
+
+    A syntax error names its own place. Otherwise the innermost frame in the
+    plugin's package (``module``'s top-level folder) wins, so an error raised
+    inside the standard library (``os.environ["x"]``) points at the plugin
+    line that called it; else the innermost frame outside importlib.
+    """
+    if isinstance(exc, SyntaxError) and exc.filename:
+        return exc.filename, exc.lineno or 0
+    frames = [
+        frame
+        for frame in traceback.extract_tb(exc.__traceback__)
+        if not frame.filename.startswith("<frozen") and frame.filename != __file__
+    ]
+    root = _plugin_root(module) if module else None
+    if root is not None:
+        inside = [
+            frame
+            for frame in frames
+            if os.path.realpath(frame.filename) == root
+            or os.path.realpath(frame.filename).startswith(root + os.sep)
+        ]
+        frames = inside or frames
+    if not frames:
+        return None
+    return frames[-1].filename, frames[-1].lineno or 0
+
+
+def _failed(name: str, dist: str, what: str, exc: Exception, module: str | None) -> PluginError:
+    where = _where(exc, module)
+    at = f" at {where[0]}, line {where[1]}" if where else ""
+    return PluginError(
+        f"plugin {name!r} ({dist}) {what}: {type(exc).__name__}: {exc}{at}",
+        plugin=name,
+        file=where[0] if where else None,
+        line=where[1] if where else None,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +116,14 @@ class LoadedPlugin:
     distribution: str  # the installed distribution that provides it
     module: str  # the module registered with pluggy
     message_types: tuple[str, ...]  # the types it declared
+
+
+@dataclass(frozen=True, slots=True)
+class HookImplementation:
+    """One hook a plugin implements, and its pluggy marks."""
+
+    hook: str  # the hook's name, e.g. ``pushsvc_authorize_room``
+    marks: tuple[str, ...]  # of ``tryfirst``, ``trylast``, ``wrapper``, ``hookwrapper``
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,11 +158,44 @@ class Plugins:
         manager: pluggy.PluginManager,
         loaded: list[LoadedPlugin],
         types: dict[str, RegisteredType],
+        config_schemas: dict[str, Mapping[str, Setting]] | None = None,
     ) -> None:
         self.manager = manager  # the pluggy manager
+        self.config_schemas = config_schemas or {}  # plugin name -> its settings
         self.hook = manager.hook  # shortcut for calling hooks
         self.loaded = loaded  # entry-point plugins, in load order
         self.types = types  # frame type -> declaration
+
+    def hooks_of(self, name: str) -> list[HookImplementation]:
+        """The hooks plugin ``name`` implements, sorted by hook name, with their marks."""
+        found: list[HookImplementation] = []
+        for hook_name in sorted(vars(self.hook)):
+            caller = getattr(self.hook, hook_name)
+            if not hasattr(caller, "get_hookimpls"):
+                continue
+            for impl in caller.get_hookimpls():
+                if impl.plugin_name != name:
+                    continue
+                marks = tuple(
+                    mark
+                    for mark in ("tryfirst", "trylast", "wrapper", "hookwrapper")
+                    if getattr(impl, mark, False)
+                )
+                found.append(HookImplementation(hook_name, marks))
+        return found
+
+    def routes_of(self, name: str) -> list[tuple[str, type]]:
+        """``(pattern, handler class)`` of the routes plugin ``name`` registers.
+
+        Calls that plugin's ``pushsvc_register_routes`` (what ``pushsvc
+        plugins`` shows); the service itself calls the hook once, at startup.
+        """
+        routes: list[tuple[str, type]] = []
+        for impl in self.hook.pushsvc_register_routes.get_hookimpls():
+            if impl.plugin_name == name:
+                for rule in cast(Iterable[Sequence[Any]], impl.function()):
+                    routes.append((str(rule[0]), cast(type, rule[1])))
+        return routes
 
     def authorize_room(self, principal: Principal, room: str) -> bool:
         """First result of ``pushsvc_authorize_room`` (the default policy decides last)."""
@@ -150,9 +264,8 @@ def load_plugins(
         try:
             plugin = entry_point.load()
         except Exception as exc:
-            raise PluginError(
-                f"plugin {entry_point.name!r} ({dist}) failed to load: {type(exc).__name__}: {exc}"
-            ) from exc
+            failure = _failed(entry_point.name, dist, "failed to load", exc, entry_point.module)
+            raise failure from exc
         sources.append((entry_point.name, dist, plugin))
     sources.extend((name, "registered directly", plugin) for name, plugin in extra)
 
@@ -160,17 +273,27 @@ def load_plugins(
         try:
             manager.register(plugin, name=name)
         except ValueError as exc:
-            raise PluginError(f"plugin {name!r}: {exc}") from exc
+            raise PluginError(f"plugin {name!r}: {exc}", plugin=name) from exc
     manager.register(DefaultRoomPolicy(default_rooms), name="pushsvc.default_room_policy")
     try:
         manager.check_pending()
     except pluggy.PluginValidationError as exc:
-        raise PluginError(f"plugin {exc.plugin!r} implements an unknown hook: {exc}") from exc
+        raise PluginError(
+            f"plugin {exc.plugin!r} implements an unknown hook: {exc}",
+            plugin=manager.get_name(exc.plugin),
+        ) from exc
 
     dists = {name: dist for name, dist, _plugin in sources}
     declared_by: dict[str, list[MessageType]] = {}
     for impl in manager.hook.pushsvc_register_message_types.get_hookimpls():
-        declared_by[impl.plugin_name] = list(cast(Iterable[MessageType], impl.function()))
+        try:
+            declared = list(cast(Iterable[MessageType], impl.function()))
+        except Exception as exc:
+            dist = dists.get(impl.plugin_name, "registered directly")
+            module = getattr(impl.function, "__module__", None)
+            what = "failed in pushsvc_register_message_types"
+            raise _failed(impl.plugin_name, dist, what, exc, module) from exc
+        declared_by[impl.plugin_name] = declared
     types: dict[str, RegisteredType] = {}
     for name, dist, _plugin in sources:
         for message_type in declared_by.get(name, ()):
@@ -191,6 +314,24 @@ def load_plugins(
                     "disable one with plugins.disabled"
                 )
             types[message_type.name] = RegisteredType(message_type, name)
+    config_schemas: dict[str, Mapping[str, Setting]] = {}
+    for impl in manager.hook.pushsvc_config_schema.get_hookimpls():
+        dist = dists.get(impl.plugin_name, "registered directly")
+        try:
+            schema = dict(cast(Mapping[str, Setting], impl.function()))
+        except Exception as exc:
+            module = getattr(impl.function, "__module__", None)
+            raise _failed(
+                impl.plugin_name, dist, "failed in pushsvc_config_schema", exc, module
+            ) from exc
+        for key, spec in schema.items():
+            if not isinstance(spec, Setting):
+                raise PluginError(
+                    f"plugin {impl.plugin_name!r} ({dist}) declares setting {key!r} as "
+                    f"{spec!r}, not a pushsvc.Setting",
+                    plugin=impl.plugin_name,
+                )
+        config_schemas[impl.plugin_name] = schema
     loaded = [
         LoadedPlugin(
             name,
@@ -200,7 +341,7 @@ def load_plugins(
         )
         for name, dist, plugin in sources
     ]
-    return Plugins(manager, loaded, types)
+    return Plugins(manager, loaded, types, config_schemas)
 
 
 async def await_me_maybe(value: T | Awaitable[T]) -> T:

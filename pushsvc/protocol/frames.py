@@ -153,8 +153,43 @@ def validate(command: Command, fields: Mapping[str, Field]) -> Command | FrameEr
             return FrameError(ErrorCode.BAD_REQUEST, message, command.ref)
         if isinstance(value, str) and spec.required and not value:
             return FrameError(ErrorCode.BAD_REQUEST, f"{name}: must not be empty", command.ref)
+        if spec.extra:
+            problem = _extra_problem(value, spec)
+            if problem is not None:
+                return FrameError(ErrorCode.BAD_REQUEST, f"{name}: {problem}", command.ref)
         clean[name] = value
     return Command(command.type, clean, command.ref)
+
+
+def _extra_problem(value: Any, spec: Field) -> str | None:
+    """The first failed check among min_length, pattern, choices, validator, or None."""
+    if (
+        spec.min_length is not None
+        and isinstance(value, str | list)
+        and len(value) < spec.min_length
+    ):
+        unit = "characters" if isinstance(value, str) else "items"
+        return f"at least {spec.min_length} {unit}"
+    if (
+        spec.compiled is not None
+        and isinstance(value, str)
+        and spec.compiled.fullmatch(value) is None
+    ):
+        return f"must match {spec.pattern}"
+    choices = spec.choices
+    if choices is not None:
+        try:
+            allowed = value in choices
+        except TypeError:  # an unhashable value against a frozenset
+            allowed = False
+        if not allowed:
+            return "must be one of " + ", ".join(sorted(repr(c) for c in choices))
+    if spec.validator is not None:
+        try:
+            spec.validator(value)
+        except ValueError as exc:
+            return str(exc) or "invalid"
+    return None
 
 
 def stamp(message: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
