@@ -34,14 +34,15 @@ test-async: $(STAMP)
 		tests/test_delivery.py tests/test_gateway.py tests/test_api.py
 
 # Best effort: in CI (CI set, running as root) install promtool and prometheus (Debian
-# package 'prometheus'), Chromium (the browser test) and Node.js for the tests that use
-# them; they skip when absent.
+# package 'prometheus'), Chromium (the browser test), Node.js and redis-server for the tests
+# that use them; they skip when absent.
 tools:
 	@if [ -n "$$CI" ] && [ "$$(id -u)" = 0 ]; then \
 		missing=""; \
 		command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
 		command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
 		command -v node >/dev/null 2>&1 || missing="$$missing nodejs npm"; \
+		command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
 		if [ -n "$$missing" ]; then \
 			echo "tools: installing the Debian packages$$missing"; \
 			( apt-get update -qq && DEBIAN_FRONTEND=noninteractive \

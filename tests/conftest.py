@@ -27,6 +27,9 @@ from pushsvc import config as config_module
 from pushsvc.auth import tokens
 from pushsvc.plugin.manager import load_plugins
 
+#: ``redis_server``, ``redis_url`` and ``fresh_redis``: a real redis-server per test or session.
+pytest_plugins = ["redis_server"]
+
 #: Tests of the WebSocket transport run on both event loops: pushsvc serves on uvloop
 #: when it is installed, and on asyncio's own loop otherwise.
 BOTH_LOOPS = frozenset({"test_wire.py", "test_upgrade.py", "test_gateway.py"})
