@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import tornado.web
 
 import pushsvc
 from conftest import BIN, SECRET, Server
@@ -234,7 +235,9 @@ async def test_plugin_errors_are_contained(crashy_server: Server) -> None:
     await client.send({"type": "echo", "say": "hello", "ref": "e"})
     reply = await client.recv_type("reply")
     assert reply == {"type": "reply", "ref": "e", "ok": True, "echo": "hello", "user": "c"}
-    metric = crashy_server.node.metrics.plugin_errors.labels("crashy")._value.get()
+    metric = crashy_server.node.metrics.plugin_errors.labels(
+        "crashy", "message_handler"
+    )._value.get()
     assert metric == 1
 
 
@@ -436,8 +439,106 @@ async def test_one_plugins_failing_hook_does_not_silence_the_others(
         await asyncio.sleep(0.01)
     assert recorder.seen == ["alice"]
     assert any(
-        "plugin broken: hook pushsvc_connected raised" in r.getMessage() for r in caplog.records
+        "plugin broken: hook pushsvc_connected raised RuntimeError" in r.getMessage()
+        for r in caplog.records
     )
+    errors = server.node.metrics.plugin_errors
+    assert errors.labels("broken", "pushsvc_connected")._value.get() == 1
+    assert errors.labels("recorder", "pushsvc_connected")._value.get() == 0
+
+
+class AsyncRaisesOnDisconnect:
+    @hookimpl
+    async def pushsvc_disconnected(self, principal: Any, session: str) -> None:
+        await asyncio.sleep(0)
+        raise RuntimeError("async plugin broke")
+
+
+async def test_an_async_notification_hook_error_is_counted(start_server: Any) -> None:
+    server = await start_server(extra=[("asyncbroken", AsyncRaisesOnDisconnect())])
+    client = await server.connect("alice")
+    client.close()
+    counter = server.node.metrics.plugin_errors.labels("asyncbroken", "pushsvc_disconnected")
+    for _ in range(200):
+        if counter._value.get():
+            break
+        await asyncio.sleep(0.01)
+    assert counter._value.get() == 1
+
+
+class RaisesOnAuthorize:
+    @hookimpl(tryfirst=True)
+    def pushsvc_authorize_room(self, principal: Any, room: str) -> bool | None:
+        if room.startswith("bad-"):
+            raise RuntimeError("the room service is down")
+        return None
+
+
+async def test_a_firstresult_hook_that_raises_refuses_and_is_counted(
+    start_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = await start_server(extra=[("gate", RaisesOnAuthorize())])
+    client = await server.connect("alice", rooms=["*"])
+    await client.send({"type": "join", "room": "bad-one", "ref": "1"})
+    error = await client.recv_type("error")
+    assert error["code"] == "forbidden" and error["ref"] == "1"
+    assert server.node.metrics.plugin_errors.labels("gate", "pushsvc_authorize_room")._value.get()
+    assert any(
+        "plugin gate: hook pushsvc_authorize_room raised RuntimeError" in r.getMessage()
+        for r in caplog.records
+    )
+    # The connection goes on, and the next call asks every plugin again.
+    await client.send({"type": "join", "room": "lobby", "ref": "2"})
+    assert (await client.recv_type("reply"))["room"] == "lobby"
+
+
+class BrokenRoutes:
+    class Broken(tornado.web.RequestHandler):
+        def get(self) -> None:
+            raise RuntimeError("route broke")
+
+    class BrokenApi(pushsvc.ApiHandler):
+        async def get(self) -> None:
+            raise RuntimeError("api route broke")
+
+    @hookimpl
+    def pushsvc_register_routes(self) -> list[tuple[str, type, dict[str, Any]]]:
+        return [
+            (r"/broken", self.Broken, {}),
+            (r"/broken-api", self.BrokenApi, {"node": None}),
+        ]
+
+
+async def test_a_raising_route_is_logged_with_its_plugin_and_counted(
+    start_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = await start_server(extra=[("routes", BrokenRoutes())])
+    status, _body, _ = await server.http("GET", "/broken", auth_header=False)
+    assert status == 500
+    status, body, _ = await server.http("GET", "/broken-api")
+    assert status == 500 and body["error"] == "internal"
+    assert server.node.metrics.plugin_errors.labels("routes", "route")._value.get() == 2
+    assert any(
+        "plugin routes: route (GET /broken) raised RuntimeError" in r.getMessage()
+        for r in caplog.records
+    )
+    # Other routes and plugins go on.
+    status, body, _ = await server.http("GET", "/poke/stats", auth_header=False)
+    assert status == 200
+    # A handled HTTP error is an answer, not a plugin failure.
+    status, _body, _ = await server.http("POST", "/broken", auth_header=False)
+    assert status == 405
+    assert server.node.metrics.plugin_errors.labels("routes", "route")._value.get() == 2
+
+
+def test_a_wrapper_on_an_isolated_hook_is_refused() -> None:
+    class Wrapping:
+        @hookimpl(wrapper=True)
+        def pushsvc_connected(self, principal: Any, session: str) -> Any:
+            return (yield)
+
+    with pytest.raises(PluginError, match="pushsvc_connected cannot be a wrapper"):
+        load_plugins(extra=[("wrapping", Wrapping())])
 
 
 def test_check_config_names_the_plugin_file_and_line_of_an_import_error(tmp_path: Path) -> None:

@@ -54,6 +54,7 @@ class Node:
         self.config = config  # the configuration in force (replaced on reload)
         self.metrics = metrics  # Prometheus series
         self.plugins = plugins  # hooks and message types
+        plugins.count_error = self._plugin_failed  # pushsvc_plugin_errors_total{plugin, hook}
         self.broker = broker  # other nodes
         self.store = store  # durable messages
         self.delivery = DeliveryTracker(
@@ -129,6 +130,9 @@ class Node:
             api = self.config.api
             self.api_buckets.reconfigure(api.rate, api.burst, time.monotonic())
         return list(changed)
+
+    def _plugin_failed(self, plugin: str, hook: str) -> None:
+        self.metrics.plugin_errors.labels(plugin, hook).inc()
 
     def _dead_lettered(self, user: str, message: dict[str, Any], reason: str) -> None:
         self.plugins.notify("pushsvc_dead_lettered", user=user, message=message, reason=reason)

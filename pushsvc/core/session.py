@@ -21,7 +21,7 @@ from pushsvc.core.ratelimit import KeyedBuckets, TokenBucket, ViolationCounter
 from pushsvc.ops.metrics import Metrics
 from pushsvc.plugin.api import FrameContext, Reply
 from pushsvc.plugin.api import Node as PluginNode
-from pushsvc.plugin.manager import RegisteredType
+from pushsvc.plugin.manager import MESSAGE_HANDLER, RegisteredType
 from pushsvc.protocol import frames
 from pushsvc.protocol.codes import ErrorCode
 from pushsvc.protocol.commands import CORE_COMMANDS
@@ -279,7 +279,7 @@ class Session:
         except CommandError:
             raise
         except Exception:
-            self.services.metrics.plugin_errors.labels(plugin).inc()
+            self.services.metrics.plugin_errors.labels(plugin, MESSAGE_HANDLER).inc()
             log.exception(
                 "plugin %s failed on a %r frame",
                 plugin,

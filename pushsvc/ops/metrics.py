@@ -190,8 +190,8 @@ class Metrics:
         )
         self.plugin_errors = Counter(
             "pushsvc_plugin_errors_total",
-            "Exceptions raised by plugin handlers.",
-            ["plugin"],
+            "Exceptions raised by plugins, by plugin and hook (or message_handler, route).",
+            ["plugin", "hook"],
             registry=r,
         )
         self.messages_accepted = typed(

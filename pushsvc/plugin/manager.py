@@ -14,8 +14,9 @@ import importlib.util
 import inspect
 import logging
 import os
+import sys
 import traceback
-from collections.abc import Awaitable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, TypeVar, cast
@@ -30,7 +31,23 @@ from pushsvc.protocol.commands import CORE_TYPES
 log = logging.getLogger("pushsvc.plugins")
 
 ENTRY_POINT_GROUP = "pushsvc"
-#: Frame types core handles itself; a plugin cannot declare them.
+#: Hooks pushsvc calls implementation by implementation (:meth:`Plugins.notify`,
+#: :meth:`Plugins.first_result`), so that one plugin's exception stops no other;
+#: a wrapper (``wrapper=True``, ``hookwrapper=True``) on them is refused at load.
+ISOLATED_HOOKS = frozenset(
+    {
+        "pushsvc_authorize_room",
+        "pushsvc_connected",
+        "pushsvc_disconnected",
+        "pushsvc_dead_lettered",
+    }
+)
+#: ``hook`` label of ``pushsvc_plugin_errors_total`` for a message handler's exception.
+MESSAGE_HANDLER = "message_handler"
+#: ``hook`` label of ``pushsvc_plugin_errors_total`` for an HTTP route's exception.
+ROUTE = "route"
+
+ErrorCounter = Callable[[str, str], None]
 
 T = TypeVar("T")
 
@@ -165,6 +182,29 @@ class Plugins:
         self.hook = manager.hook  # shortcut for calling hooks
         self.loaded = loaded  # entry-point plugins, in load order
         self.types = types  # frame type -> declaration
+        #: counts an exception by (plugin, hook); the node binds it to the metric
+        self.count_error: ErrorCounter = _count_nothing
+
+    def failed(
+        self, plugin: str, hook: str, exc: BaseException | None = None, detail: str = ""
+    ) -> None:
+        """Log and count an exception a plugin's ``hook`` raised.
+
+        ``exc`` is the exception (default: the one being handled); ``detail``
+        is added to the log line (a route's method and path).
+        """
+        self.count_error(plugin, hook)
+        error = exc if exc is not None else sys.exc_info()[1]
+        what = hook.replace("_", " ") if hook in (ROUTE, MESSAGE_HANDLER) else f"hook {hook}"
+        where = f" ({detail})" if detail else ""
+        log.error(
+            "plugin %s: %s%s raised %s",
+            plugin,
+            what,
+            where,
+            type(error).__name__,
+            exc_info=error,
+        )
 
     def hooks_of(self, name: str) -> list[HookImplementation]:
         """The hooks plugin ``name`` implements, sorted by hook name, with their marks."""
@@ -198,16 +238,43 @@ class Plugins:
         return routes
 
     def authorize_room(self, principal: Principal, room: str) -> bool:
-        """First result of ``pushsvc_authorize_room`` (the default policy decides last)."""
-        return bool(self.hook.pushsvc_authorize_room(principal=principal, room=room))
+        """First result of ``pushsvc_authorize_room`` (the default policy decides last).
+
+        A plugin that raises refuses the room (fail closed).
+        """
+        return bool(
+            self.first_result("pushsvc_authorize_room", False, principal=principal, room=room)
+        )
+
+    def first_result(self, hook_name: str, on_error: Any, **kwargs: Any) -> Any:
+        """Call a firstresult hook implementation by implementation; the first non-None wins.
+
+        An implementation that raises is logged with its plugin's name and
+        counted, and the call answers ``on_error`` (the refusal) without
+        asking the next plugins: they cannot know what the failing one would
+        have decided. The next call asks every plugin again.
+        """
+        caller = getattr(self.hook, hook_name)
+        for impl in reversed(caller.get_hookimpls()):  # pluggy calls the last registered first
+            arguments = {name: kwargs[name] for name in impl.argnames if name in kwargs}
+            try:
+                result = impl.function(**arguments)
+            except Exception as exc:
+                self.failed(impl.plugin_name, hook_name, exc)
+                return on_error
+            if result is not None:
+                return result
+        return None
 
     def notify(self, hook_name: str, **kwargs: Any) -> None:
         """Call every implementation of a notification hook; one plugin's error stops no other.
 
         pluggy stops a hook call at the first implementation that raises; here
         each implementation is called on its own, in pluggy's order (``tryfirst``
-        ... ``trylast``), and an error is logged with the plugin's name. An
-        implementation that returns an awaitable is run as a task.
+        ... ``trylast``), and an error is logged with the plugin's name and
+        counted in ``pushsvc_plugin_errors_total{plugin, hook}``. An
+        implementation that returns an awaitable is run as a task (its error
+        is logged and counted the same way).
         """
         caller = getattr(self.hook, hook_name)
         for impl in reversed(caller.get_hookimpls()):  # pluggy calls the last registered first
@@ -216,14 +283,19 @@ class Plugins:
                 result = impl.function(**arguments)
                 if inspect.isawaitable(result):
                     task = asyncio.ensure_future(result)
-                    task.add_done_callback(functools.partial(_report, hook_name, impl.plugin_name))
-            except Exception:
-                log.exception("plugin %s: hook %s raised", impl.plugin_name, hook_name)
+                    task.add_done_callback(
+                        functools.partial(self._report, hook_name, impl.plugin_name)
+                    )
+            except Exception as exc:
+                self.failed(impl.plugin_name, hook_name, exc)
+
+    def _report(self, hook_name: str, plugin: str, task: asyncio.Future[Any]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self.failed(plugin, hook_name, task.exception())
 
 
-def _report(hook_name: str, plugin: str, task: asyncio.Future[Any]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("plugin %s: hook %s raised", plugin, hook_name, exc_info=task.exception())
+def _count_nothing(plugin: str, hook: str) -> None:
+    """The error counter of :class:`Plugins` not bound to metrics (``pushsvc plugins``)."""
 
 
 def _distribution_of(entry_point: metadata.EntryPoint) -> str:
@@ -282,6 +354,14 @@ def load_plugins(
             f"plugin {exc.plugin!r} implements an unknown hook: {exc}",
             plugin=manager.get_name(exc.plugin),
         ) from exc
+    for hook_name in sorted(ISOLATED_HOOKS):
+        for impl in getattr(manager.hook, hook_name).get_hookimpls():
+            if impl.hookwrapper or impl.wrapper:
+                raise PluginError(
+                    f"plugin {impl.plugin_name!r}: {hook_name} cannot be a wrapper "
+                    "(pushsvc calls it implementation by implementation)",
+                    plugin=impl.plugin_name,
+                )
 
     dists = {name: dist for name, dist, _plugin in sources}
     declared_by: dict[str, list[MessageType]] = {}
