@@ -635,3 +635,41 @@ def test_plugin_reads_its_settings_from_the_node_config() -> None:
         PluginError, match=r"declares setting 'rate' as 2\.0, not a pushsvc\.Setting"
     ):
         load_plugins(extra=[("bad", NotASetting())])
+
+
+class Typing:
+    """``typing``: to the room's other connections; the reply lists the room's members."""
+
+    @hookimpl
+    def pushsvc_register_message_types(self) -> list[MessageType]:
+        async def typing(ctx: FrameContext) -> Reply:
+            room = ctx.frame["room"]
+            message = {"type": "typing", "room": room, "user": ctx.principal.user}
+            message_id = await ctx.publish(room, message, exclude=ctx.session)
+            return Reply({"id": message_id, "members": ctx.members(room)})
+
+        return [MessageType("typing", typing, {"room": Field(str)})]
+
+
+@pytest.mark.parametrize("broker", ["memory://", "memory://?delivery=async"])
+async def test_publish_excludes_a_session_and_members_lists_the_room(
+    start_server: Any, broker: str
+) -> None:
+    """``memory://?delivery=async`` sends the envelope through its wire form: the session
+    left out travels in it, as it reaches the other nodes."""
+    server = await start_server(extra=[("typing", Typing())], broker={"url": broker})
+    sender = await server.connect("ann", rooms=["*"])
+    same_user = await server.connect("ann", rooms=["*"])
+    other = await server.connect("ben", rooms=["*"])
+    for client in (sender, same_user, other):
+        await client.send({"type": "join", "room": "r", "ref": "j"})
+        await client.recv_type("reply")
+    await sender.send({"type": "typing", "room": "r", "ref": "t"})
+    reply = await sender.recv_type("reply")
+    assert reply["members"] == ["ann", "ben"]
+    for client in (same_user, other):
+        frame = await client.recv_type("typing")
+        assert frame["id"] == reply["id"] and frame["user"] == "ann"
+    await sender.expect_nothing(0.2, ignore=("presence",))
+    delivered = server.node.metrics.messages_delivered.labels("typing")._value.get()
+    assert delivered == 2

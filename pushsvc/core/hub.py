@@ -27,6 +27,10 @@ from pushsvc.protocol.frames import Broadcast
 
 log = logging.getLogger("pushsvc.hub")
 
+#: ``type`` of the PRESENCE envelopes that carry join/leave events (not counted as messages);
+#: other PRESENCE envelopes are messages published with ``exclude`` (a session left out).
+PRESENCE_FRAME = "presence"
+
 
 class Client(Protocol):
     """What the hub needs of a connection (a :class:`~pushsvc.core.session.Session`)."""
@@ -209,11 +213,14 @@ class Hub:
             members = self.rooms.get(name)
             if not members:
                 return
-            if envelope.kind is EnvelopeKind.PRESENCE:  # to the others (``id``: its session)
-                self._broadcast([c for s, c in members.items() if s != envelope.id], envelope)
-                return
-            self.metrics.broadcast_recipients.observe(len(members))
-            sent = self._broadcast(members.values(), envelope)
+            recipients: Collection[Client] = members.values()
+            if envelope.kind is EnvelopeKind.PRESENCE:  # all but the session in ``id``
+                recipients = [c for s, c in members.items() if s != envelope.id]
+                if envelope.type == PRESENCE_FRAME:  # a join/leave event, not a message
+                    self._broadcast(recipients, envelope)
+                    return
+            self.metrics.broadcast_recipients.observe(len(recipients))
+            sent = self._broadcast(recipients, envelope)
             self.metrics.messages_delivered.labels(envelope.type).inc(sent)
             return
         clients = list(self.user_clients(name))

@@ -295,13 +295,21 @@ class Node:
         self.metrics.messages_accepted.labels(frame["type"]).inc()
         return Envelope(EnvelopeKind.LIVE, frame["type"], message_id, frames.encode(frame))
 
-    async def publish(self, room: str, message: dict[str, Any]) -> str:
-        """Fan ``message`` out to ``room``'s members on every node (at most once)."""
+    async def publish(self, room: str, message: dict[str, Any], exclude: str | None = None) -> str:
+        """Fan ``message`` out to ``room``'s members on every node (at most once).
+
+        ``exclude`` is a session left out (on whichever node it is): the
+        envelope then goes as :attr:`EnvelopeKind.PRESENCE`, whose ``id`` is
+        that session. Returns the message id.
+        """
         if "type" not in message:
             raise ValueError("message needs a 'type'")
         envelope = self._live(message)
+        message_id = envelope.id
+        if exclude is not None:
+            envelope = dataclasses.replace(envelope, kind=EnvelopeKind.PRESENCE, id=exclude)
         await self.broker.publish(room_channel(room), envelope)
-        return envelope.id
+        return message_id
 
     async def send(
         self,

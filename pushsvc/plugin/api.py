@@ -76,8 +76,15 @@ class Node(Protocol):
         """Whether the connection ``session`` has joined ``room`` on this node."""
         ...
 
-    async def publish(self, room: str, message: dict[str, Any]) -> str:
-        """Fan ``message`` out to the room's members, at most once; returns its id."""
+    def presence(self, room: str) -> list[str]:
+        """Distinct users with a connection in ``room`` on this node, sorted."""
+        ...
+
+    async def publish(self, room: str, message: dict[str, Any], exclude: str | None = None) -> str:
+        """Fan ``message`` out to the room's members, at most once; returns its id.
+
+        ``exclude`` is a session id left out (on every node).
+        """
         ...
 
     async def send(
@@ -134,12 +141,23 @@ class FrameContext:
     message_type: MessageType  # the declaration this frame matched
     node: Node  # service operations
 
-    async def publish(self, room: str, message: dict[str, Any]) -> str:
+    async def publish(
+        self, room: str, message: dict[str, Any], *, exclude: str | None = None
+    ) -> str:
         """Fan ``message`` out to the members of ``room`` (at most once).
 
-        The server adds ``id`` and ``timestamp``; returns the id.
+        The server adds ``id`` and ``timestamp``; returns the id. ``exclude``
+        is a session id that does not get it, on whichever node it is
+        connected (``exclude=ctx.session``: everyone but the sender's connection).
         """
-        return await self.node.publish(room, message)
+        return await self.node.publish(room, message, exclude)
+
+    def members(self, room: str) -> list[str]:
+        """Distinct users with a connection in ``room``, sorted.
+
+        Counts this node's connections only (as ``GET /api/v1/rooms/{room}/presence``).
+        """
+        return self.node.presence(room)
 
     async def send(
         self, to: str | Sequence[str], message: dict[str, Any], ttl: float | None = None
