@@ -24,11 +24,13 @@ from typing import TYPE_CHECKING, Any
 
 from pushsvc.config import Config, Setting
 from pushsvc.plugin.api import (
+    AuthError,
     CommandError,
     Delivery,
     Field,
     FrameContext,
     Guarantee,
+    HandshakeRequest,
     MessageType,
     Principal,
     Reply,
@@ -52,12 +54,14 @@ _LAZY: dict[str, tuple[str, str | None]] = {
 __all__ = [
     "ApiError",
     "ApiHandler",
+    "AuthError",
     "CommandError",
     "Config",
     "Delivery",
     "Field",
     "FrameContext",
     "Guarantee",
+    "HandshakeRequest",
     "IdempotencyKey",
     "MessageType",
     "Principal",

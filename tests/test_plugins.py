@@ -10,11 +10,14 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import tornado.web
+from tornado.httpclient import HTTPClientError, HTTPRequest
+from tornado.websocket import websocket_connect
 
 import pushsvc
-from conftest import BIN, SECRET, Server
+from conftest import BIN, SECRET, Client, Server
 from pushsvc import CommandError, Field, FrameContext, MessageType, Principal, Reply, hookimpl
 from pushsvc.plugin import hookspecs
 from pushsvc.plugin.manager import PluginError, load_plugins
@@ -673,3 +676,116 @@ async def test_publish_excludes_a_session_and_members_lists_the_room(
     await sender.expect_nothing(0.2, ignore=("presence",))
     delivered = server.node.metrics.messages_delivered.labels("typing")._value.get()
     assert delivered == 2
+
+
+class RoomEvents:
+    """Records ``pushsvc_joined`` / ``pushsvc_left`` (one async, one sync)."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, str]] = []
+
+    @hookimpl
+    async def pushsvc_joined(self, principal: Any, session: str, room: str) -> None:
+        self.events.append(("joined", principal.user, room))
+
+    @hookimpl
+    def pushsvc_left(self, principal: Any, room: str) -> None:
+        self.events.append(("left", principal.user, room))
+
+    @hookimpl
+    def pushsvc_disconnected(self, principal: Any) -> None:
+        self.events.append(("disconnected", principal.user, ""))
+
+
+async def test_joined_and_left_hooks(start_server: Any) -> None:
+    plugin = RoomEvents()
+    server = await start_server(extra=[("rooms", plugin)], chat={"auto_join": False})
+    client = await server.connect("ann", rooms=["*"])
+    for frame in (
+        {"type": "join", "room": "r1", "ref": "1"},
+        {"type": "join", "room": "r1", "ref": "2"},  # already in: no second event
+        {"type": "leave", "room": "r1", "ref": "3"},
+        {"type": "join", "room": "r2", "ref": "4"},
+    ):
+        await client.send(frame)
+        await client.recv_type("reply")
+    client.close()
+    for _ in range(200):
+        if plugin.events and plugin.events[-1][0] == "disconnected":
+            break
+        await asyncio.sleep(0.01)
+    assert plugin.events == [
+        ("joined", "ann", "r1"),
+        ("left", "ann", "r1"),
+        ("joined", "ann", "r2"),
+        ("left", "ann", "r2"),
+        ("disconnected", "ann", ""),
+    ]
+
+
+class ApiKeys:
+    """Accepts ``key_good`` tokens and a ``sid`` cookie; refuses other ``key_`` tokens."""
+
+    @hookimpl
+    async def pushsvc_authenticate(
+        self, token: str | None, request: pushsvc.HandshakeRequest | None
+    ) -> Principal | None:
+        await asyncio.sleep(0)
+        if token == "key_boom":
+            raise RuntimeError("the key store is down")
+        if token is not None and token.startswith("key_"):
+            if token != "key_good":
+                raise pushsvc.AuthError("unknown_key", "no such API key")
+            return Principal("keyed", "Keyed", frozenset(), ("*",), None)
+        if token is None and request is not None and request.cookie("sid") == "s3cret":
+            return Principal("cookie", None, frozenset(), None, None)
+        return None
+
+
+async def raw_connect(
+    server: Server, suffix: str = "", headers: dict[str, str] | None = None
+) -> tuple[int, Any]:
+    """Connect with no minted token: ``(101, Client)``, or ``(status, error body)``."""
+    try:
+        conn = await websocket_connect(HTTPRequest(server.ws_url + suffix, headers=headers))
+    except HTTPClientError as exc:
+        return exc.code, orjson.loads(exc.response.body if exc.response else b"null")
+    client = Client(conn)
+    client.welcome = await client.recv_type("welcome")
+    return 101, client
+
+
+async def test_authenticate_hook_accepts_keys_and_cookies_before_the_jwt(
+    start_server: Any,
+) -> None:
+    server = await start_server(extra=[("keys", ApiKeys())])
+    status, keyed = await raw_connect(server, "?access_token=key_good")
+    assert status == 101 and keyed.welcome["user"] == "keyed"
+    status, cookie = await raw_connect(server, headers={"Cookie": "theme=dark; sid=s3cret"})
+    assert status == 101 and cookie.welcome["user"] == "cookie"
+    # An auth frame goes through the hook too.
+    await keyed.send({"type": "auth", "token": "key_good", "ref": "a"})
+    assert (await keyed.recv_type("reply", "error"))["type"] == "reply"
+    await keyed.send({"type": "auth", "token": "key_nope", "ref": "b"})
+    error = await keyed.recv_type("error")
+    assert error["code"] == "forbidden" and "unknown_key" in error["message"]
+    # A JWT still works when no plugin decides.
+    jwt_client = await server.connect("ann")
+    assert jwt_client.welcome["user"] == "ann"
+    # Refusals: the plugin's own reason; a plugin error fails closed and is counted.
+    assert await raw_connect(server, "?access_token=key_nope") == (
+        401,
+        {"error": "unauthorized", "reason": "unknown_key"},
+    )
+    assert await raw_connect(server, "?access_token=key_boom") == (
+        401,
+        {"error": "unauthorized", "reason": "plugin_error"},
+    )
+    errors = server.node.metrics.plugin_errors.labels("keys", "pushsvc_authenticate")
+    assert errors._value.get() == 1
+    assert await raw_connect(server) == (401, {"error": "unauthorized", "reason": "missing_token"})
+    # The server API does not take plugin credentials.
+    status, _body, _ = await server.http(
+        "GET", "/api/v1/rooms/lobby/presence", headers={"Authorization": "Bearer key_good"}
+    )
+    assert status == 401

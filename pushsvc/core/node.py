@@ -35,7 +35,7 @@ from pushsvc.core.ratelimit import KeyedBuckets
 from pushsvc.core.session import Session
 from pushsvc.delivery.tracker import Delivery as DeliveryTracker
 from pushsvc.ops.metrics import Metrics
-from pushsvc.plugin.api import CommandError, Delivery, Guarantee, Principal
+from pushsvc.plugin.api import CommandError, Delivery, Guarantee, HandshakeRequest, Principal
 from pushsvc.plugin.manager import Plugins, RegisteredType
 from pushsvc.protocol import frames
 from pushsvc.protocol.codes import ErrorCode
@@ -171,6 +171,20 @@ class Node:
         self.revocations.check(principal)
         return principal
 
+    async def authenticate_client(
+        self, token: str | None, request: HandshakeRequest | None = None
+    ) -> Principal:
+        """Authenticate a WebSocket client: ``pushsvc_authenticate`` first, then the JWT.
+
+        ``request`` is the upgrade request (None for an ``auth`` frame).
+        Raises :class:`~pushsvc.auth.AuthError` like :meth:`authenticate`.
+        """
+        principal = await self.plugins.authenticate(token, request)
+        if principal is None:
+            return await self.authenticate(token)
+        self.revocations.check(principal)
+        return principal
+
     # -- rooms ------------------------------------------------------------------
 
     def may_join(self, principal: Principal, room: str) -> bool:
@@ -195,11 +209,16 @@ class Node:
             raise CommandError(ErrorCode.FORBIDDEN, "too many rooms on this connection")
         if await self.hub.join(session, room):
             await self._presence(room, "join", session)
+            self._room_hook("pushsvc_joined", session, room)
 
     async def leave(self, session: Session, room: str) -> None:
         """Remove ``session`` from ``room`` and tell the other members."""
         if await self.hub.leave(session, room):
             await self._presence(room, "leave", session)
+            self._room_hook("pushsvc_left", session, room)
+
+    def _room_hook(self, hook: str, session: Session, room: str) -> None:
+        self.plugins.notify(hook, principal=session.principal, session=session.session, room=room)
 
     async def _presence(self, room: str, event: str, session: Session) -> None:
         if len(self.hub.members(room)) > self.config.chat.presence_max_members:
@@ -238,6 +257,7 @@ class Node:
         rooms = await self.hub.remove(session)
         for room in rooms:
             await self._presence(room, "leave", session)
+            self._room_hook("pushsvc_left", session, room)
         self.delivery.disconnected(session)
         self.plugins.notify(
             "pushsvc_disconnected", principal=session.principal, session=session.session, code=code

@@ -84,8 +84,8 @@ class SessionServices(PluginNode, Protocol):
         """Distinct users with a local connection in ``room``, sorted."""
         ...
 
-    async def authenticate(self, token: str | None) -> Principal:
-        """Verify a token (raises :class:`~pushsvc.auth.tokens.AuthError`)."""
+    async def authenticate_client(self, token: str | None) -> Principal:
+        """Authenticate a client's new token: plugins, then the JWT (raises ``AuthError``)."""
         ...
 
     def token_refreshed(self, session: Session) -> None:
@@ -330,7 +330,7 @@ class Session:
 
     async def _reauthenticate(self, token: str, ref: str | None) -> None:
         try:
-            principal = await self.services.authenticate(token)
+            principal = await self.services.authenticate_client(token)
         except AuthError as exc:
             raise CommandError(ErrorCode.FORBIDDEN, f"token refused: {exc.reason}") from exc
         if principal.user != self.principal.user:

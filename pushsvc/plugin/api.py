@@ -6,6 +6,7 @@ Everything here is re-exported from :mod:`pushsvc`; import it from there.
 from __future__ import annotations
 
 import enum
+import http.cookies
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -13,17 +14,20 @@ from typing import Any, Protocol
 import pluggy
 
 from pushsvc.auth.principal import Principal
+from pushsvc.auth.tokens import AuthError
 from pushsvc.config import Config
 from pushsvc.protocol.fields import CommandError, Field
 from pushsvc.store import IdempotencyKey
 
 __all__ = [
+    "AuthError",
     "CommandError",
     "Delivery",
     "Field",
     "FrameContext",
     "Guarantee",
     "Handler",
+    "HandshakeRequest",
     "MessageType",
     "Node",
     "Principal",
@@ -61,6 +65,24 @@ class Delivery:
 
     id: str
     recipients: Sequence[str]
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeRequest:
+    """The WebSocket upgrade request, as ``pushsvc_authenticate`` sees it."""
+
+    headers: Mapping[str, str]  # the request headers; ``get`` ignores the name's case
+    remote_ip: str  # the client's address (``X-Forwarded-For`` applied when trusted)
+
+    def cookie(self, name: str) -> str | None:
+        """The value of cookie ``name`` of the ``Cookie`` header, if sent."""
+        jar = http.cookies.SimpleCookie()
+        try:
+            jar.load(self.headers.get("Cookie") or "")
+        except http.cookies.CookieError:
+            return None
+        morsel = jar.get(name)
+        return morsel.value if morsel is not None else None
 
 
 class Node(Protocol):

@@ -23,9 +23,10 @@ from typing import Any, TypeVar, cast
 
 import pluggy
 
+from pushsvc.auth.tokens import AuthError
 from pushsvc.config import Setting
 from pushsvc.plugin import hookspecs
-from pushsvc.plugin.api import MessageType, Principal, hookimpl
+from pushsvc.plugin.api import HandshakeRequest, MessageType, Principal, hookimpl
 from pushsvc.protocol.commands import CORE_TYPES
 
 log = logging.getLogger("pushsvc.plugins")
@@ -36,10 +37,13 @@ ENTRY_POINT_GROUP = "pushsvc"
 #: a wrapper (``wrapper=True``, ``hookwrapper=True``) on them is refused at load.
 ISOLATED_HOOKS = frozenset(
     {
+        "pushsvc_authenticate",
         "pushsvc_authorize_room",
         "pushsvc_connected",
-        "pushsvc_disconnected",
         "pushsvc_dead_lettered",
+        "pushsvc_disconnected",
+        "pushsvc_joined",
+        "pushsvc_left",
     }
 )
 #: ``hook`` label of ``pushsvc_plugin_errors_total`` for a message handler's exception.
@@ -245,6 +249,34 @@ class Plugins:
         return bool(
             self.first_result("pushsvc_authorize_room", False, principal=principal, room=room)
         )
+
+    async def authenticate(
+        self, token: str | None, request: HandshakeRequest | None
+    ) -> Principal | None:
+        """First result of ``pushsvc_authenticate``; None: no plugin decided (check the JWT).
+
+        Raises:
+            AuthError: a plugin refused (its own reason), or one raised
+                anything else or returned something other than a
+                ``Principal`` (``plugin_error``, fail closed; logged and counted).
+        """
+        hook_name = "pushsvc_authenticate"
+        arguments = {"token": token, "request": request}
+        for impl in reversed(self.hook.pushsvc_authenticate.get_hookimpls()):
+            try:
+                result = await await_me_maybe(
+                    impl.function(**{name: arguments[name] for name in impl.argnames})
+                )
+                if result is not None and not isinstance(result, Principal):
+                    raise TypeError(f"returned {result!r}, not a pushsvc.Principal")
+            except AuthError:
+                raise
+            except Exception as exc:
+                self.failed(impl.plugin_name, hook_name, exc)
+                raise AuthError("plugin_error", f"plugin {impl.plugin_name} failed") from exc
+            if result is not None:
+                return result
+        return None
 
     def first_result(self, hook_name: str, on_error: Any, **kwargs: Any) -> Any:
         """Call a firstresult hook implementation by implementation; the first non-None wins.

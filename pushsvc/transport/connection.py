@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from pushsvc.auth.tokens import AuthError, token_from_request
 from pushsvc.core.node import Node
 from pushsvc.core.session import Session
-from pushsvc.plugin.api import Principal
+from pushsvc.plugin.api import HandshakeRequest, Principal
 from pushsvc.protocol import ids
 from pushsvc.protocol.codes import HandshakeError
 from pushsvc.protocol.disconnects import CLIENT_CLOSE_LABEL, DISCONNECTS
@@ -76,7 +76,9 @@ async def _admit(
         node.metrics.rate_limited.labels("handshake").inc()
         raise HandshakeError(429, "too_many_connections", "handshake_rate", retry_after=retry)
     try:
-        principal = await node.authenticate(token_from_request(headers, query_token))
+        principal = await node.authenticate_client(
+            token_from_request(headers, query_token), HandshakeRequest(headers, remote_ip)
+        )
     except AuthError as exc:
         raise HandshakeError(401, "unauthorized", exc.reason) from exc
     limits = config.ratelimit
