@@ -213,6 +213,8 @@ class Service:
         self.node.user_buckets.prune(now)
         self.node.handshake_buckets.prune(now)
         self.node.api_buckets.prune(now)
+        for buckets in self.node.type_buckets.values():
+            buckets.prune(now)
 
     def status(self) -> str:
         """The ``STATUS=`` line for systemd: what the service does and its connection count."""

@@ -196,8 +196,10 @@ def _plugins(config: Config) -> int:
         for name in plugin.message_types:
             declared = plugins.types[name].message_type
             scope = f", scope {declared.scope}" if declared.scope else ""
+            bucket = declared.bucket
+            own = f", own bucket {bucket[0]:g}/s burst {bucket[1]:g}" if bucket else ""
             print(
-                f"    {name}: {declared.guarantee.value}, cost {declared.cost:g}{scope}"
+                f"    {name}: {declared.guarantee.value}, cost {declared.cost:g}{scope}{own}"
                 f"  {declared.description}"
             )
         hooks = plugins.hooks_of(plugin.name)

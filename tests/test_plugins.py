@@ -789,3 +789,80 @@ async def test_authenticate_hook_accepts_keys_and_cookies_before_the_jwt(
         "GET", "/api/v1/rooms/lobby/presence", headers={"Authorization": "Bearer key_good"}
     )
     assert status == 401
+
+
+class Buckets:
+    """``typing`` with a bucket of its own, ``say`` and ``heavy`` on the shared ones."""
+
+    @hookimpl
+    def pushsvc_register_message_types(self) -> list[MessageType]:
+        async def ok(ctx: FrameContext) -> Reply:
+            return Reply()
+
+        return [
+            MessageType("typing", ok, rate=0.001, burst=2),
+            MessageType("say", ok),
+            MessageType("heavy", ok, {"n": Field(int)}, cost=3),
+        ]
+
+
+async def answers(client: Client, frame: dict[str, Any], count: int) -> list[str]:
+    """Send ``frame`` ``count`` times; the reply or the error code of each."""
+    out = []
+    for i in range(count):
+        await client.send({**frame, "ref": str(i)})
+        answer = await client.recv_type("reply", "error")
+        out.append("ok" if answer["type"] == "reply" else f"{answer['code']} {answer['message']}")
+    return out
+
+
+async def test_a_type_with_its_own_bucket_spares_the_shared_ones(start_server: Any) -> None:
+    slow = {"rate": 0.001, "burst": 5, "user_rate": 0.001, "user_burst": 50}
+    server = await start_server(
+        extra=[("buckets", Buckets())],
+        ratelimit={**slow, "abuse_violations": 1000},
+        chat={"auto_join": False},
+    )
+    client = await server.connect("ann")
+    limited = "rate_limited rate limit exceeded"
+    assert await answers(client, {"type": "typing"}, 4) == [
+        "ok",
+        "ok",
+        f"{limited} (type)",
+        f"{limited} (type)",
+    ]
+    # Refused typing frames took nothing from the connection's bucket: 5 - 2 = 3 left.
+    assert await answers(client, {"type": "say"}, 4) == [
+        "ok",
+        "ok",
+        "ok",
+        f"{limited} (connection)",
+    ]
+    assert server.node.metrics.rate_limited.labels("type")._value.get() == 2
+
+    # The cost rule: a frame of a declared type costs its cost even when its fields are bad;
+    # anything naming no declared type costs 1.
+    other = await server.connect("ben")
+    bad = await answers(other, {"type": "heavy", "n": "x"}, 2)
+    assert [a.split()[0] for a in bad] == ["bad_request", "rate_limited"]  # 5 - 3 = 2 < 3
+    assert (await answers(other, {"type": "nope"}, 1))[0].startswith("unknown_type")
+    assert (await answers(other, {"type": "nope"}, 1))[0].startswith("unknown_type")
+    assert (await answers(other, {"type": "nope"}, 1))[0].startswith("rate_limited")
+
+
+def test_message_type_bucket_is_checked() -> None:
+    async def ok(ctx: FrameContext) -> None:
+        return None
+
+    assert MessageType("t", ok).bucket is None
+    assert MessageType("t", ok, rate=0.5).bucket == (0.5, 1.0)
+    assert MessageType("t", ok, rate=4).bucket == (4, 4)
+    assert MessageType("t", ok, rate=4, burst=10).bucket == (4, 10)
+    for kwargs, problem in (
+        ({"rate": 0}, "rate must be above 0"),
+        ({"burst": 3}, "burst needs a rate"),
+        ({"rate": 1, "burst": 0.5}, "burst needs a rate and must be >= 1"),
+        ({"cost": -1}, "cost must be at least 0"),
+    ):
+        with pytest.raises(ValueError, match=problem):
+            MessageType("t", ok, **kwargs)  # type: ignore[arg-type]

@@ -14,7 +14,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pushsvc.auth import revocation
@@ -64,6 +64,11 @@ class Node:
         self.authenticator = Authenticator(config.auth, config.secret())  # token checks
         self.user_buckets = KeyedBuckets(limits.user_rate, limits.user_burst)  # per user
         self.handshake_buckets = KeyedBuckets(limits.handshake_rate, limits.handshake_burst)
+        self.type_buckets: Mapping[str, KeyedBuckets] = {  # type -> own per-user bucket
+            name: KeyedBuckets(*registered.message_type.bucket)
+            for name, registered in plugins.types.items()
+            if registered.message_type.bucket is not None
+        }
         self.api_buckets = KeyedBuckets(config.api.rate, config.api.burst)  # per API client
         self.keepalive = Keepalive(
             self.hub.all_clients,

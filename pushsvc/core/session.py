@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from pushsvc.auth.principal import Principal
@@ -67,6 +67,7 @@ class SessionServices(PluginNode, Protocol):
 
     metrics: Metrics  # Prometheus series
     user_buckets: KeyedBuckets  # the per-user rate limit, shared by the user's connections
+    type_buckets: Mapping[str, KeyedBuckets]  # message type -> its own per-user bucket
 
     def message_type(self, name: str) -> RegisteredType | None:
         """The plugin message type registered as ``name``, if any."""
@@ -202,12 +203,14 @@ class Session:
         self.last_seen = now
         command = frames.decode_frame(data, binary=binary)
         kind = "invalid"
-        cost = 1.0
+        cost = 1.0  # what a frame that names no known type costs
         registered = None
+        own: KeyedBuckets | None = None
         if isinstance(command, Command):
             registered = self.services.message_type(command.type)
             if registered is not None:
                 kind, cost = command.type, registered.message_type.cost
+                own = self.services.type_buckets.get(kind)
             elif command.type in CORE_COMMANDS:
                 kind, cost = command.type, CORE_COMMANDS[command.type].cost
             else:
@@ -216,7 +219,7 @@ class Session:
         metrics.frames_received.labels(kind).inc()
         metrics.received_bytes.labels(kind).inc(len(data))
         ref = command.ref if isinstance(command, Command | FrameError) else None
-        if not self._admit(now, cost, ref):
+        if not self._admit(now, cost, ref, own):
             return
         if isinstance(command, FrameError):
             self.send_error(command.code, command.message, command.ref)
@@ -240,10 +243,21 @@ class Session:
             )
             self.send_error(ErrorCode.INTERNAL, "internal error", command.ref)
 
-    def _admit(self, now: float, cost: float, ref: str | None) -> bool:
-        """Apply the connection and user buckets; False when the frame is refused."""
-        retry = self.bucket.try_take(now, cost)
-        bucket = "connection"
+    def _admit(
+        self, now: float, cost: float, ref: str | None, own: KeyedBuckets | None = None
+    ) -> bool:
+        """Apply the type's own bucket, then the connection and user buckets.
+
+        The type's bucket comes first so that frames it refuses take nothing
+        from the shared ones. Returns False when the frame is refused.
+        """
+        retry = 0.0
+        bucket = "type"
+        if own is not None:
+            retry = own.try_take(self.principal.user, now)
+        if not retry:
+            retry = self.bucket.try_take(now, cost)
+            bucket = "connection"
         if not retry:
             retry = self.services.user_buckets.try_take(self.principal.user, now, cost)
             bucket = "user"

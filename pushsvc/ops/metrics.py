@@ -54,8 +54,8 @@ _CODE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 SERVER_TYPES = frozenset({"invalid", "unknown", *SERVER_TYPES, *CORE_TYPES})
 #: Label value for a message type that no plugin declared (bounded cardinality).
 OTHER_TYPE = OTHER
-#: ``bucket`` of a rate-limited frame, handshake or API call.
-RATE_LIMIT_BUCKETS = ("connection", "user", "handshake", "api")
+#: ``bucket`` of a rate-limited frame, handshake or API call (``type``: a message type's own).
+RATE_LIMIT_BUCKETS = ("connection", "user", "type", "handshake", "api")
 #: Store operations timed by :func:`Metrics.instrument_store` (others are timed too).
 STORE_OPERATIONS = (
     "accept",

@@ -139,9 +139,18 @@ class MessageType:
             are ignored, and ``user``, ``from`` and ``timestamp`` are always
             dropped (the server fills them).
         guarantee: what :meth:`FrameContext.send` promises for this type.
-        cost: tokens of the rate-limit buckets one frame of this type takes.
+        cost: tokens of the connection's and the user's buckets one frame of
+            this type takes (0: none).
         scope: a token scope the sender needs (``forbidden`` otherwise).
         description: one line for ``pushsvc plugins``.
+        rate: frames of this type per second per user, in a bucket of the
+            type's own that is checked before the shared ones (None: no own
+            bucket).
+        burst: that bucket's size in frames (default: ``rate``, at least 1).
+
+    Raises:
+        ValueError: a negative ``cost``, a ``rate`` that is not positive, a
+            ``burst`` below 1 or without a ``rate``.
     """
 
     name: str
@@ -151,6 +160,23 @@ class MessageType:
     cost: float = 1.0
     scope: str | None = None
     description: str = ""
+    rate: float | None = None
+    burst: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.cost < 0:
+            raise ValueError(f"MessageType {self.name!r}: cost must be at least 0")
+        if self.rate is not None and not self.rate > 0:
+            raise ValueError(f"MessageType {self.name!r}: rate must be above 0")
+        if self.burst is not None and (self.rate is None or not self.burst >= 1):
+            raise ValueError(f"MessageType {self.name!r}: burst needs a rate and must be >= 1")
+
+    @property
+    def bucket(self) -> tuple[float, float] | None:
+        """``(rate, burst)`` of the type's own bucket, or None."""
+        if self.rate is None:
+            return None
+        return self.rate, self.burst if self.burst is not None else max(1.0, self.rate)
 
 
 @dataclass(frozen=True, slots=True)
