@@ -25,7 +25,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("plugin",),
     ("core",),
     ("transport", "http"),
-    ("app", "cli", "client", "__main__", "api", "__init__"),
+    ("app", "cli", "client", "__main__", "api", "__init__", "scaffold"),
+    ("testing", "pytest_plugin"),
 )
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 

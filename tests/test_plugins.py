@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 import subprocess
 import sys
 import textwrap
@@ -866,3 +867,73 @@ def test_message_type_bucket_is_checked() -> None:
     ):
         with pytest.raises(ValueError, match=problem):
             MessageType("t", ok, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+def test_new_plugin_writes_a_distribution_that_installs_and_passes_its_tests(
+    tmp_path: Path,
+) -> None:
+    made = run_cli("new-plugin", "shout", "--directory", str(tmp_path))
+    assert made.returncode == 0, made.stderr
+    root = tmp_path / "pushsvc-shout"
+    assert {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()} == {
+        "setup.cfg",
+        "pyproject.toml",
+        "README.md",
+        "pushsvc_shout/__init__.py",
+        "tests/test_shout.py",
+    }
+    again = run_cli("new-plugin", "shout", "--directory", str(tmp_path))
+    assert again.returncode == 2 and "exists already" in again.stderr
+    bad = run_cli("new-plugin", "Shout!", "--directory", str(tmp_path))
+    assert bad.returncode == 2 and "lowercase" in bad.stderr
+    assert run_cli("new-plugin", "join", "--directory", str(tmp_path)).returncode == 2
+
+    # Installed with pip (into a folder of its own, not this environment) ...
+    site = tmp_path / "site"
+    installed = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), root],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert installed.returncode == 0, installed.stderr
+    listed = run_cli("plugins", pythonpath=site)
+    assert listed.returncode == 0, listed.stderr
+    assert "shout  (pushsvc-shout 0.1.0, module pushsvc_shout)" in listed.stdout
+    assert "shout: at-most-once, cost 1, own bucket 5/s burst 10" in listed.stdout
+    assert "    pushsvc_joined\n" in listed.stdout
+    # ... its generated tests pass, run as its author would (its own rootdir and config).
+    tested = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(site)},
+        check=False,
+    )
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    assert "2 passed" in tested.stdout
+
+
+async def test_the_testing_kit_drives_the_builtin_plugins(pushsvc_server: Any) -> None:
+    """``pushsvc.testing`` (its pytest fixtures are registered by the entry point)."""
+    ann = await pushsvc_server.connect("ann")
+    ben = await pushsvc_server.connect("ben")
+    assert ann.user == "ann" and ann.session
+    chat = await ann.request({"type": "chat", "text": "hi"})  # both are in the default room
+    assert chat["type"] == "reply"
+    assert (await ben.recv_type("chat"))["id"] == chat["id"]
+    private = await ann.request({"type": "private", "to": "ben", "text": "psst"})
+    message = await ben.recv_type("private")
+    assert message["id"] == private["id"] and await ben.ack(message["id"]) == 1
+    refused = await ann.request({"type": "notification", "to": "ben", "title": "t", "message": "m"})
+    assert refused["code"] == "forbidden"  # needs scope notify
+    response = await pushsvc_server.http(
+        "POST", "/api/v1/notify", {"to": "ben", "title": "t", "message": "m"}
+    )
+    assert response.status == 202 and response.body["recipients"] == 1
+    assert (await pushsvc_server.http("GET", "/api/v1/openapi.json", token="")).status == 200
+    assert (await pushsvc_server.http("POST", "/api/v1/notify", {}, token="")).status == 401
