@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from pushsvc.config import Config, Setting
 from pushsvc.plugin.api import (
+    PLUGIN_API_VERSION,
     AuthError,
     CommandError,
     Delivery,
@@ -52,6 +53,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
 }
 
 __all__ = [
+    "PLUGIN_API_VERSION",
     "ApiError",
     "ApiHandler",
     "AuthError",

@@ -386,7 +386,7 @@ class Service:
         for timer in self._timers:
             timer.cancel()
         await asyncio.gather(*self._timers, return_exceptions=True)
-        await await_each(node.plugins.hook.pushsvc_shutdown(node=node))
+        await node.plugins.call_each("pushsvc_shutdown", node=node)  # each one, errors logged
         await node.broker.close()
         await node.store.close()  # runs every queued write first
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from pushsvc.plugin.api import PLUGIN_API_VERSION
 from pushsvc.protocol.commands import CORE_TYPES
 from pushsvc.version import __version__
 
@@ -63,6 +64,8 @@ from pushsvc import CommandError, Field, FrameContext, MessageType, Principal, R
 
 log = logging.getLogger(__name__)
 
+#: The plugin API this plugin needs (pushsvc refuses to load it on an older one).
+PUSHSVC_PLUGIN_API = "{api_version}"
 MAX_TEXT = 1000
 
 
@@ -176,7 +179,12 @@ def write(name: str, parent: Path) -> Path:
     dist = name.replace("_", "-")
     root = parent / f"pushsvc-{dist}"
     root.mkdir(parents=True)
-    values = {"name": name, "dist": dist, "pushsvc_version": __version__}
+    values = {
+        "name": name,
+        "dist": dist,
+        "pushsvc_version": __version__,
+        "api_version": PLUGIN_API_VERSION,
+    }
     files = {
         "setup.cfg": SETUP_CFG,
         "pyproject.toml": PYPROJECT,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -21,7 +22,7 @@ import pushsvc
 from conftest import BIN, SECRET, Client, Server
 from pushsvc import CommandError, Field, FrameContext, MessageType, Principal, Reply, hookimpl
 from pushsvc.plugin import hookspecs
-from pushsvc.plugin.manager import PluginError, load_plugins
+from pushsvc.plugin.manager import ISOLATED_HOOKS, PluginError, load_plugins
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -275,15 +276,88 @@ async def test_third_party_plugin_over_a_real_socket(server: Server) -> None:
     assert status == 200 and body["pokes"]["ann"] >= 1
 
 
+def hook_kind(name: str) -> str:
+    """What docs/plugins.md must call a hook's kind, from its spec and how pushsvc calls it."""
+    spec = getattr(hookspecs, name).pushsvc_spec
+    if spec["firstresult"]:
+        return "firstresult"
+    if name in ("pushsvc_startup", "pushsvc_shutdown"):
+        return "lifecycle"
+    if name in ISOLATED_HOOKS:
+        return "notification"
+    return "collect"
+
+
 def test_every_hook_is_documented() -> None:
+    """One section per hookspec: its exact signature as the heading, its kind, an example."""
     docs = (ROOT / "docs" / "plugins.md").read_text()
     specs = [name for name in dir(hookspecs) if name.startswith("pushsvc_")]
-    assert len(specs) >= 7
+    assert len(specs) >= 12
+    headings = [line for line in docs.splitlines() if line.startswith("### `pushsvc_")]
+    assert len(headings) == len(specs), headings
     for name in specs:
         function = getattr(hookspecs, name)
         assert function.__doc__ and "Example::" in function.__doc__, name
         signature = f"{name}{inspect.signature(function)}".replace("'", "")
-        assert signature in docs, f"docs/plugins.md lacks the signature: {signature}"
+        heading = f"### `{signature}`"
+        assert heading in docs, f"docs/plugins.md lacks the section: {heading}"
+        section = docs.split(heading, 1)[1].split("\n#", 1)[0]
+        kind = hook_kind(name)
+        assert section.lstrip().startswith(f"Kind: {kind}."), (name, kind)
+        example = section.split("```python\n", 1)[-1]
+        assert "```python" in section and "@hookimpl" in example, name
+        assert f"def {name}(" in example, name
+        assert f"`{name}`" in docs.split("## 3. Hooks", 1)[1].split("### Errors", 1)[0] or (
+            kind == "collect"
+        ), f"{name} missing from the kinds table"
+
+
+def test_public_signatures_match_the_docs() -> None:
+    """Every ``Name(args)`` of an exported name, and the FrameContext methods, as documented."""
+    docs = (ROOT / "docs" / "plugins.md").read_text()
+    section = docs[docs.index("## 4. The plugin API") : docs.index("## 5.")]
+    context_row = next(line for line in section.splitlines() if line.startswith("| `FrameContext`"))
+    mentions = [(m, pushsvc) for m in re.finditer(r"`([A-Za-z]+)\(([^`]+)\)`", section)]
+    mentions += [
+        (m, pushsvc.FrameContext) for m in re.finditer(r"`([a-z]+)\(([^`]+)\)`", context_row)
+    ]
+    checked = set()
+    for match, owner in mentions:
+        name, arguments = match.groups()
+        if owner is pushsvc and name not in pushsvc.__all__:
+            continue
+        target = getattr(owner, name, None)
+        if target is None or not callable(target):
+            continue
+        documented = [
+            part.split("=")[0].strip()
+            for part in arguments.split(",")
+            if part.strip() and part.strip() != "*"
+        ]
+        actual = [p for p in inspect.signature(target).parameters if p != "self"]
+        assert documented == actual, (name, documented, actual)
+        checked.add(name)
+    assert {"MessageType", "Field", "Setting", "AuthError", "send", "publish", "members"} <= checked
+
+
+def test_the_plugin_api_version_is_documented_and_checked() -> None:
+    docs = (ROOT / "docs" / "plugins.md").read_text()
+    assert f'`pushsvc.PLUGIN_API_VERSION` is `"{pushsvc.PLUGIN_API_VERSION}"`' in docs
+    major, minor = map(int, pushsvc.PLUGIN_API_VERSION.split("."))
+
+    def plugin(version: object) -> object:
+        class Versioned:
+            PUSHSVC_PLUGIN_API = version
+
+        return Versioned()
+
+    for ok in (f"{major}.0", f"{major}", pushsvc.PLUGIN_API_VERSION):
+        load_plugins(extra=[("fine", plugin(ok))])
+    for too_new in (f"{major}.{minor + 1}", f"{major + 1}.0"):
+        with pytest.raises(PluginError, match=f"needs plugin API {too_new}; this pushsvc"):
+            load_plugins(extra=[("new", plugin(too_new))])
+    with pytest.raises(PluginError, match=r"must be a 'MAJOR\.MINOR' string"):
+        load_plugins(extra=[("odd", plugin(1.1))])
 
 
 def test_python_m_pushsvc() -> None:
@@ -937,3 +1011,18 @@ async def test_the_testing_kit_drives_the_builtin_plugins(pushsvc_server: Any) -
     assert response.status == 202 and response.body["recipients"] == 1
     assert (await pushsvc_server.http("GET", "/api/v1/openapi.json", token="")).status == 200
     assert (await pushsvc_server.http("POST", "/api/v1/notify", {}, token="")).status == 401
+
+
+class ShutdownFails:
+    @hookimpl
+    async def pushsvc_shutdown(self, node: Any) -> None:
+        raise RuntimeError("cannot close")
+
+
+async def test_a_failing_shutdown_hook_stops_no_other(start_server: Any) -> None:
+    plugin = AsyncLifecycle()
+    server = await start_server(extra=[("lifecycle", plugin), ("fails", ShutdownFails())])
+    await server.service.shutdown(pace=False)
+    assert plugin.events == ["startup", "shutdown"]
+    errors = server.node.metrics.plugin_errors.labels("fails", "pushsvc_shutdown")
+    assert errors._value.get() == 1

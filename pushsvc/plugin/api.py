@@ -20,6 +20,7 @@ from pushsvc.protocol.fields import CommandError, Field
 from pushsvc.store import IdempotencyKey
 
 __all__ = [
+    "PLUGIN_API_VERSION",
     "AuthError",
     "CommandError",
     "Delivery",
@@ -34,6 +35,12 @@ __all__ = [
     "Reply",
     "hookimpl",
 ]
+
+#: The plugin API's version, ``"MAJOR.MINOR"``: the hooks, their arguments and the names
+#: exported from :mod:`pushsvc` (docs/plugins.md, "Versions"). A minor version only adds
+#: (hooks, arguments, names, keyword arguments with defaults); a major one may remove or change.
+#: A plugin states the version it needs as ``PUSHSVC_PLUGIN_API = "1.1"`` in its module.
+PLUGIN_API_VERSION = "1.1"
 
 #: Marks a hook implementation: ``@hookimpl def pushsvc_register_message_types(): ...``
 hookimpl = pluggy.HookimplMarker("pushsvc")

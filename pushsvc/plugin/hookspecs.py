@@ -113,7 +113,8 @@ def pushsvc_startup(node: Any) -> Awaitable[None] | None:
 def pushsvc_shutdown(node: Any) -> Awaitable[None] | None:
     """The service has drained and is about to exit; release resources.
 
-    May return an awaitable.
+    May return an awaitable. Each implementation is awaited in turn; one that
+    raises is logged and counted and the others still run.
 
     Example::
 

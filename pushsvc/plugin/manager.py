@@ -26,7 +26,13 @@ import pluggy
 from pushsvc.auth.tokens import AuthError
 from pushsvc.config import Setting
 from pushsvc.plugin import hookspecs
-from pushsvc.plugin.api import HandshakeRequest, MessageType, Principal, hookimpl
+from pushsvc.plugin.api import (
+    PLUGIN_API_VERSION,
+    HandshakeRequest,
+    MessageType,
+    Principal,
+    hookimpl,
+)
 from pushsvc.protocol.commands import CORE_TYPES
 
 log = logging.getLogger("pushsvc.plugins")
@@ -44,6 +50,7 @@ ISOLATED_HOOKS = frozenset(
         "pushsvc_disconnected",
         "pushsvc_joined",
         "pushsvc_left",
+        "pushsvc_shutdown",
     }
 )
 #: ``hook`` label of ``pushsvc_plugin_errors_total`` for a message handler's exception.
@@ -321,6 +328,20 @@ class Plugins:
             except Exception as exc:
                 self.failed(impl.plugin_name, hook_name, exc)
 
+    async def call_each(self, hook_name: str, **kwargs: Any) -> None:
+        """Call and await every implementation in turn; an exception stops no other.
+
+        For ``pushsvc_shutdown``: one plugin's failure must not keep the
+        others (or the store) from closing. Errors are logged and counted.
+        """
+        caller = getattr(self.hook, hook_name)
+        for impl in reversed(caller.get_hookimpls()):
+            arguments = {name: kwargs[name] for name in impl.argnames if name in kwargs}
+            try:
+                await await_me_maybe(impl.function(**arguments))
+            except Exception as exc:
+                self.failed(impl.plugin_name, hook_name, exc)
+
     def _report(self, hook_name: str, plugin: str, task: asyncio.Future[Any]) -> None:
         if not task.cancelled() and task.exception() is not None:
             self.failed(plugin, hook_name, task.exception())
@@ -328,6 +349,40 @@ class Plugins:
 
 def _count_nothing(plugin: str, hook: str) -> None:
     """The error counter of :class:`Plugins` not bound to metrics (``pushsvc plugins``)."""
+
+
+def _parse_version(version: object) -> tuple[int, int] | None:
+    if not isinstance(version, str):
+        return None
+    major, dot, minor = version.partition(".")
+    if not (major.isdigit() and (not dot or minor.isdigit())):
+        return None
+    return int(major), int(minor or 0)
+
+
+def _check_api_version(name: str, dist: str, plugin: object) -> None:
+    """Refuse a plugin whose ``PUSHSVC_PLUGIN_API`` this pushsvc does not provide.
+
+    Compatible: the same major version, and a minor one not above ours.
+    """
+    required = getattr(plugin, "PUSHSVC_PLUGIN_API", None)
+    if required is None:
+        return
+    wanted = _parse_version(required)
+    major, _, minor = PLUGIN_API_VERSION.partition(".")
+    ours = int(major), int(minor)
+    if wanted is None:
+        raise PluginError(
+            f"plugin {name!r} ({dist}): PUSHSVC_PLUGIN_API must be a 'MAJOR.MINOR' string, "
+            f"not {required!r}",
+            plugin=name,
+        )
+    if wanted[0] != ours[0] or wanted[1] > ours[1]:
+        raise PluginError(
+            f"plugin {name!r} ({dist}) needs plugin API {required}; this pushsvc provides "
+            f"{PLUGIN_API_VERSION} (compatible: {ours[0]}.0 to {PLUGIN_API_VERSION})",
+            plugin=name,
+        )
 
 
 def _distribution_of(entry_point: metadata.EntryPoint) -> str:
@@ -373,7 +428,8 @@ def load_plugins(
         sources.append((entry_point.name, dist, plugin))
     sources.extend((name, "registered directly", plugin) for name, plugin in extra)
 
-    for name, _dist, plugin in sources:
+    for name, dist, plugin in sources:
+        _check_api_version(name, dist, plugin)
         try:
             manager.register(plugin, name=name)
         except ValueError as exc:
