@@ -314,6 +314,12 @@ class PluginsConfig:
     """``[plugins]``: plugin loading."""
 
     disabled: list[str] = setting([], "Plugin names (entry-point names) not to load.")
+    slow_hook_seconds: float = setting(
+        0.1,
+        "Log a warning naming the plugin when one of its hooks or message handlers holds "
+        "the event loop (runs without awaiting) longer than this; 0 turns the check off.",
+        minimum=0,
+    )
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -1026,3 +1027,49 @@ async def test_a_failing_shutdown_hook_stops_no_other(start_server: Any) -> None
     assert plugin.events == ["startup", "shutdown"]
     errors = server.node.metrics.plugin_errors.labels("fails", "pushsvc_shutdown")
     assert errors._value.get() == 1
+
+
+class Blocking:
+    """A handler and a hook that hold the event loop (``time.sleep``) after an await."""
+
+    @hookimpl
+    def pushsvc_register_message_types(self) -> list[MessageType]:
+        async def stall(ctx: FrameContext) -> Reply:
+            await asyncio.sleep(0)
+            time.sleep(0.15)
+            return Reply({"done": True})
+
+        return [MessageType("stall", stall)]
+
+    @hookimpl
+    def pushsvc_connected(self, principal: Any) -> None:
+        time.sleep(0.15)
+
+    @hookimpl
+    async def pushsvc_disconnected(self, principal: Any) -> None:
+        await asyncio.sleep(0)
+        time.sleep(0.15)
+
+
+async def test_hooks_that_block_the_loop_are_logged_with_their_plugin(
+    start_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = await start_server(
+        extra=[("blocker", Blocking())], plugins={"slow_hook_seconds": 0.05}
+    )
+    client = await server.connect("ann")
+    await client.send({"type": "stall", "ref": "s"})
+    assert (await client.recv_type("reply"))["done"] is True
+    client.close()
+    expected = [
+        "plugin blocker: hook pushsvc_connected blocked the event loop for",
+        "plugin blocker: message handler blocked the event loop for",
+        "plugin blocker: hook pushsvc_disconnected blocked the event loop for",
+    ]
+    for _ in range(200):
+        messages = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        if all(any(e in m for m in messages) for e in expected):
+            break
+        await asyncio.sleep(0.01)
+    for text in expected:
+        assert any(text in m and "(plugins.slow_hook_seconds = 0.05)" in m for m in messages), text

@@ -55,6 +55,7 @@ class Node:
         self.metrics = metrics  # Prometheus series
         self.plugins = plugins  # hooks and message types
         plugins.count_error = self._plugin_failed  # pushsvc_plugin_errors_total{plugin, hook}
+        plugins.slow_after = config.plugins.slow_hook_seconds  # log hooks that block the loop
         self.broker = broker  # other nodes
         self.store = store  # durable messages
         self.delivery = DeliveryTracker(

@@ -21,7 +21,7 @@ from pushsvc.core.ratelimit import KeyedBuckets, TokenBucket, ViolationCounter
 from pushsvc.ops.metrics import Metrics
 from pushsvc.plugin.api import FrameContext, Reply
 from pushsvc.plugin.api import Node as PluginNode
-from pushsvc.plugin.manager import MESSAGE_HANDLER, RegisteredType
+from pushsvc.plugin.manager import MESSAGE_HANDLER, RegisteredType, StepTimer
 from pushsvc.protocol import frames
 from pushsvc.protocol.codes import ErrorCode
 from pushsvc.protocol.commands import CORE_COMMANDS
@@ -288,8 +288,10 @@ class Session:
         context = FrameContext(
             self.principal, self.session, checked.fields, message_type, self.services
         )
+        bound = self.services.config.plugins.slow_hook_seconds
         try:
-            reply = await message_type.handle(context)
+            handled = message_type.handle(context)
+            reply = await (StepTimer(handled, bound, plugin, MESSAGE_HANDLER) if bound else handled)
         except CommandError:
             raise
         except Exception:

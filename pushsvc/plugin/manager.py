@@ -15,8 +15,9 @@ import inspect
 import logging
 import os
 import sys
+import time
 import traceback
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, TypeVar, cast
@@ -59,6 +60,61 @@ MESSAGE_HANDLER = "message_handler"
 ROUTE = "route"
 
 ErrorCounter = Callable[[str, str], None]
+
+
+def report_slow(plugin: str, hook: str, seconds: float, bound: float) -> None:
+    """Log that ``plugin``'s ``hook`` kept the event loop for ``seconds`` (over ``bound``)."""
+    what = hook.replace("_", " ") if hook in (ROUTE, MESSAGE_HANDLER) else f"hook {hook}"
+    log.warning(
+        "plugin %s: %s blocked the event loop for %.3f s (plugins.slow_hook_seconds = %g)",
+        plugin,
+        what,
+        seconds,
+        bound,
+    )
+
+
+class StepTimer:
+    """Await ``awaitable``, timing each step it runs between two suspensions.
+
+    A step longer than ``bound`` seconds held the event loop (every other
+    connection waited): :func:`report_slow` names the plugin. Costs about a
+    microsecond per await; time spent suspended (I/O, sleeps) is not counted.
+    """
+
+    __slots__ = ("_awaitable", "_bound", "_hook", "_plugin")
+
+    def __init__(self, awaitable: Awaitable[T], bound: float, plugin: str, hook: str) -> None:
+        self._awaitable = awaitable
+        self._bound = bound
+        self._plugin = plugin
+        self._hook = hook
+
+    def _check(self, started: float) -> None:
+        elapsed = time.perf_counter() - started
+        if elapsed > self._bound:
+            report_slow(self._plugin, self._hook, elapsed, self._bound)
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        iterator = self._awaitable.__await__()
+        value: Any = None
+        error: BaseException | None = None
+        while True:
+            started = time.perf_counter()
+            try:
+                yielded = iterator.send(value) if error is None else iterator.throw(error)
+            except StopIteration as stop:
+                self._check(started)
+                return stop.value
+            except BaseException:
+                self._check(started)
+                raise
+            self._check(started)
+            try:
+                value, error = (yield yielded), None
+            except BaseException as exc:  # thrown in by the task (cancellation)
+                value, error = None, exc
+
 
 T = TypeVar("T")
 
@@ -195,6 +251,21 @@ class Plugins:
         self.types = types  # frame type -> declaration
         #: counts an exception by (plugin, hook); the node binds it to the metric
         self.count_error: ErrorCounter = _count_nothing
+        #: seconds a hook may hold the event loop before it is logged (0: not timed)
+        self.slow_after = 0.0
+
+    def _call(self, impl: Any, hook_name: str, arguments: Mapping[str, Any]) -> Any:
+        """Call one implementation; time it, and each step of what it returns to await."""
+        started = time.perf_counter()
+        result = impl.function(**arguments)
+        bound = self.slow_after
+        if bound > 0:
+            elapsed = time.perf_counter() - started
+            if elapsed > bound:
+                report_slow(impl.plugin_name, hook_name, elapsed, bound)
+            if inspect.isawaitable(result):
+                result = StepTimer(result, bound, impl.plugin_name, hook_name)
+        return result
 
     def failed(
         self, plugin: str, hook: str, exc: BaseException | None = None, detail: str = ""
@@ -272,7 +343,7 @@ class Plugins:
         for impl in reversed(self.hook.pushsvc_authenticate.get_hookimpls()):
             try:
                 result = await await_me_maybe(
-                    impl.function(**{name: arguments[name] for name in impl.argnames})
+                    self._call(impl, hook_name, {name: arguments[name] for name in impl.argnames})
                 )
                 if result is not None and not isinstance(result, Principal):
                     raise TypeError(f"returned {result!r}, not a pushsvc.Principal")
@@ -297,7 +368,7 @@ class Plugins:
         for impl in reversed(caller.get_hookimpls()):  # pluggy calls the last registered first
             arguments = {name: kwargs[name] for name in impl.argnames if name in kwargs}
             try:
-                result = impl.function(**arguments)
+                result = self._call(impl, hook_name, arguments)
             except Exception as exc:
                 self.failed(impl.plugin_name, hook_name, exc)
                 return on_error
@@ -319,7 +390,7 @@ class Plugins:
         for impl in reversed(caller.get_hookimpls()):  # pluggy calls the last registered first
             arguments = {name: kwargs[name] for name in impl.argnames if name in kwargs}
             try:
-                result = impl.function(**arguments)
+                result = self._call(impl, hook_name, arguments)
                 if inspect.isawaitable(result):
                     task = asyncio.ensure_future(result)
                     task.add_done_callback(
@@ -338,7 +409,7 @@ class Plugins:
         for impl in reversed(caller.get_hookimpls()):
             arguments = {name: kwargs[name] for name in impl.argnames if name in kwargs}
             try:
-                await await_me_maybe(impl.function(**arguments))
+                await await_me_maybe(self._call(impl, hook_name, arguments))
             except Exception as exc:
                 self.failed(impl.plugin_name, hook_name, exc)
 
