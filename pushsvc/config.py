@@ -69,7 +69,9 @@ class Setting:
 
     The same checks as pushsvc's own keys (:func:`setting`): the type (taken
     from ``default``: bool, int, float, str or a list of strings, unless
-    ``kind`` says otherwise), ``minimum``, ``choices``, ``schemes``.
+    ``kind`` says otherwise), ``minimum``, ``choices``, ``schemes``. A
+    ``reloadable`` key's new value reaches the plugin on ``SIGHUP``
+    (``pushsvc_settings_changed``); the others need a restart.
     """
 
     default: Any
@@ -78,6 +80,7 @@ class Setting:
     choices: tuple[str, ...] | None = None
     schemes: tuple[str, ...] | None = None
     kind: Any = None
+    reloadable: bool = False
 
     def __post_init__(self) -> None:
         if self.kind is None:
@@ -93,7 +96,12 @@ class Setting:
     @property
     def metadata(self) -> Mapping[str, Any]:
         """The checks, as :func:`setting` stores them."""
-        return {"minimum": self.minimum, "choices": self.choices, "schemes": self.schemes}
+        return {
+            "minimum": self.minimum,
+            "choices": self.choices,
+            "schemes": self.schemes,
+            "reloadable": self.reloadable,
+        }
 
     def default_value(self) -> Any:
         """The default (a fresh copy of a list)."""
@@ -356,6 +364,10 @@ class Config:
     plugin_values: Mapping[str, Mapping[str, Any]] = field(
         default_factory=dict, metadata={"section": False}
     )
+    #: ``plugins.<name>.<key>`` of the plugin settings declared ``reloadable``.
+    plugin_reloadable: frozenset[str] = field(
+        default_factory=frozenset, repr=False, metadata={"section": False}
+    )
 
     def plugin(self, name: str) -> Mapping[str, Any]:
         """Plugin ``name``'s checked settings: every key of its schema, defaults filled in.
@@ -384,6 +396,12 @@ class Config:
                     f"plugins.{name}", "no loaded plugin of that name declares settings"
                 )
         values: dict[str, Mapping[str, Any]] = {}
+        reloadable = frozenset(
+            f"plugins.{name}.{key}"
+            for name, schema in schemas.items()
+            for key, spec in schema.items()
+            if spec.reloadable
+        )
         for name, schema in schemas.items():
             table = self.plugin_tables.get(name, {})
             for key in table:
@@ -400,7 +418,7 @@ class Config:
                     value = _from_env(spec.kind, str(value))
                 checked[key] = _convert(f"plugins.{name}.{key}", value, spec.kind, spec)
             values[name] = types.MappingProxyType(checked)
-        return dataclasses.replace(self, plugin_values=values)
+        return dataclasses.replace(self, plugin_values=values, plugin_reloadable=reloadable)
 
     def secret(self) -> str:
         """The HS256 secret, read from ``auth.jwt_secret_file`` when set."""
@@ -637,5 +655,6 @@ def changed_keys(old: Config, new: Config) -> tuple[list[str], list[str]]:
         new_values = new.plugin_values.get(plugin, {})
         for key in sorted({*old_values, *new_values}):
             if old_values.get(key) != new_values.get(key):
-                restart.append(f"plugins.{plugin}.{key}")
+                name = f"plugins.{plugin}.{key}"
+                (reloadable if name in new.plugin_reloadable else restart).append(name)
     return reloadable, restart

@@ -1073,3 +1073,54 @@ async def test_hooks_that_block_the_loop_are_logged_with_their_plugin(
         await asyncio.sleep(0.01)
     for text in expected:
         assert any(text in m and "(plugins.slow_hook_seconds = 0.05)" in m for m in messages), text
+
+
+class Tunable:
+    """A reloadable ``rate`` and a ``mode`` that needs a restart."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[dict[str, Any], list[str]]] = []
+
+    @hookimpl
+    def pushsvc_config_schema(self) -> dict[str, Any]:
+        return {
+            "rate": pushsvc.Setting(1.0, "Rate.", minimum=0, reloadable=True),
+            "mode": pushsvc.Setting("a", "Mode."),
+        }
+
+    @hookimpl
+    def pushsvc_settings_changed(self, settings: Any, changed: Any) -> None:
+        self.seen.append((dict(settings), list(changed)))
+
+
+async def test_reloadable_plugin_settings_reach_the_plugin_on_reload(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import tornado.netutil
+    from prometheus_client import CollectorRegistry
+
+    from pushsvc import app
+    from pushsvc import config as config_module
+
+    path = tmp_path / "pushsvc.toml"
+    head = f'[server]\ndata_dir = "{tmp_path / "d"}"\n[auth]\njwt_secret = "{SECRET}"\n'
+    path.write_text(head + "[plugins.tunable]\nrate = 1\n")
+    plugin = Tunable()
+    service = await app.start(
+        config_module.load(str(path)),
+        registry=CollectorRegistry(),
+        plugins=load_plugins(extra=[("tunable", plugin), ("other", Tunable())]),
+        config_path=str(path),
+        sockets=tornado.netutil.bind_sockets(0, "127.0.0.1"),
+    )
+    try:
+        path.write_text(head + '[plugins.tunable]\nrate = 5\nmode = "b"\n')
+        service._reload()
+        assert plugin.seen == [({"rate": 5.0, "mode": "a"}, ["rate"])]
+        assert service.node.config.plugin("tunable") == {"rate": 5.0, "mode": "a"}
+        assert (
+            "config key plugins.tunable.mode changed: takes effect after a restart" in caplog.text
+        )
+        assert "reloaded: plugins.tunable.rate" in caplog.text
+    finally:
+        await service.shutdown(pace=False)

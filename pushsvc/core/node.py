@@ -14,6 +14,7 @@ import asyncio
 import dataclasses
 import logging
 import time
+import types
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -112,8 +113,34 @@ class Node:
     def apply_config(self, new: Config, changed: Sequence[str]) -> list[str]:
         """Apply the reloadable ``changed`` keys of ``new``; returns the keys applied.
 
-        Keys that need a restart keep their running values.
+        Keys that need a restart keep their running values. Reloadable plugin
+        settings (``plugins.<name>.<key>``) are applied too, and each plugin
+        whose settings changed hears it through ``pushsvc_settings_changed``.
         """
+        plugin_keys = [key for key in changed if key.count(".") >= 2 and key[:8] == "plugins."]
+        if plugin_keys:
+            self._apply_plugin_settings(new, plugin_keys)
+            changed = [key for key in changed if key not in plugin_keys]
+        applied = self._apply_core_keys(new, changed)
+        return [*applied, *plugin_keys]
+
+    def _apply_plugin_settings(self, new: Config, keys: Sequence[str]) -> None:
+        by_plugin: dict[str, list[str]] = {}
+        for key in keys:
+            _, name, setting = key.split(".", 2)
+            by_plugin.setdefault(name, []).append(setting)
+        values = dict(self.config.plugin_values)
+        for name, settings in by_plugin.items():
+            merged = dict(values.get(name, {}))
+            merged.update({key: new.plugin(name)[key] for key in settings})
+            values[name] = types.MappingProxyType(merged)
+        self.config = dataclasses.replace(self.config, plugin_values=values)
+        for name, settings in by_plugin.items():
+            self.plugins.notify_plugin(
+                name, "pushsvc_settings_changed", settings=values[name], changed=settings
+            )
+
+    def _apply_core_keys(self, new: Config, changed: Sequence[str]) -> list[str]:
         sections: dict[str, Any] = {}
         for key in changed:
             section, _, name = key.partition(".")

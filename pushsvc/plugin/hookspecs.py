@@ -71,6 +71,25 @@ def pushsvc_config_schema() -> Mapping[str, Setting]:
 
 
 @hookspec
+def pushsvc_settings_changed(settings: Mapping[str, Any], changed: Sequence[str]) -> None:
+    """The plugin's ``reloadable`` settings changed on ``SIGHUP``; only that plugin is called.
+
+    ``settings`` is the plugin's whole table as ``node.config.plugin(name)``
+    now returns it; ``changed`` lists the keys that changed. Keys not
+    declared ``reloadable`` keep their values until a restart. May be
+    ``async def`` (run as a task); an exception is logged and counted and the
+    new values stay applied.
+
+    Example::
+
+        @hookimpl
+        def pushsvc_settings_changed(settings, changed):
+            if "rate" in changed:
+                limiter.rate = settings["rate"]
+    """
+
+
+@hookspec
 def pushsvc_register_routes() -> Sequence[tuple[str, type, Mapping[str, Any]]]:
     """Add HTTP routes to the server, as Tornado ``(pattern, handler, kwargs)`` rules.
 

@@ -51,6 +51,7 @@ ISOLATED_HOOKS = frozenset(
         "pushsvc_disconnected",
         "pushsvc_joined",
         "pushsvc_left",
+        "pushsvc_settings_changed",
         "pushsvc_shutdown",
     }
 )
@@ -376,7 +377,11 @@ class Plugins:
                 return result
         return None
 
-    def notify(self, hook_name: str, **kwargs: Any) -> None:
+    def notify_plugin(self, plugin: str, hook_name: str, **kwargs: Any) -> None:
+        """:meth:`notify` for the implementations of one plugin only."""
+        self.notify(hook_name, _only=plugin, **kwargs)
+
+    def notify(self, hook_name: str, _only: str | None = None, **kwargs: Any) -> None:
         """Call every implementation of a notification hook; one plugin's error stops no other.
 
         pluggy stops a hook call at the first implementation that raises; here
@@ -388,6 +393,8 @@ class Plugins:
         """
         caller = getattr(self.hook, hook_name)
         for impl in reversed(caller.get_hookimpls()):  # pluggy calls the last registered first
+            if _only is not None and impl.plugin_name != _only:
+                continue
             arguments = {name: kwargs[name] for name in impl.argnames if name in kwargs}
             try:
                 result = self._call(impl, hook_name, arguments)
