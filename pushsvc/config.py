@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import textwrap
 import tomllib
 import types
@@ -112,6 +113,33 @@ class _EnvValue(str):
     """A raw ``PUSHSVC_PLUGINS__<NAME>__<KEY>`` value, converted once its type is known."""
 
     __slots__ = ()
+
+
+_TYPE_BUCKET = re.compile(r"^([a-z][a-z0-9_.-]{0,63})=(?:(off)|([0-9.]+)(?:/([0-9.]+))?)$")
+
+
+def parse_type_buckets(entries: list[str]) -> dict[str, tuple[float, float] | None]:
+    """``ratelimit.type_buckets`` as ``{type: (rate, burst)}``, None for ``off``.
+
+    Raises:
+        ConfigError: ``ratelimit.type_buckets`` naming the bad entry.
+    """
+    parsed: dict[str, tuple[float, float] | None] = {}
+    for entry in entries:
+        match = _TYPE_BUCKET.match(entry.replace(" ", ""))
+        problem = None if match else 'must be "TYPE=RATE/BURST", "TYPE=RATE" or "TYPE=off"'
+        if match and not match.group(2):
+            try:
+                rate = float(match.group(3))
+                burst = float(match.group(4)) if match.group(4) else max(1.0, rate)
+            except ValueError:
+                rate = burst = -1.0
+            if not rate > 0 or not burst >= 1:
+                problem = "needs a rate above 0 and a burst of at least 1"
+        if problem or match is None:
+            raise ConfigError("ratelimit.type_buckets", f"{entry!r}: {problem}")
+        parsed[match.group(1)] = None if match.group(2) else (rate, burst)
+    return parsed
 
 
 @dataclass(frozen=True)
@@ -222,6 +250,16 @@ class RateLimitConfig:
     abuse_window: float = setting(
         10.0, "Seconds over which abuse_violations are counted.", minimum=0.1, reloadable=True
     )
+    type_buckets: list[str] = setting(
+        [],
+        "Own per-user buckets of message types, overriding what a type declares: "
+        '"TYPE=RATE/BURST" (frames per second, bucket size; "TYPE=RATE": burst = rate), '
+        '"TYPE=off" for none. E.g. ["typing=2/5", "chat=off"].',
+        reloadable=True,
+    )
+
+    def __post_init__(self) -> None:
+        parse_type_buckets(self.type_buckets)  # raises ConfigError naming the key
 
 
 @dataclass(frozen=True)

@@ -1124,3 +1124,39 @@ async def test_reloadable_plugin_settings_reach_the_plugin_on_reload(
         assert "reloaded: plugins.tunable.rate" in caplog.text
     finally:
         await service.shutdown(pace=False)
+
+
+async def test_type_buckets_are_overridden_in_config_and_reloaded(start_server: Any) -> None:
+    import dataclasses
+
+    slow = {"rate": 0.001, "burst": 50, "user_rate": 0.001, "user_burst": 50}
+    server = await start_server(
+        extra=[("buckets", Buckets())],
+        ratelimit={**slow, "abuse_violations": 1000, "type_buckets": ["typing=off", "say=0.001"]},
+        chat={"auto_join": False},
+    )
+    client = await server.connect("ann")
+    limited = "rate_limited rate limit exceeded (type)"
+    assert await answers(client, {"type": "typing"}, 3) == ["ok", "ok", "ok"]  # declared 2: off
+    assert await answers(client, {"type": "say"}, 2) == ["ok", limited]  # burst = max(1, rate)
+    # A reload applies a new value (the level of a kept bucket stays).
+    config = server.node.config
+    new = dataclasses.replace(
+        config, ratelimit=dataclasses.replace(config.ratelimit, type_buckets=["typing=0.001/1"])
+    )
+    assert server.node.apply_config(new, ["ratelimit.type_buckets"]) == ["ratelimit.type_buckets"]
+    assert await answers(client, {"type": "typing"}, 2) == ["ok", limited]
+    assert await answers(client, {"type": "say"}, 1) == ["ok"]  # its own bucket is gone
+
+
+def test_type_buckets_config_is_checked() -> None:
+    from pushsvc.config import ConfigError, parse_type_buckets
+
+    assert parse_type_buckets(["typing=2/5", "poke=0.5", "chat=off"]) == {
+        "typing": (2.0, 5.0),
+        "poke": (0.5, 1.0),
+        "chat": None,
+    }
+    for bad in ("typing", "typing=0", "typing=2/0.5", "Typing=1", "typing=fast", "typing=1..2"):
+        with pytest.raises(ConfigError, match=r"ratelimit\.type_buckets: '"):
+            parse_type_buckets([bad])

@@ -29,7 +29,7 @@ from pushsvc.broker import (
     room_channel,
     user_channel,
 )
-from pushsvc.config import Config
+from pushsvc.config import Config, parse_type_buckets
 from pushsvc.core.hub import Hub
 from pushsvc.core.keepalive import Keepalive
 from pushsvc.core.ratelimit import KeyedBuckets
@@ -66,11 +66,8 @@ class Node:
         self.authenticator = Authenticator(config.auth, config.secret())  # token checks
         self.user_buckets = KeyedBuckets(limits.user_rate, limits.user_burst)  # per user
         self.handshake_buckets = KeyedBuckets(limits.handshake_rate, limits.handshake_burst)
-        self.type_buckets: Mapping[str, KeyedBuckets] = {  # type -> own per-user bucket
-            name: KeyedBuckets(*registered.message_type.bucket)
-            for name, registered in plugins.types.items()
-            if registered.message_type.bucket is not None
-        }
+        self.type_buckets: Mapping[str, KeyedBuckets] = {}  # type -> own per-user bucket
+        self._configure_type_buckets(time.monotonic())
         self.api_buckets = KeyedBuckets(config.api.rate, config.api.burst)  # per API client
         self.keepalive = Keepalive(
             self.hub.all_clients,
@@ -159,10 +156,33 @@ class Node:
             self.handshake_buckets.reconfigure(limits.handshake_rate, limits.handshake_burst, now)
             for client in self.hub.all_clients():
                 client.reconfigure_limits(limits, now)
+            self._configure_type_buckets(now)
         if "api" in sections:
             api = self.config.api
             self.api_buckets.reconfigure(api.rate, api.burst, time.monotonic())
         return list(changed)
+
+    def _configure_type_buckets(self, now: float) -> None:
+        """Per-type buckets: each type's declaration, then ``ratelimit.type_buckets``."""
+        wanted = {
+            name: registered.message_type.bucket for name, registered in self.plugins.types.items()
+        }
+        for name, bucket in parse_type_buckets(self.config.ratelimit.type_buckets).items():
+            if name not in wanted:
+                log.warning("ratelimit.type_buckets: no loaded plugin declares type %r", name)
+                continue
+            wanted[name] = bucket
+        current = dict(self.type_buckets)
+        buckets: dict[str, KeyedBuckets] = {}
+        for name, bucket in wanted.items():
+            if bucket is None:
+                continue
+            if name in current:
+                current[name].reconfigure(*bucket, now)  # keep the users' levels
+                buckets[name] = current[name]
+            else:
+                buckets[name] = KeyedBuckets(*bucket)
+        self.type_buckets = buckets
 
     def _plugin_failed(self, plugin: str, hook: str) -> None:
         self.metrics.plugin_errors.labels(plugin, hook).inc()
