@@ -251,14 +251,23 @@ async def serve(
     }
     for name, values in (config or {}).items():
         sections.setdefault(name, {}).update(values)
-    built = config_module.build([sections])
-    loaded = load_plugins(built.plugins.disabled, built.auth.default_rooms, extra=plugins)
-    sockets = tornado.netutil.bind_sockets(0, "127.0.0.1")
-    service = await app.start(built, registry=CollectorRegistry(), plugins=loaded, sockets=sockets)
-    server = TestServer(service, secret)
     try:
-        yield server
+        built = config_module.build([sections])
+        loaded = load_plugins(built.plugins.disabled, built.auth.default_rooms, extra=plugins)
+        sockets = tornado.netutil.bind_sockets(0, "127.0.0.1")
+        try:
+            service = await app.start(
+                built, registry=CollectorRegistry(), plugins=loaded, sockets=sockets
+            )
+        except BaseException:
+            for sock in sockets:
+                sock.close()
+            raise
+        server = TestServer(service, secret)
+        try:
+            yield server
+        finally:
+            await server.stop()
     finally:
-        await server.stop()
         if data_dir is None:
             shutil.rmtree(folder, ignore_errors=True)

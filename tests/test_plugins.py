@@ -1160,3 +1160,20 @@ def test_type_buckets_config_is_checked() -> None:
     for bad in ("typing", "typing=0", "typing=2/0.5", "Typing=1", "typing=fast", "typing=1..2"):
         with pytest.raises(ConfigError, match=r"ratelimit\.type_buckets: '"):
             parse_type_buckets([bad])
+
+
+async def test_the_testing_kit_without_pytest_fixtures() -> None:
+    """``serve()`` as a context manager: extra plugins, config sections, a failing start."""
+    from pushsvc.testing import serve
+
+    async with serve(("crashy", Crashy()), config={"chat": {"auto_join": False}}) as server:
+        assert server.node.config.chat.auto_join is False
+        client = await server.connect("ann", rooms=["*"])
+        assert (await client.request({"type": "echo", "say": "x"}))["echo"] == "x"
+        assert (await client.request({"type": "boom"}))["code"] == "internal"
+        assert (await client.join("lobby"))["room"] == "lobby"
+        await client.expect_nothing(0.1)
+    assert server.service.stopped.is_set()
+    with pytest.raises(RuntimeError, match="database is unreachable"):
+        async with serve(("failing", FailingStartup())):
+            pass
