@@ -33,6 +33,8 @@ from collections.abc import Awaitable, Iterable
 from typing import Any, Literal, TypeVar
 
 import redis.asyncio
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from pushsvc.cluster.contracts import RegistryOptions
@@ -140,7 +142,10 @@ class RedisRegistry:
         """Connect, write the heartbeat key and start the heartbeat (raises if unreachable)."""
         timeout = self.options.timeout
         self._client = redis.asyncio.Redis.from_url(
-            self.url, socket_timeout=timeout, socket_connect_timeout=timeout
+            self.url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 1),  # at once, once: a pooled connection Redis closed
         )
         for name, source in (
             ("reserve", _RESERVE),
