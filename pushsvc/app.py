@@ -443,7 +443,8 @@ async def build_node(
 
     Order: plugins, metrics, store, broker, cluster registry, node,
     revocations, the plugins' ``pushsvc_startup`` hooks. A transport, a test
-    or a tool builds on this; :func:`start` adds the HTTP application, the listening sockets and the timers.
+    or a tool builds on this; :func:`start` adds the HTTP application, the
+    listening sockets and the timers.
     """
     plugins = plugins or load_plugins(config.plugins.disabled, config.auth.default_rooms)
     config = config.with_plugin_schemas(plugins.config_schemas)  # [plugins.<name>] tables

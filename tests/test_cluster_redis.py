@@ -15,12 +15,12 @@ from typing import Any
 
 import orjson
 import pytest
+from redis_server import RedisServer
 from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.websocket import websocket_connect
 
-from pushsvc.cluster import RegistryOptions, make_registry
-from redis_server import RedisServer
 from conftest import Server, ServerProcess, token
+from pushsvc.cluster import RegistryOptions, make_registry
 
 Start = Callable[..., Any]
 NODE_TTL = 1.0  # seconds: fast liveness for the tests (the default is 15)

@@ -29,4 +29,5 @@ def make_registry(url: str, options: RegistryOptions | None = None) -> Registry:
         from pushsvc.cluster.redis import RedisRegistry
 
         return RedisRegistry(url, options)
-    raise ValueError(f"cluster.url: unsupported scheme in {url!r} (supported: {', '.join(CLUSTER_SCHEMES)})")
+    supported = ", ".join(CLUSTER_SCHEMES)
+    raise ValueError(f"cluster.url: unsupported scheme in {url!r} (supported: {supported})")

@@ -108,9 +108,7 @@ class Hub:
 
     # -- connection caps: reserved before the upgrade, released on close ----------
 
-    async def reserve(
-        self, user: str, ip: str, max_per_user: int, max_per_ip: int
-    ) -> str | None:
+    async def reserve(self, user: str, ip: str, max_per_user: int, max_per_ip: int) -> str | None:
         """Count a new connection; returns the exceeded cap (``per_user``/``per_ip``) or None.
 
         ``max_per_user`` holds over every node (the cluster registry counts,
