@@ -141,3 +141,48 @@ async def test_redis_down_fails_open_then_repairs(fresh_redis: RedisServer) -> N
     finally:
         await node.close()
         await other.close()
+
+
+async def test_the_join_reply_keeps_the_member_cap_across_nodes(
+    start_server: Start, redis_url: str
+) -> None:
+    chat = {"presence_max_members": 1}
+    one = await start_node(start_server, redis_url, chat=chat)
+    two = await start_node(start_server, redis_url, chat=chat)
+    alice = await one.connect("alice")
+    assert (await join(alice, "team"))["users"] == ["alice"]
+    bob = await two.connect("bob")
+    assert "users" not in await join(bob, "team")  # two users on two nodes: above the cap
+    alice.close()
+    bob.close()
+
+
+def _commands(server: RedisServer) -> int:
+    """Commands Redis ran so far (``INFO commandstats``, summed)."""
+    stats = server.command("INFO", "commandstats")
+    return sum(
+        int(part.split("=", 1)[1])
+        for line in stats.splitlines()
+        if line.startswith("cmdstat_") and not line.startswith("cmdstat_info")
+        for part in line.split(":", 1)[1].split(",")
+        if part.startswith("calls=")
+    )
+
+
+async def test_messages_do_not_call_the_registry(
+    start_server: Start, redis_server: RedisServer, redis_url: str
+) -> None:
+    # A long TTL: no heartbeat runs during the test.
+    node: Server = await start_server(cluster={"url": redis_url, "node_ttl": 300.0})
+    alice = await node.connect("alice")
+    bob = await node.connect("bob")
+    await join(alice, "team")
+    await join(bob, "team")
+    before = _commands(redis_server)
+    for number in range(30):  # within the connection burst (40)
+        await alice.send({"type": "chat", "room": "team", "text": f"m{number}"})
+    for _ in range(30):
+        await bob.recv_type("chat")
+    assert _commands(redis_server) == before
+    alice.close()
+    bob.close()

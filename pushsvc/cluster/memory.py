@@ -60,7 +60,7 @@ class MemoryRegistry:
     def __init__(self, options: RegistryOptions | None = None) -> None:
         self.node_id = new_node_id()
         self.entries = LocalEntries()
-        self._open = False
+        self._open = True  # healthy until closed: nothing to reach
 
     async def start(self) -> None:
         """Nothing to connect to."""

@@ -87,7 +87,7 @@ if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then redis.call('PEXPIRE', KE
 return 1
 """
 
-# KEYS[1] index set; ARGV: limit (0: none). Distinct values of the live nodes' hashes.
+# KEYS[1] index set; ARGV: limit (-1: none). Distinct values of the live nodes' hashes.
 _USERS = """
 local limit = tonumber(ARGV[1])
 local seen, users = {}, {}
@@ -98,7 +98,7 @@ for _, node in ipairs(redis.call('SMEMBERS', KEYS[1])) do
     if not seen[user] then
       seen[user] = true
       users[#users + 1] = user
-      if limit > 0 and #users > limit then return users end
+      if limit >= 0 and #users > limit then return users end
     end
   end
 end
@@ -251,10 +251,10 @@ class RedisRegistry:
 
     async def room_users(self, room: str, limit: int | None = None) -> list[str]:
         """Distinct users in ``room`` on the live nodes; this node's own when Redis fails."""
+        most = -1 if limit is None else limit
         try:
             found: list[bytes] = await self._call(
-                "room_users",
-                self._scripts["users"](keys=[index_key("members", room)], args=[limit or 0]),
+                "room_users", self._scripts["users"](keys=[index_key("members", room)], args=[most])
             )
         except _Failed:
             return self.local.room_users(room)
