@@ -15,12 +15,14 @@ from typing import Any
 
 import orjson
 import pytest
+from redis.crc import key_slot
 from redis_server import RedisServer
 from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.websocket import websocket_connect
 
 from conftest import Server, ServerProcess, token
-from pushsvc.cluster import RegistryOptions, make_registry
+from pushsvc.cluster import RegistryOptions
+from pushsvc.cluster.redis import RedisRegistry, index_key
 
 Start = Callable[..., Any]
 NODE_TTL = 1.0  # seconds: fast liveness for the tests (the default is 15)
@@ -119,8 +121,8 @@ async def test_a_killed_node_leaves_presence_within_node_ttl(
 async def test_redis_down_fails_open_then_repairs(fresh_redis: RedisServer) -> None:
     failures: list[str] = []
     options = RegistryOptions(node_ttl=NODE_TTL, timeout=0.3, on_error=failures.append)
-    node = make_registry(fresh_redis.url, options)
-    other = make_registry(fresh_redis.url, options)
+    node = RedisRegistry(fresh_redis.url, options)
+    other = RedisRegistry(fresh_redis.url, options)
     await node.start()
     await other.start()
     try:
@@ -186,3 +188,31 @@ async def test_messages_do_not_call_the_registry(
     assert _commands(redis_server) == before
     alice.close()
     bob.close()
+
+
+@pytest.mark.parametrize("name", ["alice", "a}b{", "{x}", "team:1", "ü"])
+def test_the_keys_of_one_user_or_room_share_a_cluster_slot(name: str) -> None:
+    for kind in ("conns", "members"):
+        index = index_key(kind, name)
+        assert key_slot(f"{index}:some-node-7".encode()) == key_slot(index.encode())
+
+
+async def test_the_heartbeat_rewrites_what_redis_lost(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    options = RegistryOptions(node_ttl=60.0, timeout=2.0)  # the test calls heartbeat itself
+    node = RedisRegistry(redis_url, options)
+    other = RedisRegistry(redis_url, options)
+    await node.start()
+    await other.start()
+    try:
+        await node.joined("r", "alice", "s1")
+        assert await node.reserve_user("alice", "c1", 1)
+        redis_server.flush()  # a restart without persistence
+        assert await other.room_users("r") == []
+        await node.heartbeat()
+        assert await other.room_users("r") == ["alice"]
+        assert not await other.reserve_user("alice", "c2", 1)
+    finally:
+        await node.close()
+        await other.close()

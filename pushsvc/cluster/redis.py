@@ -325,25 +325,27 @@ class RedisRegistry:
                 )  # queued on the pipeline
             renewed = await self._call("heartbeat", pipe.execute())
             self._dirty.update(key for key, ok in zip(chunk, renewed, strict=True) if not ok)
-        for key in list(self._dirty):
-            await self._rewrite(*key)
+        dirty = list(self._dirty)
+        for start in range(0, len(dirty), _CHUNK):
+            await self._rewrite(dirty[start : start + _CHUNK])
 
-    async def _rewrite(self, kind: Kind, name: str) -> None:
-        """Replace this node's hash ``name`` with the local copy."""
-        pairs = self._pairs(kind, name)
-        index = index_key(kind, name)
-        keys = [index, f"{index}:{self.node_id}"]
-        for start in _chunks(pairs):
-            await self._call(
-                "heartbeat",
-                self._scripts["put"](
-                    keys=keys,
-                    args=[self.node_id, self._ttl_ms, "1" if start == 0 else "0",
-                          *pairs[start : start + 2 * _CHUNK]],
-                ),
-            )  # fmt: skip
-        if self._pairs(kind, name) == pairs:  # else changed meanwhile: again next time
-            self._dirty.discard((kind, name))
+    async def _rewrite(self, hashes: list[tuple[Kind, str]]) -> None:
+        """Replace these hashes of this node with the local copy (one pipeline)."""
+        snapshots = [self._pairs(kind, name) for kind, name in hashes]
+        pipe = self._client.pipeline(transaction=False)
+        for (kind, name), pairs in zip(hashes, snapshots, strict=True):
+            index = index_key(kind, name)
+            keys = [index, f"{index}:{self.node_id}"]
+            for offset in _chunks(pairs):
+                replace = "1" if offset == 0 else "0"
+                chunk = pairs[offset : offset + 2 * _CHUNK]
+                await self._scripts["put"](
+                    keys=keys, args=[self.node_id, self._ttl_ms, replace, *chunk], client=pipe
+                )  # queued on the pipeline
+        await self._call("heartbeat", pipe.execute())
+        for key, pairs in zip(hashes, snapshots, strict=True):
+            if self._pairs(*key) == pairs:  # else changed meanwhile: again next time
+                self._dirty.discard(key)
 
 
 def _chunks(pairs: list[str]) -> Iterable[int]:
