@@ -267,6 +267,38 @@ class BrokerConfig:
     )
 
 
+#: URL prefixes ``cluster.url`` accepts (``pushsvc.cluster.make_registry``).
+CLUSTER_SCHEMES = ("memory://", "redis://", "rediss://")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """``[cluster]``: what the nodes share about their connections (caps, presence)."""
+
+    url: str = setting(
+        "",
+        "Where the nodes count each user's connections (ratelimit.max_connections_per_user"
+        " holds across nodes) and list each room's users (presence): 'redis://HOST:PORT/DB'"
+        " or 'rediss://...'; 'memory://': this process only. Empty: broker.url when that is"
+        " a Redis URL, else 'memory://'.",
+        schemes=CLUSTER_SCHEMES,
+    )
+    node_ttl: float = setting(
+        15.0,
+        "Seconds a node's connections and room members keep counting after its last"
+        " heartbeat (sent every node_ttl/3): the users of a crashed node leave presence and"
+        " free their connection slots within this bound.",
+        minimum=0.3,
+    )
+    timeout: float = setting(
+        1.0,
+        "Seconds one call to the cluster registry may take. On a failure or timeout the"
+        " per-user cap lets the connection in (fails open, counted in"
+        " pushsvc_cluster_errors_total) and presence lists this node's members only.",
+        minimum=0.01,
+    )
+
+
 @dataclass(frozen=True)
 class ChatConfig:
     """``[chat]``: rooms."""
@@ -337,6 +369,7 @@ class Config:
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     broker: BrokerConfig = field(default_factory=BrokerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     chat: ChatConfig = field(default_factory=ChatConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -408,6 +441,14 @@ class Config:
     def store_url(self) -> str:
         """``store.url``, or the SQLite file under ``server.data_dir``."""
         return self.store.url or f"sqlite:///{Path(self.server.data_dir) / 'pushsvc.sqlite3'}"
+
+    def cluster_url(self) -> str:
+        """``cluster.url``, or ``broker.url`` when that is a Redis URL, or ``memory://``."""
+        if self.cluster.url:
+            return self.cluster.url
+        if self.broker.url.startswith(("redis://", "rediss://")):
+            return self.broker.url
+        return "memory://"
 
 
 def sections() -> dict[str, type[Any]]:

@@ -28,6 +28,8 @@ from pushsvc.broker import (
     room_channel,
     user_channel,
 )
+from pushsvc.cluster import Registry
+from pushsvc.cluster.memory import MemoryRegistry
 from pushsvc.config import Config
 from pushsvc.core.hub import Hub
 from pushsvc.core.keepalive import Keepalive
@@ -48,7 +50,13 @@ class Node:
     """The pushsvc service of this process."""
 
     def __init__(
-        self, config: Config, metrics: Metrics, plugins: Plugins, broker: Broker, store: Store
+        self,
+        config: Config,
+        metrics: Metrics,
+        plugins: Plugins,
+        broker: Broker,
+        store: Store,
+        cluster: Registry | None = None,
     ) -> None:
         limits = config.ratelimit
         self.config = config  # the configuration in force (replaced on reload)
@@ -56,10 +64,11 @@ class Node:
         self.plugins = plugins  # hooks and message types
         self.broker = broker  # other nodes
         self.store = store  # durable messages
+        self.cluster = cluster or MemoryRegistry()  # caps and presence over every node
         self.delivery = DeliveryTracker(
             config.delivery, store, broker, metrics, self._dead_lettered
         )  # at-least-once tracking
-        self.hub = Hub(broker, metrics, self.delivery)  # local connections and rooms
+        self.hub = Hub(broker, metrics, self.delivery, self.cluster)  # local connections, rooms
         self.authenticator = Authenticator(config.auth, config.secret())  # token checks
         self.user_buckets = KeyedBuckets(limits.user_rate, limits.user_burst)  # per user
         self.handshake_buckets = KeyedBuckets(limits.handshake_rate, limits.handshake_burst)
@@ -151,6 +160,10 @@ class Node:
         """Whether the last store write succeeded."""
         return self.store.healthy()
 
+    def cluster_healthy(self) -> bool:
+        """Whether the last call to the cluster registry succeeded."""
+        return self.cluster.healthy()
+
     def token_refreshed(self, session: Session) -> None:
         """``session`` holds a new token: re-arm its expiry."""
         self.keepalive.track_expiry(session)
@@ -207,9 +220,14 @@ class Node:
             room_channel(room), Envelope(EnvelopeKind.PRESENCE, "presence", session.session, frame)
         )
 
-    def presence(self, room: str) -> list[str]:
-        """Users with a connection in ``room`` on this node."""
-        return self.hub.room_users(room)
+    async def presence(self, room: str, limit: int | None = None) -> list[str]:
+        """Distinct users with a connection in ``room`` on any node, sorted.
+
+        With ``limit``, a list longer than ``limit`` means "more than
+        ``limit``" and may be incomplete. When the cluster registry is
+        unreachable, the users on this node.
+        """
+        return await self.cluster.room_users(room, limit)
 
     # -- connections ------------------------------------------------------------
 

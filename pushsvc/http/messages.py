@@ -90,10 +90,10 @@ class PresenceHandler(ApiHandler):
     """``GET /api/v1/rooms/{room}/presence``: users in a room."""
 
     async def get(self, room: str) -> None:
-        """200 ``{"users": [...]}`` (distinct users with a connection on this node, sorted)."""
+        """200 ``{"users": [...]}`` (distinct users with a connection on any node, sorted)."""
         await self.handle(self._presence(room))
 
     async def _presence(self, room: str) -> tuple[int, Any]:
         if len(room) > MAX_ROOM_LENGTH:
             raise bad_request(f"room: at most {MAX_ROOM_LENGTH} characters")
-        return HTTPStatus.OK, {"users": self.node.presence(room)}
+        return HTTPStatus.OK, {"users": await self.node.presence(room)}

@@ -148,6 +148,10 @@ class Observed(Protocol):
         """Whether the last store write succeeded."""
         ...
 
+    def cluster_healthy(self) -> bool:
+        """Whether the last call to the cluster registry succeeded."""
+        ...
+
 
 class Metrics:
     """All pushsvc series, registered on ``registry`` (a fresh one per test)."""
@@ -241,6 +245,17 @@ class Metrics:
             "pushsvc_store_errors_total", "Store operations that failed.", ["operation"], registry=r
         )
         self.broker_up = Gauge("pushsvc_broker_up", "1 while the broker is connected.", registry=r)
+        self.cluster_up = Gauge(
+            "pushsvc_cluster_up",
+            "1 while the last call to the cluster registry (caps, presence) succeeded.",
+            registry=r,
+        )
+        self.cluster_errors = Counter(
+            "pushsvc_cluster_errors_total",
+            "Cluster registry calls that failed or timed out (a reserve: let in, fail open).",
+            ["operation"],
+            registry=r,
+        )
         self.draining = Gauge(
             "pushsvc_draining", "1 while the node drains for shutdown.", registry=r
         )
@@ -281,6 +296,7 @@ class Metrics:
             if isinstance(series, TypedCounter):
                 series.forget_children()  # looked up before the plugin types were known
         self.broker_up.set_function(lambda: float(service.broker_healthy()))
+        self.cluster_up.set_function(lambda: float(service.cluster_healthy()))
         self.draining.set_function(lambda: float(service.draining))
         self.ready.set_function(
             lambda: float(
