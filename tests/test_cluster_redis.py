@@ -16,13 +16,13 @@ from typing import Any
 import orjson
 import pytest
 from redis.crc import key_slot
-from redis_server import RedisServer
 from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.websocket import websocket_connect
 
 from conftest import Server, ServerProcess, token
 from pushsvc.cluster import RegistryOptions
 from pushsvc.cluster.redis import RedisRegistry, index_key
+from redis_server import RedisServer
 
 Start = Callable[..., Any]
 NODE_TTL = 1.0  # seconds: fast liveness for the tests (the default is 15)
