@@ -69,6 +69,4 @@ def make_broker(url: str, *, timeout: float = 1.0, probe_interval: float = 1.0) 
         from pushsvc.broker.redis import RedisBroker
 
         return RedisBroker.from_url(url, timeout=timeout, probe_interval=probe_interval)
-    raise ValueError(
-        f"broker.url: unsupported scheme in {url!r} (supported: {', '.join(SCHEMES)})"
-    )
+    raise ValueError(f"broker.url: unsupported scheme in {url!r} (supported: {', '.join(SCHEMES)})")

@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import secrets
 import time
 from collections.abc import Iterable
@@ -71,6 +72,15 @@ CHUNK = 1000
 #: How long :meth:`RedisBroker.start` waits for the first connection, at least.
 START_WAIT = 5.0
 _PROBE = b"probe"
+
+
+class _Expired(Exception):
+    """A wait outlived the broker timeout."""
+
+
+def _expire(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_exception(_Expired())
 
 
 class RedisBroker:
@@ -138,6 +148,12 @@ class RedisBroker:
         parts = urlsplit(url)
         if parts.scheme not in SCHEMES:
             raise ValueError(f"broker.url: expected redis://, rediss:// or unix://, not {url!r}")
+        if (
+            parts.scheme != "unix"
+            and parts.path not in ("", "/")
+            and not re.fullmatch(r"/[0-9]+", parts.path)
+        ):
+            raise ValueError(f"broker.url: the path must be /<db number>, not {parts.path!r}")
         query = parse_qsl(parts.query, keep_blank_values=True)
         prefixes = [value for key, value in query if key == "prefix"]
         if len(prefixes) > 1:
@@ -151,7 +167,7 @@ class RedisBroker:
             probe_interval=probe_interval,
         )
         try:
-            broker._make_pool().make_connection()  # checks redis-py's own parameters
+            broker._make_pool().make_connection()  # type: ignore[no-untyped-call]  # checks its parameters
         except (TypeError, ValueError) as exc:
             raise ValueError(f"broker.url: {exc} in {url!r}") from None
         return broker
@@ -246,10 +262,7 @@ class RedisBroker:
         future = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(channel, []).append(future)
         self._mark(channel)
-        try:
-            async with asyncio.timeout(self.timeout):
-                await future
-        except TimeoutError:
+        if not await self._bounded(future):
             self._timeouts += 1
             log.warning("SUBSCRIBE %s not confirmed within %.1f s", channel, self.timeout)
 
@@ -269,6 +282,21 @@ class RedisBroker:
     async def publish(self, channel: str, envelope: Envelope) -> None:
         """Publish ``envelope`` on ``channel``; raises :class:`BrokerUnavailable`."""
         await self._publish((self.prefix + channel).encode(), envelope.to_bytes(), False)
+
+    async def _bounded(self, future: asyncio.Future[None]) -> bool:
+        """Await ``future`` for at most ``timeout``; False when it timed out.
+
+        A timer rather than ``asyncio.timeout``: callers may run outside a
+        Task (eager frame handlers, :mod:`pushsvc.transport.eager`).
+        """
+        timer = asyncio.get_running_loop().call_later(self.timeout, _expire, future)
+        try:
+            await future
+        except _Expired:
+            return False
+        finally:
+            timer.cancel()
+        return True
 
     # -- subscriptions --------------------------------------------------------------------
 
@@ -308,7 +336,7 @@ class RedisBroker:
             conn: AbstractConnection = self._pool.connection_class(**kwargs)
             try:
                 async with asyncio.timeout(self.timeout):
-                    await conn.connect()
+                    await conn.connect()  # type: ignore[no-untyped-call]
             except (RedisError, OSError, TimeoutError) as exc:
                 if isinstance(exc, TimeoutError):
                     self._timeouts += 1
@@ -521,10 +549,7 @@ class RedisBroker:
         self._outbox.append((channel, data, future, probe))
         if self._publisher is None:
             self._publisher = asyncio.ensure_future(self._send_batches())
-        try:
-            async with asyncio.timeout(self.timeout):
-                await future
-        except TimeoutError:
+        if not await self._bounded(future):
             self._timeouts += 1
             self._publish_errors += 1
             self._gap = True
