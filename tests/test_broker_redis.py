@@ -13,15 +13,16 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from redis_server import NO_REDIS, REDIS_SERVER, RedisServer
 
 from conftest import Server
 from pushsvc.broker import BrokerUnavailable, Envelope, EnvelopeKind, make_broker
 from pushsvc.broker.redis import BACKOFF_MAX, PROBE_MISSES, RedisBroker
-from redis_server import RedisServer
 
 #: Longest a reconnect and resubscribe may take once Redis is back: the
 #: documented backoff bound, a connect timeout, and slack for a loaded machine.
@@ -78,9 +79,7 @@ async def make(fresh_redis: RedisServer) -> AsyncIterator[Callable[..., Awaitabl
     """Start brokers on the test's own Redis (fast probe); all are closed at teardown."""
     brokers: list[RedisBroker] = []
 
-    async def start(
-        recorder: Recorder, *, timeout: float = 0.5, query: str = ""
-    ) -> RedisBroker:
+    async def start(recorder: Recorder, *, timeout: float = 0.5, query: str = "") -> RedisBroker:
         broker = make_broker(fresh_redis.url + query, timeout=timeout, probe_interval=PROBE)
         assert isinstance(broker, RedisBroker)
         broker.set_callback(recorder)
@@ -236,6 +235,28 @@ async def test_start_refuses_an_unreachable_redis(fresh_redis: RedisServer) -> N
     with pytest.raises(BrokerUnavailable, match="not reachable"):
         await broker.start()
     assert not broker.healthy()
+
+
+async def test_unix_socket_url(tmp_path: Path) -> None:
+    if REDIS_SERVER is None:
+        pytest.skip(NO_REDIS)
+    sock = tmp_path / "redis.sock"
+    server = RedisServer(
+        tmp_path / "r", extra=["--unixsocket", str(sock), "--unixsocketperm", "700"]
+    )
+    server.start()
+    try:
+        broker = make_broker(f"unix://{sock}?db=0&prefix=u:", timeout=0.5, probe_interval=PROBE)
+        recorder = Recorder()
+        broker.set_callback(recorder)
+        await broker.start()
+        await broker.subscribe("room:a")
+        assert numsub(server, "u:room:a") == {"u:room:a": 1}
+        await broker.publish("room:a", live(1))
+        await until(lambda: recorder.ids() == ["m1"], 2, "delivered over the socket")
+        await broker.close()
+    finally:
+        server.kill9()
 
 
 async def test_paused_redis_is_a_silent_subscription_then_healthy_again(

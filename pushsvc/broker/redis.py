@@ -69,8 +69,8 @@ BACKOFF_MAX = 2.0
 PROBE_MISSES = 3
 #: Most channels in one SUBSCRIBE or UNSUBSCRIBE command.
 CHUNK = 1000
-#: How long :meth:`RedisBroker.start` waits for the first connection, at least.
-START_WAIT = 5.0
+#: :meth:`RedisBroker.start` waits this many timeouts for the first connection.
+START_WAITS = 5
 _PROBE = b"probe"
 
 
@@ -191,7 +191,10 @@ class RedisBroker:
         self._gap_callback = callback
 
     async def start(self) -> None:
-        """Connect and subscribe; raises :class:`BrokerUnavailable` if Redis cannot be reached."""
+        """Connect and subscribe; raises :class:`BrokerUnavailable` if Redis cannot be reached.
+
+        It tries for :data:`START_WAITS` times ``timeout`` (5 s by default).
+        """
         if not self._closed:
             return
         self._closed = False
@@ -202,7 +205,7 @@ class RedisBroker:
             asyncio.ensure_future(self._subscriber()),
             asyncio.ensure_future(self._prober()),
         ]
-        deadline = time.monotonic() + max(START_WAIT, self.timeout)
+        deadline = time.monotonic() + START_WAITS * self.timeout
         while self._synced_at is None:
             if time.monotonic() > deadline:
                 await self.close()
