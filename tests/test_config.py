@@ -57,7 +57,7 @@ def test_layering_precedence(tmp_path: Path) -> None:
         ("[server]\nbogus = 1\n", {}, "server.bogus"),
         ("[nope]\n", {}, "nope"),
         ("[log]\nformat = 'xml'\n", {}, "log.format"),
-        ("[broker]\nurl = 'redis://localhost'\n", {}, "broker.url"),
+        ("[broker]\nurl = 'redis+sentinel://localhost'\n", {}, "broker.url"),
         ("[store]\nurl = 'postgres://db'\n", {}, "store.url"),
         ("", {"PUSHSVC_RATELIMIT__BURST": "0"}, "ratelimit.burst"),
         ("", {"PUSHSVC_SERVER__NOPE": "1"}, "PUSHSVC_SERVER__NOPE"),

@@ -559,7 +559,7 @@ class RedisBroker:
             raise BrokerUnavailable(
                 f"Redis broker did not take the publish within {self.timeout:g} s"
             ) from None
-        if not probe:
+        if not probe and not self._closed:  # closed meanwhile: dropped, not sent
             self._published += 1
 
     async def _send_batches(self) -> None:

@@ -214,12 +214,15 @@ class Delivery:
 
         A DURABLE envelope lost while the broker was down never reached its
         connections; it is pending in the store, so rereading each user's
-        pending messages (those in flight are skipped) sends it now.
+        pending messages (those in flight are skipped) sends it now. One
+        store read per connection whose user may have something pending.
         """
         for session in list(self._sessions.values()):
             tracker: AckTracker | None = session.inflight
             if tracker is None or session.closing:
                 continue
+            if not self.store.may_have_pending(session.principal.user):
+                continue  # the store knows: nothing to reload
             tracker.backlog = tracker.dirty = tracker.rewind = True
             self._spawn_refill(session)
 
