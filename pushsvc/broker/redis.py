@@ -125,6 +125,7 @@ class RedisBroker:
         self._gap = False  # envelopes may have been lost: call the gap callback once synced
         self._stale = False  # the prober asks for a new connection
         self._last_message_at: float | None = None  # monotonic, any message received
+        self._last_error = "no answer"  # why the last connect failed (for start's error)
         # -- publishes --
         self._outbox: list[tuple[bytes, bytes, asyncio.Future[None], bool]] = []
         self._publisher: asyncio.Task[None] | None = None
@@ -209,7 +210,9 @@ class RedisBroker:
         while self._synced_at is None:
             if time.monotonic() > deadline:
                 await self.close()
-                raise BrokerUnavailable(f"Redis broker {self._where()} not reachable")
+                raise BrokerUnavailable(
+                    f"Redis broker {self._where()} not reachable: {self._last_error}"
+                )
             await asyncio.sleep(0.01)
 
     async def close(self) -> None:
@@ -343,6 +346,7 @@ class RedisBroker:
             except (RedisError, OSError, TimeoutError) as exc:
                 if isinstance(exc, TimeoutError):
                     self._timeouts += 1
+                self._last_error = str(exc) or type(exc).__name__
                 log.log(
                     logging.DEBUG if lost else logging.WARNING,
                     "Redis broker %s: cannot connect (%s); retrying for ever, every %.2f s at most",
@@ -359,7 +363,7 @@ class RedisBroker:
             if lost:
                 self._reconnects += 1
                 self._reconnected = self._gap = True
-                log.warning("Redis broker %s: reconnected; resubscribing", self._where())
+                log.info("Redis broker %s: reconnected; resubscribing", self._where())
             try:
                 await self._serve(conn)
             except (RedisError, OSError, TimeoutError) as exc:
@@ -499,9 +503,7 @@ class RedisBroker:
         if self._reconnected:
             self._reconnected = False
             self._resubscriptions += 1
-            log.warning(
-                "Redis broker %s: resubscribed %d channels", self._where(), len(self._wanted)
-            )
+            log.info("Redis broker %s: resubscribed %d channels", self._where(), len(self._wanted))
         if self._gap:
             self._call_gap()
 
