@@ -410,6 +410,12 @@ async def test_broker_gap_resync_sends_what_the_broker_lost_to_open_connections(
     window's cursor would miss it: the resync rewinds.
     """
     bob = await server.connect("bob")
+    deadline = time.monotonic() + 5
+    while not any(  # registered, and the connect's own refill is over
+        s.inflight is not None and not s.inflight.refilling for s in sessions(server, "bob")
+    ):
+        assert time.monotonic() < deadline, "bob's window never opened"
+        await asyncio.sleep(0.01)
     lost_id, frame = frames.stamp({"type": "notification", "title": "T", "message": "lost"})
     frame["ack"] = True
     await server.node.store.accept(  # persisted, but its DURABLE envelope never published
