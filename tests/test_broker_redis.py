@@ -264,11 +264,16 @@ async def test_paused_redis_is_a_silent_subscription_then_healthy_again(
 ) -> None:
     broker = await make(Recorder())
     await until(lambda: broker.stats().last_message_age is not None, 2, "a probe")
-    fresh_redis.command("CLIENT", "PAUSE", "1500", "WRITE")  # publishes wait: no probe arrives
+    fresh_redis.command("CLIENT", "PAUSE", "3000", "WRITE")  # publishes wait: no probe arrives
     took = await until(lambda: not broker.healthy(), 3, "the probe is missed")
     assert took >= PROBE  # not before a probe was due
     age = broker.stats().last_message_age
     assert age is not None and age > PROBE_MISSES * PROBE
+    # Dropped as silent and reconnected, but not healthy while nothing arrives.
+    await until(lambda: broker.stats().reconnects >= 1, 3, "a new connection")
+    for _ in range(25):
+        assert not broker.healthy()
+        await asyncio.sleep(0.02)
     await until(broker.healthy, RECOVERY, "probes arrive again")
     assert broker.stats().timeouts >= 1  # the probe publishes waited on the pause
 

@@ -124,6 +124,7 @@ class RedisBroker:
         self._reconnected = False  # the current connection replaced a lost one
         self._gap = False  # envelopes may have been lost: call the gap callback once synced
         self._stale = False  # the prober asks for a new connection
+        self._silent = False  # dropped as silent: healthy again only once a message arrives
         self._last_message_at: float | None = None  # monotonic, any message received
         self._last_error = "no answer"  # why the last connect failed (for start's error)
         # -- publishes --
@@ -457,6 +458,7 @@ class RedisBroker:
 
     def _message(self, name: bytes, data: bytes) -> None:
         self._last_message_at = time.monotonic()
+        self._silent = False
         channel = self._names.get(name)
         if channel is None:  # unsubscribed since: dropped
             return
@@ -519,9 +521,13 @@ class RedisBroker:
     # -- liveness -------------------------------------------------------------------------
 
     def _freshest(self) -> float:
-        """The later of the last message and the last full (re)subscription."""
-        synced = self._synced_at or 0.0
-        return max(synced, self._last_message_at or 0.0)
+        """The later of the last message and the last full (re)subscription.
+
+        After a connection was dropped as silent only a message counts: a new
+        connection on a Redis that still delivers nothing is no better.
+        """
+        last = self._last_message_at or 0.0
+        return last if self._silent else max(self._synced_at or 0.0, last)
 
     async def _prober(self) -> None:
         """Publish the probe every interval; ask for a new connection when it stops arriving."""
@@ -530,14 +536,16 @@ class RedisBroker:
             await asyncio.sleep(self.probe_interval)
             if self._synced_at is None:
                 continue
-            silent = time.monotonic() - self._freshest()
-            if silent > PROBE_MISSES * self.probe_interval and not self._stale:
+            bound, now = PROBE_MISSES * self.probe_interval, time.monotonic()
+            silent = now - self._freshest()
+            # Once per connection: a new one gets its own probes' time before it is dropped.
+            if silent > bound and now - self._synced_at > bound and not self._stale:
                 log.warning(
                     "Redis broker %s: nothing received for %.1f s; reconnecting",
                     self._where(),
                     silent,
                 )
-                self._stale = True
+                self._silent = self._stale = True
                 self._kick.set()
                 continue
             try:
