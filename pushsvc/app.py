@@ -459,7 +459,11 @@ async def build_node(
     )
     await store.open()
     store = metrics.instrument_store(store)
-    broker = make_broker(config.broker.url)
+    broker = make_broker(
+        config.broker.url,
+        timeout=config.broker.timeout,
+        probe_interval=config.broker.probe_interval,
+    )
     await broker.start()
     metrics.broker_up.set(1 if broker.healthy() else 0)
     errors = metrics.cluster_errors

@@ -261,9 +261,24 @@ class BrokerConfig:
 
     url: str = setting(
         "memory://",
-        "'memory://' (one process; delivery inside publish), or 'memory://?delivery=async'"
-        " (delivery on a later loop pass, as over a network; for tests).",
-        schemes=("memory://",),
+        "'memory://' (one process; delivery inside publish), 'memory://?delivery=async'"
+        " (delivery on a later loop pass, as over a network; for tests), or Redis pub/sub"
+        " between nodes: 'redis://[user:password@]host:port/db', 'rediss://...' (TLS),"
+        " 'unix:///path/redis.sock?db=0'; '?prefix=' sets the channel prefix"
+        " (default 'pushsvc:').",
+        schemes=("memory://", "redis://", "rediss://", "unix://"),
+    )
+    timeout: float = setting(
+        1.0,
+        "Seconds a Redis publish, connect or SUBSCRIBE may take before it counts as failed"
+        " (a publish then answers 'unavailable').",
+        minimum=0.01,
+    )
+    probe_interval: float = setting(
+        1.0,
+        "Seconds between the Redis liveness probes a node publishes to itself; the broker is"
+        " unhealthy when nothing arrived for 3 intervals.",
+        minimum=0.05,
     )
 
 

@@ -23,6 +23,8 @@ from pushsvc.auth.tokens import Authenticator
 from pushsvc.broker import (
     REVOCATIONS_CHANNEL,
     Broker,
+    BrokerStats,
+    BrokerUnavailable,
     Envelope,
     EnvelopeKind,
     room_channel,
@@ -40,7 +42,7 @@ from pushsvc.ops.metrics import Metrics
 from pushsvc.plugin.api import CommandError, Delivery, Guarantee, Principal
 from pushsvc.plugin.manager import Plugins, RegisteredType
 from pushsvc.protocol import frames
-from pushsvc.protocol.codes import ErrorCode
+from pushsvc.protocol.codes import RETRY_AFTER_UNAVAILABLE, ErrorCode
 from pushsvc.store import IdempotencyKey, Revocation, Store
 
 log = logging.getLogger("pushsvc.node")
@@ -81,6 +83,7 @@ class Node:
         )
         self.revocations = Revocations(store)  # revoked tokens (loaded by app.start)
         self.hub.on_control = self.on_control  # control: broadcasts (revocations)
+        broker.set_gap_callback(self.on_broker_gap)  # envelopes may have been lost
         self.draining = False  # True once shutdown began: refuse new work
         self._tasks: set[asyncio.Task[Any]] = set()  # background work to finish on shutdown
 
@@ -142,6 +145,31 @@ class Node:
     def _dead_lettered(self, user: str, message: dict[str, Any], reason: str) -> None:
         self.plugins.notify("pushsvc_dead_lettered", user=user, message=message, reason=reason)
 
+    def on_broker_gap(self) -> None:
+        """Envelopes may have been lost (a broker reconnect): refill every window from the store.
+
+        At-least-once messages whose DURABLE envelope was lost reach the open
+        connections this way; at-most-once ones lost meanwhile stay lost.
+        """
+        log.warning("broker envelopes may have been lost: reloading pending deliveries")
+        self.delivery.resync()
+
+    async def _publish(self, channel: str, envelope: Envelope) -> None:
+        """Publish an envelope the caller must know was sent.
+
+        Raises:
+            CommandError: ``unavailable`` (with ``retry_after``) when the broker
+                did not take it: nothing was sent.
+        """
+        try:
+            await self.broker.publish(channel, envelope)
+        except BrokerUnavailable as exc:
+            raise CommandError(
+                ErrorCode.UNAVAILABLE,
+                f"not sent, broker unavailable: {exc}",
+                RETRY_AFTER_UNAVAILABLE,
+            ) from exc
+
     # -- what the session and the metrics need ---------------------------------
 
     def message_type(self, name: str) -> RegisteredType | None:
@@ -155,6 +183,10 @@ class Node:
     def broker_healthy(self) -> bool:
         """Whether the broker reaches the other nodes."""
         return self.broker.healthy()
+
+    def broker_stats(self) -> BrokerStats:
+        """The broker's figures (for the metrics)."""
+        return self.broker.stats()
 
     def store_healthy(self) -> bool:
         """Whether the last store write succeeded."""
@@ -216,9 +248,11 @@ class Node:
         frame = frames.encode(
             {"type": "presence", "room": room, "event": event, "user": session.principal.user}
         )
-        await self.broker.publish(
-            room_channel(room), Envelope(EnvelopeKind.PRESENCE, "presence", session.session, frame)
-        )
+        envelope = Envelope(EnvelopeKind.PRESENCE, "presence", session.session, frame)
+        try:
+            await self.broker.publish(room_channel(room), envelope)
+        except BrokerUnavailable as exc:  # at most once: the join or leave itself stands
+            log.warning("presence %s in %s not sent: %s", event, room, exc)
 
     async def presence(self, room: str, limit: int | None = None) -> list[str]:
         """Distinct users with a connection in ``room`` on any node, sorted.
@@ -260,7 +294,7 @@ class Node:
     async def disconnect_user(self, user: str, reason: str) -> int:
         """Close every connection of ``user`` (on every node) with 4003; returns local count."""
         count = len(self.hub.user_clients(user))
-        await self.broker.publish(
+        await self._publish(
             user_channel(user), Envelope(EnvelopeKind.DISCONNECT, "", "", reason.encode())
         )
         return count
@@ -310,11 +344,15 @@ class Node:
         return Envelope(EnvelopeKind.LIVE, frame["type"], message_id, frames.encode(frame))
 
     async def publish(self, room: str, message: dict[str, Any]) -> str:
-        """Fan ``message`` out to ``room``'s members on every node (at most once)."""
+        """Fan ``message`` out to ``room``'s members on every node (at most once).
+
+        Raises:
+            CommandError: ``unavailable`` when the broker did not take it.
+        """
         if "type" not in message:
             raise ValueError("message needs a 'type'")
         envelope = self._live(message)
-        await self.broker.publish(room_channel(room), envelope)
+        await self._publish(room_channel(room), envelope)
         return envelope.id
 
     async def send(
@@ -329,7 +367,9 @@ class Node:
 
         At-least-once messages are persisted for every recipient before this
         returns (raises ``CommandError`` ``unavailable`` if the store fails),
-        together with ``idempotency`` when given.
+        together with ``idempotency`` when given. At-most-once messages raise
+        ``CommandError`` ``unavailable`` when the broker did not take them
+        (users before the failing one may have received it).
         """
         if "type" not in message:
             raise ValueError("message needs a 'type'")
@@ -339,7 +379,7 @@ class Node:
             return Delivery(message_id, recipients)
         envelope = self._live(message)
         for user in recipients:
-            await self.broker.publish(user_channel(user), envelope)
+            await self._publish(user_channel(user), envelope)
         return Delivery(envelope.id, recipients)
 
     async def requeue_dead_letters(self, user: str, ids: Sequence[str]) -> list[str]:

@@ -257,7 +257,7 @@ def _responses(config: Config) -> dict[str, Any]:
             {"Retry-After": _RETRY_AFTER},
         ),
         "Unavailable": _error(
-            "`unavailable`: the store failed; nothing was done; retry",
+            "`unavailable`: the store or the broker failed; nothing was done; retry",
             {"Retry-After": _RETRY_AFTER},
         ),
         "IdempotencyMismatch": _error(
