@@ -1,5 +1,5 @@
 // The demo chat page (/demo) in a real browser: Debian's chromium driven by playwright-core.
-// Skipped when no chromium is installed (set CHROMIUM to its path if it is elsewhere).
+// Skipped when no chromium is installed (support/browser.js).
 // A screenshot of the page in a phone-sized window is saved under the temp dir (path printed);
 // PUSHSVC_DEMO_SCREENSHOT=path saves it there too (docs/img/demo.png).
 import assert from "node:assert/strict";
@@ -9,12 +9,9 @@ import { join } from "node:path";
 import { after, before, test } from "node:test";
 import WebSocket from "ws";
 import { PushClient } from "../pushsvc.js";
+import { launch, skip } from "../support/browser.js";
 import { PushServer, next, sleep, token } from "../support/server.js";
 
-const CANDIDATES = [process.env.CHROMIUM, "/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome"];
-const executablePath = CANDIDATES.find((path) => path && existsSync(path));
-const skip = executablePath ? false : "no chromium installed (Debian: apt-get install chromium)";
-const ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-dev-shm-usage"];
 const PHONE = { width: 390, height: 760 };
 
 // --dev: demo.enabled and POST /dev/token (signed with the test secret, set in the environment).
@@ -25,9 +22,8 @@ const contexts = [];
 
 before(async () => {
   if (skip) return;
-  const { chromium } = await import("playwright-core");
   await server.start();
-  browser = await chromium.launch({ executablePath, headless: true, args: ARGS });
+  browser = await launch();
 });
 
 after(async () => {
