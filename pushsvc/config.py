@@ -307,9 +307,56 @@ class BrokerConfig:
 
     url: str = setting(
         "memory://",
-        "'memory://' (one process; delivery inside publish), or 'memory://?delivery=async'"
-        " (delivery on a later loop pass, as over a network; for tests).",
-        schemes=("memory://",),
+        "'memory://' (one process; delivery inside publish), 'memory://?delivery=async'"
+        " (delivery on a later loop pass, as over a network; for tests), or Redis pub/sub"
+        " between nodes: 'redis://[user:password@]host:port/db', 'rediss://...' (TLS),"
+        " 'unix:///path/redis.sock?db=0'; '?prefix=' sets the channel prefix"
+        " (default 'pushsvc:').",
+        schemes=("memory://", "redis://", "rediss://", "unix://"),
+    )
+    timeout: float = setting(
+        1.0,
+        "Seconds a Redis publish, connect or SUBSCRIBE may take before it counts as failed"
+        " (a publish then answers 'unavailable').",
+        minimum=0.01,
+    )
+    probe_interval: float = setting(
+        1.0,
+        "Seconds between the Redis liveness probes a node publishes to itself; the broker is"
+        " unhealthy when nothing arrived for 3 intervals.",
+        minimum=0.05,
+    )
+
+
+#: URL prefixes ``cluster.url`` accepts (``pushsvc.cluster.make_registry``).
+CLUSTER_SCHEMES = ("memory://", "redis://", "rediss://")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """``[cluster]``: what the nodes share about their connections (caps, presence)."""
+
+    url: str = setting(
+        "",
+        "Where the nodes count each user's connections (ratelimit.max_connections_per_user"
+        " holds across nodes) and list each room's users (presence): 'redis://HOST:PORT/DB'"
+        " or 'rediss://...'; 'memory://': this process only. Empty: broker.url when that is"
+        " a Redis URL, else 'memory://'.",
+        schemes=CLUSTER_SCHEMES,
+    )
+    node_ttl: float = setting(
+        15.0,
+        "Seconds a node's connections and room members keep counting after its last"
+        " heartbeat (sent every node_ttl/3): the users of a crashed node leave presence and"
+        " free their connection slots within this bound.",
+        minimum=0.3,
+    )
+    timeout: float = setting(
+        1.0,
+        "Seconds one call to the cluster registry may take. On a failure or timeout the"
+        " per-user cap lets the connection in (fails open, counted in"
+        " pushsvc_cluster_errors_total) and presence lists this node's members only.",
+        minimum=0.01,
     )
 
 
@@ -389,6 +436,7 @@ class Config:
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     broker: BrokerConfig = field(default_factory=BrokerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     chat: ChatConfig = field(default_factory=ChatConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -470,6 +518,14 @@ class Config:
     def store_url(self) -> str:
         """``store.url``, or the SQLite file under ``server.data_dir``."""
         return self.store.url or f"sqlite:///{Path(self.server.data_dir) / 'pushsvc.sqlite3'}"
+
+    def cluster_url(self) -> str:
+        """``cluster.url``, or ``broker.url`` when that is a Redis URL, or ``memory://``."""
+        if self.cluster.url:
+            return self.cluster.url
+        if self.broker.url.startswith(("redis://", "rediss://")):
+            return self.broker.url
+        return "memory://"
 
 
 def sections() -> dict[str, type[Any]]:

@@ -239,7 +239,9 @@ async def serve(
             and logs call it).
         config: config sections, as in the TOML file:
             ``{"ratelimit": {"rate": 100}, "plugins": {"typing": {"rate": 5}}}``.
-            ``plugins.disabled`` applies to the installed plugins.
+            ``plugins.disabled`` applies to the installed plugins. Several
+            servers on one Redis (``broker.url``) form a cluster; give them
+            one ``auth.jwt_secret`` (default: a random one per server).
         data_dir: the state folder; default a temporary one, removed afterwards.
     """
     secret = secrets.token_urlsafe(32)
@@ -251,6 +253,7 @@ async def serve(
     }
     for name, values in (config or {}).items():
         sections.setdefault(name, {}).update(values)
+    secret = sections["auth"].get("jwt_secret", secret)  # nodes of one test cluster share one
     try:
         built = config_module.build([sections])
         loaded = load_plugins(built.plugins.disabled, built.auth.default_rooms, extra=plugins)

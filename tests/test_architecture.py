@@ -18,7 +18,7 @@ PACKAGE = ROOT / "pushsvc"
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("version", "config"),
     ("protocol",),
-    ("store", "broker"),
+    ("store", "broker", "cluster"),
     ("ops",),
     ("auth",),
     ("delivery",),

@@ -725,7 +725,7 @@ class Typing:
             room = ctx.frame["room"]
             message = {"type": "typing", "room": room, "user": ctx.principal.user}
             message_id = await ctx.publish(room, message, exclude=ctx.session)
-            return Reply({"id": message_id, "members": ctx.members(room)})
+            return Reply({"id": message_id, "members": await ctx.members(room)})
 
         return [MessageType("typing", typing, {"room": Field(str)})]
 
@@ -1177,3 +1177,30 @@ async def test_the_testing_kit_without_pytest_fixtures() -> None:
     with pytest.raises(RuntimeError, match="database is unreachable"):
         async with serve(("failing", FailingStartup())):
             pass
+
+
+async def test_publish_exclude_and_members_across_two_nodes(redis_url: str) -> None:
+    """Two nodes on one Redis (broker and cluster registry): the session left out is on
+    one node, its user's other connection and another user on the other; members lists
+    the room's users of both nodes."""
+    from pushsvc.testing import serve
+
+    config = {
+        "broker": {"url": redis_url},
+        "chat": {"auto_join": False},
+        "auth": {"jwt_secret": SECRET},
+    }
+    async with (
+        serve(("typing", Typing()), config=config) as one,
+        serve(("typing", Typing()), config=config) as two,
+    ):
+        sender = await one.connect("ann", rooms=["*"])
+        other_tab = await two.connect("ann", rooms=["*"])
+        ben = await two.connect("ben", rooms=["*"])
+        for client in (sender, other_tab, ben):
+            await client.join("r")
+        reply = await sender.request({"type": "typing", "room": "r"})
+        assert reply["members"] == ["ann", "ben"]
+        for client in (other_tab, ben):
+            assert (await client.recv_type("typing"))["id"] == reply["id"]
+        await sender.expect_nothing(0.3, ignore=("presence",))

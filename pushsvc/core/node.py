@@ -24,11 +24,15 @@ from pushsvc.auth.tokens import Authenticator
 from pushsvc.broker import (
     REVOCATIONS_CHANNEL,
     Broker,
+    BrokerStats,
+    BrokerUnavailable,
     Envelope,
     EnvelopeKind,
     room_channel,
     user_channel,
 )
+from pushsvc.cluster import Registry
+from pushsvc.cluster.memory import MemoryRegistry
 from pushsvc.config import Config, parse_type_buckets
 from pushsvc.core.hub import Hub
 from pushsvc.core.keepalive import Keepalive
@@ -39,7 +43,7 @@ from pushsvc.ops.metrics import Metrics
 from pushsvc.plugin.api import CommandError, Delivery, Guarantee, HandshakeRequest, Principal
 from pushsvc.plugin.manager import Plugins, RegisteredType
 from pushsvc.protocol import frames
-from pushsvc.protocol.codes import ErrorCode
+from pushsvc.protocol.codes import RETRY_AFTER_UNAVAILABLE, ErrorCode
 from pushsvc.store import IdempotencyKey, Revocation, Store
 
 log = logging.getLogger("pushsvc.node")
@@ -49,7 +53,13 @@ class Node:
     """The pushsvc service of this process."""
 
     def __init__(
-        self, config: Config, metrics: Metrics, plugins: Plugins, broker: Broker, store: Store
+        self,
+        config: Config,
+        metrics: Metrics,
+        plugins: Plugins,
+        broker: Broker,
+        store: Store,
+        cluster: Registry | None = None,
     ) -> None:
         limits = config.ratelimit
         self.config = config  # the configuration in force (replaced on reload)
@@ -59,10 +69,11 @@ class Node:
         plugins.slow_after = config.plugins.slow_hook_seconds  # log hooks that block the loop
         self.broker = broker  # other nodes
         self.store = store  # durable messages
+        self.cluster = cluster or MemoryRegistry()  # caps and presence over every node
         self.delivery = DeliveryTracker(
             config.delivery, store, broker, metrics, self._dead_lettered
         )  # at-least-once tracking
-        self.hub = Hub(broker, metrics, self.delivery)  # local connections and rooms
+        self.hub = Hub(broker, metrics, self.delivery, self.cluster)  # local connections, rooms
         self.authenticator = Authenticator(config.auth, config.secret())  # token checks
         self.user_buckets = KeyedBuckets(limits.user_rate, limits.user_burst)  # per user
         self.handshake_buckets = KeyedBuckets(limits.handshake_rate, limits.handshake_burst)
@@ -77,6 +88,7 @@ class Node:
         )
         self.revocations = Revocations(store)  # revoked tokens (loaded by app.start)
         self.hub.on_control = self.on_control  # control: broadcasts (revocations)
+        broker.set_gap_callback(self.on_broker_gap)  # envelopes may have been lost
         self.draining = False  # True once shutdown began: refuse new work
         self._tasks: set[asyncio.Task[Any]] = set()  # background work to finish on shutdown
 
@@ -190,6 +202,31 @@ class Node:
     def _dead_lettered(self, user: str, message: dict[str, Any], reason: str) -> None:
         self.plugins.notify("pushsvc_dead_lettered", user=user, message=message, reason=reason)
 
+    def on_broker_gap(self) -> None:
+        """Envelopes may have been lost (a broker reconnect): refill every window from the store.
+
+        At-least-once messages whose DURABLE envelope was lost reach the open
+        connections this way; at-most-once ones lost meanwhile stay lost.
+        """
+        log.warning("broker envelopes may have been lost: reloading pending deliveries")
+        self.delivery.resync()
+
+    async def _publish(self, channel: str, envelope: Envelope) -> None:
+        """Publish an envelope the caller must know was sent.
+
+        Raises:
+            CommandError: ``unavailable`` (with ``retry_after``) when the broker
+                did not take it: nothing was sent.
+        """
+        try:
+            await self.broker.publish(channel, envelope)
+        except BrokerUnavailable as exc:
+            raise CommandError(
+                ErrorCode.UNAVAILABLE,
+                f"not sent, broker unavailable: {exc}",
+                RETRY_AFTER_UNAVAILABLE,
+            ) from exc
+
     # -- what the session and the metrics need ---------------------------------
 
     def message_type(self, name: str) -> RegisteredType | None:
@@ -204,9 +241,17 @@ class Node:
         """Whether the broker reaches the other nodes."""
         return self.broker.healthy()
 
+    def broker_stats(self) -> BrokerStats:
+        """The broker's figures (for the metrics)."""
+        return self.broker.stats()
+
     def store_healthy(self) -> bool:
         """Whether the last store write succeeded."""
         return self.store.healthy()
+
+    def cluster_healthy(self) -> bool:
+        """Whether the last call to the cluster registry succeeded."""
+        return self.cluster.healthy()
 
     def token_refreshed(self, session: Session) -> None:
         """``session`` holds a new token: re-arm its expiry."""
@@ -279,13 +324,20 @@ class Node:
         frame = frames.encode(
             {"type": "presence", "room": room, "event": event, "user": session.principal.user}
         )
-        await self.broker.publish(
-            room_channel(room), Envelope(EnvelopeKind.PRESENCE, "presence", session.session, frame)
-        )
+        envelope = Envelope(EnvelopeKind.PRESENCE, "presence", session.session, frame)
+        try:
+            await self.broker.publish(room_channel(room), envelope)
+        except BrokerUnavailable as exc:  # at most once: the join or leave itself stands
+            log.warning("presence %s in %s not sent: %s", event, room, exc)
 
-    def presence(self, room: str) -> list[str]:
-        """Users with a connection in ``room`` on this node."""
-        return self.hub.room_users(room)
+    async def presence(self, room: str, limit: int | None = None) -> list[str]:
+        """Distinct users with a connection in ``room`` on any node, sorted.
+
+        With ``limit``, a list longer than ``limit`` means "more than
+        ``limit``" and may be incomplete. When the cluster registry is
+        unreachable, the users on this node.
+        """
+        return await self.cluster.room_users(room, limit)
 
     # -- connections ------------------------------------------------------------
 
@@ -319,7 +371,7 @@ class Node:
     async def disconnect_user(self, user: str, reason: str) -> int:
         """Close every connection of ``user`` (on every node) with 4003; returns local count."""
         count = len(self.hub.user_clients(user))
-        await self.broker.publish(
+        await self._publish(
             user_channel(user), Envelope(EnvelopeKind.DISCONNECT, "", "", reason.encode())
         )
         return count
@@ -374,6 +426,9 @@ class Node:
         ``exclude`` is a session left out (on whichever node it is): the
         envelope then goes as :attr:`EnvelopeKind.PRESENCE`, whose ``id`` is
         that session. Returns the message id.
+
+        Raises:
+            CommandError: ``unavailable`` when the broker did not take it.
         """
         if "type" not in message:
             raise ValueError("message needs a 'type'")
@@ -381,7 +436,7 @@ class Node:
         message_id = envelope.id
         if exclude is not None:
             envelope = dataclasses.replace(envelope, kind=EnvelopeKind.PRESENCE, id=exclude)
-        await self.broker.publish(room_channel(room), envelope)
+        await self._publish(room_channel(room), envelope)
         return message_id
 
     async def send(
@@ -396,7 +451,9 @@ class Node:
 
         At-least-once messages are persisted for every recipient before this
         returns (raises ``CommandError`` ``unavailable`` if the store fails),
-        together with ``idempotency`` when given.
+        together with ``idempotency`` when given. At-most-once messages raise
+        ``CommandError`` ``unavailable`` when the broker did not take them
+        (users before the failing one may have received it).
         """
         if "type" not in message:
             raise ValueError("message needs a 'type'")
@@ -406,7 +463,7 @@ class Node:
             return Delivery(message_id, recipients)
         envelope = self._live(message)
         for user in recipients:
-            await self.broker.publish(user_channel(user), envelope)
+            await self._publish(user_channel(user), envelope)
         return Delivery(envelope.id, recipients)
 
     async def requeue_dead_letters(self, user: str, ids: Sequence[str]) -> list[str]:

@@ -81,8 +81,8 @@ class SessionServices(PluginNode, Protocol):
         """Leave ``room``."""
         ...
 
-    def presence(self, room: str) -> list[str]:
-        """Distinct users with a local connection in ``room``, sorted."""
+    async def presence(self, room: str, limit: int | None = None) -> list[str]:
+        """Distinct users in ``room`` on every node, sorted (longer than ``limit``: too many)."""
         ...
 
     async def authenticate_client(self, token: str | None) -> Principal:
@@ -324,10 +324,11 @@ class Session:
             room = fields["room"]
             await self.services.join(self, room)
             joined: dict[str, Any] = {"room": room}
-            users = self.services.presence(room)
             # The members so far (presence events tell the changes from now on),
             # within the same cap as presence events.
-            if len(users) <= self.services.config.chat.presence_max_members:
+            most = self.services.config.chat.presence_max_members
+            users = await self.services.presence(room, most)
+            if len(users) <= most:
                 joined["users"] = users
             self._reply(ref, joined)
         elif command.type == "leave":

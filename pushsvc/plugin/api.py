@@ -105,8 +105,12 @@ class Node(Protocol):
         """Whether the connection ``session`` has joined ``room`` on this node."""
         ...
 
-    def presence(self, room: str) -> list[str]:
-        """Distinct users with a connection in ``room`` on this node, sorted."""
+    async def presence(self, room: str, limit: int | None = None) -> list[str]:
+        """Distinct users with a connection in ``room`` on any node, sorted.
+
+        With ``limit``, a list longer than ``limit`` means "more than ``limit``"
+        and may be incomplete.
+        """
         ...
 
     async def publish(self, room: str, message: dict[str, Any], exclude: str | None = None) -> str:
@@ -207,12 +211,14 @@ class FrameContext:
         """
         return await self.node.publish(room, message, exclude)
 
-    def members(self, room: str) -> list[str]:
-        """Distinct users with a connection in ``room``, sorted.
+    async def members(self, room: str, limit: int | None = None) -> list[str]:
+        """Distinct users with a connection in ``room``, on every node, sorted.
 
-        Counts this node's connections only (as ``GET /api/v1/rooms/{room}/presence``).
+        With ``limit``, a list longer than ``limit`` means "more than
+        ``limit``" and may be incomplete (a cheaper question for big rooms).
+        When the cluster registry is unreachable, the users on this node.
         """
-        return self.node.presence(room)
+        return await self.node.presence(room, limit)
 
     async def send(
         self, to: str | Sequence[str], message: dict[str, Any], ttl: float | None = None

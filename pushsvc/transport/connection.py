@@ -46,7 +46,8 @@ async def admit(
     """Run every pre-upgrade check (PROTOCOL §1) and reserve a connection slot.
 
     Order: draining (503), ``Origin`` (403), per-address handshake bucket
-    (429), token (401), connection caps (429). On success the caller owns
+    (429), token (401), connection caps (429; the per-user cap over every
+    node, the per-address cap on this one). On success the caller owns
     one slot of ``node.hub.reserve`` and must release it when the
     connection ends (or the upgrade fails).
 
@@ -82,7 +83,7 @@ async def _admit(
     except AuthError as exc:
         raise HandshakeError(401, "unauthorized", exc.reason) from exc
     limits = config.ratelimit
-    exceeded = node.hub.reserve(
+    exceeded = await node.hub.reserve(
         principal.user, remote_ip, limits.max_connections_per_user, limits.max_connections_per_ip
     )
     if exceeded is not None:
@@ -140,7 +141,8 @@ class ConnectionBase:
         )
         if self._reserved:
             self._reserved = False
-            self.node.hub.release(session.principal.user, session.remote_ip)
+            release = self.node.hub.release(session.principal.user, session.remote_ip)
+            self.node.track(asyncio.ensure_future(release))
         self.node.track(asyncio.ensure_future(self.node.disconnected(session, code)))
 
     # -- frames out ---------------------------------------------------------------------
