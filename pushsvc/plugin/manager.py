@@ -79,8 +79,8 @@ class StepTimer:
     """Await ``awaitable``, timing each step it runs between two suspensions.
 
     A step longer than ``bound`` seconds held the event loop (every other
-    connection waited): :func:`report_slow` names the plugin. Costs about a
-    microsecond per await; time spent suspended (I/O, sleeps) is not counted.
+    connection waited): :func:`report_slow` names the plugin. Costs about half
+    a microsecond per await; time spent suspended (I/O, sleeps) is not counted.
     """
 
     __slots__ = ("_awaitable", "_bound", "_hook", "_plugin")
