@@ -1204,3 +1204,32 @@ async def test_publish_exclude_and_members_across_two_nodes(redis_url: str) -> N
         for client in (other_tab, ben):
             assert (await client.recv_type("typing"))["id"] == reply["id"]
         await sender.expect_nothing(0.3, ignore=("presence",))
+
+
+def test_an_async_hook_where_the_answer_is_needed_at_once_is_refused() -> None:
+    class AsyncAuthorizer:
+        @hookimpl
+        async def pushsvc_authorize_room(self, principal: Any, room: str) -> bool:
+            return True
+
+    with pytest.raises(PluginError, match="pushsvc_authorize_room cannot be async def"):
+        load_plugins(extra=[("asyncauth", AsyncAuthorizer())])
+
+
+async def test_an_awaitable_answer_to_authorize_room_refuses(start_server: Any) -> None:
+    """A sync function that returns a coroutine would be truthy (allowed): it refuses."""
+
+    class Sneaky:
+        @hookimpl(tryfirst=True)
+        def pushsvc_authorize_room(self, principal: Any, room: str) -> Any:
+            async def later() -> bool:
+                return True
+
+            return later()
+
+    server = await start_server(extra=[("sneaky", Sneaky())], chat={"auto_join": False})
+    client = await server.connect("ann", rooms=["*"])
+    await client.send({"type": "join", "room": "r", "ref": "1"})
+    assert (await client.recv_type("error"))["code"] == "forbidden"
+    errors = server.node.metrics.plugin_errors.labels("sneaky", "pushsvc_authorize_room")
+    assert errors._value.get() == 1

@@ -55,6 +55,15 @@ ISOLATED_HOOKS = frozenset(
         "pushsvc_shutdown",
     }
 )
+#: Hooks whose result pushsvc uses at once: an ``async def`` implementation is refused at load.
+SYNC_HOOKS = frozenset(
+    {
+        "pushsvc_authorize_room",
+        "pushsvc_config_schema",
+        "pushsvc_register_message_types",
+        "pushsvc_register_routes",
+    }
+)
 #: ``hook`` label of ``pushsvc_plugin_errors_total`` for a message handler's exception.
 MESSAGE_HANDLER = "message_handler"
 #: ``hook`` label of ``pushsvc_plugin_errors_total`` for an HTTP route's exception.
@@ -370,6 +379,9 @@ class Plugins:
             arguments = {name: kwargs[name] for name in impl.argnames if name in kwargs}
             try:
                 result = self._call(impl, hook_name, arguments)
+                if inspect.isawaitable(result):  # would be truthy: refuse instead
+                    _discard(result)
+                    raise TypeError(f"{hook_name} returned an awaitable; it must answer at once")
             except Exception as exc:
                 self.failed(impl.plugin_name, hook_name, exc)
                 return on_error
@@ -423,6 +435,14 @@ class Plugins:
     def _report(self, hook_name: str, plugin: str, task: asyncio.Future[Any]) -> None:
         if not task.cancelled() and task.exception() is not None:
             self.failed(plugin, hook_name, task.exception())
+
+
+def _discard(awaitable: Any) -> None:
+    """Close a coroutine that will not be awaited (no "never awaited" warning)."""
+    if isinstance(awaitable, StepTimer):
+        awaitable = awaitable._awaitable
+    if inspect.iscoroutine(awaitable):
+        awaitable.close()
 
 
 def _count_nothing(plugin: str, hook: str) -> None:
@@ -520,6 +540,14 @@ def load_plugins(
             f"plugin {exc.plugin!r} implements an unknown hook: {exc}",
             plugin=manager.get_name(exc.plugin),
         ) from exc
+    for hook_name in sorted(SYNC_HOOKS):
+        for impl in getattr(manager.hook, hook_name).get_hookimpls():
+            if inspect.iscoroutinefunction(impl.function):
+                raise PluginError(
+                    f"plugin {impl.plugin_name!r}: {hook_name} cannot be async def "
+                    "(pushsvc uses its answer at once)",
+                    plugin=impl.plugin_name,
+                )
     for hook_name in sorted(ISOLATED_HOOKS):
         for impl in getattr(manager.hook, hook_name).get_hookimpls():
             if impl.hookwrapper or impl.wrapper:
