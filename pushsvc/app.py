@@ -48,7 +48,9 @@ from pushsvc.ops import logs, sdnotify
 from pushsvc.ops.metrics import Metrics
 from pushsvc.plugin.manager import DefaultRoomPolicy, Plugins, await_each, load_plugins
 from pushsvc.protocol.disconnects import DISCONNECTS
-from pushsvc.store import StoreOptions, make_store
+from pushsvc.push.keys import VapidKeyError, VapidKeys
+from pushsvc.push.sender import Sender
+from pushsvc.store import PushSubscriptionStore, StoreOptions, make_store
 from pushsvc.transport.upgrade import UpgradeServer
 
 log = logging.getLogger("pushsvc.app")
@@ -381,6 +383,8 @@ class Service:
         await self.server.close_all_connections()  # idle keep-alive connections
         await _bounded(node.settle_background(), "background tasks")
         await _bounded(node.delivery.drain(), "delivery bookkeeping")
+        if node.push is not None:
+            await node.push.close()  # pushes not sent yet are forgotten: the inbox has them
         for timer in self._timers:
             timer.cancel()
         await asyncio.gather(*self._timers, return_exceptions=True)
@@ -463,8 +467,41 @@ async def build_node(
     metrics.bind(node)
     await broker.subscribe(REVOCATIONS_CHANNEL)  # before the load: none is missed in between
     await node.revocations.load()
+    if config.push.enabled:
+        await _enable_push(node, config)
     await await_each(plugins.hook.pushsvc_startup(node=node))
     return node
+
+
+def push_keys(config: Config) -> VapidKeys:
+    """The VAPID keys ``push.*`` names (generated under ``server.data_dir`` if missing).
+
+    Raises:
+        ConfigError: naming the key at fault.
+    """
+    if not config.push.subject.startswith(("mailto:", "https://")):
+        raise ConfigError("push.subject", "a mailto: or https:// contact is required")
+    try:
+        return VapidKeys.load_or_create(
+            config.vapid_key_path(),
+            config.push.subject,
+            create=not config.push.vapid_private_key_file,
+        )
+    except VapidKeyError as exc:
+        raise ConfigError("push.vapid_private_key_file", str(exc)) from exc
+
+
+async def _enable_push(node: Node, config: Config) -> None:
+    store = node.store
+    if not isinstance(store, PushSubscriptionStore):
+        raise ConfigError("push.enabled", f"store {config.store_url()} keeps no push subscriptions")
+    sender = Sender(
+        push_keys(config),
+        concurrency=config.push.concurrency,
+        timeout=config.push.timeout,
+        allow_private=config.push.allow_private_endpoints,
+    )
+    await node.enable_push(sender, store).start()
 
 
 async def start(

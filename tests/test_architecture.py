@@ -21,7 +21,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("store", "broker"),
     ("ops",),
     ("auth",),
-    ("delivery",),
+    ("delivery", "push"),
     ("plugin",),
     ("core",),
     ("transport", "http"),

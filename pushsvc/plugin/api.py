@@ -15,6 +15,7 @@ import pluggy
 from pushsvc.auth.principal import Principal
 from pushsvc.config import Config
 from pushsvc.protocol.fields import CommandError, Field
+from pushsvc.protocol.webpush import PUSH_MODES, PushOptions
 from pushsvc.store import IdempotencyKey
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "MessageType",
     "Node",
     "Principal",
+    "PushOptions",
     "Reply",
     "hookimpl",
 ]
@@ -87,11 +89,14 @@ class Node(Protocol):
         guarantee: Guarantee,
         ttl: float | None = None,
         idempotency: IdempotencyKey | None = None,
+        push: PushOptions | None = None,
     ) -> Delivery:
         """Deliver ``message`` to every connection of each user in ``to``.
 
         ``idempotency`` (the key :meth:`ApiHandler.accept_once` gives, at-least-once
-        only) is stored with the message in the same transaction.
+        only) is stored with the message in the same transaction. ``push``
+        (at-least-once only) says whether and how the message goes out through
+        Web Push too (``push.enabled``); None: the message type's ``push``.
         """
         ...
 
@@ -113,6 +118,11 @@ class MessageType:
         cost: tokens of the rate-limit buckets one frame of this type takes.
         scope: a token scope the sender needs (``forbidden`` otherwise).
         description: one line for ``pushsvc plugins``.
+        push: at-least-once types only: when a message of this type is also
+            sent through Web Push (``push.enabled``), one of ``"offline"``
+            (users without an open connection, or not acking within
+            ``push.after_seconds``), ``"always"``, ``"never"``; a send may
+            override it (:class:`PushOptions`).
     """
 
     name: str
@@ -122,6 +132,11 @@ class MessageType:
     cost: float = 1.0
     scope: str | None = None
     description: str = ""
+    push: str = "never"
+
+    def __post_init__(self) -> None:
+        if self.push not in PUSH_MODES:
+            raise ValueError(f"MessageType {self.name!r}: push must be one of {PUSH_MODES}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,14 +157,18 @@ class FrameContext:
         return await self.node.publish(room, message)
 
     async def send(
-        self, to: str | Sequence[str], message: dict[str, Any], ttl: float | None = None
+        self,
+        to: str | Sequence[str],
+        message: dict[str, Any],
+        ttl: float | None = None,
+        push: PushOptions | None = None,
     ) -> Delivery:
         """Deliver ``message`` to every connection of the users in ``to``.
 
         With :attr:`Guarantee.AT_LEAST_ONCE` the message is persisted for each
         recipient before this returns, carries ``ack: true``, and is resent
         until acked; otherwise it is live only. The server adds ``id`` and
-        ``timestamp``.
+        ``timestamp``. ``push`` overrides the type's Web Push mode for this message.
         """
         users = [to] if isinstance(to, str) else list(to)
-        return await self.node.send(users, message, self.message_type.guarantee, ttl)
+        return await self.node.send(users, message, self.message_type.guarantee, ttl, push=push)
