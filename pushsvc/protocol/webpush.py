@@ -12,7 +12,7 @@ import base64
 import binascii
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 #: Longest endpoint URL accepted (browsers' are under 600 characters).
 MAX_ENDPOINT_LENGTH = 2048
@@ -104,6 +104,9 @@ class PushOptions:
     mode: str | None = None
     urgency: str | None = None
     topic: str | None = None
+    MODES: ClassVar[tuple[str, ...]] = PUSH_MODES  # for plugins, which import only pushsvc
+    URGENCIES: ClassVar[tuple[str, ...]] = URGENCIES
+    TOPIC_PATTERN: ClassVar[str] = TOPIC_PATTERN
 
     def __post_init__(self) -> None:
         if self.mode is not None and self.mode not in PUSH_MODES:
