@@ -54,10 +54,11 @@ def push_payload(message_id: str, message: Mapping[str, Any]) -> bytes:
         texts = [key for key in _CUTTABLE if isinstance(body.get(key), str) and body[key]]
         if not texts:  # only the id and type left: cannot happen with bounded ids
             break
-        longest = max(texts, key=lambda key: len(body[key]))
-        # Every character takes at least one byte, so this always gets closer.
-        overflow = len(encoded) - MAX_PLAINTEXT
-        body[longest] = body[longest][: max(0, len(body[longest]) - overflow)]
+        longest = max(texts, key=lambda key: len(body[key].encode()))
+        # Cut the UTF-8 bytes (JSON escapes make the text longer still: the loop goes on).
+        data = body[longest].encode()
+        keep = max(0, len(data) - (len(encoded) - MAX_PLAINTEXT))
+        body[longest] = data[:keep].decode(errors="ignore")
     return encoded
 
 
