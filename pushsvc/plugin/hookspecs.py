@@ -33,7 +33,8 @@ def pushsvc_register_message_types() -> Sequence[MessageType]:
 
     Called once at startup. Two plugins declaring the same ``name`` stop
     startup naming both; the core commands (``join``, ``leave``, ``ack``,
-    ``auth``, ``ping``) cannot be declared.
+    ``auth``, ``ping``, ``push_subscribe``, ``push_unsubscribe``) cannot be
+    declared.
 
     Example::
 
