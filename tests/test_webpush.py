@@ -209,7 +209,7 @@ async def subscribe(client: Client, browser: Browser, ref: str = "s") -> dict[st
     return await client.recv_type("reply", "error")
 
 
-async def notify(server: Server, to: str, **fields: Any) -> str:
+async def notify(server: Server, to: str | list[str], **fields: Any) -> str:
     body = {"to": to, "title": "Hello", "message": "You have mail", **fields}
     status, answer, _ = await server.http("POST", "/api/v1/notify", body)
     assert status == 202, answer
@@ -574,6 +574,7 @@ async def test_server_api_for_subscriptions(start_push: Start, push_service: Pus
 
 async def test_the_hook_hears_every_outcome(start_server: Start, push_service: PushService) -> None:
     heard: list[tuple[str, str, str]] = []
+    messages: list[dict[str, Any]] = []
 
     class Listener:
         @hookimpl
@@ -581,6 +582,7 @@ async def test_the_hook_hears_every_outcome(start_server: Start, push_service: P
             self, user: str, message: dict[str, Any], endpoint: str, result: str
         ) -> None:
             heard.append((user, endpoint, result))
+            messages.append(dict(message))
 
     server: Server = await start_server(push=push_config(), extra=[("listener", Listener())])
     _, body, _ = await server.http("GET", "/api/v1/push/vapid-public-key")
@@ -590,11 +592,65 @@ async def test_the_hook_hears_every_outcome(start_server: Start, push_service: P
     await subscribe(client, browser)
     client.close()
     await until(lambda: not server.node.online("alice"))
-    await notify(server, "alice")
+    sent_id = await notify(server, "alice")
     await notify(server, "nobody")
     await browser.push()
     await until(lambda: len(heard) == 2)
     assert sorted(heard) == [("alice", browser.endpoint, "sent"), ("nobody", "", "no_subscription")]
+    (pushed,) = [m for m in messages if m["id"] == sent_id]
+    assert pushed["title"] == "Hello" and pushed["type"] == "notification"
+
+
+async def test_a_large_fan_out_takes_queue_slots_only_for_subscriptions(
+    start_push: Start, push_service: PushService
+) -> None:
+    server = await start_push(queue_size=2)
+    one, two = push_service.browser("one"), push_service.browser("two")
+    for user, browser in (("u7", one), ("u400", two)):
+        status, _, _ = await server.http(
+            "POST",
+            f"/api/v1/users/{user}/push-subscriptions",
+            {"subscription": browser.subscription()},
+        )
+        assert status == 201
+    users = [f"u{n}" for n in range(500)]
+    message_id = await notify(server, users)
+    assert (await one.push()).payload["id"] == (await two.push()).payload["id"] == message_id
+    assert metric(server, "pushsvc_push_dropped_total", reason="queue_full") == 0
+
+
+async def test_bad_push_fields_of_notify_are_400(start_push: Start) -> None:
+    server = await start_push()
+    for field_name, value in (("push", "sometimes"), ("urgency", "now"), ("topic", "a b")):
+        body = {"to": "alice", "title": "t", "message": "m", field_name: value}
+        status, answer, _ = await server.http("POST", "/api/v1/notify", body)
+        assert status == 400 and answer["message"].startswith(field_name), answer
+
+
+def test_key_settings_are_checked(tmp_path: Path) -> None:
+    from conftest import make_config
+    from pushsvc.app import push_keys
+    from pushsvc.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^push.subject"):
+        push_keys(make_config(tmp_path, push={"enabled": True}))
+    missing = make_config(
+        tmp_path, push={"subject": SUBJECT, "vapid_private_key_file": str(tmp_path / "none.pem")}
+    )
+    with pytest.raises(ConfigError, match=r"^push.vapid_private_key_file: .*no such file"):
+        push_keys(missing)  # a named key file is never created
+    (tmp_path / "bad.pem").write_text("not a key")
+    bad = make_config(
+        tmp_path, push={"subject": SUBJECT, "vapid_private_key_file": str(tmp_path / "bad.pem")}
+    )
+    with pytest.raises(ConfigError, match="not a PEM P-256 private key"):
+        push_keys(bad)
+    generated = push_keys(make_config(tmp_path, push={"subject": SUBJECT}))
+    (tmp_path / "mine.pem").write_bytes(generated.vapid.private_pem())
+    named = make_config(
+        tmp_path, push={"subject": SUBJECT, "vapid_private_key_file": str(tmp_path / "mine.pem")}
+    )
+    assert push_keys(named).public_key == generated.public_key
 
 
 # -- payload ----------------------------------------------------------------------------------

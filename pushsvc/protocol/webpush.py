@@ -110,8 +110,8 @@ class PushOptions:
 
     def __post_init__(self) -> None:
         if self.mode is not None and self.mode not in PUSH_MODES:
-            raise ValueError(f"push mode must be one of {', '.join(PUSH_MODES)}")
+            raise ValueError(f"push: must be one of {', '.join(PUSH_MODES)}")
         if self.urgency is not None and self.urgency not in URGENCIES:
-            raise ValueError(f"urgency must be one of {', '.join(URGENCIES)}")
+            raise ValueError(f"urgency: must be one of {', '.join(URGENCIES)}")
         if self.topic is not None and not re.fullmatch(TOPIC_PATTERN, self.topic):
             raise ValueError("topic: 1 to 32 characters of A-Z a-z 0-9 _ -")

@@ -30,6 +30,8 @@ from pushsvc.store import PushSubscription
 #: Largest plaintext of one push: 4096 bytes (RFC 8030 §7.2) less the aes128gcm
 #: header (86: salt, record size, key id) and the tag and delimiter (17), RFC 8291 §4.
 MAX_PLAINTEXT = 3993
+#: Largest answer body read from a push service (they answer with a few bytes).
+MAX_ANSWER_BYTES = 64 * 1024
 #: Fields of a message copied into its push payload, in this order.
 PAYLOAD_FIELDS = ("title", "message", "text", "data")
 #: Fields cut (longest first) when the payload is too large; ``data`` is dropped first.
@@ -109,7 +111,10 @@ class Sender:
         self.timeout = timeout  # seconds per request (connect included)
         self.resolver = GuardedResolver(allow_private=allow_private)  # the SSRF guard
         self.client = SimpleAsyncHTTPClient(
-            force_instance=True, max_clients=concurrency, resolver=self.resolver
+            force_instance=True,
+            max_clients=concurrency,
+            resolver=self.resolver,
+            max_body_size=MAX_ANSWER_BYTES,
         )  # not the shared instance: its own resolver and limits
 
     def request(

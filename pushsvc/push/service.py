@@ -31,8 +31,9 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+import types
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Protocol, TypeVar
 
 from pushsvc.config import PushConfig
 from pushsvc.ops.metrics import Metrics
@@ -50,6 +51,10 @@ from pushsvc.store import (
 )
 
 log = logging.getLogger("pushsvc.push")
+
+T = TypeVar("T")
+#: Recipients whose subscriptions are read together (one group commit of the store).
+READ_CHUNK = 100
 
 #: ``result`` of a push request (``pushsvc_push_requests_total``) and of the hook.
 SENT, EXPIRED, REJECTED, RETRY, GAVE_UP = "sent", "expired", "rejected", "retry", "gave_up"
@@ -166,7 +171,9 @@ class PushService:
             raise CommandError(ErrorCode.FORBIDDEN, str(exc)) from exc
         subscription = PushSubscription(user, keys.endpoint, keys.p256dh, keys.auth, time.time())
         limit = self.config.max_subscriptions_per_user
-        result = await self._stored(self.subscriptions.add_push_subscription(subscription, limit))
+        result: SubscribeResult = await self._stored(
+            self.subscriptions.add_push_subscription(subscription, limit)
+        )
         if result == "limit":
             self.metrics.push_subscribe_refused.labels("limit").inc()
             raise CommandError(
@@ -174,7 +181,7 @@ class PushService:
                 f"at most {limit} push subscriptions per user (push.max_subscriptions_per_user)",
             )
         await self._count()
-        return result  # type: ignore[no-any-return]
+        return result
 
     async def unsubscribe(self, user: str, endpoint: str) -> bool:
         """Forget ``user``'s subscription ``endpoint``; whether there was one."""
@@ -182,17 +189,14 @@ class PushService:
         if removed:
             self.metrics.push_subscriptions_deleted.labels("unsubscribed").inc()
             await self._count()
-        return bool(removed)
+        return removed
 
     async def listing(self, user: str) -> list[PushSubscription]:
         """``user``'s subscriptions (raises CommandError ``unavailable``)."""
-        found: list[PushSubscription] = await self._stored(
-            self.subscriptions.push_subscriptions(user)
-        )
-        return found
+        return await self._stored(self.subscriptions.push_subscriptions(user))
 
     @staticmethod
-    async def _stored(work: Any) -> Any:
+    async def _stored(work: Awaitable[T]) -> T:
         try:
             return await work
         except StoreUnavailable as exc:
@@ -225,16 +229,20 @@ class PushService:
         if mode == "never" or not recipients:
             return
         payload = push_payload(message_id, message)
+        announced = types.MappingProxyType({"id": message_id, **message})  # for the hook
         urgency = options.urgency or self.config.urgency
         expires_at = time.time() + lifetime
         delay = self.config.after_seconds
         loop = asyncio.get_running_loop()
+        now: list[Job] = []
         for user in recipients:
-            job = Job(user, message_id, message, payload, urgency, options.topic, expires_at)
+            job = Job(user, message_id, announced, payload, urgency, options.topic, expires_at)
             if mode == "always" or not self.presence.online(user):
-                self._enqueue(job)
+                now.append(job)
             elif delay > 0:
                 self._later(loop, delay, self._check_unacked, job)
+        if now:
+            self._spawn(self._expand(now))
 
     def _later(
         self, loop: asyncio.AbstractEventLoop, delay: float, fn: Callable[[Job], None], job: Job
@@ -249,10 +257,13 @@ class PushService:
         handle = loop.call_later(delay, fire)
         self._timers.add(handle)
 
-    def _check_unacked(self, job: Job) -> None:
-        task = asyncio.ensure_future(self._push_if_pending(job))
+    def _spawn(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _check_unacked(self, job: Job) -> None:
+        self._spawn(self._push_if_pending(job))
 
     async def _push_if_pending(self, job: Job) -> None:
         try:
@@ -261,10 +272,11 @@ class PushService:
             log.warning("push: cannot tell whether %s was acked: %s", job.message_id, exc)
             return
         if rows and rows[0].id == job.message_id:
-            self._enqueue(job)
+            await self._expand([job])
 
     def _enqueue(self, job: Job) -> None:
-        job.queued_at = time.monotonic()
+        if not job.queued_at:  # a retry keeps its first time (latency counts retries)
+            job.queued_at = time.monotonic()
         try:
             self.queue.put_nowait(job)
         except asyncio.QueueFull:
@@ -276,34 +288,35 @@ class PushService:
     async def _work(self) -> None:
         while True:
             job = await self.queue.get()
+            assert job.subscription is not None
             try:
-                if job.subscription is None:
-                    await self._expand(job)
-                else:
-                    await self._send(job, job.subscription)
+                await self._send(job, job.subscription)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("push to %s failed", job.user)
 
-    async def _expand(self, job: Job) -> None:
-        """Queue one push per subscription of the job's user."""
-        try:
-            found = await self.subscriptions.push_subscriptions(job.user)
-        except StoreUnavailable as exc:
-            log.warning("push: reading %s's subscriptions failed: %s", job.user, exc)
-            self.metrics.push_dropped.labels("store").inc()
-            return
-        if not found:
-            self.sent(job.user, job.message, "", NO_SUBSCRIPTION)
-            return
-        first, *rest = found
-        for subscription in rest:
-            self._enqueue(dataclasses.replace(job, subscription=subscription))
-        await self._send(job, first)  # this worker takes the first one itself
+    async def _expand(self, jobs: Sequence[Job]) -> None:
+        """Queue one push per subscription of each job's user (a slot per request only).
+
+        Subscriptions are read for :data:`READ_CHUNK` users at a time, so a
+        notification to many users costs few store transactions and users
+        without subscriptions take no queue slot.
+        """
+        for start in range(0, len(jobs), READ_CHUNK):
+            chunk = jobs[start : start + READ_CHUNK]
+            reads = [self.subscriptions.push_subscriptions(job.user) for job in chunk]
+            results = await asyncio.gather(*reads, return_exceptions=True)
+            for job, found in zip(chunk, results, strict=True):
+                if isinstance(found, BaseException):
+                    log.warning("push: reading %s's subscriptions failed: %s", job.user, found)
+                    self.metrics.push_dropped.labels("store").inc()
+                elif not found:
+                    self.sent(job.user, job.message, "", NO_SUBSCRIPTION)
+                for subscription in found if isinstance(found, list) else []:
+                    self._enqueue(dataclasses.replace(job, subscription=subscription))
 
     async def _send(self, job: Job, subscription: PushSubscription) -> None:
-        job.subscription = subscription
         remaining = job.expires_at - time.time()
         if remaining < 1:
             self._give_up(job, subscription, "expired")
