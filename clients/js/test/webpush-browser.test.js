@@ -19,7 +19,8 @@ const executablePath = CANDIDATES.find((path) => path && existsSync(path));
 const skip = executablePath ? false : "no chromium installed (Debian: apt-get install chromium)";
 const ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-dev-shm-usage"];
 
-const server = new PushServer({ PUSHSVC_PUSH__ENABLED: "true", PUSHSVC_PUSH__SUBJECT: "mailto:ops@example.com" });
+// --dev: the demo page and POST /dev/token, as in browser.test.js.
+const server = new PushServer({ PUSHSVC_PUSH__ENABLED: "true", PUSHSVC_PUSH__SUBJECT: "mailto:ops@example.com" }, ["--dev"]);
 let browser = null;
 
 before(async () => {
@@ -87,6 +88,32 @@ test("the example service worker registers and shows a pushed notification", { s
     "the notification",
   );
   assert.deepEqual(shown, [{ title: "Build failed", body: "main is red", tag: "01TESTID", data: payload }]);
+  assert.deepEqual(problems, []);
+  await context.close();
+});
+
+test("the demo page registers the service worker once notifications are allowed", { skip }, async () => {
+  const context = await browser.newContext();
+  await context.grantPermissions(["notifications"], { origin: server.base });
+  const page = await context.newPage();
+  const problems = [];
+  page.on("pageerror", (error) => problems.push(String(error)));
+  const tried = new Promise((resolve) => page.on("console", (m) => /Web Push unavailable/.test(m.text()) && resolve(m.text())));
+  await page.goto(`${server.base}/demo`);
+  await page.fill("#name", "erin");
+  await page.press("#name", "Enter");
+  await page.waitForFunction(() => document.getElementById("state").textContent === "open", null, { timeout: 15000 });
+  const scope = await page.waitForFunction(
+    async () => {
+      const registration = await navigator.serviceWorker.getRegistration("/client/");
+      return registration && (registration.active || registration.installing || registration.waiting) ? registration.scope : null;
+    },
+    null,
+    { timeout: 10000 },
+  );
+  assert.equal(await scope.jsonValue(), `${server.base}/client/`);
+  // subscribePush ran and the browser refused (no vendor push service here): reported, not thrown.
+  assert.match(await tried, /Registration failed|AbortError|NotAllowedError/);
   assert.deepEqual(problems, []);
   await context.close();
 });
