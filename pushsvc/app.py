@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import socket
@@ -449,6 +450,7 @@ async def build_node(
     """
     plugins = plugins or load_plugins(config.plugins.disabled, config.auth.default_rooms)
     config = config.with_plugin_schemas(plugins.config_schemas)  # [plugins.<name>] tables
+    keys = push_keys(config) if config.push.enabled else None  # a bad key stops us here
     metrics = Metrics(registry)
     store = make_store(
         config.store_url(),
@@ -467,10 +469,16 @@ async def build_node(
     metrics.bind(node)
     await broker.subscribe(REVOCATIONS_CHANNEL)  # before the load: none is missed in between
     await node.revocations.load()
-    if config.push.enabled:
-        await _enable_push(node, config)
+    if keys is not None:
+        await _enable_push(node, config, keys)
     await await_each(plugins.hook.pushsvc_startup(node=node))
     return node
+
+
+def check_push(config: Config) -> None:
+    """Check the ``[push]`` keys that need no I/O (``check-config``); raises ConfigError."""
+    if config.push.enabled and not config.push.subject.startswith(("mailto:", "https://")):
+        raise ConfigError("push.subject", "a mailto: or https:// contact is required")
 
 
 def push_keys(config: Config) -> VapidKeys:
@@ -479,8 +487,7 @@ def push_keys(config: Config) -> VapidKeys:
     Raises:
         ConfigError: naming the key at fault.
     """
-    if not config.push.subject.startswith(("mailto:", "https://")):
-        raise ConfigError("push.subject", "a mailto: or https:// contact is required")
+    check_push(dataclasses.replace(config, push=dataclasses.replace(config.push, enabled=True)))
     try:
         return VapidKeys.load_or_create(
             config.vapid_key_path(),
@@ -491,12 +498,12 @@ def push_keys(config: Config) -> VapidKeys:
         raise ConfigError("push.vapid_private_key_file", str(exc)) from exc
 
 
-async def _enable_push(node: Node, config: Config) -> None:
+async def _enable_push(node: Node, config: Config, keys: VapidKeys) -> None:
     store = node.store
     if not isinstance(store, PushSubscriptionStore):
         raise ConfigError("push.enabled", f"store {config.store_url()} keeps no push subscriptions")
     sender = Sender(
-        push_keys(config),
+        keys,
         concurrency=config.push.concurrency,
         timeout=config.push.timeout,
         allow_private=config.push.allow_private_endpoints,

@@ -670,3 +670,32 @@ def test_retry_after_takes_seconds_and_dates() -> None:
     assert retry_after("120") == 120.0
     assert retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == 10.0
     assert retry_after("soon") is None and retry_after(None) is None
+
+
+def test_the_command_line_names_bad_push_keys(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PUSHSVC_JWT_SECRET": "x" * 32, "PUSHSVC_PUSH__ENABLED": "true"}
+    checked = subprocess.run(
+        [sys.executable, "-m", "pushsvc", "check-config"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+    assert checked.returncode == 2 and "push.subject" in checked.stderr
+    env |= {
+        "PUSHSVC_PUSH__SUBJECT": SUBJECT,
+        "PUSHSVC_PUSH__VAPID_PRIVATE_KEY_FILE": str(tmp_path / "absent.pem"),
+    }
+    served = subprocess.run(
+        [sys.executable, "-m", "pushsvc", "serve", "--port", "0", "--data-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+    assert served.returncode == 2 and "push.vapid_private_key_file" in served.stderr
