@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import socket
 import stat
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -699,3 +701,50 @@ def test_the_command_line_names_bad_push_keys(tmp_path: Path) -> None:
         check=False,
     )
     assert served.returncode == 2 and "push.vapid_private_key_file" in served.stderr
+
+
+async def test_the_openapi_document_has_the_push_routes_when_enabled(start_push: Start) -> None:
+    server = await start_push()
+    _, doc, _ = await server.http("GET", "/api/v1/openapi.json")
+    key = doc["paths"]["/api/v1/push/vapid-public-key"]["get"]
+    assert key["security"] == []
+    subscriptions = doc["paths"]["/api/v1/users/{user}/push-subscriptions"]
+    assert set(subscriptions) == {"get", "post", "delete"}
+    for operation in subscriptions.values():
+        for status in ("400", "401", "403", "404", "413", "429", "503"):
+            assert status in operation["responses"]
+    status, _, _ = await server.http("GET", "/api/v1/users/x/push-subscriptions")
+    assert status == 200
+
+
+@pytest.mark.slow
+async def test_schemathesis_finds_no_violation_in_the_push_routes(
+    start_push: Start, tmp_path: Path
+) -> None:
+    import importlib.util
+    import uuid
+
+    from test_api_schema import SCHEMATHESIS_CONFIG, SEED, failure_summary
+
+    from conftest import token
+
+    if importlib.util.find_spec("schemathesis") is None:
+        pytest.skip("schemathesis is not installed (pip install -e '.[dev]')")
+    server = await start_push()
+    config = tmp_path / "schemathesis.toml"
+    config.write_text(SCHEMATHESIS_CONFIG)
+    jwt = token(f"st-{uuid.uuid4().hex}", scope="publish", ttl=600)
+    proc = await asyncio.create_subprocess_exec(
+        *[sys.executable, "-m", "schemathesis.cli", "--config-file", str(config), "run"],
+        f"{server.base}/api/v1/openapi.json",
+        *["--url", server.base, "--header", f"Authorization: Bearer {jwt}", "--checks", "all"],
+        *["--max-examples", "50", "--seed", str(SEED), "--request-timeout", "10", "--no-color"],
+        *["--include-path-regex", "push"],
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        cwd=tmp_path,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), timeout=120)
+    output = out.decode(errors="replace")
+    assert proc.returncode == 0, failure_summary(output) or output[-4000:]
+    assert re.search(r"Tested:\s+4\b", output), output[-2000:]

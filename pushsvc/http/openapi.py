@@ -504,12 +504,27 @@ def _ops_paths() -> dict[str, Any]:
 def _push_paths() -> dict[str, Any]:
     """The Web Push routes (served when ``push.enabled``)."""
     user = "/api/v1/users/{user}/push-subscriptions"
+    endpoint = {"type": "string", "minLength": 1, "maxLength": MAX_ENDPOINT_LENGTH}
     subscription = {
         "type": "object",
         "required": ["endpoint", "keys"],
         "properties": {
-            "endpoint": {"type": "string", "minLength": 1, "maxLength": MAX_ENDPOINT_LENGTH},
-            "keys": _obj({"p256dh": _STRING, "auth": _STRING}, ["p256dh", "auth"]),
+            "endpoint": endpoint,
+            "keys": _obj(
+                {
+                    "p256dh": {
+                        "type": "string",
+                        "pattern": "^B[A-P][A-Za-z0-9_-]{85}=?$",
+                        "description": "uncompressed P-256 point, base64url",
+                    },
+                    "auth": {
+                        "type": "string",
+                        "pattern": "^[A-Za-z0-9_-]{22}(==)?$",
+                        "description": "16 bytes, base64url",
+                    },
+                },
+                ["p256dh", "auth"],
+            ),
         },
         "description": "the browser's `PushSubscription.toJSON()`",
     }
@@ -568,7 +583,7 @@ def _push_paths() -> dict[str, Any]:
                 parameters=[
                     _USER,
                     {
-                        **query_param("endpoint", _STRING, "the subscription's endpoint"),
+                        **query_param("endpoint", endpoint, "the subscription's endpoint"),
                         "required": True,
                     },
                 ],

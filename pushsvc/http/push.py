@@ -63,6 +63,7 @@ class PushSubscriptionsHandler(ApiHandler):
 
     async def _unsubscribe(self, user: str) -> tuple[int, Any]:
         _push_or_404(self)
+        self.body()  # none, or an object (400 otherwise)
         endpoint = self.get_query_argument("endpoint", "")
         if not endpoint or len(endpoint) > MAX_ENDPOINT_LENGTH:
             raise bad_request(f"endpoint: a URL of 1 to {MAX_ENDPOINT_LENGTH} characters")
