@@ -748,3 +748,26 @@ async def test_schemathesis_finds_no_violation_in_the_push_routes(
     output = out.decode(errors="replace")
     assert proc.returncode == 0, failure_summary(output) or output[-4000:]
     assert re.search(r"Tested:\s+4\b", output), output[-2000:]
+
+
+async def test_the_sender_refuses_a_host_that_resolves_privately_and_does_not_retry(
+    tmp_path: Path, push_service: PushService
+) -> None:
+    """A subscription that passed the check once, whose name now resolves to loopback."""
+    from pushsvc.push.keys import VapidKeys
+    from pushsvc.push.sender import Sender
+    from pushsvc.store import PushSubscription
+
+    keys = VapidKeys.load_or_create(tmp_path / "k.pem", SUBJECT)
+    sender = Sender(keys, concurrency=1, timeout=5, allow_private=False)
+    browser = push_service.browser("rebound")
+    endpoint = f"http://localhost:{push_service.port}/push/rebound"
+    sub = browser.subscription()["keys"]
+    subscription = PushSubscription("ann", endpoint, sub["p256dh"], sub["auth"], time.time())
+    try:
+        request = sender.request(subscription, b"{}", ttl=60, urgency="normal", topic=None)
+        result = await sender.send(request)
+    finally:
+        sender.close()
+    assert result.refused and "non-public" in result.error
+    assert browser.requests == 0

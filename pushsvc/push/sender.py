@@ -85,6 +85,7 @@ class SendResult:
     status: int  # HTTP status; 0 when the request failed (network, timeout, refused)
     retry_after: float | None = None  # seconds, from the Retry-After header
     error: str = ""  # why there was no answer, or the body of a refusal (short)
+    refused: bool = False  # not sent: the host resolved to a non-public address
 
 
 def retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -151,8 +152,8 @@ class Sender:
         """POST ``request``; never raises for a network or HTTP failure."""
         try:
             response = await self.client.fetch(request, raise_error=False)
-        except EndpointRefused as exc:
-            return SendResult(0, None, f"refused: {exc}")
+        except EndpointRefused as exc:  # from the resolver, at connect time
+            return SendResult(0, None, str(exc), refused=True)
         except (OSError, HTTPClientError) as exc:
             return SendResult(0, None, f"{type(exc).__name__}: {exc}")
         if response.code == 599:  # Tornado's code for no answer (timeout, reset)

@@ -338,6 +338,10 @@ class PushService:
         elif status in _EXPIRED_STATUSES:
             self.metrics.push_requests.labels(EXPIRED).inc()
             await self._expired(job, subscription)
+        elif result.refused:  # resolves to a private address now (DNS rebinding?)
+            self.metrics.push_requests.labels(REJECTED).inc()
+            log.warning("push to %s not sent: %s", _origin(subscription.endpoint), result.error)
+            self.sent(job.user, job.message, subscription.endpoint, REJECTED)
         elif status == 429 or status >= 500 or status == 0:
             self.metrics.push_requests.labels(RETRY).inc()
             self._retry(job, subscription, result)

@@ -9,18 +9,30 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import pytest
 from test_store_contract import SQLITE, Implementation
 
-from pushsvc.store import PushSubscription, PushSubscriptionStore, StoreUnavailable, make_store
+from pushsvc.store import (
+    PushSubscription,
+    PushSubscriptionStore,
+    Store,
+    StoreUnavailable,
+    make_store,
+)
 
 #: Store implementations with push subscriptions; the next one is one more entry.
 PUSH_IMPLEMENTATIONS = [SQLITE]
 P256DH = "B" + "A" * 86  # the store keeps keys as given: no decoding here
 AUTH = "A" * 22
 
-Open = Callable[[], Awaitable[PushSubscriptionStore]]
+
+class Both(Store, PushSubscriptionStore):
+    """What the tests hold: a store with push subscriptions (for typing only)."""
+
+
+Open = Callable[[], Awaitable[Both]]
 
 
 @pytest.fixture(params=PUSH_IMPLEMENTATIONS, ids=lambda impl: impl.name)
@@ -30,20 +42,20 @@ def impl(request: pytest.FixtureRequest) -> Implementation:
 
 
 @pytest.fixture
-def url(impl: Implementation, tmp_path: object) -> str:
-    return impl.url(tmp_path)  # type: ignore[arg-type]
+def url(impl: Implementation, tmp_path: Path) -> str:
+    return impl.url(tmp_path)
 
 
 @pytest.fixture
 async def open_store(impl: Implementation, url: str) -> AsyncIterator[Open]:
-    opened = []
+    opened: list[Store] = []
 
-    async def open_() -> PushSubscriptionStore:
+    async def open_() -> Both:
         store = make_store(url, impl.options)
         await store.open()
         opened.append(store)
         assert isinstance(store, PushSubscriptionStore)
-        return store
+        return store  # type: ignore[return-value]  # both Protocols, checked above
 
     yield open_
     for store in opened:
@@ -51,7 +63,7 @@ async def open_store(impl: Implementation, url: str) -> AsyncIterator[Open]:
 
 
 @pytest.fixture
-async def store(open_store: Open) -> PushSubscriptionStore:
+async def store(open_store: Open) -> Both:
     return await open_store()
 
 
@@ -116,11 +128,9 @@ async def test_remove_only_the_users_own(store: PushSubscriptionStore) -> None:
     assert await store.count_push_subscriptions() == 0
 
 
-async def test_subscriptions_survive_a_restart(
-    store: PushSubscriptionStore, open_store: Open
-) -> None:
+async def test_subscriptions_survive_a_restart(store: Both, open_store: Open) -> None:
     await store.add_push_subscription(sub("ann", 1), 10)
-    await store.close()  # type: ignore[attr-defined]
+    await store.close()
     again = await open_store()
     assert await endpoints(again, "ann") == ["https://push.example/1"]
 
