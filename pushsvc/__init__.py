@@ -10,6 +10,7 @@ The public API for plugin authors is re-exported here (docs/plugins.md):
 - :class:`FrameContext` is what a message handler receives; :class:`Delivery`
   is what its ``send`` returns.
 - :class:`Reply` and :class:`CommandError` are what a handler answers with.
+- :class:`PushOptions` says whether and how a message also goes out through Web Push.
 - :class:`ApiHandler`, :class:`ApiError`, :class:`IdempotencyKey`, :class:`Config`
   and the module :mod:`openapi <pushsvc.http.openapi>` are for plugin HTTP routes.
 
@@ -34,6 +35,7 @@ from pushsvc.plugin.api import (
     HandshakeRequest,
     MessageType,
     Principal,
+    PushOptions,
     Reply,
     hookimpl,
 )
@@ -67,6 +69,7 @@ __all__ = [
     "IdempotencyKey",
     "MessageType",
     "Principal",
+    "PushOptions",
     "Reply",
     "Setting",
     "__version__",

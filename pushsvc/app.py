@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import socket
@@ -49,7 +50,9 @@ from pushsvc.ops import logs, sdnotify
 from pushsvc.ops.metrics import Metrics
 from pushsvc.plugin.manager import DefaultRoomPolicy, Plugins, await_each, load_plugins
 from pushsvc.protocol.disconnects import DISCONNECTS
-from pushsvc.store import StoreOptions, make_store
+from pushsvc.push.keys import VapidKeyError, VapidKeys
+from pushsvc.push.sender import Sender
+from pushsvc.store import PushSubscriptionStore, StoreOptions, make_store
 from pushsvc.transport.upgrade import UpgradeServer
 
 log = logging.getLogger("pushsvc.app")
@@ -384,6 +387,8 @@ class Service:
         await self.server.close_all_connections()  # idle keep-alive connections
         await _bounded(node.settle_background(), "background tasks")
         await _bounded(node.delivery.drain(), "delivery bookkeeping")
+        if node.push is not None:
+            await node.push.close()  # pushes not sent yet are forgotten: the inbox has them
         for timer in self._timers:
             timer.cancel()
         await asyncio.gather(*self._timers, return_exceptions=True)
@@ -450,6 +455,7 @@ async def build_node(
     """
     plugins = plugins or load_plugins(config.plugins.disabled, config.auth.default_rooms)
     config = config.with_plugin_schemas(plugins.config_schemas)  # [plugins.<name>] tables
+    keys = push_keys(config) if config.push.enabled else None  # a bad key stops us here
     metrics = Metrics(registry)
     store = make_store(
         config.store_url(),
@@ -482,8 +488,46 @@ async def build_node(
     metrics.bind(node)
     await broker.subscribe(REVOCATIONS_CHANNEL)  # before the load: none is missed in between
     await node.revocations.load()
+    if keys is not None:
+        await _enable_push(node, config, keys)
     await await_each(plugins.hook.pushsvc_startup(node=node))
     return node
+
+
+def check_push(config: Config) -> None:
+    """Check the ``[push]`` keys that need no I/O (``check-config``); raises ConfigError."""
+    if config.push.enabled and not config.push.subject.startswith(("mailto:", "https://")):
+        raise ConfigError("push.subject", "a mailto: or https:// contact is required")
+
+
+def push_keys(config: Config) -> VapidKeys:
+    """The VAPID keys ``push.*`` names (generated under ``server.data_dir`` if missing).
+
+    Raises:
+        ConfigError: naming the key at fault.
+    """
+    check_push(dataclasses.replace(config, push=dataclasses.replace(config.push, enabled=True)))
+    try:
+        return VapidKeys.load_or_create(
+            config.vapid_key_path(),
+            config.push.subject,
+            create=not config.push.vapid_private_key_file,
+        )
+    except VapidKeyError as exc:
+        raise ConfigError("push.vapid_private_key_file", str(exc)) from exc
+
+
+async def _enable_push(node: Node, config: Config, keys: VapidKeys) -> None:
+    store = node.store
+    if not isinstance(store, PushSubscriptionStore):
+        raise ConfigError("push.enabled", f"store {config.store_url()} keeps no push subscriptions")
+    sender = Sender(
+        keys,
+        concurrency=config.push.concurrency,
+        timeout=config.push.timeout,
+        allow_private=config.push.allow_private_endpoints,
+    )
+    await node.enable_push(sender, store).start()
 
 
 async def start(

@@ -167,6 +167,9 @@ async def _run(
     except PluginError as exc:
         print(f"pushsvc: {exc}", file=sys.stderr)
         return 3
+    except ConfigError as exc:  # found at startup (e.g. push.vapid_private_key_file)
+        print(f"pushsvc: bad config: {exc}", file=sys.stderr)
+        return 2
     except Exception as exc:
         log.exception("startup failed")
         print(f"pushsvc: startup failed: {exc}", file=sys.stderr)
@@ -356,6 +359,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             # A plugin that fails to load would stop serve: say so now, exit 3.
             plugins = load_plugins(config.plugins.disabled, config.auth.default_rooms)
             config = config.with_plugin_schemas(plugins.config_schemas)  # exit 2 naming the key
+            from pushsvc.app import check_push
+
+            check_push(config)  # exit 2 naming push.subject
             print(config_module.to_toml(config), end="")
             return 0
         return _plugins(config)

@@ -391,6 +391,80 @@ class ApiConfig:
     )
 
 
+#: Push services of the major browsers (``push.allowed_hosts`` default): Chrome and
+#: Edge-on-Chromium (FCM), Firefox (Mozilla autopush), Edge legacy (WNS), Safari (Apple).
+DEFAULT_PUSH_HOSTS = [
+    "fcm.googleapis.com",
+    "*.push.services.mozilla.com",
+    "*.notify.windows.com",
+    "*.push.apple.com",
+]
+
+
+@dataclass(frozen=True)
+class PushConfig:
+    """``[push]``: offline notifications through Web Push (VAPID, RFC 8030/8291/8292)."""
+
+    enabled: bool = setting(
+        False,
+        "Send at-least-once messages that opt in (notification) through Web Push to users "
+        "who are offline. Needs a VAPID key (push.vapid_private_key_file) and push.subject.",
+    )
+    subject: str = setting(
+        "",
+        "VAPID 'sub' claim: a mailto: or https: contact for the push services (required "
+        "when enabled).",
+    )
+    vapid_private_key_file: str = setting(
+        "",
+        "PEM file of the VAPID P-256 private key (systemd LoadCredential); empty: "
+        "vapid_private_key.pem under server.data_dir, generated on first start.",
+    )
+    max_subscriptions_per_user: int = setting(
+        10,
+        "Push subscriptions (browsers) one user may register; push_subscribe refuses more.",
+        minimum=1,
+    )
+    allowed_hosts: list[str] = setting(
+        DEFAULT_PUSH_HOSTS,
+        "Push service hosts (globs) a subscription endpoint may name; empty: any public host.",
+    )
+    allow_private_endpoints: bool = setting(
+        False,
+        "Accept endpoints on loopback, private or link-local addresses and over http: "
+        "(tests and labs only: endpoints are fetched by the server).",
+    )
+    after_seconds: float = setting(
+        30.0,
+        "Push a message to a connected user who has not acked it after this many seconds; "
+        "0: connected users are never pushed.",
+        minimum=0,
+    )
+    ttl: float = setting(
+        86400.0,
+        "Web Push TTL header, seconds the push service keeps an undelivered push (capped "
+        "by the message's own TTL).",
+        minimum=1,
+    )
+    urgency: str = setting(
+        "normal",
+        "Default Urgency header (RFC 8030 5.3).",
+        choices=("very-low", "low", "normal", "high"),
+    )
+    concurrency: int = setting(8, "Push requests in flight at once.", minimum=1)
+    queue_size: int = setting(
+        10000, "Pushes waiting for a free request slot; more are dropped (counted).", minimum=1
+    )
+    timeout: float = setting(10.0, "Seconds one push request may take.", minimum=0.1)
+    max_attempts: int = setting(
+        5, "Sends of one push (429, 5xx, network errors are retried).", minimum=1
+    )
+    backoff: float = setting(
+        1.0, "Seconds before the first retry, doubled each time (Retry-After wins).", minimum=0
+    )
+    backoff_max: float = setting(300.0, "Longest wait between retries, seconds.", minimum=0)
+
+
 @dataclass(frozen=True)
 class LogConfig:
     """``[log]``: logging."""
@@ -439,6 +513,7 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     chat: ChatConfig = field(default_factory=ChatConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
+    push: PushConfig = field(default_factory=PushConfig)
     log: LogConfig = field(default_factory=LogConfig)
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
@@ -514,6 +589,12 @@ class Config:
             except OSError as exc:
                 raise ConfigError("auth.jwt_secret_file", f"cannot read: {exc}") from exc
         return self.auth.jwt_secret
+
+    def vapid_key_path(self) -> Path:
+        """``push.vapid_private_key_file``, or ``vapid_private_key.pem`` in ``server.data_dir``."""
+        if self.push.vapid_private_key_file:
+            return Path(self.push.vapid_private_key_file)
+        return Path(self.server.data_dir) / "vapid_private_key.pem"
 
     def store_url(self) -> str:
         """``store.url``, or the SQLite file under ``server.data_dir``."""

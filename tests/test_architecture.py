@@ -21,7 +21,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("store", "broker", "cluster"),
     ("ops",),
     ("auth",),
-    ("delivery",),
+    ("delivery", "push"),
     ("plugin",),
     ("core",),
     ("transport", "http"),

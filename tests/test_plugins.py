@@ -451,8 +451,9 @@ def test_every_public_name_is_documented() -> None:
         "guarantee",
         "ttl",
         "idempotency",
+        "push",
     ]
-    assert "`send(to, message, guarantee, ttl=None, *, idempotency=None)`" in section
+    assert "`send(to, message, guarantee, ttl=None, *, idempotency=None, push=None)`" in section
 
 
 class AsyncLifecycle:

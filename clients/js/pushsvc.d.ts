@@ -28,6 +28,7 @@ export type PushErrorCode =
   | "left"
   | "token"
   | "gave_up"
+  | "push_disabled"
   | (string & {});
 
 export class PushError extends Error {
@@ -76,6 +77,8 @@ export interface PushClientOptions {
   autoConnect?: boolean;
   /** Source of `online`/`offline` events; default `window` in browsers. */
   network?: EventTarget;
+  /** `fetch` for `vapidPublicKey()`; default `globalThis.fetch`. */
+  fetch?: typeof fetch;
 }
 
 export interface Frame {
@@ -89,6 +92,16 @@ export interface WelcomeFrame extends Frame {
   user: string;
   session: string;
   heartbeat: number;
+  /** Present when the server has Web Push enabled (`push.enabled`). */
+  push?: { vapid_public_key: string };
+}
+
+/** What `subscribePush` needs of a ServiceWorkerRegistration. */
+export interface PushRegistration {
+  pushManager: {
+    getSubscription(): Promise<PushSubscription | null>;
+    subscribe(options: { userVisibleOnly: boolean; applicationServerKey: Uint8Array }): Promise<PushSubscription>;
+  };
 }
 
 export interface ChatFrame extends Frame {
@@ -192,6 +205,12 @@ export class PushClient {
   leave(room: string): Promise<ReplyFrame | null>;
   /** Acknowledge messages (ids or frames); needed with `ackMode: "manual"`. */
   ack(...ids: Array<string | { id: string } | Array<string | { id: string }>>): void;
+  /** The server's VAPID public key, base64url (from `welcome`, else the HTTP endpoint). */
+  vapidPublicKey(): Promise<string>;
+  /** Subscribe the browser (`pushManager.subscribe`) and send `push_subscribe`. */
+  subscribePush(registration: PushRegistration): Promise<PushSubscription>;
+  /** Send `push_unsubscribe` and unsubscribe the browser; false when there was none. */
+  unsubscribePush(registration: PushRegistration): Promise<boolean>;
   /** A fresh token from the provider; concurrent calls share one call. */
   refreshToken(): Promise<string>;
   connect(): void;

@@ -623,6 +623,53 @@ export class PushClient {
     }, this.options.ackDelay);
   }
 
+  // -- Web Push ------------------------------------------------------------------------
+
+  /**
+   * The server's VAPID public key (base64url): from `welcome` when push is enabled,
+   * else `GET /api/v1/push/vapid-public-key` on the server's origin.
+   */
+  async vapidPublicKey() {
+    const announced = this.welcome && this.welcome.push && this.welcome.push.vapid_public_key;
+    if (announced) return announced;
+    const url = new URL("/api/v1/push/vapid-public-key", this.url.replace(/^ws/, "http"));
+    const response = await (this.options.fetch || globalThis.fetch)(url.href);
+    if (!response.ok) throw new PushError("push_disabled", `Web Push is not enabled on the server (${response.status})`);
+    return (await response.json()).public_key;
+  }
+
+  /**
+   * Subscribe this browser to Web Push and register the subscription with pushsvc
+   * (`push_subscribe`). `registration` is a ServiceWorkerRegistration (its `pushManager`).
+   * An existing subscription made with another key is replaced. Resolves with the
+   * PushSubscription; rejects with a PushError (e.g. `forbidden`) or the browser's error.
+   * Call it after every connect: a known subscription is just `updated`.
+   */
+  async subscribePush(registration) {
+    const key = await this.vapidPublicKey();
+    const applicationServerKey = base64UrlBytes(key);
+    const manager = registration.pushManager;
+    let subscription = await manager.getSubscription();
+    const current = subscription && subscription.options && subscription.options.applicationServerKey;
+    if (subscription && current && !sameBytes(new Uint8Array(current), applicationServerKey)) {
+      await subscription.unsubscribe();
+      subscription = null;
+    }
+    if (!subscription) subscription = await manager.subscribe({ userVisibleOnly: true, applicationServerKey });
+    const json = typeof subscription.toJSON === "function" ? subscription.toJSON() : subscription;
+    await this.send("push_subscribe", { subscription: { endpoint: json.endpoint, keys: json.keys } });
+    return subscription;
+  }
+
+  /** Forget this browser's subscription, on the server (`push_unsubscribe`) and in the browser. */
+  async unsubscribePush(registration) {
+    const subscription = await registration.pushManager.getSubscription();
+    if (!subscription) return false;
+    await this.send("push_unsubscribe", { endpoint: subscription.endpoint });
+    await subscription.unsubscribe();
+    return true;
+  }
+
   // -- heartbeat -----------------------------------------------------------------------
 
   _startPing(welcome) {
@@ -649,6 +696,17 @@ export class PushClient {
     clearTimeout(this._refreshTimer);
     this._connectTimer = this._pingTimer = this._pongTimer = this._refreshTimer = null;
   }
+}
+
+/** base64url (padding optional) to bytes, as `applicationServerKey` wants them. */
+function base64UrlBytes(text) {
+  const base64 = text.replace(/-/g, "+").replace(/_/g, "/") + "===".slice((text.length + 3) % 4);
+  const binary = atob(base64);
+  return Uint8Array.from(binary, (c) => c.charCodeAt(0));
+}
+
+function sameBytes(a, b) {
+  return a.length === b.length && a.every((byte, i) => byte === b[i]);
 }
 
 export default PushClient;

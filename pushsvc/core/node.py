@@ -44,7 +44,10 @@ from pushsvc.plugin.api import CommandError, Delivery, Guarantee, HandshakeReque
 from pushsvc.plugin.manager import Plugins, RegisteredType
 from pushsvc.protocol import frames
 from pushsvc.protocol.codes import RETRY_AFTER_UNAVAILABLE, ErrorCode
-from pushsvc.store import IdempotencyKey, Revocation, Store
+from pushsvc.protocol.webpush import PushOptions, parse_subscription
+from pushsvc.push.sender import Sender
+from pushsvc.push.service import PushService
+from pushsvc.store import IdempotencyKey, PushSubscriptionStore, Revocation, Store
 
 log = logging.getLogger("pushsvc.node")
 
@@ -90,6 +93,7 @@ class Node:
         self.hub.on_control = self.on_control  # control: broadcasts (revocations)
         broker.set_gap_callback(self.on_broker_gap)  # envelopes may have been lost
         self.draining = False  # True once shutdown began: refuse new work
+        self.push: PushService | None = None  # Web Push, when push.enabled (enable_push)
         self._tasks: set[asyncio.Task[Any]] = set()  # background work to finish on shutdown
 
     def track(self, task: asyncio.Task[Any]) -> None:
@@ -107,17 +111,40 @@ class Node:
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
-    def welcome_frame(self, session: Session) -> bytes:
-        """The ``welcome`` frame for a new connection."""
-        return frames.encode(
-            {
-                "type": "welcome",
-                "message": f"Welcome, {session.principal.name or session.principal.user}!",
-                "user": session.principal.user,
-                "session": session.session,
-                "heartbeat": self.config.server.heartbeat,
-            }
+    def enable_push(self, sender: Sender, subscriptions: PushSubscriptionStore) -> PushService:
+        """Turn Web Push on (``push.enabled``): the caller starts the returned service."""
+        self.push = PushService(
+            self.config.push,
+            sender,
+            subscriptions,
+            self.store,
+            self.metrics,
+            self,
+            self._push_sent,
         )
+        return self.push
+
+    def _push_sent(self, user: str, message: Any, endpoint: str, result: str) -> None:
+        self.plugins.notify(
+            "pushsvc_push_sent", user=user, message=message, endpoint=endpoint, result=result
+        )
+
+    def online(self, user: str) -> bool:
+        """Whether ``user`` has an open connection on this node."""
+        return bool(self.hub.user_clients(user))
+
+    def welcome_frame(self, session: Session) -> bytes:
+        """The ``welcome`` frame for a new connection (with the VAPID key when push is on)."""
+        welcome: dict[str, Any] = {
+            "type": "welcome",
+            "message": f"Welcome, {session.principal.name or session.principal.user}!",
+            "user": session.principal.user,
+            "session": session.session,
+            "heartbeat": self.config.server.heartbeat,
+        }
+        if self.push is not None:
+            welcome["push"] = {"vapid_public_key": self.push.public_key}
+        return frames.encode(welcome)
 
     def apply_config(self, new: Config, changed: Sequence[str]) -> list[str]:
         """Apply the reloadable ``changed`` keys of ``new``; returns the keys applied.
@@ -260,6 +287,31 @@ class Node:
     async def ack(self, session: Session, ids: Sequence[str]) -> int:
         """Settle at-least-once messages for ``session``'s user; returns how many."""
         return await self.delivery.ack(session, ids)
+
+    # -- Web Push subscriptions ---------------------------------------------------
+
+    def _push_service(self) -> PushService:
+        if self.push is None:
+            raise CommandError(ErrorCode.FORBIDDEN, "Web Push is not enabled (push.enabled)")
+        return self.push
+
+    async def push_subscribe(self, user: str, subscription: Any) -> str:
+        """Store a browser's subscription for ``user``; ``created`` or ``updated``.
+
+        Raises:
+            CommandError: ``bad_request`` (malformed), ``forbidden`` (push off,
+                endpoint refused, too many), ``unavailable`` (store).
+        """
+        push = self._push_service()
+        try:
+            keys = parse_subscription(subscription)
+        except ValueError as exc:
+            raise CommandError(ErrorCode.BAD_REQUEST, f"subscription: {exc}") from exc
+        return await push.subscribe(user, keys)
+
+    async def push_unsubscribe(self, user: str, endpoint: str) -> bool:
+        """Forget ``user``'s subscription ``endpoint``; whether there was one."""
+        return await self._push_service().unsubscribe(user, endpoint)
 
     # -- authentication ---------------------------------------------------------
 
@@ -446,25 +498,48 @@ class Node:
         guarantee: Guarantee,
         ttl: float | None = None,
         idempotency: IdempotencyKey | None = None,
+        push: PushOptions | None = None,
     ) -> Delivery:
         """Deliver ``message`` to every connection of the users in ``to``.
 
         At-least-once messages are persisted for every recipient before this
         returns (raises ``CommandError`` ``unavailable`` if the store fails),
-        together with ``idempotency`` when given. At-most-once messages raise
-        ``CommandError`` ``unavailable`` when the broker did not take them
-        (users before the failing one may have received it).
+        together with ``idempotency`` when given; then they go to Web Push as
+        ``push`` (or the message type's ``push`` mode) says, when it is enabled.
+        At-most-once messages raise ``CommandError`` ``unavailable`` when the
+        broker did not take them (users before the failing one may have received it).
         """
         if "type" not in message:
             raise ValueError("message needs a 'type'")
         recipients = list(dict.fromkeys(to))
         if guarantee is Guarantee.AT_LEAST_ONCE:
             message_id = await self.delivery.accept(recipients, message, ttl, idempotency)
+            if self.push is not None:
+                self._push(recipients, message_id, message, push or PushOptions(), ttl)
             return Delivery(message_id, recipients)
         envelope = self._live(message)
         for user in recipients:
             await self._publish(user_channel(user), envelope)
         return Delivery(envelope.id, recipients)
+
+    def _push(
+        self,
+        recipients: Sequence[str],
+        message_id: str,
+        message: dict[str, Any],
+        options: PushOptions,
+        ttl: float | None,
+    ) -> None:
+        """Hand an accepted message to Web Push, with the type's mode unless overridden."""
+        assert self.push is not None
+        if options.mode is None:
+            registered = self.plugins.types.get(message["type"])
+            mode = registered.message_type.push if registered is not None else "never"
+            options = dataclasses.replace(options, mode=mode)
+        lifetime = self.config.delivery.ttl
+        self.push.accepted(
+            recipients, message_id, message, options, min(ttl, lifetime) if ttl else lifetime
+        )
 
     async def requeue_dead_letters(self, user: str, ids: Sequence[str]) -> list[str]:
         """Requeue dead letters of ``user`` for ``delivery.ttl`` more; returns the ids requeued."""

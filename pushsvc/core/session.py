@@ -97,6 +97,14 @@ class SessionServices(PluginNode, Protocol):
         """Settle at-least-once messages for ``session``'s user; returns how many."""
         ...
 
+    async def push_subscribe(self, user: str, subscription: Any) -> str:
+        """Store a Web Push subscription for ``user``; ``created`` or ``updated``."""
+        ...
+
+    async def push_unsubscribe(self, user: str, endpoint: str) -> bool:
+        """Forget ``user``'s Web Push subscription ``endpoint``; whether there was one."""
+        ...
+
 
 class Session:
     """Per-connection state and frame handling."""
@@ -344,6 +352,13 @@ class Session:
                 raise CommandError(ErrorCode.BAD_REQUEST, "ack: needs id or ids")
             acked = await self.services.ack(self, ids)
             self._reply(ref, {"acked": acked})
+        elif command.type == "push_subscribe":
+            subscription = fields["subscription"]
+            result = await self.services.push_subscribe(self.principal.user, subscription)
+            self._reply(ref, {"endpoint": subscription["endpoint"], "result": result})
+        elif command.type == "push_unsubscribe":
+            removed = await self.services.push_unsubscribe(self.principal.user, fields["endpoint"])
+            self._reply(ref, {"endpoint": fields["endpoint"], "removed": removed})
 
     async def _reauthenticate(self, token: str, ref: str | None) -> None:
         try:

@@ -35,6 +35,7 @@ from pushsvc.http.messages import (
     PresenceHandler,
     PublishHandler,
 )
+from pushsvc.http.push import PushSubscriptionsHandler, VapidPublicKeyHandler
 from pushsvc.http.revocations import RevocationsHandler
 from pushsvc.plugin.manager import ROUTE, Plugins
 from pushsvc.transport.upgrade import UpgradeHandler
@@ -68,6 +69,14 @@ def core_routes(node: Node, document_kwargs: dict[str, Any] | None = None) -> li
         (rf"{user}/dead-letters/delete", DeadLettersDeleteHandler, kwargs),
         (r"/api/v1/rooms/([^/]+)/presence", PresenceHandler, kwargs),
         (r"/api/v1/revocations", RevocationsHandler, kwargs),
+        *(
+            [
+                (r"/api/v1/push/vapid-public-key", VapidPublicKeyHandler, kwargs),
+                (rf"{user}/push-subscriptions", PushSubscriptionsHandler, kwargs),
+            ]
+            if node.push is not None  # push.enabled; otherwise 404 like any unknown path
+            else []
+        ),
     ]
 
 

@@ -77,6 +77,15 @@ STORE_OPERATIONS = (
 _STORE_LIFECYCLE = frozenset({"open", "close"})
 #: ``reason`` labels of ``pushsvc_closes_total``: the client's closes and every server one.
 CLOSE_REASONS = (CLIENT_CLOSE_LABEL, *dict.fromkeys(d.label for d in every_disconnect()))
+#: ``result`` of a Web Push request: accepted, subscription gone (404/410), refused
+#: for good (4xx), to be retried (429, 5xx, no answer).
+PUSH_RESULTS = ("sent", "expired", "rejected", "retry")
+#: ``reason`` a push was given up: queue full, store unreadable, attempts spent, TTL over.
+PUSH_DROP_REASONS = ("queue_full", "store", "attempts", "expired")
+#: ``reason`` a subscription was deleted: by the user, or the push service said 404/410.
+PUSH_DELETE_REASONS = ("unsubscribed", "expired")
+#: ``reason`` a push_subscribe was refused: the endpoint, or the per-user cap.
+PUSH_REFUSE_REASONS = ("endpoint", "limit")
 #: Buckets of the chat fan-out histogram (connections a broadcast went to).
 FANOUT_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000, 100000)
 LATENCY_BUCKETS = (
@@ -344,6 +353,47 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.push_requests = Counter(
+            "pushsvc_push_requests_total", "Web Push requests by result.", ["result"], registry=r
+        )
+        self.push_seconds = Histogram(
+            "pushsvc_push_request_seconds",
+            "Web Push request latency (the push service's answer).",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.push_latency = Histogram(
+            "pushsvc_push_latency_seconds",
+            "From a push entering the queue to the push service accepting it (last attempt).",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.push_dropped = Counter(
+            "pushsvc_push_dropped_total", "Pushes given up, by reason.", ["reason"], registry=r
+        )
+        self.push_subscriptions = Gauge(
+            "pushsvc_push_subscriptions", "Web Push subscriptions stored.", registry=r
+        )
+        self.push_subscriptions_deleted = Counter(
+            "pushsvc_push_subscriptions_deleted_total",
+            "Web Push subscriptions deleted, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.push_subscribe_refused = Counter(
+            "pushsvc_push_subscribe_refused_total",
+            "push_subscribe refused, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        for series, values in (
+            (self.push_requests, PUSH_RESULTS),
+            (self.push_dropped, PUSH_DROP_REASONS),
+            (self.push_subscriptions_deleted, PUSH_DELETE_REASONS),
+            (self.push_subscribe_refused, PUSH_REFUSE_REASONS),
+        ):
+            for value in values:
+                series.labels(value)
         self.handshakes.labels("ok", NO_REASON)
         for reason in CLOSE_REASONS:
             self.closes.labels(reason)

@@ -17,6 +17,7 @@ from pushsvc.auth.principal import Principal
 from pushsvc.auth.tokens import AuthError
 from pushsvc.config import Config
 from pushsvc.protocol.fields import CommandError, Field
+from pushsvc.protocol.webpush import PUSH_MODES, PushOptions
 from pushsvc.store import IdempotencyKey
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "MessageType",
     "Node",
     "Principal",
+    "PushOptions",
     "Reply",
     "hookimpl",
 ]
@@ -127,11 +129,14 @@ class Node(Protocol):
         guarantee: Guarantee,
         ttl: float | None = None,
         idempotency: IdempotencyKey | None = None,
+        push: PushOptions | None = None,
     ) -> Delivery:
         """Deliver ``message`` to every connection of each user in ``to``.
 
         ``idempotency`` (the key :meth:`ApiHandler.accept_once` gives, at-least-once
-        only) is stored with the message in the same transaction.
+        only) is stored with the message in the same transaction. ``push``
+        (at-least-once only) says whether and how the message goes out through
+        Web Push too (``push.enabled``); None: the message type's ``push``.
         """
         ...
 
@@ -158,10 +163,15 @@ class MessageType:
             type's own that is checked before the shared ones (None: no own
             bucket).
         burst: that bucket's size in frames (default: ``rate``, at least 1).
+        push: at-least-once types only: when a message of this type is also
+            sent through Web Push (``push.enabled``), one of ``"offline"``
+            (users without an open connection, or not acking within
+            ``push.after_seconds``), ``"always"``, ``"never"``; a send may
+            override it (:class:`PushOptions`).
 
     Raises:
         ValueError: a negative ``cost``, a ``rate`` that is not positive, a
-            ``burst`` below 1 or without a ``rate``.
+            ``burst`` below 1 or without a ``rate``, an unknown ``push`` mode.
     """
 
     name: str
@@ -173,6 +183,7 @@ class MessageType:
     description: str = ""
     rate: float | None = None
     burst: float | None = None
+    push: str = "never"
 
     def __post_init__(self) -> None:
         if self.cost < 0:
@@ -181,6 +192,8 @@ class MessageType:
             raise ValueError(f"MessageType {self.name!r}: rate must be above 0")
         if self.burst is not None and (self.rate is None or not self.burst >= 1):
             raise ValueError(f"MessageType {self.name!r}: burst needs a rate and must be >= 1")
+        if self.push not in PUSH_MODES:
+            raise ValueError(f"MessageType {self.name!r}: push must be one of {PUSH_MODES}")
 
     @property
     def bucket(self) -> tuple[float, float] | None:
@@ -221,14 +234,18 @@ class FrameContext:
         return await self.node.presence(room, limit)
 
     async def send(
-        self, to: str | Sequence[str], message: dict[str, Any], ttl: float | None = None
+        self,
+        to: str | Sequence[str],
+        message: dict[str, Any],
+        ttl: float | None = None,
+        push: PushOptions | None = None,
     ) -> Delivery:
         """Deliver ``message`` to every connection of the users in ``to``.
 
         With :attr:`Guarantee.AT_LEAST_ONCE` the message is persisted for each
         recipient before this returns, carries ``ack: true``, and is resent
         until acked; otherwise it is live only. The server adds ``id`` and
-        ``timestamp``.
+        ``timestamp``. ``push`` overrides the type's Web Push mode for this message.
         """
         users = [to] if isinstance(to, str) else list(to)
-        return await self.node.send(users, message, self.message_type.guarantee, ttl)
+        return await self.node.send(users, message, self.message_type.guarantee, ttl, push=push)

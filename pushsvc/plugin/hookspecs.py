@@ -33,7 +33,8 @@ def pushsvc_register_message_types() -> Sequence[MessageType]:
 
     Called once at startup. Two plugins declaring the same ``name`` stop
     startup naming both; the core commands (``join``, ``leave``, ``ack``,
-    ``auth``, ``ping``) cannot be declared.
+    ``auth``, ``ping``, ``push_subscribe``, ``push_unsubscribe``) cannot be
+    declared.
 
     Example::
 
@@ -269,4 +270,26 @@ def pushsvc_dead_lettered(user: str, message: Mapping[str, Any], reason: str) ->
         @hookimpl
         def pushsvc_dead_lettered(user, message, reason):
             mailer.queue(user, message.get("title"), message.get("message"))
+    """
+
+
+@hookspec
+def pushsvc_push_sent(user: str, message: Mapping[str, Any], endpoint: str, result: str) -> None:
+    """A Web Push to one of ``user``'s subscriptions ended (``push.enabled``).
+
+    ``message`` is the push payload (``id``, ``type``, ``title``, ``message``,
+    ``data``...); ``endpoint`` the subscription's push service URL (empty for
+    ``no_subscription``); ``result`` one of ``"sent"`` (the push service took
+    it), ``"expired"`` (404/410: the subscription was deleted), ``"rejected"``
+    (another 4xx), ``"gave_up"`` (retries or the TTL ran out), and
+    ``"no_subscription"`` (the user has none: a plugin may use another channel,
+    e.g. mobile push through FCM or APNs). Called on the event loop: queue
+    slow work.
+
+    Example::
+
+        @hookimpl
+        def pushsvc_push_sent(user, message, endpoint, result):
+            if result in ("no_subscription", "gave_up"):
+                mobile.queue(user, message.get("title"), message.get("message"))
     """

@@ -51,6 +51,7 @@ ISOLATED_HOOKS = frozenset(
         "pushsvc_disconnected",
         "pushsvc_joined",
         "pushsvc_left",
+        "pushsvc_push_sent",
         "pushsvc_settings_changed",
         "pushsvc_shutdown",
     }

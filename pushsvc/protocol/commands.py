@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from pushsvc.protocol.fields import Field
+from pushsvc.protocol.webpush import MAX_ENDPOINT_LENGTH, check_subscription
 
 #: A room name as ``join`` and ``leave`` take it.
 ROOM_FIELD = Field(str, max_length=200)
@@ -43,6 +44,17 @@ CORE_COMMANDS: Mapping[str, CoreCommand] = {
             },
             cost=0.1,  # cheap, so that acking stays possible under a tight limit
             description="settle at-least-once messages",
+        ),
+        CoreCommand(
+            "push_subscribe",
+            {"subscription": Field(dict, validator=check_subscription)},
+            cost=5.0,  # a store write and a DNS lookup
+            description="register a browser's Web Push subscription (push.enabled)",
+        ),
+        CoreCommand(
+            "push_unsubscribe",
+            {"endpoint": Field(str, min_length=1, max_length=MAX_ENDPOINT_LENGTH)},
+            description="forget a Web Push subscription",
         ),
     )
 }

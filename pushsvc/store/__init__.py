@@ -23,11 +23,14 @@ from pushsvc.store.contracts import (
     IdempotentResult,
     InboxStore,
     PendingMessage,
+    PushSubscription,
+    PushSubscriptionStore,
     Revocation,
     RevocationStore,
     Store,
     StoreStats,
     StoreUnavailable,
+    SubscribeResult,
 )
 
 __all__ = [
@@ -40,12 +43,15 @@ __all__ = [
     "IdempotentResult",
     "InboxStore",
     "PendingMessage",
+    "PushSubscription",
+    "PushSubscriptionStore",
     "Revocation",
     "RevocationStore",
     "Store",
     "StoreOptions",
     "StoreStats",
     "StoreUnavailable",
+    "SubscribeResult",
     "make_store",
 ]
 

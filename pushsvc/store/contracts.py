@@ -9,9 +9,12 @@ Each caller depends on the part it uses:
 - :class:`IdempotencyStore`: what a request with an ``Idempotency-Key``
   created (the key itself is stored by :meth:`InboxStore.accept`, in the
   same transaction as the message);
-- :class:`RevocationStore`: revoked tokens and users.
+- :class:`RevocationStore`: revoked tokens and users;
+- :class:`PushSubscriptionStore`: users' Web Push subscriptions (browsers),
+  kept apart from :class:`Store` so that an implementation may come without
+  them (``push.enabled`` then refuses to start).
 
-:class:`Store` is all four: what an implementation provides
+:class:`Store` is the first four: what an implementation provides
 (:mod:`pushsvc.store.sqlite`) and what ``make_store`` returns. Every method
 may raise :class:`StoreUnavailable`, after which nothing of that call was
 persisted. ``tests/contracts/test_store_contract.py`` states these
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 #: Seconds an acked delivery is remembered, so a repeated ack is classified
 #: ``repeated`` (afterwards it is ``unknown``); the sweep drops older acks.
@@ -102,6 +105,21 @@ class StoreStats:
 
     pending: int  # unacked deliveries
     oldest_created_ms: int | None  # creation time of the oldest one
+
+
+@dataclass(frozen=True, slots=True)
+class PushSubscription:
+    """A browser's Web Push subscription (``PushSubscription.toJSON()``) for one user."""
+
+    user: str  # whose notifications it receives
+    endpoint: str  # the push service URL (unique: one browser profile and app)
+    p256dh: str  # the browser's P-256 public key, base64url (RFC 8291)
+    auth: str  # the 16-byte authentication secret, base64url (RFC 8291)
+    created_at: float  # seconds since the epoch of the last (re)subscription
+
+
+#: What :meth:`PushSubscriptionStore.add_push_subscription` did.
+SubscribeResult = Literal["created", "updated", "limit"]
 
 
 class InboxStore(Protocol):
@@ -215,6 +233,35 @@ class RevocationStore(Protocol):
 
     async def revocations(self, now: float) -> list[Revocation]:
         """Every revocation not expired at ``now``."""
+        ...
+
+
+@runtime_checkable
+class PushSubscriptionStore(Protocol):
+    """Web Push subscriptions, several per user, an endpoint belonging to one user."""
+
+    async def add_push_subscription(
+        self, subscription: PushSubscription, limit: int
+    ) -> SubscribeResult:
+        """Store ``subscription`` for its user (durable on return).
+
+        An endpoint the user has already is ``updated`` (new keys and time);
+        an endpoint another user had moves to this user (the browser changed
+        hands). A new endpoint of a user who has ``limit`` subscriptions
+        already is refused: ``limit``, nothing stored.
+        """
+        ...
+
+    async def remove_push_subscription(self, user: str, endpoint: str) -> bool:
+        """Delete ``user``'s subscription with ``endpoint``; whether there was one."""
+        ...
+
+    async def push_subscriptions(self, user: str) -> list[PushSubscription]:
+        """``user``'s subscriptions, oldest first."""
+        ...
+
+    async def count_push_subscriptions(self) -> int:
+        """How many subscriptions are stored, for every user (metrics)."""
         ...
 
 
