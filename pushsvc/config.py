@@ -240,8 +240,11 @@ class StoreConfig:
 
     url: str = setting(
         "",
-        "'sqlite:///PATH'; empty: sqlite under server.data_dir (pushsvc.sqlite3).",
-        schemes=("sqlite:///",),
+        "'sqlite:///PATH'; empty: sqlite under server.data_dir (pushsvc.sqlite3); "
+        "or Redis, shared by every node: 'redis://HOST:PORT/DB', 'rediss://...' (TLS), "
+        "'unix:///PATH?db=N', each taking '?prefix=NAME' (keys NAME:..., default 'pushsvc')"
+        " and '?max_connections=N' (default 32); see docs/redis.md.",
+        schemes=("sqlite:///", "redis://", "rediss://", "unix://"),
     )
     synchronous: str = setting(
         "normal",
@@ -251,7 +254,10 @@ class StoreConfig:
     )
     batch_max: int = setting(512, "Most operations in one group commit.", minimum=1)
     busy_timeout: float = setting(
-        5.0, "Seconds to wait for a locked database before failing the write.", minimum=0
+        5.0,
+        "Seconds to wait for a locked database before failing the write; with Redis, "
+        "the most any command (connect, reply, a free connection) may take.",
+        minimum=0,
     )
 
 

@@ -1,0 +1,716 @@
+"""Redis store: the inbox in a Redis shared by every node (``store.url = "redis://..."``).
+
+Every operation is one Lua script (``EVALSHA`` through redis-py ``Script``
+objects; on ``NOSCRIPT`` after a Redis restart the script is loaded again), so
+it is atomic and costs one round trip: accepting a message is one
+``EVALSHA`` whatever its number of recipients. Exceptions to one round trip:
+:meth:`RedisStore.expire` runs one script per step of at most ``SWEEP_CHUNK``
+entries of each kind (at most ``SWEEP_STEPS`` steps per call), and
+:meth:`RedisStore.open` sends ``PING`` and ``CONFIG GET`` (or ``INFO``).
+
+Keys (``P`` is the prefix, ``pushsvc`` unless the URL says ``?prefix=...``; one
+Redis serves several deployments with different prefixes)::
+
+    P:{m:<id>}          HASH  t type, f frame, e expires_at, n deliveries referring to it
+    P:{u:<user>}:p      ZSET  the user's pending ids (score 0: ordered by id, ZRANGEBYLEX)
+    P:{u:<user>}:a      HASH  id -> attempts (pending deliveries sent at least once)
+    P:{u:<user>}:k      SET   ids the user acked (kept ACKED_RETENTION: "repeated")
+    P:{u:<user>}:x      ZSET  the user's dead-letter ids (score 0: ordered by id)
+    P:{u:<user>}:r      HASH  dead id -> "<reason>\\n<dead_at>"
+    P:{i:<client>}:<key> HASH idempotency key: fp, id, n, e; Redis expires it at e
+    P:{g}:pending       ZSET  "<id>\\n<user>" per pending delivery (score 0): stats
+    P:{g}:expiry        ZSET  the same members, score expires_at: the TTL sweep
+    P:{g}:acked         ZSET  "<id>\\n<user>" per acked delivery, score acked at: retention
+    P:{g}:dead          ZSET  "<id>\\n<user>" per dead letter, score dead at: retention
+    P:{g}:rev           HASH  "<kind>\\n<subject>" -> "<until>\\n<created_at>\\n<expires_at>"
+    P:{g}:revexp        ZSET  revocations with an expiry, score expires_at
+    P:{g}:probe         STRING the write of check()
+
+Times are stored as the strings Python wrote (``repr`` of a float), so they
+come back exactly; Lua compares them with ``tonumber``.
+
+Cluster. A user's keys share the hash tag ``{u:<user>}``, a message's keys
+``{m:<id>}``, the global indexes ``{g}``. This class uses a standalone client
+(one primary, or one behind Sentinel), where a script may touch any key, so
+accept, ack and the sweep each update the user's keys, the message and the
+global indexes in one atomic script. On Redis Cluster the same keys spread
+over slots and each script would be split by slot: accept of a message for
+N recipients becomes one script for the message slot, one per recipient slot
+group (the users hashed to one slot) and one for ``{g}``, i.e. up to N + 2
+round trips, sent concurrently; the per-user keys are the truth and the global
+indexes are derived from them, written before the per-user script on additions
+and after it on removals, so the indexes only over-approximate (the sweep and
+stats skip members whose delivery is gone). The frame is stored once per
+message (``{m:<id>}``), not per recipient: memory O(frame + recipients), at the
+price of a second read on Cluster for :meth:`RedisStore.pending`.
+
+Failures. Every command is bounded by ``busy_timeout`` (socket connect and
+reply), waiting for one of at most ``MAX_CONNECTIONS`` pooled connections too
+(``?max_connections=N`` in the URL changes it); a broken connection is retried
+once on a new one (accept and the others are safe to run twice: accept of an
+id already stored does nothing), a timeout is not. A timeout or a lost
+connection raises :class:`StoreUnavailable`; when the reply was lost after
+Redis ran the script, the operation did happen (at-least-once: a retried send
+without an idempotency key may then be stored twice). A connection given up on
+is closed, so a command Redis had postponed (``CLIENT PAUSE``) never runs.
+
+Durability is Redis's (``appendonly``, ``appendfsync``; docs/redis.md, "Store
+durability"). :meth:`RedisStore.open` warns when the eviction policy could
+drop keys or the AOF is off. No state is kept in the process besides the
+connection pool: :meth:`RedisStore.may_have_pending` always says True (another
+node may have accepted a message a moment ago).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+
+from pushsvc.protocol import ids
+from pushsvc.store.contracts import (
+    ACKED_RETENTION,
+    AckResult,
+    DeadLetter,
+    IdempotencyKey,
+    IdempotentResult,
+    PendingMessage,
+    Revocation,
+    StoreStats,
+    StoreUnavailable,
+)
+
+log = logging.getLogger("pushsvc.store")
+
+DEFAULT_PREFIX = "pushsvc"
+#: Pooled connections to Redis (one command in flight on each); ``?max_connections=N``.
+MAX_CONNECTIONS = 32
+#: Entries of each kind (TTL, old acks, old dead letters) one sweep script handles.
+SWEEP_CHUNK = 1_000
+#: Sweep scripts per :meth:`RedisStore.expire` call; the rest waits for the next call.
+SWEEP_STEPS = 25
+#: Eviction policies that never drop a key (``volatile-*`` would drop only keys with a
+#: TTL, which here are idempotency keys only, but a policy must be chosen on purpose).
+SAFE_POLICIES = ("noeviction",)
+
+# Shared Lua functions; P is the prefix, u a user, id a message id.
+_PRELUDE = """
+local function ukey(P, u, what) return P .. ':{u:' .. u .. '}:' .. what end
+local function mkey(P, id) return P .. ':{m:' .. id .. '}' end
+local function gkey(P, what) return P .. ':{g}:' .. what end
+local function unref(P, id)
+  local k = mkey(P, id)
+  if redis.call('HINCRBY', k, 'n', -1) <= 0 then redis.call('DEL', k) end
+end
+local function split(member)
+  local cut = string.find(member, '\\n', 1, true)
+  return string.sub(member, 1, cut - 1), string.sub(member, cut + 1)
+end
+-- Move one pending delivery to the dead letters; nil unless it was pending.
+local function to_dead(P, u, id, reason, now)
+  if redis.call('ZREM', ukey(P, u, 'p'), id) == 0 then return nil end
+  redis.call('HDEL', ukey(P, u, 'a'), id)
+  redis.call('ZADD', ukey(P, u, 'x'), 0, id)
+  redis.call('HSET', ukey(P, u, 'r'), id, reason .. '\\n' .. now)
+  local member = id .. '\\n' .. u
+  redis.call('ZREM', gkey(P, 'pending'), member)
+  redis.call('ZREM', gkey(P, 'expiry'), member)
+  redis.call('ZADD', gkey(P, 'dead'), now, member)
+  return redis.call('HMGET', mkey(P, id), 't', 'f')
+end
+"""
+
+# ARGV: P, id, type, frame, expires_at, n, user*n, [client, key, fingerprint,
+# key expires_at, key expires_at in ms, recipients]
+_ACCEPT = """
+local P, id, e = ARGV[1], ARGV[2], ARGV[5]
+local m = mkey(P, id)
+if redis.call('EXISTS', m) == 1 then return 0 end
+local n = tonumber(ARGV[6])
+redis.call('HSET', m, 't', ARGV[3], 'f', ARGV[4], 'e', e, 'n', n)
+for i = 7, 6 + n do
+  local u = ARGV[i]
+  local member = id .. '\\n' .. u
+  redis.call('ZADD', ukey(P, u, 'p'), 0, id)
+  redis.call('ZADD', gkey(P, 'pending'), 0, member)
+  redis.call('ZADD', gkey(P, 'expiry'), e, member)
+end
+local j = 7 + n
+if ARGV[j] then
+  local k = P .. ':{i:' .. ARGV[j] .. '}:' .. ARGV[j + 1]
+  redis.call('DEL', k)
+  redis.call('HSET', k, 'fp', ARGV[j + 2], 'id', id, 'n', ARGV[j + 5], 'e', ARGV[j + 3])
+  redis.call('PEXPIREAT', k, ARGV[j + 4])
+end
+return 1
+"""
+
+# ARGV: P, user, after_id, limit -> flat (id, type, frame, attempts, expires_at)*
+_PENDING = """
+local P, u = ARGV[1], ARGV[2]
+local low = '-'
+if ARGV[3] ~= '' then low = '(' .. ARGV[3] end
+local out = {}
+local found = redis.call('ZRANGEBYLEX', ukey(P, u, 'p'), low, '+', 'LIMIT', 0, ARGV[4])
+for _, id in ipairs(found) do
+  local m = redis.call('HMGET', mkey(P, id), 't', 'f', 'e')
+  if m[1] then
+    local a = redis.call('HGET', ukey(P, u, 'a'), id) or '0'
+    out[#out + 1] = id; out[#out + 1] = m[1]; out[#out + 1] = m[2]
+    out[#out + 1] = a; out[#out + 1] = m[3]
+  end
+end
+return out
+"""
+
+# ARGV: P, user, now, id* -> repeated, foreign, unknown, (id, type)*
+_ACK = """
+local P, u, now = ARGV[1], ARGV[2], ARGV[3]
+local repeated, foreign, unknown = 0, 0, 0
+local out = {}
+for i = 4, #ARGV do
+  local id = ARGV[i]
+  if redis.call('ZREM', ukey(P, u, 'p'), id) == 1 then
+    local member = id .. '\\n' .. u
+    redis.call('HDEL', ukey(P, u, 'a'), id)
+    redis.call('SADD', ukey(P, u, 'k'), id)
+    redis.call('ZREM', gkey(P, 'pending'), member)
+    redis.call('ZREM', gkey(P, 'expiry'), member)
+    redis.call('ZADD', gkey(P, 'acked'), now, member)
+    out[#out + 1] = id
+    out[#out + 1] = redis.call('HGET', mkey(P, id), 't') or ''
+  elseif redis.call('SISMEMBER', ukey(P, u, 'k'), id) == 1
+      or redis.call('ZSCORE', ukey(P, u, 'x'), id) then
+    repeated = repeated + 1
+  elseif redis.call('EXISTS', mkey(P, id)) == 1 then
+    foreign = foreign + 1
+  else
+    unknown = unknown + 1
+  end
+end
+table.insert(out, 1, unknown); table.insert(out, 1, foreign); table.insert(out, 1, repeated)
+return out
+"""
+
+# ARGV: P, user, (id, attempts)*
+_ATTEMPTS = """
+local P, u = ARGV[1], ARGV[2]
+for i = 3, #ARGV, 2 do
+  local id, count = ARGV[i], tonumber(ARGV[i + 1])
+  if redis.call('ZSCORE', ukey(P, u, 'p'), id) then
+    local current = tonumber(redis.call('HGET', ukey(P, u, 'a'), id) or '0')
+    if count > current then redis.call('HSET', ukey(P, u, 'a'), id, ARGV[i + 1]) end
+  end
+end
+return 0
+"""
+
+# ARGV: P, user, reason, now, id* -> (id, type, frame)* of those that moved
+_DEAD_LETTER = """
+local P, u, reason, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local out = {}
+for i = 5, #ARGV do
+  local m = to_dead(P, u, ARGV[i], reason, now)
+  if m then out[#out + 1] = ARGV[i]; out[#out + 1] = m[1] or ''; out[#out + 1] = m[2] or '' end
+end
+return out
+"""
+
+# ARGV: P, now, acked before, dead before, chunk
+# -> expired, acks dropped, dead dropped, (user, id, type, frame)* dead-lettered now
+_SWEEP = """
+local P, now, chunk = ARGV[1], ARGV[2], ARGV[5]
+local out = {}
+local due = redis.call('ZRANGEBYSCORE', gkey(P, 'expiry'), '-inf', now, 'LIMIT', 0, chunk)
+for _, member in ipairs(due) do
+  local id, u = split(member)
+  local e = redis.call('HGET', mkey(P, id), 'e')
+  if e and tonumber(e) > tonumber(now) then
+    redis.call('ZADD', gkey(P, 'expiry'), e, member)  -- requeued by another recipient
+  else
+    local m = to_dead(P, u, id, 'ttl', now)
+    redis.call('ZREM', gkey(P, 'expiry'), member)
+    if m then
+      out[#out + 1] = u; out[#out + 1] = id; out[#out + 1] = m[1] or ''
+      out[#out + 1] = m[2] or ''
+    end
+  end
+end
+local acks = redis.call('ZRANGEBYSCORE', gkey(P, 'acked'), '-inf', '(' .. ARGV[3],
+  'LIMIT', 0, chunk)
+for _, member in ipairs(acks) do
+  local id, u = split(member)
+  redis.call('ZREM', gkey(P, 'acked'), member)
+  if redis.call('SREM', ukey(P, u, 'k'), id) == 1 then unref(P, id) end
+end
+local dead = redis.call('ZRANGEBYSCORE', gkey(P, 'dead'), '-inf', '(' .. ARGV[4],
+  'LIMIT', 0, chunk)
+for _, member in ipairs(dead) do
+  local id, u = split(member)
+  redis.call('ZREM', gkey(P, 'dead'), member)
+  if redis.call('ZREM', ukey(P, u, 'x'), id) == 1 then
+    redis.call('HDEL', ukey(P, u, 'r'), id)
+    unref(P, id)
+  end
+end
+table.insert(out, 1, #dead); table.insert(out, 1, #acks); table.insert(out, 1, #due)
+return out
+"""
+
+# ARGV: P, user, limit -> (id, type, frame, reason and dead_at)*
+_DEAD_LETTERS = """
+local P, u = ARGV[1], ARGV[2]
+local out = {}
+for _, id in ipairs(redis.call('ZRANGE', ukey(P, u, 'x'), 0, tonumber(ARGV[3]) - 1)) do
+  local m = redis.call('HMGET', mkey(P, id), 't', 'f')
+  out[#out + 1] = id; out[#out + 1] = m[1] or ''; out[#out + 1] = m[2] or ''
+  out[#out + 1] = redis.call('HGET', ukey(P, u, 'r'), id) or '\\n0'
+end
+return out
+"""
+
+# ARGV: P, user, expires_at, id* -> ids requeued
+_REQUEUE = """
+local P, u, e = ARGV[1], ARGV[2], ARGV[3]
+local out = {}
+for i = 4, #ARGV do
+  local id = ARGV[i]
+  if redis.call('ZREM', ukey(P, u, 'x'), id) == 1 then
+    local member = id .. '\\n' .. u
+    redis.call('HDEL', ukey(P, u, 'r'), id)
+    redis.call('HDEL', ukey(P, u, 'a'), id)
+    redis.call('ZADD', ukey(P, u, 'p'), 0, id)
+    redis.call('ZREM', gkey(P, 'dead'), member)
+    redis.call('ZADD', gkey(P, 'pending'), 0, member)
+    local current = redis.call('HGET', mkey(P, id), 'e')
+    local expiry = e
+    if current and tonumber(current) > tonumber(e) then expiry = current end
+    redis.call('HSET', mkey(P, id), 'e', expiry)
+    redis.call('ZADD', gkey(P, 'expiry'), expiry, member)
+    out[#out + 1] = id
+  end
+end
+return out
+"""
+
+# ARGV: P, user, id* -> how many dead letters went
+_DELETE_DEAD = """
+local P, u = ARGV[1], ARGV[2]
+local count = 0
+for i = 3, #ARGV do
+  local id = ARGV[i]
+  if redis.call('ZREM', ukey(P, u, 'x'), id) == 1 then
+    redis.call('HDEL', ukey(P, u, 'r'), id)
+    redis.call('ZREM', gkey(P, 'dead'), id .. '\\n' .. u)
+    unref(P, id)
+    count = count + 1
+  end
+end
+return count
+"""
+
+# ARGV: P -> pending count, oldest member or ''
+_STATS = """
+local P = ARGV[1]
+local first = redis.call('ZRANGE', gkey(P, 'pending'), 0, 0)
+return {redis.call('ZCARD', gkey(P, 'pending')), first[1] or ''}
+"""
+
+# ARGV: P, id* -> (id, type, frame)* of the stored ones
+_FRAMES = """
+local P = ARGV[1]
+local out = {}
+for i = 2, #ARGV do
+  local m = redis.call('HMGET', mkey(P, ARGV[i]), 't', 'f')
+  if m[1] then out[#out + 1] = ARGV[i]; out[#out + 1] = m[1]; out[#out + 1] = m[2] end
+end
+return out
+"""
+
+# ARGV: P, kind, subject, until, created_at, expires_at ('' for None) -> stored triple
+_REVOKE = """
+local P, field = ARGV[1], ARGV[2] .. '\\n' .. ARGV[3]
+local untl, created, expires = ARGV[4], ARGV[5], ARGV[6]
+local old = redis.call('ZRANGEBYSCORE', gkey(P, 'revexp'), '-inf', created, 'LIMIT', 0, 1000)
+for _, f in ipairs(old) do
+  redis.call('HDEL', gkey(P, 'rev'), f)
+  redis.call('ZREM', gkey(P, 'revexp'), f)
+end
+local current = redis.call('HGET', gkey(P, 'rev'), field)
+if current then
+  local cu, cc, ce = string.match(current, '^(.-)\\n(.-)\\n(.*)$')
+  if cu ~= '' and (untl == '' or tonumber(cu) > tonumber(untl)) then untl = cu end
+  if ce == '' or expires == '' then expires = ''
+  elseif tonumber(ce) > tonumber(expires) then expires = ce end
+  created = cc
+end
+redis.call('HSET', gkey(P, 'rev'), field, untl .. '\\n' .. created .. '\\n' .. expires)
+if expires == '' then redis.call('ZREM', gkey(P, 'revexp'), field)
+else redis.call('ZADD', gkey(P, 'revexp'), expires, field) end
+return {untl, created, expires}
+"""
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _time(value: float) -> str:
+    return repr(float(value))
+
+
+def _optional(value: Any) -> float | None:
+    text = _text(value)
+    return float(text) if text else None
+
+
+def parse_url(url: str) -> tuple[str, str]:
+    """Split ``store.url`` into the URL redis-py gets and the key prefix (``?prefix=``).
+
+    Raises ValueError for a prefix that is empty or holds ``{``, ``}`` or a
+    newline (they would break the hash tags and members).
+    """
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    prefix = DEFAULT_PREFIX
+    kept = []
+    for name, value in query:
+        if name == "prefix":
+            prefix = value
+        else:
+            kept.append((name, value))
+    if not prefix or any(c in prefix for c in "{}\n"):
+        raise ValueError(f"store.url: prefix must be non-empty without {{, }}: {prefix!r}")
+    return urlunsplit(parts._replace(query=urlencode(kept))), prefix
+
+
+class RedisStore:
+    """The Redis implementation of :class:`pushsvc.store.Store` (every contract)."""
+
+    def __init__(self, url: str, *, busy_timeout: float = 5.0) -> None:
+        self.url, self.prefix = parse_url(url)  # redis-py's URL; the key prefix
+        self.busy_timeout = busy_timeout  # seconds any command may take
+        self._redis: aioredis.Redis | None = None  # the client, while open
+        self._healthy = True  # result of the last operation
+        self._running = 0  # operations in flight (close waits for them)
+        self._idle = asyncio.Event()  # set while none is in flight
+        self._idle.set()
+        self._scripts: dict[str, Any] = {}  # name -> redis-py Script
+
+    # -- lifecycle --------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect, check the server answers, warn about unsafe persistence settings."""
+        pool = aioredis.BlockingConnectionPool.from_url(
+            self.url,
+            max_connections=MAX_CONNECTIONS,
+            timeout=self.busy_timeout,
+            socket_timeout=self.busy_timeout,
+            socket_connect_timeout=self.busy_timeout,
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        )
+        client = aioredis.Redis(connection_pool=pool)
+        scripts = {
+            "accept": _ACCEPT,
+            "pending": _PENDING,
+            "ack": _ACK,
+            "attempts": _ATTEMPTS,
+            "dead_letter": _DEAD_LETTER,
+            "sweep": _SWEEP,
+            "dead_letters": _DEAD_LETTERS,
+            "requeue": _REQUEUE,
+            "delete_dead": _DELETE_DEAD,
+            "stats": _STATS,
+            "frames": _FRAMES,
+            "revoke": _REVOKE,
+        }
+        self._scripts = {
+            name: client.register_script(_PRELUDE + body) for name, body in scripts.items()
+        }
+        try:
+            await client.ping()
+        except (RedisError, OSError) as exc:
+            await client.aclose()
+            raise StoreUnavailable(f"cannot reach Redis at {self.url}: {exc}") from exc
+        self._redis = client
+        await self._check_settings(client)
+
+    async def _check_settings(self, client: aioredis.Redis) -> None:
+        """Log a warning when Redis may evict keys or keeps no AOF (never fails)."""
+        policy = appendonly = None
+        try:
+            found: dict[Any, Any] = await client.config_get("maxmemory-policy")
+            found.update(await client.config_get("appendonly"))
+            values = {_text(k): _text(v) for k, v in found.items()}
+            policy, appendonly = values.get("maxmemory-policy"), values.get("appendonly")
+        except ResponseError:  # CONFIG disabled or renamed (managed Redis): INFO instead
+            try:
+                memory = await client.info("memory")
+                policy = str(memory.get("maxmemory_policy", "")) or None
+                persistence = await client.info("persistence")
+                appendonly = "yes" if persistence.get("aof_enabled") else "no"
+            except (RedisError, OSError) as exc:
+                log.warning("cannot read the Redis settings (CONFIG and INFO refused): %s", exc)
+        except (RedisError, OSError) as exc:
+            log.warning("cannot read the Redis settings: %s", exc)
+        if policy is not None and policy not in SAFE_POLICIES:
+            log.warning(
+                "Redis maxmemory-policy is %r: at maxmemory Redis may evict pending messages "
+                "silently; set maxmemory-policy noeviction (docs/redis.md)",
+                policy,
+            )
+        if appendonly == "no":
+            log.warning(
+                "Redis appendonly is off: a Redis crash loses what was accepted since the "
+                "last snapshot; set appendonly yes (docs/redis.md)"
+            )
+
+    async def close(self) -> None:
+        """Wait for the operations in flight, then close the connections (again: nothing)."""
+        if self._redis is None:
+            return
+        await self._idle.wait()  # the operations in flight still need the client
+        client, self._redis = self._redis, None
+        if client is not None:
+            await client.aclose()
+
+    def healthy(self) -> bool:
+        """Whether the last operation reached Redis and completed."""
+        return self._healthy
+
+    async def check(self) -> bool:
+        """Write a probe key (bounded by ``busy_timeout``); updates :meth:`healthy`."""
+        try:
+            await self._call(lambda r: r.set(f"{self.prefix}:{{g}}:probe", _time(time.time())))
+        except StoreUnavailable:
+            return False
+        return True
+
+    async def _call(self, command: Any) -> Any:
+        """Run ``command(client)``; Redis errors become StoreUnavailable and set healthy."""
+        client = self._redis
+        if client is None:
+            raise StoreUnavailable("store is not open")
+        self._running += 1
+        self._idle.clear()
+        try:
+            result = await command(client)
+        except (RedisError, OSError) as exc:
+            if self._healthy:
+                log.error("Redis store operation failed, nothing reported accepted: %s", exc)
+            self._healthy = False
+            raise StoreUnavailable(f"Redis: {exc}") from exc
+        finally:
+            self._running -= 1
+            if not self._running:
+                self._idle.set()
+        if not self._healthy:
+            log.warning("Redis store operations succeed again")
+        self._healthy = True
+        return result
+
+    async def _script(self, name: str, *args: Any) -> Any:
+        script = self._scripts.get(name)
+        if script is None:
+            raise StoreUnavailable("store is not open")
+        return await self._call(lambda r: script(args=(self.prefix, *args), client=r))
+
+    # -- inbox ------------------------------------------------------------------
+
+    async def accept(
+        self,
+        message_id: str,
+        message_type: str,
+        frame: bytes,
+        recipients: Sequence[str],
+        expires_at: float,
+        idempotency: IdempotencyKey | None = None,
+    ) -> None:
+        """Persist a message and one pending delivery per recipient: one EVALSHA."""
+        users = list(dict.fromkeys(recipients))
+        args: list[Any] = [message_id, message_type, frame, _time(expires_at), len(users), *users]
+        if idempotency is not None:
+            args += [
+                idempotency.client,
+                idempotency.key,
+                idempotency.fingerprint,
+                _time(idempotency.expires_at),
+                int(idempotency.expires_at * 1000),
+                len(recipients),
+            ]
+        await self._script("accept", *args)
+
+    def may_have_pending(self, user: str) -> bool:
+        """Always True: another node may have accepted a message for ``user`` just now."""
+        return True
+
+    async def pending(self, user: str, after_id: str, limit: int) -> list[PendingMessage]:
+        """The oldest pending deliveries of ``user`` after ``after_id``."""
+        flat = await self._script("pending", user, after_id, limit)
+        return [
+            PendingMessage(
+                _text(flat[i]),
+                _text(flat[i + 1]),
+                bytes(flat[i + 2]),
+                int(flat[i + 3]),
+                float(flat[i + 4]),
+            )
+            for i in range(0, len(flat), 5)
+        ]
+
+    async def ack(self, user: str, ids: Sequence[str]) -> AckResult:
+        """Settle ``user``'s pending deliveries among ``ids``."""
+        wanted = list(dict.fromkeys(ids))
+        if not wanted:
+            return AckResult(acked=[])
+        flat = await self._script("ack", user, _time(time.time()), *wanted)
+        acked = [(_text(flat[i]), _text(flat[i + 1])) for i in range(3, len(flat), 2)]
+        return AckResult(
+            acked=acked, repeated=int(flat[0]), foreign=int(flat[1]), unknown=int(flat[2])
+        )
+
+    async def record_attempts(self, user: str, attempts: Sequence[tuple[str, int]]) -> None:
+        """Store send counts (never lowering them)."""
+        if attempts:
+            await self._script("attempts", user, *(v for pair in attempts for v in pair))
+
+    async def stats(self) -> StoreStats:
+        """Pending deliveries and the oldest one's creation time (O(1) in Redis)."""
+        count, oldest = await self._script("stats")
+        first = _text(oldest).split("\n", 1)[0]
+        return StoreStats(int(count), ids.timestamp_ms(first) if first else None)
+
+    async def frames(self, ids: Sequence[str]) -> dict[str, tuple[str, bytes]]:
+        """Type and frame of the stored messages among ``ids``."""
+        wanted = list(dict.fromkeys(ids))
+        if not wanted:
+            return {}
+        flat = await self._script("frames", *wanted)
+        return {
+            _text(flat[i]): (_text(flat[i + 1]), bytes(flat[i + 2])) for i in range(0, len(flat), 3)
+        }
+
+    # -- dead letters -------------------------------------------------------------
+
+    async def dead_letter(self, user: str, ids: Sequence[str], reason: str) -> list[DeadLetter]:
+        """Move pending deliveries to the dead letters."""
+        if not ids:
+            return []
+        now = time.time()
+        flat = await self._script("dead_letter", user, reason, _time(now), *ids)
+        return [
+            DeadLetter(user, _text(flat[i]), _text(flat[i + 1]), bytes(flat[i + 2]), reason, now)
+            for i in range(0, len(flat), 3)
+        ]
+
+    async def expire(self, now: float, retention: float) -> list[DeadLetter]:
+        """Dead-letter what passed its TTL; drop old acks, old dead letters, orphan messages.
+
+        One script per step of at most SWEEP_CHUNK entries of each kind, at
+        most SWEEP_STEPS steps per call, so no script holds Redis for long.
+        """
+        dead: list[DeadLetter] = []
+        args = (_time(now), _time(now - ACKED_RETENTION), _time(now - retention), SWEEP_CHUNK)
+        for _ in range(SWEEP_STEPS):
+            flat = await self._script("sweep", *args)
+            for i in range(3, len(flat), 4):
+                dead.append(
+                    DeadLetter(
+                        _text(flat[i]),
+                        _text(flat[i + 1]),
+                        _text(flat[i + 2]),
+                        bytes(flat[i + 3]),
+                        "ttl",
+                        now,
+                    )
+                )
+            if max(int(flat[0]), int(flat[1]), int(flat[2])) < SWEEP_CHUNK:
+                break
+        return dead
+
+    async def dead_letters(self, user: str, limit: int) -> list[DeadLetter]:
+        """``user``'s dead letters, oldest first."""
+        if limit <= 0:
+            return []
+        flat = await self._script("dead_letters", user, limit)
+        letters = []
+        for i in range(0, len(flat), 4):
+            reason, _, dead_at = _text(flat[i + 3]).partition("\n")
+            letters.append(
+                DeadLetter(
+                    user,
+                    _text(flat[i]),
+                    _text(flat[i + 1]),
+                    bytes(flat[i + 2]),
+                    reason,
+                    float(dead_at),
+                )
+            )
+        return letters
+
+    async def requeue(self, user: str, ids: Sequence[str], expires_at: float) -> list[str]:
+        """Make dead letters pending again with fresh attempts and TTL."""
+        if not ids:
+            return []
+        done = await self._script("requeue", user, _time(expires_at), *ids)
+        return [_text(i) for i in done]
+
+    async def delete_dead(self, user: str, ids: Sequence[str]) -> int:
+        """Delete dead letters of ``user``."""
+        if not ids:
+            return 0
+        return int(await self._script("delete_dead", user, *dict.fromkeys(ids)))
+
+    # -- idempotency keys, revocations --------------------------------------------
+
+    async def idempotent_result(self, client: str, key: str, now: float) -> IdempotentResult | None:
+        """What ``client``'s request with ``key`` created, unless unknown or expired."""
+        name = f"{self.prefix}:{{i:{client}}}:{key}"
+        fp, message_id, count, expires = await self._call(
+            lambda r: r.hmget(name, "fp", "id", "n", "e")
+        )
+        if message_id is None or float(expires) <= now:
+            return None
+        return IdempotentResult(_text(message_id), int(count), _text(fp))
+
+    async def revoke(self, revocation: Revocation) -> Revocation:
+        """Persist a revocation; a user's ``until`` and any ``expires_at`` only grow."""
+        until, created, expires = await self._script(
+            "revoke",
+            revocation.kind,
+            revocation.subject,
+            "" if revocation.until is None else _time(revocation.until),
+            _time(revocation.created_at),
+            "" if revocation.expires_at is None else _time(revocation.expires_at),
+        )
+        return Revocation(
+            revocation.kind,
+            revocation.subject,
+            _optional(until),
+            float(_text(created)),
+            _optional(expires),
+        )
+
+    async def revocations(self, now: float) -> list[Revocation]:
+        """Every revocation not expired at ``now``, oldest first."""
+        stored = await self._call(lambda r: r.hgetall(f"{self.prefix}:{{g}}:rev"))
+        found = []
+        for field, value in stored.items():
+            kind, _, subject = _text(field).partition("\n")
+            until, created, expires = _text(value).split("\n")
+            revocation = Revocation(
+                kind, subject, _optional(until), float(created), _optional(expires)
+            )
+            if revocation.expires_at is None or revocation.expires_at > now:
+                found.append(revocation)
+        found.sort(key=lambda r: (r.created_at, r.kind, r.subject))
+        return found
