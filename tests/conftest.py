@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import re
 import shutil
@@ -64,12 +65,25 @@ def token(sub: str = "alice", **kwargs: Any) -> str:
 ASYNC_BROKER = "memory://?delivery=async"
 
 
+def store_url_for(data_dir: Path, url: str) -> str:
+    """``url`` with a key prefix of ``data_dir``'s own when it names a Redis.
+
+    One Redis then serves a whole run (``PUSHSVC_STORE__URL=redis://... pytest``):
+    each test's servers see only their keys, and a restart in one test its data.
+    """
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        return url
+    prefix = "t" + hashlib.sha1(str(data_dir).encode()).hexdigest()[:16]
+    return f"{url}{'&' if '?' in url else '?'}prefix={prefix}"
+
+
 def make_config(data_dir: Path, **sections: dict[str, Any]) -> config_module.Config:
     """A config for tests: test secret, data dir, fast timers; ``sections`` override.
 
     ``PUSHSVC_BROKER__URL`` in the environment sets the broker of in-process
     servers too (spawned ones read it themselves), so a whole test file runs
     on another broker: ``PUSHSVC_BROKER__URL='memory://?delivery=async' pytest``.
+    ``PUSHSVC_STORE__URL`` sets the store the same way (see :func:`store_url_for`).
     """
     base: dict[str, dict[str, Any]] = {
         "server": {"data_dir": str(data_dir), "heartbeat": 25.0},
@@ -78,6 +92,8 @@ def make_config(data_dir: Path, **sections: dict[str, Any]) -> config_module.Con
     }
     if os.environ.get("PUSHSVC_BROKER__URL"):
         base["broker"] = {"url": os.environ["PUSHSVC_BROKER__URL"]}
+    if os.environ.get("PUSHSVC_STORE__URL"):
+        base["store"] = {"url": store_url_for(data_dir, os.environ["PUSHSVC_STORE__URL"])}
     for name, values in sections.items():
         base.setdefault(name, {}).update(values)
     return config_module.build([base])

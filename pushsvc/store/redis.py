@@ -503,7 +503,12 @@ class RedisStore:
         self._running += 1
         self._idle.clear()
         try:
-            result = await command(client)
+            pending = command(client)
+            if asyncio.current_task() is None:
+                # Called from an eager coroutine (pushsvc.transport.eager), not a Task:
+                # redis-py's timeouts (asyncio.timeout) need one.
+                pending = asyncio.ensure_future(pending)
+            result = await pending
         except (RedisError, OSError) as exc:
             if self._healthy:
                 log.error("Redis store operation failed, nothing reported accepted: %s", exc)

@@ -1,0 +1,170 @@
+"""What only the Redis store promises (the shared guarantees are tests/contracts/).
+
+Each test runs its own ``redis-server`` (``fresh_redis``) when it stops or
+kills it, or the shared one (``redis_url``), and inspects the keys over a
+plain socket, never through the client under test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+from redis.crc import key_slot
+from redis_server import RedisServer
+
+from conftest import Server
+from pushsvc.protocol import ids
+from pushsvc.store import Revocation, Store, StoreOptions, StoreUnavailable, make_store
+from pushsvc.store.redis import RedisStore, parse_url
+
+HOUR = 3600.0
+
+
+async def opened(url: str, busy_timeout: float = 1.0) -> Store:
+    store = make_store(url, StoreOptions(busy_timeout=busy_timeout))
+    await store.open()
+    return store
+
+
+async def put(store: Store, *users: str) -> str:
+    message_id = ids.new_id()
+    await store.accept(message_id, "private", b"{}", users, time.time() + HOUR)
+    return message_id
+
+
+def keys(server: RedisServer, pattern: str = "*") -> list[str]:
+    return sorted(k for k in server.command("KEYS", pattern).split("\n") if k)
+
+
+def test_url_schemes_and_prefix() -> None:
+    assert isinstance(make_store("redis://127.0.0.1:6379/0"), RedisStore)
+    assert isinstance(make_store("rediss://127.0.0.1:6380/1"), RedisStore)
+    assert isinstance(make_store("unix:///run/redis.sock?db=2"), RedisStore)
+    assert parse_url("redis://h:1/3?prefix=app1&max_connections=4") == (
+        "redis://h:1/3?max_connections=4",
+        "app1",
+    )
+    assert parse_url("redis://h:1/0")[1] == "pushsvc"
+    for bad in ("{x}", ""):
+        with pytest.raises(ValueError, match="prefix"):
+            make_store(f"redis://h:1/0?prefix={bad}")
+
+
+async def test_accepted_messages_survive_kill9_with_appendonly(tmp_path: Any) -> None:
+    """appendfsync always: what accept returned is on disk before the reply (kill -9 safe)."""
+    server = RedisServer(tmp_path / "redis", extra=["--appendfsync", "always"])
+    server.start()
+    try:
+        store = await opened(server.url)
+        kept = await put(store, "ann", "bob")
+        acked = await put(store, "ann")
+        await store.ack("ann", [acked])
+        await store.revoke(Revocation("user", "ann", 1.0, 2.0, None))
+        await store.close()
+        server.kill9()
+        server.start()
+        store = await opened(server.url)
+        assert [m.id for m in await store.pending("ann", "", 10)] == [kept]
+        assert [m.id for m in await store.pending("bob", "", 10)] == [kept]
+        assert (await store.ack("ann", [acked])).repeated == 1
+        assert [r.subject for r in await store.revocations(3.0)] == ["ann"]
+        assert (await store.stats()).pending == 2
+        await store.close()
+    finally:
+        server.kill9()
+
+
+async def test_outage_is_bounded_and_recovery_needs_no_reopen(fresh_redis: RedisServer) -> None:
+    store = await opened(fresh_redis.url, busy_timeout=0.5)
+    before = await put(store, "ann")
+    assert store.healthy()
+    fresh_redis.stop()
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable):
+        await asyncio.wait_for(put(store, "ann"), 10)  # the bound is the store's, not this
+    with pytest.raises(StoreUnavailable):
+        await asyncio.wait_for(store.pending("ann", "", 10), 10)
+    assert await asyncio.wait_for(store.check(), 10) is False
+    assert time.monotonic() - started < 10
+    assert not store.healthy()
+    fresh_redis.start()
+    assert await store.check() is True and store.healthy()  # the same store object
+    after = await put(store, "ann")
+    assert [m.id for m in await store.pending("ann", "", 10)] == [before, after]
+    await store.close()
+
+
+async def test_paused_redis_times_out_and_the_write_never_lands(fresh_redis: RedisServer) -> None:
+    """A command given up on is not run later: its connection is closed."""
+    store = await opened(fresh_redis.url, busy_timeout=0.3)
+    fresh_redis.command("CLIENT", "PAUSE", "20000", "WRITE")
+    try:
+        with pytest.raises(StoreUnavailable):
+            await asyncio.wait_for(put(store, "ann"), 10)
+        assert not store.healthy()
+    finally:
+        fresh_redis.command("CLIENT", "UNPAUSE")
+    await asyncio.sleep(0.2)
+    assert await store.pending("ann", "", 10) == [] and store.healthy()
+    await store.close()
+
+
+async def test_prefixes_isolate_deployments(redis_server: RedisServer, redis_url: str) -> None:
+    one = await opened(f"{redis_url}?prefix=one")
+    two = await opened(f"{redis_url}?prefix=two")
+    mine = await put(one, "ann")
+    await one.revoke(Revocation("jti", "t", None, 1.0, None))
+    assert await two.pending("ann", "", 10) == []
+    assert (await two.stats()).pending == 0
+    assert await two.frames([mine]) == {}
+    assert await two.revocations(0.0) == []
+    assert (await two.ack("ann", [mine])).unknown == 1
+    assert [m.id for m in await one.pending("ann", "", 10)] == [mine]
+    assert all(k.startswith("one:") for k in keys(redis_server))
+    await one.close()
+    await two.close()
+
+
+async def test_keys_of_a_user_share_a_hash_tag(redis_server: RedisServer, redis_url: str) -> None:
+    store = await opened(redis_url)
+    first = await put(store, "ann", "bob")
+    second = await put(store, "ann")
+    await store.record_attempts("ann", [(first, 1)])
+    await store.ack("ann", [first])
+    await store.dead_letter("ann", [second], "max_attempts")
+    everything = keys(redis_server)
+    assert keys(redis_server, "pushsvc:{u:ann}:*") == [
+        "pushsvc:{u:ann}:k",
+        "pushsvc:{u:ann}:r",
+        "pushsvc:{u:ann}:x",
+    ]
+    assert keys(redis_server, "pushsvc:{u:bob}:*") == ["pushsvc:{u:bob}:p"]
+    assert f"pushsvc:{{m:{first}}}" in everything and f"pushsvc:{{m:{second}}}" in everything
+    # Every key has one hash tag: a user's, a message's, or the global indexes' {g}.
+    for key in everything:
+        tag = key[key.index("{") + 1 : key.index("}")]
+        assert tag.startswith(("u:", "m:", "g")), key
+    # The slot Redis Cluster would give each (CRC16 of the tag): one per user.
+    assert len({key_slot(k.encode()) for k in everything if "{u:ann}" in k}) == 1
+    await store.close()
+
+
+async def test_node_delivers_a_stored_message_from_redis(start_server: Any, redis_url: str) -> None:
+    """A node on the Redis store: offline recipient, connect, receive, ack."""
+    server: Server = await start_server(store={"url": redis_url})
+    sender = await server.connect("sam")
+    await sender.send({"type": "private", "to": "rita", "text": "hi", "ref": "s"})
+    reply = await sender.recv_type("reply", "error")
+    assert reply["type"] == "reply" and reply["ok"] is True, reply
+    rita = await server.connect("rita")
+    frame = await rita.recv_type("private")
+    assert (frame["id"], frame["text"], frame["ack"]) == (reply["id"], "hi", True)
+    await rita.send({"type": "ack", "ids": [frame["id"]], "ref": "a"})
+    answer = await rita.recv_type("reply", "error")
+    assert answer["type"] == "reply" and answer["acked"] == 1, answer
+    assert (await server.node.store.stats()).pending == 0
+    rita.close()
+    sender.close()
