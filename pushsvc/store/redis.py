@@ -1,12 +1,17 @@
 """Redis store: the inbox in a Redis shared by every node (``store.url = "redis://..."``).
 
-Every operation is one Lua script (``EVALSHA`` through redis-py ``Script``
-objects; on ``NOSCRIPT`` after a Redis restart the script is loaded again), so
-it is atomic and costs one round trip: accepting a message is one
-``EVALSHA`` whatever its number of recipients. Exceptions to one round trip:
-:meth:`RedisStore.expire` runs one script per step of at most ``SWEEP_CHUNK``
-entries of each kind (at most ``SWEEP_STEPS`` steps per call), and
-:meth:`RedisStore.open` sends ``PING`` and ``CONFIG GET`` (or ``INFO``).
+Every operation is one Lua script (``EVALSHA``; the scripts are loaded at
+open and again on ``NOSCRIPT`` after a Redis restart), so it is atomic: accept
+stores the message, one pending delivery per recipient and the idempotency key
+in one script, whatever the number of recipients. The operations submitted in
+one pass of the event loop go to Redis together in one pipeline (one round
+trip, like SQLite's group commit), with up to ``PIPELINES`` pipelines in
+flight: one round trip per accepted message at most, fewer under load.
+Operations in different pipelines are not ordered with each other (each
+caller awaits its own). Places with more: :meth:`RedisStore.expire` runs one
+script per step of at most ``SWEEP_CHUNK`` entries of each kind (at most
+``SWEEP_STEPS`` steps per call, so no script holds Redis long), and
+:meth:`RedisStore.open` sends ``SCRIPT LOAD`` and ``CONFIG GET`` (or ``INFO``).
 
 Keys (``P`` is the prefix, ``pushsvc`` unless the URL says ``?prefix=...``; one
 Redis serves several deployments with different prefixes)::
@@ -46,13 +51,18 @@ price of a second read on Cluster for :meth:`RedisStore.pending`.
 
 Failures. Every command is bounded by ``busy_timeout`` (socket connect and
 reply), waiting for one of at most ``MAX_CONNECTIONS`` pooled connections too
-(``?max_connections=N`` in the URL changes it); a broken connection is retried
-once on a new one (accept and the others are safe to run twice: accept of an
-id already stored does nothing), a timeout is not. A timeout or a lost
-connection raises :class:`StoreUnavailable`; when the reply was lost after
-Redis ran the script, the operation did happen (at-least-once: a retried send
-without an idempotency key may then be stored twice). A connection given up on
-is closed, so a command Redis had postponed (``CLIENT PAUSE``) never runs.
+(``?max_connections=N`` in the URL changes it). A timeout, a lost connection or
+an error reply (e.g. OOM at ``maxmemory``) raises :class:`StoreUnavailable` and
+makes :meth:`RedisStore.healthy` False until a batch succeeds; the client
+reconnects by itself, no reopen needed. A connection given up on is closed, so
+a command Redis had postponed (``CLIENT PAUSE``) never runs. A broken
+connection is retried once on a new one, a timeout is not: when the reply was
+lost after Redis ran the pipeline, a retry runs it again: accept of an id
+already stored does nothing, record_attempts, requeue and revoke end in the
+same state; a repeated ack reports its ids ``repeated`` (the state is right).
+A timed-out accept may have been stored although the sender was told
+``unavailable`` (at-least-once: without an idempotency key a retried send may
+then be stored twice).
 
 Durability is Redis's (``appendonly``, ``appendfsync``; docs/redis.md, "Store
 durability"). :meth:`RedisStore.open` warns when the eviction policy could
@@ -64,6 +74,7 @@ node may have accepted a message a moment ago).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -74,7 +85,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from pushsvc.protocol import ids
 from pushsvc.store.contracts import (
@@ -94,6 +105,8 @@ log = logging.getLogger("pushsvc.store")
 DEFAULT_PREFIX = "pushsvc"
 #: Pooled connections to Redis (one command in flight on each); ``?max_connections=N``.
 MAX_CONNECTIONS = 32
+#: Pipelines in flight at once (each on its own connection, each a batch of operations).
+PIPELINES = 4
 #: Entries of each kind (TTL, old acks, old dead letters) one sweep script handles.
 SWEEP_CHUNK = 1_000
 #: Sweep scripts per :meth:`RedisStore.expire` call; the rest waits for the next call.
@@ -393,6 +406,36 @@ def parse_url(url: str) -> tuple[str, str]:
     return urlunsplit(parts._replace(query=urlencode(kept))), prefix
 
 
+_SCRIPTS = {
+    "accept": _ACCEPT,
+    "pending": _PENDING,
+    "ack": _ACK,
+    "attempts": _ATTEMPTS,
+    "dead_letter": _DEAD_LETTER,
+    "sweep": _SWEEP,
+    "dead_letters": _DEAD_LETTERS,
+    "requeue": _REQUEUE,
+    "delete_dead": _DELETE_DEAD,
+    "stats": _STATS,
+    "frames": _FRAMES,
+    "revoke": _REVOKE,
+}
+#: name -> (Lua source, its SHA-1 for EVALSHA)
+SCRIPTS = {
+    name: (source, hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest())
+    for name, source in ((name, _PRELUDE + body) for name, body in _SCRIPTS.items())
+}
+
+
+class _Op:
+    __slots__ = ("command", "future", "script")
+
+    def __init__(self, command: tuple[Any, ...], script: str | None, future: asyncio.Future[Any]):
+        self.command = command  # the arguments of one Redis command
+        self.script = script  # the script EVALSHA runs (reloaded on NOSCRIPT), or None
+        self.future = future  # resolved with the reply
+
+
 class RedisStore:
     """The Redis implementation of :class:`pushsvc.store.Store` (every contract)."""
 
@@ -400,16 +443,27 @@ class RedisStore:
         self.url, self.prefix = parse_url(url)  # redis-py's URL; the key prefix
         self.busy_timeout = busy_timeout  # seconds any command may take
         self._redis: aioredis.Redis | None = None  # the client, while open
-        self._healthy = True  # result of the last operation
-        self._running = 0  # operations in flight (close waits for them)
-        self._idle = asyncio.Event()  # set while none is in flight
-        self._idle.set()
-        self._scripts: dict[str, Any] = {}  # name -> redis-py Script
+        self._healthy = True  # result of the last batch
+        self._outbox: list[_Op] = []  # submitted, not yet sent
+        self._senders: set[asyncio.Task[None]] = set()  # each sends one pipeline at a time
+        self._starting = False  # a sender is started and has not taken the outbox yet
+        self._batches = 0  # pipelines sent
+        self._operations = 0  # operations in those pipelines
+
+    @property
+    def batches(self) -> int:
+        """Pipelines sent so far (read-only; fewer than operations under load)."""
+        return self._batches
+
+    @property
+    def operations(self) -> int:
+        """Operations sent so far (read-only; ``operations / batches`` is the batch)."""
+        return self._operations
 
     # -- lifecycle --------------------------------------------------------------
 
     async def open(self) -> None:
-        """Connect, check the server answers, warn about unsafe persistence settings."""
+        """Connect, load the scripts, warn about unsafe persistence settings."""
         pool = aioredis.BlockingConnectionPool.from_url(
             self.url,
             max_connections=MAX_CONNECTIONS,
@@ -419,25 +473,8 @@ class RedisStore:
             retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         )
         client = aioredis.Redis(connection_pool=pool)
-        scripts = {
-            "accept": _ACCEPT,
-            "pending": _PENDING,
-            "ack": _ACK,
-            "attempts": _ATTEMPTS,
-            "dead_letter": _DEAD_LETTER,
-            "sweep": _SWEEP,
-            "dead_letters": _DEAD_LETTERS,
-            "requeue": _REQUEUE,
-            "delete_dead": _DELETE_DEAD,
-            "stats": _STATS,
-            "frames": _FRAMES,
-            "revoke": _REVOKE,
-        }
-        self._scripts = {
-            name: client.register_script(_PRELUDE + body) for name, body in scripts.items()
-        }
         try:
-            await client.ping()
+            await _load_scripts(client)
         except (RedisError, OSError) as exc:
             await client.aclose()
             raise StoreUnavailable(f"cannot reach Redis at {self.url}: {exc}") from exc
@@ -475,59 +512,96 @@ class RedisStore:
             )
 
     async def close(self) -> None:
-        """Wait for the operations in flight, then close the connections (again: nothing)."""
-        if self._redis is None:
-            return
-        await self._idle.wait()  # the operations in flight still need the client
+        """Send what is submitted, then close the connections (again: does nothing)."""
+        while self._senders:
+            await asyncio.gather(*self._senders, return_exceptions=True)
         client, self._redis = self._redis, None
         if client is not None:
             await client.aclose()
 
     def healthy(self) -> bool:
-        """Whether the last operation reached Redis and completed."""
+        """Whether the last batch reached Redis and every command in it succeeded."""
         return self._healthy
 
     async def check(self) -> bool:
         """Write a probe key (bounded by ``busy_timeout``); updates :meth:`healthy`."""
         try:
-            await self._call(lambda r: r.set(f"{self.prefix}:{{g}}:probe", _time(time.time())))
+            await self._call("SET", f"{self.prefix}:{{g}}:probe", _time(time.time()))
         except StoreUnavailable:
             return False
         return True
 
-    async def _call(self, command: Any) -> Any:
-        """Run ``command(client)``; Redis errors become StoreUnavailable and set healthy."""
-        client = self._redis
-        if client is None:
-            raise StoreUnavailable("store is not open")
-        self._running += 1
-        self._idle.clear()
-        try:
-            pending = command(client)
-            if asyncio.current_task() is None:
-                # Called from an eager coroutine (pushsvc.transport.eager), not a Task:
-                # redis-py's timeouts (asyncio.timeout) need one.
-                pending = asyncio.ensure_future(pending)
-            result = await pending
-        except (RedisError, OSError) as exc:
-            if self._healthy:
-                log.error("Redis store operation failed, nothing reported accepted: %s", exc)
-            self._healthy = False
-            raise StoreUnavailable(f"Redis: {exc}") from exc
-        finally:
-            self._running -= 1
-            if not self._running:
-                self._idle.set()
-        if not self._healthy:
-            log.warning("Redis store operations succeed again")
-        self._healthy = True
-        return result
+    # -- batches: what is submitted in one loop pass goes in one pipeline -------------
 
-    async def _script(self, name: str, *args: Any) -> Any:
-        script = self._scripts.get(name)
-        if script is None:
+    def _call(self, *command: Any, script: str | None = None) -> asyncio.Future[Any]:
+        """Queue one command; the future gets its reply or StoreUnavailable."""
+        if self._redis is None:
             raise StoreUnavailable("store is not open")
-        return await self._call(lambda r: script(args=(self.prefix, *args), client=r))
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._outbox.append(_Op(command, script, future))
+        if not self._starting and len(self._senders) < PIPELINES:
+            # It starts on the next loop pass: the commands of this pass join its batch.
+            self._starting = True
+            sender = asyncio.get_running_loop().create_task(self._send())
+            self._senders.add(sender)
+            sender.add_done_callback(self._senders.discard)
+        return future
+
+    def _script(self, name: str, *args: Any) -> asyncio.Future[Any]:
+        return self._call("EVALSHA", SCRIPTS[name][1], 0, self.prefix, *args, script=name)
+
+    async def _send(self) -> None:
+        """Send the outbox as one pipeline (one round trip), again until it is empty.
+
+        Up to PIPELINES senders run at once, so batches of operations submitted
+        while others are in flight need not wait for them; operations of
+        different batches are therefore not ordered (each caller awaits its own).
+        """
+        self._starting = False
+        client = self._redis
+        while self._outbox and client is not None:
+            batch, self._outbox = self._outbox, []
+            await self._pipeline(client, batch)
+
+    async def _pipeline(self, client: aioredis.Redis, batch: list[_Op]) -> None:
+        replies: list[Any]
+        try:
+            async with client.pipeline(transaction=False) as pipe:
+                for op in batch:
+                    pipe.execute_command(*op.command)
+                replies = await pipe.execute(raise_on_error=False)
+            missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+            if missing:  # Redis restarted without our scripts: load them, run those again
+                await _load_scripts(client)
+                async with client.pipeline(transaction=False) as pipe:
+                    for i in missing:
+                        pipe.execute_command(*batch[i].command)
+                    again = await pipe.execute(raise_on_error=False)
+                for i, reply in zip(missing, again, strict=True):
+                    replies[i] = reply
+        except Exception as exc:  # RedisError, OSError, or a bug: fail the batch, never hang
+            if self._healthy:
+                log.error("Redis store unavailable, nothing of this batch reported done: %s", exc)
+            self._healthy = False
+            error = StoreUnavailable(f"Redis: {exc}")
+            for op in batch:
+                _settle(op, error)
+            return
+        self._batches += 1
+        self._operations += len(batch)
+        failed = False
+        for op, reply in zip(batch, replies, strict=True):
+            if isinstance(reply, Exception):  # e.g. OOM at maxmemory: this command only
+                failed = True
+                log.error("Redis store command %s failed: %s", op.script or op.command[0], reply)
+                _settle(op, StoreUnavailable(f"Redis: {reply}"))
+            else:
+                _settle(op, None, reply)
+        if failed:
+            self._healthy = False
+        elif not self._healthy:
+            log.warning("Redis store operations succeed again")
+            self._healthy = True
 
     # -- inbox ------------------------------------------------------------------
 
@@ -680,9 +754,7 @@ class RedisStore:
     async def idempotent_result(self, client: str, key: str, now: float) -> IdempotentResult | None:
         """What ``client``'s request with ``key`` created, unless unknown or expired."""
         name = f"{self.prefix}:{{i:{client}}}:{key}"
-        fp, message_id, count, expires = await self._call(
-            lambda r: r.hmget(name, "fp", "id", "n", "e")
-        )
+        fp, message_id, count, expires = await self._call("HMGET", name, "fp", "id", "n", "e")
         if message_id is None or float(expires) <= now:
             return None
         return IdempotentResult(_text(message_id), int(count), _text(fp))
@@ -707,7 +779,8 @@ class RedisStore:
 
     async def revocations(self, now: float) -> list[Revocation]:
         """Every revocation not expired at ``now``, oldest first."""
-        stored = await self._call(lambda r: r.hgetall(f"{self.prefix}:{{g}}:rev"))
+        flat = await self._call("HGETALL", f"{self.prefix}:{{g}}:rev")
+        stored = dict(zip(flat[::2], flat[1::2], strict=True)) if isinstance(flat, list) else flat
         found = []
         for field, value in stored.items():
             kind, _, subject = _text(field).partition("\n")
@@ -719,3 +792,20 @@ class RedisStore:
                 found.append(revocation)
         found.sort(key=lambda r: (r.created_at, r.kind, r.subject))
         return found
+
+
+async def _load_scripts(client: aioredis.Redis) -> None:
+    """``SCRIPT LOAD`` every script (at open, and after Redis forgot them)."""
+    async with client.pipeline(transaction=False) as pipe:
+        for source, _sha in SCRIPTS.values():
+            pipe.script_load(source)
+        await pipe.execute()
+
+
+def _settle(op: _Op, error: BaseException | None, value: Any = None) -> None:
+    if op.future.done():
+        return
+    if error is not None:
+        op.future.set_exception(error)
+    else:
+        op.future.set_result(value)
