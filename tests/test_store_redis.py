@@ -8,6 +8,7 @@ plain socket, never through the client under test.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
@@ -168,3 +169,43 @@ async def test_node_delivers_a_stored_message_from_redis(start_server: Any, redi
     assert (await server.node.store.stats()).pending == 0
     rita.close()
     sender.close()
+
+
+async def test_open_warns_when_redis_may_evict_or_keeps_no_aof(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = RedisServer(
+        tmp_path / "redis", appendonly=False, extra=["--maxmemory-policy", "allkeys-lru"]
+    )
+    server.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="pushsvc.store"):
+            store = await opened(server.url)  # a warning, not a failure
+        warnings = " ".join(r.getMessage() for r in caplog.records)
+        assert "'allkeys-lru'" in warnings and "noeviction" in warnings
+        assert "appendonly is off" in warnings
+        await put(store, "ann")
+        await store.close()
+    finally:
+        server.kill9()
+
+
+async def test_scripts_are_loaded_again_after_redis_forgot_them(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    store = await opened(redis_url)
+    first = await put(store, "ann")
+    redis_server.command("SCRIPT", "FLUSH")  # what a restart without persistence does
+    second = await put(store, "ann")
+    assert [m.id for m in await store.pending("ann", "", 10)] == [first, second]
+    assert store.healthy()
+    await store.close()
+
+
+async def test_one_loop_pass_is_one_pipeline(redis_url: str) -> None:
+    store = await opened(redis_url)
+    assert isinstance(store, RedisStore)
+    before = store.batches
+    await asyncio.gather(*(put(store, f"u{i}") for i in range(50)))
+    assert store.operations >= 50 and store.batches - before <= 4  # PIPELINES in flight
+    await store.close()
