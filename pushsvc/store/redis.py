@@ -142,22 +142,23 @@ local function to_dead(P, u, id, reason, now)
 end
 """
 
-# ARGV: P, id, type, frame, expires_at, n, user*n, [client, key, fingerprint,
-# key expires_at, key expires_at in ms, recipients]
+# ARGV: P, id, type, frame, expires_at, expires_at in ms, n, user*n, [client, key,
+# fingerprint, key expires_at, key expires_at in ms, recipients]
 _ACCEPT = """
 local P, id, e = ARGV[1], ARGV[2], ARGV[5]
 local m = mkey(P, id)
 if redis.call('EXISTS', m) == 1 then return 0 end
-local n = tonumber(ARGV[6])
+local n = tonumber(ARGV[7])
 redis.call('HSET', m, 't', ARGV[3], 'f', ARGV[4], 'e', e, 'n', n)
-for i = 7, 6 + n do
+if n == 0 then redis.call('PEXPIREAT', m, ARGV[6]) end  -- no delivery will drop it
+for i = 8, 7 + n do
   local u = ARGV[i]
   local member = id .. '\\n' .. u
   redis.call('ZADD', ukey(P, u, 'p'), 0, id)
   redis.call('ZADD', gkey(P, 'pending'), 0, member)
   redis.call('ZADD', gkey(P, 'expiry'), e, member)
 end
-local j = 7 + n
+local j = 8 + n
 if ARGV[j] then
   local k = P .. ':{i:' .. ARGV[j] .. '}:' .. ARGV[j + 1]
   redis.call('DEL', k)
@@ -616,7 +617,8 @@ class RedisStore:
     ) -> None:
         """Persist a message and one pending delivery per recipient: one EVALSHA."""
         users = list(dict.fromkeys(recipients))
-        args: list[Any] = [message_id, message_type, frame, _time(expires_at), len(users), *users]
+        args: list[Any] = [message_id, message_type, frame, _time(expires_at)]
+        args += [int(expires_at * 1000), len(users), *users]
         if idempotency is not None:
             args += [
                 idempotency.client,
