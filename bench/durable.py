@@ -525,6 +525,18 @@ def store_description(args: argparse.Namespace) -> str:
     return f"store.url={args.store_url}"
 
 
+def redis_cpu_line(args: argparse.Namespace, phases: list[Phase]) -> list[str]:
+    """The redis-server's CPU per acked message, when the bench started one."""
+    acked = sum(p.acked for p in phases)
+    if args.redis_cpu_used is None or not acked:
+        return []
+    per_msg = args.redis_cpu_used / acked * 1e6
+    return [
+        f"- redis-server CPU: {args.redis_cpu_used:.2f} s for {acked:,} acked messages, "
+        f"{per_msg:.0f} µs per acked message (every phase, connecting included)"
+    ]
+
+
 def report(args: argparse.Namespace, phases: list[Phase], started: str) -> str:
     lines = [
         "# Durable delivery benchmark (bench/durable.py)",
@@ -537,6 +549,7 @@ def report(args: argparse.Namespace, phases: list[Phase], started: str) -> str:
         f"{args.duration:g} s per phase (first {min(1.0, args.duration / 5):g} s not measured); "
         f"closed-loop pipeline {args.pipeline} per sender",
         *([f"- {args.note}"] if args.note else []),
+        *redis_cpu_line(args, phases),
         "",
         *rows(phases),
         "",
@@ -632,8 +645,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     redis = None
     args.redis_started = args.store_url == "redis-server"
+    args.redis_cpu_used = None
     if args.redis_started:
         redis = start_redis(args, work / "redis")
+        redis_cpu_start = server_cpu(redis.pid)
     try:
         proc = start_server(args, work / "data", port)
     except BaseException:
@@ -652,6 +667,8 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(30)
         if redis is not None:
+            with contextlib.suppress(OSError):
+                args.redis_cpu_used = server_cpu(redis.pid) - redis_cpu_start
             redis.terminate()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 redis.wait(30)
