@@ -65,15 +65,17 @@ def token(sub: str = "alice", **kwargs: Any) -> str:
 ASYNC_BROKER = "memory://?delivery=async"
 
 
-def store_url_for(data_dir: Path, url: str) -> str:
-    """``url`` with a key prefix of ``data_dir``'s own when it names a Redis.
+def store_url_for(url: str) -> str:
+    """``url`` with a key prefix of the running test's own when it names a Redis.
 
     One Redis then serves a whole run (``PUSHSVC_STORE__URL=redis://... pytest``):
-    each test's servers see only their keys, and a restart in one test its data.
+    the servers of a test, in-process or spawned, share their keys (as nodes
+    do), and no test sees another's.
     """
     if not url.startswith(("redis://", "rediss://", "unix://")):
         return url
-    prefix = "t" + hashlib.sha1(str(data_dir).encode()).hexdigest()[:16]
+    test = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" (", 1)[0]
+    prefix = "t" + hashlib.sha1(test.encode(), usedforsecurity=False).hexdigest()[:16]
     return f"{url}{'&' if '?' in url else '?'}prefix={prefix}"
 
 
@@ -93,7 +95,7 @@ def make_config(data_dir: Path, **sections: dict[str, Any]) -> config_module.Con
     if os.environ.get("PUSHSVC_BROKER__URL"):
         base["broker"] = {"url": os.environ["PUSHSVC_BROKER__URL"]}
     if os.environ.get("PUSHSVC_STORE__URL"):
-        base["store"] = {"url": store_url_for(data_dir, os.environ["PUSHSVC_STORE__URL"])}
+        base["store"] = {"url": store_url_for(os.environ["PUSHSVC_STORE__URL"])}
     for name, values in sections.items():
         base.setdefault(name, {}).update(values)
     return config_module.build([base])
@@ -306,6 +308,8 @@ def spawn_server(
     port = port or free_port()
     log_path = tmp_path / f"{name}.log"
     full_env = {**os.environ, "PUSHSVC_JWT_SECRET": SECRET, "PYTHONUNBUFFERED": "1", **(env or {})}
+    if full_env.get("PUSHSVC_STORE__URL"):
+        full_env["PUSHSVC_STORE__URL"] = store_url_for(full_env["PUSHSVC_STORE__URL"])
     command = [str(BIN / "pushsvc"), "serve", "--port", str(port), *args]
     if "--data-dir" not in args:
         command += ["--data-dir", str(tmp_path / "data")]
