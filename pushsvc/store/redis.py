@@ -5,8 +5,8 @@ open and again on ``NOSCRIPT`` after a Redis restart), so it is atomic: accept
 stores the message, one pending delivery per recipient and the idempotency key
 in one script, whatever the number of recipients. The operations submitted in
 one pass of the event loop go to Redis together in one pipeline (one round
-trip, like SQLite's group commit), with up to ``PIPELINES`` pipelines in
-flight: one round trip per accepted message at most, fewer under load.
+trip, like SQLite's group commit), with up to ``CONNECTIONS`` pipelines in
+flight (one per connection): one round trip per accepted message at most, fewer under load.
 Operations in different pipelines are not ordered with each other (each
 caller awaits its own). Places with more: :meth:`RedisStore.expire` runs one
 script per step of at most ``SWEEP_CHUNK`` entries of each kind (at most
@@ -50,8 +50,8 @@ message (``{m:<id>}``), not per recipient: memory O(frame + recipients), at the
 price of a second read on Cluster for :meth:`RedisStore.pending`.
 
 Failures. Every command is bounded by ``busy_timeout`` (socket connect and
-reply), waiting for one of at most ``MAX_CONNECTIONS`` pooled connections too
-(``?max_connections=N`` in the URL changes it). A timeout, a lost connection or
+reply); an operation queued behind a pipeline that is timing out waits for it
+first, so the worst case is a few times ``busy_timeout``. A timeout, a lost connection or
 an error reply (e.g. OOM at ``maxmemory``) raises :class:`StoreUnavailable` and
 makes :meth:`RedisStore.healthy` False until a batch succeeds; the client
 reconnects by itself, no reopen needed. A connection given up on is closed, so
@@ -103,10 +103,9 @@ from pushsvc.store.contracts import (
 log = logging.getLogger("pushsvc.store")
 
 DEFAULT_PREFIX = "pushsvc"
-#: Pooled connections to Redis (one command in flight on each); ``?max_connections=N``.
-MAX_CONNECTIONS = 32
-#: Pipelines in flight at once (each on its own connection, each a batch of operations).
-PIPELINES = 4
+#: Connections to Redis, each with one pipeline (a batch of operations) in flight at a
+#: time; ``?max_connections=N`` in the URL changes it.
+CONNECTIONS = 4
 #: Entries of each kind (TTL, old acks, old dead letters) one sweep script handles.
 SWEEP_CHUNK = 1_000
 #: Sweep scripts per :meth:`RedisStore.expire` call; the rest waits for the next call.
@@ -387,24 +386,30 @@ def _optional(value: Any) -> float | None:
     return float(text) if text else None
 
 
-def parse_url(url: str) -> tuple[str, str]:
-    """Split ``store.url`` into the URL redis-py gets and the key prefix (``?prefix=``).
+def parse_url(url: str) -> tuple[str, str, int]:
+    """Split ``store.url`` into redis-py's URL, the key prefix and the connections.
 
-    Raises ValueError for a prefix that is empty or holds ``{``, ``}`` or a
-    newline (they would break the hash tags and members).
+    ``?prefix=`` (default ``pushsvc``) and ``?max_connections=`` (default
+    CONNECTIONS) are taken out; the rest is redis-py's. Raises ValueError for
+    a prefix that is empty or holds ``{``, ``}`` or a newline (they would
+    break the hash tags and members), or connections that are not a
+    positive integer.
     """
     parts = urlsplit(url)
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    prefix = DEFAULT_PREFIX
+    prefix, connections = DEFAULT_PREFIX, str(CONNECTIONS)
     kept = []
-    for name, value in query:
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
         if name == "prefix":
             prefix = value
+        elif name == "max_connections":
+            connections = value
         else:
             kept.append((name, value))
     if not prefix or any(c in prefix for c in "{}\n"):
         raise ValueError(f"store.url: prefix must be non-empty without {{, }}: {prefix!r}")
-    return urlunsplit(parts._replace(query=urlencode(kept))), prefix
+    if not connections.isdigit() or int(connections) < 1:
+        raise ValueError(f"store.url: max_connections must be a positive integer: {connections!r}")
+    return urlunsplit(parts._replace(query=urlencode(kept))), prefix, int(connections)
 
 
 _SCRIPTS = {
@@ -441,7 +446,8 @@ class RedisStore:
     """The Redis implementation of :class:`pushsvc.store.Store` (every contract)."""
 
     def __init__(self, url: str, *, busy_timeout: float = 5.0) -> None:
-        self.url, self.prefix = parse_url(url)  # redis-py's URL; the key prefix
+        # redis-py's URL; the key prefix; connections (pipelines in flight)
+        self.url, self.prefix, self.connections = parse_url(url)
         self.busy_timeout = busy_timeout  # seconds any command may take
         self._redis: aioredis.Redis | None = None  # the client, while open
         self._healthy = True  # result of the last batch
@@ -467,7 +473,7 @@ class RedisStore:
         """Connect, load the scripts, warn about unsafe persistence settings."""
         pool = aioredis.BlockingConnectionPool.from_url(
             self.url,
-            max_connections=MAX_CONNECTIONS,
+            max_connections=self.connections,
             timeout=self.busy_timeout,
             socket_timeout=self.busy_timeout,
             socket_connect_timeout=self.busy_timeout,
@@ -540,7 +546,7 @@ class RedisStore:
             raise StoreUnavailable("store is not open")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._outbox.append(_Op(command, script, future))
-        if not self._starting and len(self._senders) < PIPELINES:
+        if not self._starting and len(self._senders) < self.connections:
             # It starts on the next loop pass: the commands of this pass join its batch.
             self._starting = True
             sender = asyncio.get_running_loop().create_task(self._send())
@@ -554,7 +560,7 @@ class RedisStore:
     async def _send(self) -> None:
         """Send the outbox as one pipeline (one round trip), again until it is empty.
 
-        Up to PIPELINES senders run at once, so batches of operations submitted
+        Up to ``connections`` senders run at once, so batches of operations submitted
         while others are in flight need not wait for them; operations of
         different batches are therefore not ordered (each caller awaits its own).
         """
