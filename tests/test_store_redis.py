@@ -247,3 +247,34 @@ async def test_node_with_redis_down_refuses_then_recovers(
     await rita.expect_nothing(0.3, ignore=("reply",))
     rita.close()
     sender.close()
+
+
+async def test_full_redis_refuses_accepts_whole_and_still_takes_acks(tmp_path: Any) -> None:
+    """maxmemory with noeviction: accept fails with nothing half-written; acks still work."""
+    server = RedisServer(
+        tmp_path / "redis", extra=["--maxmemory", "4mb", "--maxmemory-policy", "noeviction"]
+    )
+    server.start()
+    try:
+        store = await opened(server.url)
+        accepted: list[str] = []
+        refused: StoreUnavailable | None = None
+        while refused is None and len(accepted) < 2000:
+            message_id = ids.new_id()
+            try:
+                await store.accept(message_id, "private", b"x" * 10_000, ["ann"], time.time() + 60)
+            except StoreUnavailable as exc:
+                refused = exc
+            else:
+                accepted.append(message_id)
+        assert refused is not None and "maxmemory" in str(refused)
+        assert accepted and not store.healthy()
+        assert (await store.stats()).pending == len(accepted)  # the refused one left nothing
+        assert [m.id for m in await store.pending("ann", "", 5000)] == accepted
+        assert store.healthy()  # reads succeed: healthy again (as with SQLite)
+        result = await store.ack("ann", accepted[:10])  # acks free memory: never refused
+        assert len(result.acked) == 10
+        assert (await store.stats()).pending == len(accepted) - 10
+        await store.close()
+    finally:
+        server.kill9()

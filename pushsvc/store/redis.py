@@ -64,6 +64,12 @@ A timed-out accept may have been stored although the sender was told
 ``unavailable`` (at-least-once: without an idempotency key a retried send may
 then be stored twice).
 
+At ``maxmemory`` (``noeviction``) Redis refuses a script only before its
+first write (scripts without flags), so no script is cut in half: accept,
+whose first write adds memory, is refused whole (``StoreUnavailable``), while
+ack, dead_letter, delete_dead and the sweep start by removing and keep
+working, so a full Redis can still drain.
+
 Durability is Redis's (``appendonly``, ``appendfsync``; docs/redis.md, "Store
 durability"). :meth:`RedisStore.open` warns when the eviction policy could
 drop keys or the AOF is off. No state is kept in the process besides the
@@ -596,15 +602,16 @@ class RedisStore:
             return
         self._batches += 1
         self._operations += len(batch)
-        failed = False
+        failed: list[str] = []
         for op, reply in zip(batch, replies, strict=True):
             if isinstance(reply, Exception):  # e.g. OOM at maxmemory: this command only
-                failed = True
-                log.error("Redis store command %s failed: %s", op.script or op.command[0], reply)
+                failed.append(f"{op.script or op.command[0]}: {reply}")
                 _settle(op, StoreUnavailable(f"Redis: {reply}"))
             else:
                 _settle(op, None, reply)
         if failed:
+            if self._healthy:  # once per outage, as for a failed batch
+                log.error("Redis store commands failed (%d), e.g. %s", len(failed), failed[0])
             self._healthy = False
         elif not self._healthy:
             log.warning("Redis store operations succeed again")
