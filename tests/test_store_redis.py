@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from typing import Any
 
@@ -19,7 +20,7 @@ from redis_server import RedisServer
 from conftest import Server
 from pushsvc.protocol import ids
 from pushsvc.store import Revocation, Store, StoreOptions, StoreUnavailable, make_store
-from pushsvc.store.redis import CONNECTIONS, RedisStore, parse_url
+from pushsvc.store.redis import CONNECTIONS, RedisStore, parse_url, redacted
 
 HOUR = 3600.0
 
@@ -55,6 +56,19 @@ def test_url_schemes_and_prefix() -> None:
             make_store(f"redis://h:1/0?prefix={bad}")
     with pytest.raises(ValueError, match="max_connections"):
         make_store("redis://h:1/0?max_connections=0")
+    assert redacted("redis://:s3cret@h:1/0") == "redis://:***@h:1/0"
+    assert redacted("rediss://app:s3cret@h:1/0?prefix=a") == "rediss://app:***@h:1/0?prefix=a"
+    assert redacted("unix:///run/redis.sock") == "unix:///run/redis.sock"
+
+
+async def test_a_refused_open_names_redis_without_its_password() -> None:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    store = make_store(f"redis://:s3cret@127.0.0.1:{port}/0", StoreOptions(busy_timeout=1.0))
+    with pytest.raises(StoreUnavailable) as refused:
+        await store.open()
+    assert "s3cret" not in str(refused.value) and f"127.0.0.1:{port}" in str(refused.value)
 
 
 @pytest.mark.parametrize("fsync", ["always", "everysec"])

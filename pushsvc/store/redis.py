@@ -418,6 +418,16 @@ def parse_url(url: str) -> tuple[str, str, int]:
     return urlunsplit(parts._replace(query=urlencode(kept))), prefix, int(connections)
 
 
+def redacted(url: str) -> str:
+    """``url`` without its password, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
 _SCRIPTS = {
     "accept": _ACCEPT,
     "pending": _PENDING,
@@ -490,7 +500,7 @@ class RedisStore:
             await _load_scripts(client)
         except (RedisError, OSError) as exc:
             await client.aclose()
-            raise StoreUnavailable(f"cannot reach Redis at {self.url}: {exc}") from exc
+            raise StoreUnavailable(f"cannot reach Redis at {redacted(self.url)}: {exc}") from exc
         self._redis = client
         await self._check_settings(client)
 
