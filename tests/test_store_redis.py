@@ -292,3 +292,23 @@ async def test_full_redis_refuses_accepts_whole_and_still_takes_acks(tmp_path: A
         await store.close()
     finally:
         server.kill9()
+
+
+async def test_two_nodes_share_the_inbox(start_server: Any, redis_url: str) -> None:
+    """Accepted on node A, delivered from the store by node B, acked on B: settled for A."""
+    node_a: Server = await start_server(store={"url": redis_url})
+    node_b: Server = await start_server(store={"url": redis_url})
+    sender = await node_a.connect("sam")
+    await sender.send({"type": "private", "to": "rita", "text": "via A", "ref": "s"})
+    reply = await sender.recv_type("reply", "error")
+    assert reply["type"] == "reply" and reply["ok"] is True, reply
+    rita = await node_b.connect("rita")  # offline when sent, connects to the other node
+    frame = await rita.recv_type("private")
+    assert (frame["id"], frame["text"]) == (reply["id"], "via A")
+    await rita.send({"type": "ack", "ids": [frame["id"]], "ref": "a"})
+    answer = await rita.recv_type("reply", "error")
+    assert answer["type"] == "reply" and answer["acked"] == 1, answer
+    assert await node_a.node.store.pending("rita", "", 10) == []  # A sees B's ack
+    assert (await node_a.node.store.stats()).pending == 0
+    rita.close()
+    sender.close()
