@@ -312,3 +312,15 @@ async def test_two_nodes_share_the_inbox(start_server: Any, redis_url: str) -> N
     assert (await node_a.node.store.stats()).pending == 0
     rita.close()
     sender.close()
+
+
+async def test_connections_killed_by_redis_are_replaced(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    store = await opened(redis_url)
+    first = await put(store, "ann")
+    redis_server.command("CLIENT", "KILL", "TYPE", "normal")  # every client but this one
+    second = await put(store, "ann")  # on a new connection, not a failure
+    assert store.healthy()
+    assert [m.id for m in await store.pending("ann", "", 10)] == [first, second]
+    await store.close()

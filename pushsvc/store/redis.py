@@ -1,17 +1,18 @@
 """Redis store: the inbox in a Redis shared by every node (``store.url = "redis://..."``).
 
-Every operation is one Lua script (``EVALSHA``; the scripts are loaded at
-open and again on ``NOSCRIPT`` after a Redis restart), so it is atomic: accept
+Every operation is one Lua script (``EVALSHA``; the scripts are loaded at open
+and again on ``NOSCRIPT`` after a Redis restart), so it is atomic: accept
 stores the message, one pending delivery per recipient and the idempotency key
 in one script, whatever the number of recipients. The operations submitted in
-one pass of the event loop go to Redis together in one pipeline (one round
-trip, like SQLite's group commit), with up to ``CONNECTIONS`` pipelines in
-flight (one per connection): one round trip per accepted message at most, fewer under load.
-Operations in different pipelines are not ordered with each other (each
-caller awaits its own). Places with more: :meth:`RedisStore.expire` runs one
-script per step of at most ``SWEEP_CHUNK`` entries of each kind (at most
-``SWEEP_STEPS`` steps per call, so no script holds Redis long), and
-:meth:`RedisStore.open` sends ``SCRIPT LOAD`` and ``CONFIG GET`` (or ``INFO``).
+one pass of the event loop go to Redis together, pipelined in one write on one
+connection (one round trip, like SQLite's group commit), with up to
+``CONNECTIONS`` pipelines in flight (one per connection): one round trip per
+accepted message at most, fewer under load. Operations in different pipelines
+are not ordered with each other (each caller awaits its own). Places with
+more: :meth:`RedisStore.expire` runs one script per step of at most
+``SWEEP_CHUNK`` entries of each kind (at most ``SWEEP_STEPS`` steps per call,
+so no script holds Redis long), and :meth:`RedisStore.open` sends ``SCRIPT
+LOAD`` and ``CONFIG GET`` (or ``INFO``).
 
 Keys (``P`` is the prefix, ``pushsvc`` unless the URL says ``?prefix=...``; one
 Redis serves several deployments with different prefixes)::
@@ -51,18 +52,20 @@ price of a second read on Cluster for :meth:`RedisStore.pending`.
 
 Failures. Every command is bounded by ``busy_timeout`` (socket connect and
 reply); an operation queued behind a pipeline that is timing out waits for it
-first, so the worst case is a few times ``busy_timeout``. A timeout, a lost connection or
-an error reply (e.g. OOM at ``maxmemory``) raises :class:`StoreUnavailable` and
-makes :meth:`RedisStore.healthy` False until a batch succeeds; the client
-reconnects by itself, no reopen needed. A connection given up on is closed, so
-a command Redis had postponed (``CLIENT PAUSE``) never runs. A broken
-connection is retried once on a new one, a timeout is not: when the reply was
-lost after Redis ran the pipeline, a retry runs it again: accept of an id
-already stored does nothing, record_attempts, requeue and revoke end in the
-same state; a repeated ack reports its ids ``repeated`` (the state is right).
-A timed-out accept may have been stored although the sender was told
-``unavailable`` (at-least-once: without an idempotency key a retried send may
-then be stored twice).
+first, so the worst case is a few times ``busy_timeout``. A timeout, a lost
+connection or an error reply (e.g. OOM at ``maxmemory``) raises
+:class:`StoreUnavailable` and makes :meth:`RedisStore.healthy` False until a
+batch succeeds; the client reconnects by itself, no reopen needed. A
+connection given up on is closed, so a command Redis had postponed (``CLIENT
+PAUSE``) never runs. Nothing is retried but this: a pooled connection Redis
+closed (restart, ``CLIENT KILL``) before any reply came is replaced and the
+batch sent again on the new one (should Redis have run it before closing, it
+runs twice: accept of an id already stored does nothing, an ack reports its
+ids repeated). Any other failure during a round trip fails its whole batch,
+although Redis may have run part of it by then (the reply was lost): a timed-
+out accept may have been stored although the sender was told ``unavailable``
+(at-least-once: a send retried without an idempotency key may then be stored
+twice).
 
 At ``maxmemory`` (``noeviction``) Redis refuses a script only before its
 first write (scripts without flags), so no script is cut in half: accept,
@@ -589,17 +592,11 @@ class RedisStore:
     async def _pipeline(self, client: aioredis.Redis, batch: list[_Op]) -> None:
         replies: list[Any]
         try:
-            async with client.pipeline(transaction=False) as pipe:
-                for op in batch:
-                    pipe.execute_command(*op.command)
-                replies = await pipe.execute(raise_on_error=False)
+            replies = await _round_trip(client, [op.command for op in batch])
             missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
             if missing:  # Redis restarted without our scripts: load them, run those again
                 await _load_scripts(client)
-                async with client.pipeline(transaction=False) as pipe:
-                    for i in missing:
-                        pipe.execute_command(*batch[i].command)
-                    again = await pipe.execute(raise_on_error=False)
+                again = await _round_trip(client, [batch[i].command for i in missing])
                 for i, reply in zip(missing, again, strict=True):
                     replies[i] = reply
         except Exception as exc:  # RedisError, OSError, or a bug: fail the batch, never hang
@@ -834,3 +831,63 @@ def _settle(op: _Op, error: BaseException | None, value: Any = None) -> None:
         op.future.set_exception(error)
     else:
         op.future.set_result(value)
+
+
+async def _round_trip(client: aioredis.Redis, commands: list[tuple[Any, ...]]) -> list[Any]:
+    """Send ``commands`` in one write on one pooled connection, read every reply.
+
+    An error reply is returned in its place (a ResponseError); a timeout or a
+    lost connection raises, and the connection is closed, so a command Redis
+    has not run yet never runs. A reused connection that turns out closed
+    before any reply (Redis restarted or killed it while it sat in the pool)
+    is replaced and the commands sent once more.
+    """
+    pool = client.connection_pool
+    conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+    packed = b"".join(map(_pack, commands))
+    try:
+        reused = conn.is_connected
+        if reused and await conn.can_read():  # closed by Redis, or stale data
+            await conn.disconnect()
+            reused = False
+        replies: list[Any] = []
+        try:
+            await conn.send_packed_command(packed, check_health=False)
+            replies.append(await _reply(conn))
+        except RedisConnectionError:
+            if not reused:
+                raise
+            await conn.disconnect()
+            await conn.send_packed_command(packed, check_health=False)
+            replies.append(await _reply(conn))
+        for _ in commands[1:]:
+            replies.append(await _reply(conn))
+        return replies
+    except BaseException:
+        await conn.disconnect()  # replies may still be on the way: never reuse it
+        raise
+    finally:
+        await pool.release(conn)
+
+
+async def _reply(conn: Any) -> Any:
+    try:
+        return await conn.read_response()
+    except ResponseError as exc:  # an error reply: this command's result
+        return exc
+
+
+def _pack(command: tuple[Any, ...]) -> bytes:
+    """One command in RESP (an array of bulk strings)."""
+    parts = [b"*%d\r\n" % len(command)]
+    for arg in command:
+        if isinstance(arg, str):
+            data = arg.encode()
+        elif isinstance(arg, bytes):
+            data = arg
+        elif isinstance(arg, int):
+            data = b"%d" % arg
+        else:
+            data = str(arg).encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
