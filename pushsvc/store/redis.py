@@ -62,10 +62,10 @@ closed (restart, ``CLIENT KILL``) before any reply came is replaced and the
 batch sent again on the new one (should Redis have run it before closing, it
 runs twice: accept of an id already stored does nothing, an ack reports its
 ids repeated). Any other failure during a round trip fails its whole batch,
-although Redis may have run part of it by then (the reply was lost): a timed-
-out accept may have been stored although the sender was told ``unavailable``
-(at-least-once: a send retried without an idempotency key may then be stored
-twice).
+although Redis may have run part of it by then (the reply was lost): a
+timed-out accept may have been stored although the sender was told
+``unavailable`` (at-least-once: a send retried without an idempotency key may
+then be stored twice).
 
 At ``maxmemory`` (``noeviction``) Redis refuses a script only before its
 first write (scripts without flags), so no script is cut in half: accept,
