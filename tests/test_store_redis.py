@@ -20,7 +20,7 @@ from redis_server import RedisServer
 from conftest import Server
 from pushsvc.protocol import ids
 from pushsvc.store import Revocation, Store, StoreOptions, StoreUnavailable, make_store
-from pushsvc.store.redis import CONNECTIONS, RedisStore, parse_url, redacted
+from pushsvc.store.redis import CONNECTIONS, SWEEP_CHUNK, RedisStore, parse_url, redacted
 
 HOUR = 3600.0
 
@@ -323,4 +323,21 @@ async def test_connections_killed_by_redis_are_replaced(
     second = await put(store, "ann")  # on a new connection, not a failure
     assert store.healthy()
     assert [m.id for m in await store.pending("ann", "", 10)] == [first, second]
+    await store.close()
+
+
+async def test_sweep_works_through_more_than_one_chunk(redis_url: str) -> None:
+    store = await opened(redis_url, busy_timeout=5.0)
+    now = time.time()
+    count = SWEEP_CHUNK * 2 + 7
+    message_ids = [ids.new_id() for _ in range(count)]
+    await asyncio.gather(
+        *(store.accept(m, "private", b"{}", ["ann"], now - 1) for m in message_ids)
+    )
+    dead = await store.expire(now, retention=3600.0)
+    assert sorted(d.id for d in dead) == message_ids  # three scripts, one call
+    assert (await store.stats()).pending == 0
+    assert await store.expire(now + 7200.0, retention=3600.0) == []  # retention drops them
+    assert await store.dead_letters("ann", 10) == []
+    assert await store.frames(message_ids[:5]) == {}
     await store.close()
