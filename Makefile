@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: run check lint test test-async tools bench clean
+.PHONY: run cluster check lint test test-async tools bench clean
 
 $(STAMP): setup.cfg pyproject.toml tests/example_plugin/setup.cfg
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ $(STAMP): setup.cfg pyproject.toml tests/example_plugin/setup.cfg
 
 run: $(STAMP)
 	$(BIN)/pushsvc serve --dev
+
+# Three nodes on one redis-server behind a round-robin balancer on :8888 (contrib/cluster.py).
+cluster: $(STAMP)
+	$(BIN)/python contrib/cluster.py --nodes 3
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

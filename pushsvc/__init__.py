@@ -24,11 +24,14 @@ from typing import TYPE_CHECKING, Any
 
 from pushsvc.config import Config, Setting
 from pushsvc.plugin.api import (
+    PLUGIN_API_VERSION,
+    AuthError,
     CommandError,
     Delivery,
     Field,
     FrameContext,
     Guarantee,
+    HandshakeRequest,
     MessageType,
     Principal,
     Reply,
@@ -50,14 +53,17 @@ _LAZY: dict[str, tuple[str, str | None]] = {
 }
 
 __all__ = [
+    "PLUGIN_API_VERSION",
     "ApiError",
     "ApiHandler",
+    "AuthError",
     "CommandError",
     "Config",
     "Delivery",
     "Field",
     "FrameContext",
     "Guarantee",
+    "HandshakeRequest",
     "IdempotencyKey",
     "MessageType",
     "Principal",

@@ -40,6 +40,7 @@ from prometheus_client import CollectorRegistry
 from pushsvc import config as config_module
 from pushsvc.auth.tokens import Authenticator
 from pushsvc.broker import REVOCATIONS_CHANNEL, make_broker
+from pushsvc.cluster import RegistryOptions, make_registry
 from pushsvc.config import Config, ConfigError
 from pushsvc.core.node import Node
 from pushsvc.http import routes as http_routes
@@ -213,6 +214,8 @@ class Service:
         self.node.user_buckets.prune(now)
         self.node.handshake_buckets.prune(now)
         self.node.api_buckets.prune(now)
+        for buckets in self.node.type_buckets.values():
+            buckets.prune(now)
 
     def status(self) -> str:
         """The ``STATUS=`` line for systemd: what the service does and its connection count."""
@@ -384,7 +387,8 @@ class Service:
         for timer in self._timers:
             timer.cancel()
         await asyncio.gather(*self._timers, return_exceptions=True)
-        await await_each(node.plugins.hook.pushsvc_shutdown(node=node))
+        await node.plugins.call_each("pushsvc_shutdown", node=node)  # each one, errors logged
+        await node.cluster.close()  # this node's connections and members leave at once
         await node.broker.close()
         await node.store.close()  # runs every queued write first
 
@@ -439,9 +443,10 @@ async def build_node(
 ) -> Node:
     """Build the node from the config and open its store and broker (no HTTP, no timers).
 
-    Order: plugins, metrics, store, broker, node, revocations, the plugins'
-    ``pushsvc_startup`` hooks. A transport, a test or a tool builds on this;
-    :func:`start` adds the HTTP application, the listening sockets and the timers.
+    Order: plugins, metrics, store, broker, cluster registry, node,
+    revocations, the plugins' ``pushsvc_startup`` hooks. A transport, a test
+    or a tool builds on this; :func:`start` adds the HTTP application, the
+    listening sockets and the timers.
     """
     plugins = plugins or load_plugins(config.plugins.disabled, config.auth.default_rooms)
     config = config.with_plugin_schemas(plugins.config_schemas)  # [plugins.<name>] tables
@@ -456,10 +461,24 @@ async def build_node(
     )
     await store.open()
     store = metrics.instrument_store(store)
-    broker = make_broker(config.broker.url)
+    broker = make_broker(
+        config.broker.url,
+        timeout=config.broker.timeout,
+        probe_interval=config.broker.probe_interval,
+    )
     await broker.start()
     metrics.broker_up.set(1 if broker.healthy() else 0)
-    node = Node(config, metrics, plugins, broker, store)
+    errors = metrics.cluster_errors
+    cluster = make_registry(
+        config.cluster_url(),
+        RegistryOptions(
+            node_ttl=config.cluster.node_ttl,
+            timeout=config.cluster.timeout,
+            on_error=lambda operation: errors.labels(operation).inc(),
+        ),
+    )
+    await cluster.start()
+    node = Node(config, metrics, plugins, broker, store, cluster)
     metrics.bind(node)
     await broker.subscribe(REVOCATIONS_CHANNEL)  # before the load: none is missed in between
     await node.revocations.load()

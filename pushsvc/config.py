@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import textwrap
 import tomllib
 import types
@@ -69,7 +70,9 @@ class Setting:
 
     The same checks as pushsvc's own keys (:func:`setting`): the type (taken
     from ``default``: bool, int, float, str or a list of strings, unless
-    ``kind`` says otherwise), ``minimum``, ``choices``, ``schemes``.
+    ``kind`` says otherwise), ``minimum``, ``choices``, ``schemes``. A
+    ``reloadable`` key's new value reaches the plugin on ``SIGHUP``
+    (``pushsvc_settings_changed``); the others need a restart.
     """
 
     default: Any
@@ -78,6 +81,7 @@ class Setting:
     choices: tuple[str, ...] | None = None
     schemes: tuple[str, ...] | None = None
     kind: Any = None
+    reloadable: bool = False
 
     def __post_init__(self) -> None:
         if self.kind is None:
@@ -93,7 +97,12 @@ class Setting:
     @property
     def metadata(self) -> Mapping[str, Any]:
         """The checks, as :func:`setting` stores them."""
-        return {"minimum": self.minimum, "choices": self.choices, "schemes": self.schemes}
+        return {
+            "minimum": self.minimum,
+            "choices": self.choices,
+            "schemes": self.schemes,
+            "reloadable": self.reloadable,
+        }
 
     def default_value(self) -> Any:
         """The default (a fresh copy of a list)."""
@@ -104,6 +113,33 @@ class _EnvValue(str):
     """A raw ``PUSHSVC_PLUGINS__<NAME>__<KEY>`` value, converted once its type is known."""
 
     __slots__ = ()
+
+
+_TYPE_BUCKET = re.compile(r"^([a-z][a-z0-9_.-]{0,63})=(?:(off)|([0-9.]+)(?:/([0-9.]+))?)$")
+
+
+def parse_type_buckets(entries: list[str]) -> dict[str, tuple[float, float] | None]:
+    """``ratelimit.type_buckets`` as ``{type: (rate, burst)}``, None for ``off``.
+
+    Raises:
+        ConfigError: ``ratelimit.type_buckets`` naming the bad entry.
+    """
+    parsed: dict[str, tuple[float, float] | None] = {}
+    for entry in entries:
+        match = _TYPE_BUCKET.match(entry.replace(" ", ""))
+        problem = None if match else 'must be "TYPE=RATE/BURST", "TYPE=RATE" or "TYPE=off"'
+        if match and not match.group(2):
+            try:
+                rate = float(match.group(3))
+                burst = float(match.group(4)) if match.group(4) else max(1.0, rate)
+            except ValueError:
+                rate = burst = -1.0
+            if not rate > 0 or not burst >= 1:
+                problem = "needs a rate above 0 and a burst of at least 1"
+        if problem or match is None:
+            raise ConfigError("ratelimit.type_buckets", f"{entry!r}: {problem}")
+        parsed[match.group(1)] = None if match.group(2) else (rate, burst)
+    return parsed
 
 
 @dataclass(frozen=True)
@@ -214,6 +250,16 @@ class RateLimitConfig:
     abuse_window: float = setting(
         10.0, "Seconds over which abuse_violations are counted.", minimum=0.1, reloadable=True
     )
+    type_buckets: list[str] = setting(
+        [],
+        "Own per-user buckets of message types, overriding what a type declares: "
+        '"TYPE=RATE/BURST" (frames per second, bucket size; "TYPE=RATE": burst = rate), '
+        '"TYPE=off" for none. E.g. ["typing=2/5", "chat=off"].',
+        reloadable=True,
+    )
+
+    def __post_init__(self) -> None:
+        parse_type_buckets(self.type_buckets)  # raises ConfigError naming the key
 
 
 @dataclass(frozen=True)
@@ -267,9 +313,56 @@ class BrokerConfig:
 
     url: str = setting(
         "memory://",
-        "'memory://' (one process; delivery inside publish), or 'memory://?delivery=async'"
-        " (delivery on a later loop pass, as over a network; for tests).",
-        schemes=("memory://",),
+        "'memory://' (one process; delivery inside publish), 'memory://?delivery=async'"
+        " (delivery on a later loop pass, as over a network; for tests), or Redis pub/sub"
+        " between nodes: 'redis://[user:password@]host:port/db', 'rediss://...' (TLS),"
+        " 'unix:///path/redis.sock?db=0'; '?prefix=' sets the channel prefix"
+        " (default 'pushsvc:').",
+        schemes=("memory://", "redis://", "rediss://", "unix://"),
+    )
+    timeout: float = setting(
+        1.0,
+        "Seconds a Redis publish, connect or SUBSCRIBE may take before it counts as failed"
+        " (a publish then answers 'unavailable').",
+        minimum=0.01,
+    )
+    probe_interval: float = setting(
+        1.0,
+        "Seconds between the Redis liveness probes a node publishes to itself; the broker is"
+        " unhealthy when nothing arrived for 3 intervals.",
+        minimum=0.05,
+    )
+
+
+#: URL prefixes ``cluster.url`` accepts (``pushsvc.cluster.make_registry``).
+CLUSTER_SCHEMES = ("memory://", "redis://", "rediss://")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """``[cluster]``: what the nodes share about their connections (caps, presence)."""
+
+    url: str = setting(
+        "",
+        "Where the nodes count each user's connections (ratelimit.max_connections_per_user"
+        " holds across nodes) and list each room's users (presence): 'redis://HOST:PORT/DB'"
+        " or 'rediss://...'; 'memory://': this process only. Empty: broker.url when that is"
+        " a Redis URL, else 'memory://'.",
+        schemes=CLUSTER_SCHEMES,
+    )
+    node_ttl: float = setting(
+        15.0,
+        "Seconds a node's connections and room members keep counting after its last"
+        " heartbeat (sent every node_ttl/3): the users of a crashed node leave presence and"
+        " free their connection slots within this bound.",
+        minimum=0.3,
+    )
+    timeout: float = setting(
+        1.0,
+        "Seconds one call to the cluster registry may take. On a failure or timeout the"
+        " per-user cap lets the connection in (fails open, counted in"
+        " pushsvc_cluster_errors_total) and presence lists this node's members only.",
+        minimum=0.01,
     )
 
 
@@ -320,6 +413,12 @@ class PluginsConfig:
     """``[plugins]``: plugin loading."""
 
     disabled: list[str] = setting([], "Plugin names (entry-point names) not to load.")
+    slow_hook_seconds: float = setting(
+        0.1,
+        "Log a warning naming the plugin when one of its hooks or message handlers holds "
+        "the event loop (runs without awaiting) longer than this; 0 turns the check off.",
+        minimum=0,
+    )
 
 
 @dataclass(frozen=True)
@@ -343,6 +442,7 @@ class Config:
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     broker: BrokerConfig = field(default_factory=BrokerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     chat: ChatConfig = field(default_factory=ChatConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -355,6 +455,10 @@ class Config:
     #: Checked plugin values, by plugin name (see :meth:`with_plugin_schemas`).
     plugin_values: Mapping[str, Mapping[str, Any]] = field(
         default_factory=dict, metadata={"section": False}
+    )
+    #: ``plugins.<name>.<key>`` of the plugin settings declared ``reloadable``.
+    plugin_reloadable: frozenset[str] = field(
+        default_factory=frozenset, repr=False, metadata={"section": False}
     )
 
     def plugin(self, name: str) -> Mapping[str, Any]:
@@ -384,6 +488,12 @@ class Config:
                     f"plugins.{name}", "no loaded plugin of that name declares settings"
                 )
         values: dict[str, Mapping[str, Any]] = {}
+        reloadable = frozenset(
+            f"plugins.{name}.{key}"
+            for name, schema in schemas.items()
+            for key, spec in schema.items()
+            if spec.reloadable
+        )
         for name, schema in schemas.items():
             table = self.plugin_tables.get(name, {})
             for key in table:
@@ -400,7 +510,7 @@ class Config:
                     value = _from_env(spec.kind, str(value))
                 checked[key] = _convert(f"plugins.{name}.{key}", value, spec.kind, spec)
             values[name] = types.MappingProxyType(checked)
-        return dataclasses.replace(self, plugin_values=values)
+        return dataclasses.replace(self, plugin_values=values, plugin_reloadable=reloadable)
 
     def secret(self) -> str:
         """The HS256 secret, read from ``auth.jwt_secret_file`` when set."""
@@ -414,6 +524,14 @@ class Config:
     def store_url(self) -> str:
         """``store.url``, or the SQLite file under ``server.data_dir``."""
         return self.store.url or f"sqlite:///{Path(self.server.data_dir) / 'pushsvc.sqlite3'}"
+
+    def cluster_url(self) -> str:
+        """``cluster.url``, or ``broker.url`` when that is a Redis URL, or ``memory://``."""
+        if self.cluster.url:
+            return self.cluster.url
+        if self.broker.url.startswith(("redis://", "rediss://")):
+            return self.broker.url
+        return "memory://"
 
 
 def sections() -> dict[str, type[Any]]:
@@ -637,5 +755,6 @@ def changed_keys(old: Config, new: Config) -> tuple[list[str], list[str]]:
         new_values = new.plugin_values.get(plugin, {})
         for key in sorted({*old_values, *new_values}):
             if old_values.get(key) != new_values.get(key):
-                restart.append(f"plugins.{plugin}.{key}")
+                name = f"plugins.{plugin}.{key}"
+                (reloadable if name in new.plugin_reloadable else restart).append(name)
     return reloadable, restart

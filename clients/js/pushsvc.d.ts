@@ -156,10 +156,15 @@ export interface FrameMap {
 
 export interface LifecycleEvents {
   open: (welcome: WelcomeFrame) => void;
+  /** `state` is already the next one: `reconnecting`, `offline` or `closed`. */
   close: (code: number, reason: string) => void;
   /** Server `error` frames without a pending send, failing handlers, token provider failures. */
   error: (error: Error) => void;
   reconnecting: (attempt: number, delay: number) => void;
+  /** The network went offline (after the `close` of an open socket): no reconnect attempts until `online`. */
+  offline: () => void;
+  /** The network is back: an `offline` client connects at once (state `connecting`, no backoff). */
+  online: () => void;
   /** Every frame dispatched to handlers (not replies, errors or pongs). */
   message: (frame: Frame) => void | Promise<void>;
 }

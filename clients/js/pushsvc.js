@@ -227,24 +227,23 @@ export class PushClient {
     this._stopTimers();
     ws.onopen = ws.onmessage = ws.onerror = ws.onclose = null;
     this._failPending("connection_lost", `connection closed (${code}) before the reply; not resent`);
+    // The state is the one after the close already, so close handlers can show it.
+    if (this._closedByUser || NO_RECONNECT.has(code)) this.state = "closed";
+    else this.state = this._online ? "reconnecting" : "offline";
     this._emit("close", code, reason);
     if (this._closedByUser) {
-      this.state = "closed";
-      return;
-    }
-    if (!this._online) {
-      this.state = "offline";
+      this.state = "closed"; // also when a close handler called close()
       return;
     }
     if (NO_RECONNECT.has(code)) {
-      this.state = "closed";
       this._failAll("closed", `closed by the server (${code}${reason ? `: ${reason}` : ""}); not reconnecting`);
       return;
     }
+    if (!this._online) return;
     // 4001: expired or revoked. A handshake refused again and again (a 401 shows as 1006
     // in browsers) may be a revoked token too: from the second failure on, fetch a new one.
     if (code === 4001 || (!wasOpen && this._attempt >= 1)) this._tokenStale = true;
-    this.state = "reconnecting";
+    if (this.state !== "reconnecting") return; // a close handler called connect()
     this._scheduleReconnect(code, reason);
   }
 
@@ -289,14 +288,19 @@ export class PushClient {
     if (online === this._online) return;
     this._online = online;
     if (!online) {
+      // Between reconnect attempts there is no socket to close: the event says it.
       clearTimeout(this._reconnectTimer);
       this._reconnectTimer = null;
       if (this._ws) this._drop(this._ws, CLOSE_OFFLINE, "offline");
       else if (this.state !== "closed" && this.state !== "idle") this.state = "offline";
-    } else if (this.state === "offline") {
-      this._attempt = 0;
-      this.state = "idle";
-      this.connect();
+      this._emit("offline");
+    } else {
+      if (this.state === "offline") {
+        this._attempt = 0;
+        this.state = "idle";
+        this.connect();
+      }
+      this._emit("online");
     }
   }
 

@@ -14,18 +14,24 @@ are not slowed down by it.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable, Collection, Iterable
 from typing import Any, Protocol
 
 from pushsvc.auth.principal import Principal
 from pushsvc.broker import Broker, Envelope, EnvelopeKind, room_channel, user_channel
+from pushsvc.cluster import Registry
 from pushsvc.config import RateLimitConfig
 from pushsvc.ops.metrics import Metrics
 from pushsvc.protocol.disconnects import DISCONNECTS, Disconnect
 from pushsvc.protocol.frames import Broadcast
 
 log = logging.getLogger("pushsvc.hub")
+
+#: ``type`` of the PRESENCE envelopes that carry join/leave events (not counted as messages);
+#: other PRESENCE envelopes are messages published with ``exclude`` (a session left out).
+PRESENCE_FRAME = "presence"
 
 
 class Client(Protocol):
@@ -80,10 +86,17 @@ def send_to_all(clients: Iterable[Client], broadcast: Broadcast) -> int:
 
 
 class Hub:
-    """Local registry of connections and rooms, fed by the broker."""
+    """Local registry of connections and rooms, fed by the broker.
 
-    def __init__(self, broker: Broker, metrics: Metrics, durable: DurableReceiver) -> None:
+    Connects, joins, leaves and disconnects also go to the cluster registry
+    (per-user caps and presence over every node); messages never do.
+    """
+
+    def __init__(
+        self, broker: Broker, metrics: Metrics, durable: DurableReceiver, cluster: Registry
+    ) -> None:
         self.broker = broker  # where subscriptions are made
+        self.cluster = cluster  # what every node knows: connection counts, room members
         self.metrics = metrics  # for fan-out sizes
         self.durable = durable  # the delivery tracker
         self.sessions: dict[str, Client] = {}  # session -> client
@@ -91,26 +104,48 @@ class Hub:
         self.rooms: dict[str, dict[str, Client]] = {}  # room -> session -> client
         self.reserved_users: dict[str, int] = {}  # user -> connections open or opening
         self.reserved_ips: dict[str, int] = {}  # address -> connections open or opening
+        self._slots: dict[str, list[str]] = {}  # user -> ids counted by the cluster registry
+        self._slot_ids = itertools.count(1)  # unique on this node
         #: ``control:`` channel envelopes go here (set by the node); None: dropped
         self.on_control: Callable[[str, Envelope], None] | None = None
         broker.set_callback(self.on_envelope)
 
     # -- connection caps: reserved before the upgrade, released on close ----------
 
-    def reserve(self, user: str, ip: str, max_per_user: int, max_per_ip: int) -> str | None:
-        """Count a new connection; returns the exceeded cap (``per_user``/``per_ip``) or None."""
+    async def reserve(self, user: str, ip: str, max_per_user: int, max_per_ip: int) -> str | None:
+        """Count a new connection; returns the exceeded cap (``per_user``/``per_ip``) or None.
+
+        ``max_per_user`` holds over every node (the cluster registry counts,
+        after a local check that spares it the call when this node alone is
+        at the cap); ``max_per_ip`` holds per node (behind a load balancer
+        each node sees its own share of an address anyway).
+        """
         if self.reserved_users.get(user, 0) >= max_per_user:
             return "per_user"
         if self.reserved_ips.get(ip, 0) >= max_per_ip:
             return "per_ip"
-        self.reserved_users[user] = self.reserved_users.get(user, 0) + 1
-        self.reserved_ips[ip] = self.reserved_ips.get(ip, 0) + 1
+        self._count(user, ip, 1)  # before the await: concurrent handshakes see it
+        slot = f"c{next(self._slot_ids)}"
+        if not await self.cluster.reserve_user(user, slot, max_per_user):
+            self._count(user, ip, -1)
+            return "per_user"
+        self._slots.setdefault(user, []).append(slot)
         return None
 
-    def release(self, user: str, ip: str) -> None:
-        """Undo one :meth:`reserve`."""
+    async def release(self, user: str, ip: str) -> None:
+        """Undo one successful :meth:`reserve`."""
+        self._count(user, ip, -1)
+        slots = self._slots.get(user)
+        if not slots:
+            return
+        slot = slots.pop()
+        if not slots:
+            del self._slots[user]
+        await self.cluster.release_user(user, slot)
+
+    def _count(self, user: str, ip: str, delta: int) -> None:
         for table, key in ((self.reserved_users, user), (self.reserved_ips, ip)):
-            left = table.get(key, 0) - 1
+            left = table.get(key, 0) + delta
             if left > 0:
                 table[key] = left
             else:
@@ -153,6 +188,7 @@ class Hub:
         members[client.session] = client
         if len(members) == 1:
             await self.broker.subscribe(room_channel(room))
+        await self.cluster.joined(room, client.principal.user, client.session)
         return True
 
     async def leave(self, client: Client, room: str) -> bool:
@@ -166,6 +202,7 @@ class Hub:
             if not members:
                 del self.rooms[room]
                 await self.broker.unsubscribe(room_channel(room))
+        await self.cluster.left(room, client.principal.user, client.session)
         return True
 
     # -- queries ----------------------------------------------------------------
@@ -174,10 +211,6 @@ class Hub:
         """The local connections in ``room``."""
         members = self.rooms.get(room)
         return members.values() if members else ()
-
-    def room_users(self, room: str) -> list[str]:
-        """Distinct users with a local connection in ``room``, sorted."""
-        return sorted({client.principal.user for client in self.members(room)})
 
     def user_clients(self, user: str) -> Collection[Client]:
         """The local connections of ``user``."""
@@ -209,11 +242,14 @@ class Hub:
             members = self.rooms.get(name)
             if not members:
                 return
-            if envelope.kind is EnvelopeKind.PRESENCE:  # to the others (``id``: its session)
-                self._broadcast([c for s, c in members.items() if s != envelope.id], envelope)
-                return
-            self.metrics.broadcast_recipients.observe(len(members))
-            sent = self._broadcast(members.values(), envelope)
+            recipients: Collection[Client] = members.values()
+            if envelope.kind is EnvelopeKind.PRESENCE:  # all but the session in ``id``
+                recipients = [c for s, c in members.items() if s != envelope.id]
+                if envelope.type == PRESENCE_FRAME:  # a join/leave event, not a message
+                    self._broadcast(recipients, envelope)
+                    return
+            self.metrics.broadcast_recipients.observe(len(recipients))
+            sent = self._broadcast(recipients, envelope)
             self.metrics.messages_delivered.labels(envelope.type).inc(sent)
             return
         clients = list(self.user_clients(name))

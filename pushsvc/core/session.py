@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from pushsvc.auth.principal import Principal
@@ -21,7 +21,7 @@ from pushsvc.core.ratelimit import KeyedBuckets, TokenBucket, ViolationCounter
 from pushsvc.ops.metrics import Metrics
 from pushsvc.plugin.api import FrameContext, Reply
 from pushsvc.plugin.api import Node as PluginNode
-from pushsvc.plugin.manager import RegisteredType
+from pushsvc.plugin.manager import MESSAGE_HANDLER, RegisteredType, StepTimer
 from pushsvc.protocol import frames
 from pushsvc.protocol.codes import ErrorCode
 from pushsvc.protocol.commands import CORE_COMMANDS
@@ -67,6 +67,7 @@ class SessionServices(PluginNode, Protocol):
 
     metrics: Metrics  # Prometheus series
     user_buckets: KeyedBuckets  # the per-user rate limit, shared by the user's connections
+    type_buckets: Mapping[str, KeyedBuckets]  # message type -> its own per-user bucket
 
     def message_type(self, name: str) -> RegisteredType | None:
         """The plugin message type registered as ``name``, if any."""
@@ -80,12 +81,12 @@ class SessionServices(PluginNode, Protocol):
         """Leave ``room``."""
         ...
 
-    def presence(self, room: str) -> list[str]:
-        """Distinct users with a local connection in ``room``, sorted."""
+    async def presence(self, room: str, limit: int | None = None) -> list[str]:
+        """Distinct users in ``room`` on every node, sorted (longer than ``limit``: too many)."""
         ...
 
-    async def authenticate(self, token: str | None) -> Principal:
-        """Verify a token (raises :class:`~pushsvc.auth.tokens.AuthError`)."""
+    async def authenticate_client(self, token: str | None) -> Principal:
+        """Authenticate a client's new token: plugins, then the JWT (raises ``AuthError``)."""
         ...
 
     def token_refreshed(self, session: Session) -> None:
@@ -202,12 +203,14 @@ class Session:
         self.last_seen = now
         command = frames.decode_frame(data, binary=binary)
         kind = "invalid"
-        cost = 1.0
+        cost = 1.0  # what a frame that names no known type costs
         registered = None
+        own: KeyedBuckets | None = None
         if isinstance(command, Command):
             registered = self.services.message_type(command.type)
             if registered is not None:
                 kind, cost = command.type, registered.message_type.cost
+                own = self.services.type_buckets.get(kind)
             elif command.type in CORE_COMMANDS:
                 kind, cost = command.type, CORE_COMMANDS[command.type].cost
             else:
@@ -216,7 +219,7 @@ class Session:
         metrics.frames_received.labels(kind).inc()
         metrics.received_bytes.labels(kind).inc(len(data))
         ref = command.ref if isinstance(command, Command | FrameError) else None
-        if not self._admit(now, cost, ref):
+        if not self._admit(now, cost, ref, own):
             return
         if isinstance(command, FrameError):
             self.send_error(command.code, command.message, command.ref)
@@ -240,10 +243,21 @@ class Session:
             )
             self.send_error(ErrorCode.INTERNAL, "internal error", command.ref)
 
-    def _admit(self, now: float, cost: float, ref: str | None) -> bool:
-        """Apply the connection and user buckets; False when the frame is refused."""
-        retry = self.bucket.try_take(now, cost)
-        bucket = "connection"
+    def _admit(
+        self, now: float, cost: float, ref: str | None, own: KeyedBuckets | None = None
+    ) -> bool:
+        """Apply the type's own bucket, then the connection and user buckets.
+
+        The type's bucket comes first so that frames it refuses take nothing
+        from the shared ones. Returns False when the frame is refused.
+        """
+        retry = 0.0
+        bucket = "type"
+        if own is not None:
+            retry = own.try_take(self.principal.user, now)
+        if not retry:
+            retry = self.bucket.try_take(now, cost)
+            bucket = "connection"
         if not retry:
             retry = self.services.user_buckets.try_take(self.principal.user, now, cost)
             bucket = "user"
@@ -274,12 +288,14 @@ class Session:
         context = FrameContext(
             self.principal, self.session, checked.fields, message_type, self.services
         )
+        bound = self.services.config.plugins.slow_hook_seconds
         try:
-            reply = await message_type.handle(context)
+            handled = message_type.handle(context)
+            reply = await (StepTimer(handled, bound, plugin, MESSAGE_HANDLER) if bound else handled)
         except CommandError:
             raise
         except Exception:
-            self.services.metrics.plugin_errors.labels(plugin).inc()
+            self.services.metrics.plugin_errors.labels(plugin, MESSAGE_HANDLER).inc()
             log.exception(
                 "plugin %s failed on a %r frame",
                 plugin,
@@ -308,10 +324,11 @@ class Session:
             room = fields["room"]
             await self.services.join(self, room)
             joined: dict[str, Any] = {"room": room}
-            users = self.services.presence(room)
             # The members so far (presence events tell the changes from now on),
             # within the same cap as presence events.
-            if len(users) <= self.services.config.chat.presence_max_members:
+            most = self.services.config.chat.presence_max_members
+            users = await self.services.presence(room, most)
+            if len(users) <= most:
                 joined["users"] = users
             self._reply(ref, joined)
         elif command.type == "leave":
@@ -330,7 +347,7 @@ class Session:
 
     async def _reauthenticate(self, token: str, ref: str | None) -> None:
         try:
-            principal = await self.services.authenticate(token)
+            principal = await self.services.authenticate_client(token)
         except AuthError as exc:
             raise CommandError(ErrorCode.FORBIDDEN, f"token refused: {exc.reason}") from exc
         if principal.user != self.principal.user:

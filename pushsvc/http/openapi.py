@@ -257,7 +257,7 @@ def _responses(config: Config) -> dict[str, Any]:
             {"Retry-After": _RETRY_AFTER},
         ),
         "Unavailable": _error(
-            "`unavailable`: the store failed; nothing was done; retry",
+            "`unavailable`: the store or the broker failed; nothing was done; retry",
             {"Retry-After": _RETRY_AFTER},
         ),
         "IdempotencyMismatch": _error(
@@ -385,7 +385,7 @@ def _api_paths(unpublishable: list[str]) -> dict[str, Any]:
         },
         "/api/v1/rooms/{room}/presence": {
             "get": operation(
-                "Users in a room (this node)",
+                "Users in a room (every node)",
                 operation_id="presence",
                 tag="rooms",
                 parameters=[path_param("room", "the room name")],

@@ -174,6 +174,8 @@ function connect(token) {
   client.on("reconnecting", (attempt, delay) =>
     showState("reconnecting", `attempt ${attempt} in ${(delay / 1000).toFixed(1)} s`),
   );
+  client.on("offline", () => showState(client.state, "waiting for the network"));
+  client.on("online", () => showState(client.state));
   client.on("error", (error) => {
     if (active) addLine(active, [[`error: ${error.message}`]], "system");
   });
