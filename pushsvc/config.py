@@ -288,8 +288,8 @@ class StoreConfig:
         "",
         "'sqlite:///PATH'; empty: sqlite under server.data_dir (pushsvc.sqlite3); "
         "or Redis, shared by every node: 'redis://HOST:PORT/DB', 'rediss://...' (TLS), "
-        "'unix:///PATH?db=N', each taking '?prefix=NAME' (keys NAME:..., default 'pushsvc')"
-        " and '?max_connections=N' (default 4); see docs/redis.md.",
+        "'unix:///PATH?db=N', each taking '?prefix=NAME:' (before every key, default "
+        "'pushsvc:', as for the broker) and '?max_connections=N' (default 4); see docs/redis.md.",
         schemes=("sqlite:///", "redis://", "rediss://", "unix://"),
     )
     synchronous: str = setting(

@@ -75,7 +75,7 @@ def store_url_for(url: str) -> str:
     if not url.startswith(("redis://", "rediss://", "unix://")):
         return url
     test = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" (", 1)[0]
-    prefix = "t" + hashlib.sha1(test.encode(), usedforsecurity=False).hexdigest()[:16]
+    prefix = "t" + hashlib.sha1(test.encode(), usedforsecurity=False).hexdigest()[:16] + ":"
     return f"{url}{'&' if '?' in url else '?'}prefix={prefix}"
 
 

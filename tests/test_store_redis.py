@@ -15,12 +15,12 @@ from typing import Any
 
 import pytest
 from redis.crc import key_slot
-from redis_server import RedisServer
 
 from conftest import Server
 from pushsvc.protocol import ids
 from pushsvc.store import Revocation, Store, StoreOptions, StoreUnavailable, make_store
 from pushsvc.store.redis import CONNECTIONS, SWEEP_CHUNK, RedisStore, parse_url, redacted
+from redis_server import RedisServer
 
 HOUR = 3600.0
 
@@ -45,13 +45,14 @@ def test_url_schemes_and_prefix() -> None:
     assert isinstance(make_store("redis://127.0.0.1:6379/0"), RedisStore)
     assert isinstance(make_store("rediss://127.0.0.1:6380/1"), RedisStore)
     assert isinstance(make_store("unix:///run/redis.sock?db=2"), RedisStore)
-    assert parse_url("redis://h:1/3?prefix=app1&max_connections=8&ssl_cert_reqs=none") == (
+    assert parse_url("redis://h:1/3?prefix=app1:&max_connections=8&ssl_cert_reqs=none") == (
         "redis://h:1/3?ssl_cert_reqs=none",
-        "app1",
+        "app1:",
         8,
     )
-    assert parse_url("redis://h:1/0") == ("redis://h:1/0", "pushsvc", CONNECTIONS)
-    for bad in ("{x}", ""):
+    assert parse_url("redis://h:1/0") == ("redis://h:1/0", "pushsvc:", CONNECTIONS)
+    assert parse_url("redis://h:1/0?prefix=")[1] == ""  # keys without a prefix
+    for bad in ("{x}", "a}", "prefix=a&prefix=b"):
         with pytest.raises(ValueError, match="prefix"):
             make_store(f"redis://h:1/0?prefix={bad}")
     with pytest.raises(ValueError, match="max_connections"):
@@ -137,8 +138,8 @@ async def test_paused_redis_times_out_and_the_write_never_lands(fresh_redis: Red
 
 
 async def test_prefixes_isolate_deployments(redis_server: RedisServer, redis_url: str) -> None:
-    one = await opened(f"{redis_url}?prefix=one")
-    two = await opened(f"{redis_url}?prefix=two")
+    one = await opened(f"{redis_url}?prefix=one:")
+    two = await opened(f"{redis_url}?prefix=two:")
     mine = await put(one, "ann")
     await one.revoke(Revocation("jti", "t", None, 1.0, None))
     assert await two.pending("ann", "", 10) == []

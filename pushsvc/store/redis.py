@@ -14,23 +14,24 @@ more: :meth:`RedisStore.expire` runs one script per step of at most
 so no script holds Redis long), and :meth:`RedisStore.open` sends ``SCRIPT
 LOAD`` and ``CONFIG GET`` (or ``INFO``).
 
-Keys (``P`` is the prefix, ``pushsvc`` unless the URL says ``?prefix=...``; one
-Redis serves several deployments with different prefixes)::
+Keys (``P`` is the prefix, ``pushsvc:`` unless the URL says ``?prefix=...``,
+put before each key as is, as the broker does with its channels; one Redis
+serves several deployments with different prefixes)::
 
-    P:{m:<id>}          HASH  t type, f frame, e expires_at, n deliveries referring to it
-    P:{u:<user>}:p      ZSET  the user's pending ids (score 0: ordered by id, ZRANGEBYLEX)
-    P:{u:<user>}:a      HASH  id -> attempts (pending deliveries sent at least once)
-    P:{u:<user>}:k      SET   ids the user acked (kept ACKED_RETENTION: "repeated")
-    P:{u:<user>}:x      ZSET  the user's dead-letter ids (score 0: ordered by id)
-    P:{u:<user>}:r      HASH  dead id -> "<reason>\\n<dead_at>"
-    P:{i:<client>}:<key> HASH idempotency key: fp, id, n, e; Redis expires it at e
-    P:{g}:pending       ZSET  "<id>\\n<user>" per pending delivery (score 0): stats
-    P:{g}:expiry        ZSET  the same members, score expires_at: the TTL sweep
-    P:{g}:acked         ZSET  "<id>\\n<user>" per acked delivery, score acked at: retention
-    P:{g}:dead          ZSET  "<id>\\n<user>" per dead letter, score dead at: retention
-    P:{g}:rev           HASH  "<kind>\\n<subject>" -> "<until>\\n<created_at>\\n<expires_at>"
-    P:{g}:revexp        ZSET  revocations with an expiry, score expires_at
-    P:{g}:probe         STRING the write of check()
+    P{m:<id>}            HASH  t type, f frame, e expires_at, n deliveries referring to it
+    P{u:<user>}:p        ZSET  the user's pending ids (score 0: ordered by id, ZRANGEBYLEX)
+    P{u:<user>}:a        HASH  id -> attempts (pending deliveries sent at least once)
+    P{u:<user>}:k        SET   ids the user acked (kept ACKED_RETENTION: "repeated")
+    P{u:<user>}:x        ZSET  the user's dead-letter ids (score 0: ordered by id)
+    P{u:<user>}:r        HASH  dead id -> "<reason>\\n<dead_at>"
+    P{i:<client>}:<key>  HASH idempotency key: fp, id, n, e; Redis expires it at e
+    P{g}:pending         ZSET  "<id>\\n<user>" per pending delivery (score 0): stats
+    P{g}:expiry          ZSET  the same members, score expires_at: the TTL sweep
+    P{g}:acked           ZSET  "<id>\\n<user>" per acked delivery, score acked at: retention
+    P{g}:dead            ZSET  "<id>\\n<user>" per dead letter, score dead at: retention
+    P{g}:rev             HASH  "<kind>\\n<subject>" -> "<until>\\n<created_at>\\n<expires_at>"
+    P{g}:revexp          ZSET  revocations with an expiry, score expires_at
+    P{g}:probe           STRING the write of check()
 
 Times are stored as the strings Python wrote (``repr`` of a float), so they
 come back exactly; Lua compares them with ``tonumber``.
@@ -111,7 +112,8 @@ from pushsvc.store.contracts import (
 
 log = logging.getLogger("pushsvc.store")
 
-DEFAULT_PREFIX = "pushsvc"
+#: Key prefix unless the URL's ``prefix=`` sets one (as the broker's: separator included).
+DEFAULT_PREFIX = "pushsvc:"
 #: Connections to Redis, each with one pipeline (a batch of operations) in flight at a
 #: time; ``?max_connections=N`` in the URL changes it.
 CONNECTIONS = 4
@@ -125,9 +127,9 @@ SAFE_POLICIES = ("noeviction",)
 
 # Shared Lua functions; P is the prefix, u a user, id a message id.
 _PRELUDE = """
-local function ukey(P, u, what) return P .. ':{u:' .. u .. '}:' .. what end
-local function mkey(P, id) return P .. ':{m:' .. id .. '}' end
-local function gkey(P, what) return P .. ':{g}:' .. what end
+local function ukey(P, u, what) return P .. '{u:' .. u .. '}:' .. what end
+local function mkey(P, id) return P .. '{m:' .. id .. '}' end
+local function gkey(P, what) return P .. '{g}:' .. what end
 local function unref(P, id)
   local k = mkey(P, id)
   if redis.call('HINCRBY', k, 'n', -1) <= 0 then redis.call('DEL', k) end
@@ -168,7 +170,7 @@ for i = 8, 7 + n do
 end
 local j = 8 + n
 if ARGV[j] then
-  local k = P .. ':{i:' .. ARGV[j] .. '}:' .. ARGV[j + 1]
+  local k = P .. '{i:' .. ARGV[j] .. '}:' .. ARGV[j + 1]
   redis.call('DEL', k)
   redis.call('HSET', k, 'fp', ARGV[j + 2], 'id', id, 'n', ARGV[j + 5], 'e', ARGV[j + 3])
   redis.call('PEXPIREAT', k, ARGV[j + 4])
@@ -398,24 +400,29 @@ def _optional(value: Any) -> float | None:
 def parse_url(url: str) -> tuple[str, str, int]:
     """Split ``store.url`` into redis-py's URL, the key prefix and the connections.
 
-    ``?prefix=`` (default ``pushsvc``) and ``?max_connections=`` (default
-    CONNECTIONS) are taken out; the rest is redis-py's. Raises ValueError for
-    a prefix that is empty or holds ``{``, ``}`` or a newline (they would
-    break the hash tags and members), or connections that are not a
-    positive integer.
+    ``?prefix=`` (default ``pushsvc:``, put before every key as is, like the
+    broker's channel prefix) and ``?max_connections=`` (default CONNECTIONS)
+    are taken out; the rest is redis-py's. Raises ValueError for a prefix
+    holding ``{``, ``}`` or a newline (they would break the hash tags and
+    members), connections that are not a positive integer, or either given
+    twice.
     """
     parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    for name in ("prefix", "max_connections"):
+        if sum(1 for key, _ in query if key == name) > 1:
+            raise ValueError(f"store.url: {name} given more than once in {redacted(url)!r}")
     prefix, connections = DEFAULT_PREFIX, str(CONNECTIONS)
     kept = []
-    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+    for name, value in query:
         if name == "prefix":
             prefix = value
         elif name == "max_connections":
             connections = value
         else:
             kept.append((name, value))
-    if not prefix or any(c in prefix for c in "{}\n"):
-        raise ValueError(f"store.url: prefix must be non-empty without {{, }}: {prefix!r}")
+    if any(c in prefix for c in "{}\n"):
+        raise ValueError(f"store.url: prefix must not hold {{, }} or a newline: {prefix!r}")
     if not connections.isdigit() or int(connections) < 1:
         raise ValueError(f"store.url: max_connections must be a positive integer: {connections!r}")
     return urlunsplit(parts._replace(query=urlencode(kept))), prefix, int(connections)
@@ -552,7 +559,7 @@ class RedisStore:
     async def check(self) -> bool:
         """Write a probe key (bounded by ``busy_timeout``); updates :meth:`healthy`."""
         try:
-            await self._call("SET", f"{self.prefix}:{{g}}:probe", _time(time.time()))
+            await self._call("SET", f"{self.prefix}{{g}}:probe", _time(time.time()))
         except StoreUnavailable:
             return False
         return True
@@ -775,7 +782,7 @@ class RedisStore:
 
     async def idempotent_result(self, client: str, key: str, now: float) -> IdempotentResult | None:
         """What ``client``'s request with ``key`` created, unless unknown or expired."""
-        name = f"{self.prefix}:{{i:{client}}}:{key}"
+        name = f"{self.prefix}{{i:{client}}}:{key}"
         fp, message_id, count, expires = await self._call("HMGET", name, "fp", "id", "n", "e")
         if message_id is None or float(expires) <= now:
             return None
@@ -801,7 +808,7 @@ class RedisStore:
 
     async def revocations(self, now: float) -> list[Revocation]:
         """Every revocation not expired at ``now``, oldest first."""
-        flat = await self._call("HGETALL", f"{self.prefix}:{{g}}:rev")
+        flat = await self._call("HGETALL", f"{self.prefix}{{g}}:rev")
         stored = dict(zip(flat[::2], flat[1::2], strict=True)) if isinstance(flat, list) else flat
         found = []
         for field, value in stored.items():

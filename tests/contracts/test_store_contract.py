@@ -21,7 +21,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from redis_server import RedisServer
 
 from pushsvc.protocol import ids
 from pushsvc.store import (
@@ -33,6 +32,7 @@ from pushsvc.store import (
     StoreUnavailable,
     make_store,
 )
+from redis_server import RedisServer
 
 MINUTE = 60.0
 HOUR = 3600.0
@@ -99,7 +99,7 @@ def _redis_paused(url: str) -> Iterator[None]:
 #: The shared test Redis (flushed per test), a prefix of the contract's own.
 REDIS = Implementation(
     "redis",
-    lambda redis_url: f"{redis_url}?prefix=contract",
+    lambda redis_url: f"{redis_url}?prefix=contract:",
     _redis_paused,
     StoreOptions(busy_timeout=0.5),  # per command: a loaded machine answers in time
     fixture="redis_url",
