@@ -38,18 +38,18 @@ come back exactly; Lua compares them with ``tonumber``.
 
 Cluster. A user's keys share the hash tag ``{u:<user>}``, a message's keys
 ``{m:<id>}``, the global indexes ``{g}``. This class uses a standalone client
-(one primary, or one behind Sentinel), where a script may touch any key, so
-accept, ack and the sweep each update the user's keys, the message and the
-global indexes in one atomic script. On Redis Cluster the same keys spread
-over slots and each script would be split by slot: accept of a message for
-N recipients becomes one script for the message slot, one per recipient slot
+(one primary; no Sentinel or Cluster URL yet), where a script may touch any
+key, so accept, ack and the sweep each update the user's keys, the message and
+the global indexes in one atomic script. On Redis Cluster the same keys spread
+over slots and each script would be split by slot: accept of a message for N
+recipients becomes one script for the message slot, one per recipient slot
 group (the users hashed to one slot) and one for ``{g}``, i.e. up to N + 2
 round trips, sent concurrently; the per-user keys are the truth and the global
 indexes are derived from them, written before the per-user script on additions
 and after it on removals, so the indexes only over-approximate (the sweep and
 stats skip members whose delivery is gone). The frame is stored once per
-message (``{m:<id>}``), not per recipient: memory O(frame + recipients), at the
-price of a second read on Cluster for :meth:`RedisStore.pending`.
+message (``{m:<id>}``), not per recipient: memory O(frame + recipients), at
+the price of a second read on Cluster for :meth:`RedisStore.pending`.
 
 Failures. Every command is bounded by ``busy_timeout`` (socket connect and
 reply); an operation queued behind a pipeline that is timing out waits for it
