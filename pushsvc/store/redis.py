@@ -46,8 +46,8 @@ recipients becomes one script for the message slot, one per recipient slot
 group (the users hashed to one slot) and one for ``{g}``, i.e. up to N + 2
 round trips, sent concurrently; the per-user keys are the truth and the global
 indexes are derived from them, written before the per-user script on additions
-and after it on removals, so the indexes only over-approximate (the sweep and
-stats skip members whose delivery is gone). The frame is stored once per
+and after it on removals, so the indexes only over-approximate (the sweep skips
+members whose delivery is gone; stats may count them until it has). The frame is stored once per
 message (``{m:<id>}``), not per recipient: memory O(frame + recipients), at
 the price of a second read on Cluster for :meth:`RedisStore.pending`.
 
