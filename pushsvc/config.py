@@ -286,8 +286,11 @@ class StoreConfig:
 
     url: str = setting(
         "",
-        "'sqlite:///PATH'; empty: sqlite under server.data_dir (pushsvc.sqlite3).",
-        schemes=("sqlite:///",),
+        "'sqlite:///PATH'; empty: sqlite under server.data_dir (pushsvc.sqlite3); "
+        "or Redis, shared by every node: 'redis://HOST:PORT/DB', 'rediss://...' (TLS), "
+        "'unix:///PATH?db=N', each taking '?prefix=NAME:' (before every key, default "
+        "'pushsvc:', as for the broker) and '?max_connections=N' (default 4); see docs/redis.md.",
+        schemes=("sqlite:///", "redis://", "rediss://", "unix://"),
     )
     synchronous: str = setting(
         "normal",
@@ -297,7 +300,10 @@ class StoreConfig:
     )
     batch_max: int = setting(512, "Most operations in one group commit.", minimum=1)
     busy_timeout: float = setting(
-        5.0, "Seconds to wait for a locked database before failing the write.", minimum=0
+        5.0,
+        "Seconds to wait for a locked database before failing the write; with Redis, "
+        "the most any command (connect, reply, a free connection) may take.",
+        minimum=0,
     )
 
 
