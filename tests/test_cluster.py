@@ -26,8 +26,6 @@ from redis_server import RedisServer
 
 pytestmark = pytest.mark.slow
 
-pytest.importorskip("pushsvc.broker.redis", reason="the Redis broker has not landed yet")
-pytest.importorskip("pushsvc.store.redis", reason="the Redis store has not landed yet")
 
 #: Fast timers, so the faults resolve within seconds.
 FAST = {
