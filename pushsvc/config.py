@@ -280,6 +280,11 @@ class DeliveryConfig:
     )
 
 
+#: Redis URL forms every Redis user (store, broker, cluster registry) takes
+#: (:mod:`pushsvc.redisurl` turns them into connection pools).
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://", "rediss+sentinel://")
+
+
 @dataclass(frozen=True)
 class StoreConfig:
     """``[store]``: where accepted messages are persisted."""
@@ -288,9 +293,10 @@ class StoreConfig:
         "",
         "'sqlite:///PATH'; empty: sqlite under server.data_dir (pushsvc.sqlite3); "
         "or Redis, shared by every node: 'redis://HOST:PORT/DB', 'rediss://...' (TLS), "
-        "'unix:///PATH?db=N', each taking '?prefix=NAME:' (before every key, default "
+        "'unix:///PATH?db=N', 'redis+sentinel://HOST:PORT,HOST:PORT/MASTER/DB' (Sentinel), "
+        "each taking '?prefix=NAME:' (before every key, default "
         "'pushsvc:', as for the broker) and '?max_connections=N' (default 4); see docs/redis.md.",
-        schemes=("sqlite:///", "redis://", "rediss://", "unix://"),
+        schemes=("sqlite:///", *REDIS_SCHEMES),
     )
     synchronous: str = setting(
         "normal",
@@ -316,9 +322,9 @@ class BrokerConfig:
         "'memory://' (one process; delivery inside publish), 'memory://?delivery=async'"
         " (delivery on a later loop pass, as over a network; for tests), or Redis pub/sub"
         " between nodes: 'redis://[user:password@]host:port/db', 'rediss://...' (TLS),"
-        " 'unix:///path/redis.sock?db=0'; '?prefix=' sets the channel prefix"
-        " (default 'pushsvc:').",
-        schemes=("memory://", "redis://", "rediss://", "unix://"),
+        " 'unix:///path/redis.sock?db=0', 'redis+sentinel://host:port,host:port/master/db'"
+        " (Sentinel); '?prefix=' sets the channel prefix (default 'pushsvc:').",
+        schemes=("memory://", *REDIS_SCHEMES),
     )
     timeout: float = setting(
         1.0,
@@ -335,7 +341,7 @@ class BrokerConfig:
 
 
 #: URL prefixes ``cluster.url`` accepts (``pushsvc.cluster.make_registry``).
-CLUSTER_SCHEMES = ("memory://", "redis://", "rediss://")
+CLUSTER_SCHEMES = ("memory://", *REDIS_SCHEMES)
 
 
 @dataclass(frozen=True)
@@ -345,8 +351,8 @@ class ClusterConfig:
     url: str = setting(
         "",
         "Where the nodes count each user's connections (ratelimit.max_connections_per_user"
-        " holds across nodes) and list each room's users (presence): 'redis://HOST:PORT/DB'"
-        " or 'rediss://...'; 'memory://': this process only. Empty: broker.url when that is"
+        " holds across nodes) and list each room's users (presence): a Redis URL as for"
+        " broker.url; 'memory://': this process only. Empty: broker.url when that is"
         " a Redis URL, else 'memory://'.",
         schemes=CLUSTER_SCHEMES,
     )
@@ -610,7 +616,7 @@ class Config:
         """``cluster.url``, or ``broker.url`` when that is a Redis URL, or ``memory://``."""
         if self.cluster.url:
             return self.cluster.url
-        if self.broker.url.startswith(("redis://", "rediss://")):
+        if self.broker.url.startswith(REDIS_SCHEMES):
             return self.broker.url
         return "memory://"
 

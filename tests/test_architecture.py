@@ -16,7 +16,7 @@ PACKAGE = ROOT / "pushsvc"
 
 #: Lowest first. A module may import its own layer's modules and any lower layer's.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("version", "config"),
+    ("version", "config", "redisurl"),
     ("protocol",),
     ("store", "broker", "cluster"),
     ("ops",),

@@ -45,12 +45,16 @@ def test_url_schemes_and_prefix() -> None:
     assert isinstance(make_store("redis://127.0.0.1:6379/0"), RedisStore)
     assert isinstance(make_store("rediss://127.0.0.1:6380/1"), RedisStore)
     assert isinstance(make_store("unix:///run/redis.sock?db=2"), RedisStore)
-    assert parse_url("redis://h:1/3?prefix=app1:&max_connections=8&ssl_cert_reqs=none") == (
+    assert parse_url("redis://h:1/3?prefix=app1:&max_connections=8&ssl_cert_reqs=none")[:3] == (
         "redis://h:1/3?ssl_cert_reqs=none",
         "app1:",
         8,
     )
-    assert parse_url("redis://h:1/0") == ("redis://h:1/0", "pushsvc:", CONNECTIONS)
+    assert parse_url("redis://h:1/0")[:4] == ("redis://h:1/0", "pushsvc:", CONNECTIONS, 0)
+    assert parse_url("redis://h:1/0?min_replicas=1&replica_timeout=2")[3:] == (1, 2.0)
+    for bad in ("min_replicas=-1", "replica_timeout=0", "replica_timeout=x"):
+        with pytest.raises(ValueError, match=bad.split("=")[0]):
+            make_store(f"redis://h:1/0?{bad}")
     assert parse_url("redis://h:1/0?prefix=")[1] == ""  # keys without a prefix
     for bad in ("{x}", "a}", "prefix=a&prefix=b"):
         with pytest.raises(ValueError, match="prefix"):

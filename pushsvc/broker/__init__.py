@@ -32,6 +32,7 @@ from pushsvc.broker.contracts import (
     room_channel,
     user_channel,
 )
+from pushsvc.config import REDIS_SCHEMES
 
 __all__ = [
     "REVOCATIONS_CHANNEL",
@@ -49,7 +50,7 @@ __all__ = [
 
 
 #: ``broker.url`` prefixes :func:`make_broker` takes.
-SCHEMES = ("memory://", "redis://", "rediss://", "unix://")
+SCHEMES = ("memory://", *REDIS_SCHEMES)
 
 
 def make_broker(url: str, *, timeout: float = 1.0, probe_interval: float = 1.0) -> Broker:
@@ -57,7 +58,7 @@ def make_broker(url: str, *, timeout: float = 1.0, probe_interval: float = 1.0) 
 
     ``memory://`` delivers inside ``publish`` (the default: no loop pass per
     message); ``memory://?delivery=async`` delivers on a later loop pass.
-    ``redis://``, ``rediss://`` and ``unix://`` use Redis pub/sub, with
+    ``redis://``, ``rediss://``, ``unix://`` and ``redis+sentinel://`` use Redis pub/sub, with
     ``timeout`` (seconds) bounding each publish and ``probe_interval``
     (seconds) between liveness probes; the memory broker ignores both.
     """
@@ -65,7 +66,7 @@ def make_broker(url: str, *, timeout: float = 1.0, probe_interval: float = 1.0) 
         from pushsvc.broker.memory import MemoryBroker
 
         return MemoryBroker.from_url(url)
-    if url.startswith(SCHEMES):
+    if url.startswith(REDIS_SCHEMES):
         from pushsvc.broker.redis import RedisBroker
 
         return RedisBroker.from_url(url, timeout=timeout, probe_interval=probe_interval)

@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import re
 import secrets
 import time
 from collections.abc import Iterable
@@ -47,6 +46,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from pushsvc import redisurl
 from pushsvc.broker.contracts import (
     BrokerStats,
     BrokerUnavailable,
@@ -57,8 +57,6 @@ from pushsvc.broker.contracts import (
 
 log = logging.getLogger("pushsvc.broker")
 
-#: URL schemes this broker takes (``unix://`` is a socket path).
-SCHEMES = ("redis", "rediss", "unix")
 #: Channel prefix unless the URL's ``prefix=`` parameter sets one.
 DEFAULT_PREFIX = "pushsvc:"
 #: First wait before reconnecting the subscriber; doubled per failed try.
@@ -148,14 +146,12 @@ class RedisBroker:
         ``ssl_cert_reqs``, ...). Raises ``ValueError`` for a bad URL.
         """
         parts = urlsplit(url)
-        if parts.scheme not in SCHEMES:
-            raise ValueError(f"broker.url: expected redis://, rediss:// or unix://, not {url!r}")
-        if (
-            parts.scheme != "unix"
-            and parts.path not in ("", "/")
-            and not re.fullmatch(r"/[0-9]+", parts.path)
-        ):
-            raise ValueError(f"broker.url: the path must be /<db number>, not {parts.path!r}")
+        if not url.startswith(redisurl.SCHEMES):
+            raise ValueError(
+                f"broker.url: expected one of {', '.join(redisurl.SCHEMES)}, "
+                f"not {redisurl.redacted(url)!r}"
+            )
+        redisurl.check_path(url, "broker.url")
         query = parse_qsl(parts.query, keep_blank_values=True)
         prefixes = [value for key, value in query if key == "prefix"]
         if len(prefixes) > 1:
@@ -175,8 +171,9 @@ class RedisBroker:
         return broker
 
     def _make_pool(self) -> ConnectionPool:
-        return ConnectionPool.from_url(
+        return redisurl.connection_pool(
             self.url,
+            key="broker.url",
             socket_connect_timeout=self.timeout,
             socket_timeout=self.timeout,
             retry=Retry(NoBackoff(), 1),  # once more at once: a pooled socket may be stale
@@ -604,8 +601,5 @@ class RedisBroker:
             self._publisher = None
 
     def _where(self) -> str:
-        """The URL without credentials, for logs."""
-        parts = urlsplit(self.url)
-        host = parts.hostname or ""
-        netloc = f"{host}:{parts.port}" if parts.port else host
-        return urlunsplit(parts._replace(netloc=netloc, query=""))
+        """Where the broker's Redis is, without credentials, for logs."""
+        return redisurl.where(self.url)

@@ -7,14 +7,14 @@ per-user connection cap) and lists each room's users over every node
 
 ``cluster.url`` selects the implementation (empty: ``broker.url`` when that
 is a Redis URL, else ``memory://``): ``memory://`` (this process is the
-whole cluster; the default) or ``redis://``/``rediss://`` (shared by every
-node on that Redis).
+whole cluster; the default) or a Redis URL (shared by every node on that
+Redis; any form of :mod:`pushsvc.redisurl`).
 """
 
 from __future__ import annotations
 
 from pushsvc.cluster.contracts import ErrorCallback, Registry, RegistryOptions
-from pushsvc.config import CLUSTER_SCHEMES
+from pushsvc.config import CLUSTER_SCHEMES, REDIS_SCHEMES
 
 __all__ = ["ErrorCallback", "Registry", "RegistryOptions", "make_registry"]
 
@@ -25,7 +25,7 @@ def make_registry(url: str, options: RegistryOptions | None = None) -> Registry:
         from pushsvc.cluster.memory import MemoryRegistry
 
         return MemoryRegistry(options)
-    if url.startswith(("redis://", "rediss://")):
+    if url.startswith(REDIS_SCHEMES):
         from pushsvc.cluster.redis import RedisRegistry
 
         return RedisRegistry(url, options)

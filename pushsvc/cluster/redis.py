@@ -37,6 +37,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from pushsvc import redisurl
 from pushsvc.cluster.contracts import RegistryOptions
 from pushsvc.cluster.memory import LocalEntries, new_node_id
 
@@ -141,12 +142,14 @@ class RedisRegistry:
     async def start(self) -> None:
         """Connect, write the heartbeat key and start the heartbeat (raises if unreachable)."""
         timeout = self.options.timeout
-        self._client = redis.asyncio.Redis.from_url(
+        pool = redisurl.connection_pool(
             self.url,
+            key="cluster.url",
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             retry=Retry(NoBackoff(), 1),  # at once, once: a pooled connection Redis closed
         )
+        self._client = redis.asyncio.Redis(connection_pool=pool)
         for name, source in (
             ("reserve", _RESERVE),
             ("put", _PUT),

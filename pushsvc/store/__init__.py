@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pushsvc.config import REDIS_SCHEMES
 from pushsvc.store.contracts import (
     ACKED_RETENTION,
     AckResult,
@@ -56,10 +57,6 @@ __all__ = [
 ]
 
 
-#: URL schemes of the Redis store (:mod:`pushsvc.store.redis`).
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
-
-
 @dataclass(frozen=True, slots=True)
 class StoreOptions:
     """The ``[store]`` keys besides ``url``; an implementation ignores those it has no use for."""
@@ -87,5 +84,6 @@ def make_store(url: str, options: StoreOptions | None = None) -> Store:
         return RedisStore(url, busy_timeout=options.busy_timeout)
     raise ValueError(
         f"store.url: unsupported scheme in {url!r} "
-        "(supported: sqlite:///PATH, redis://HOST:PORT/DB, rediss://..., unix://PATH)"
+        "(supported: sqlite:///PATH, redis://HOST:PORT/DB, rediss://..., unix://PATH, "
+        "redis+sentinel://HOST:PORT,.../MASTER/DB)"
     )

@@ -88,7 +88,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
@@ -97,6 +97,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
+from pushsvc import redisurl
 from pushsvc.protocol import ids
 from pushsvc.store.contracts import (
     ACKED_RETENTION,
@@ -397,35 +398,67 @@ def _optional(value: Any) -> float | None:
     return float(text) if text else None
 
 
-def parse_url(url: str) -> tuple[str, str, int]:
-    """Split ``store.url`` into redis-py's URL, the key prefix and the connections.
+class StoreUrl(NamedTuple):
+    """``store.url`` parsed: redis-py's URL and the store's own parameters."""
+
+    url: str  # for redis-py (the store's parameters taken out)
+    prefix: str  # before every key
+    connections: int  # pooled connections, pipelines in flight
+    min_replicas: int = 0  # replicas that must confirm each batch (WAIT), 0: none
+    replica_timeout: float = 0.5  # seconds WAIT waits for them
+
+
+#: The store's own URL parameters, taken out before redis-py sees the URL.
+_OWN = ("prefix", "max_connections", "min_replicas", "replica_timeout")
+
+
+def parse_url(url: str) -> StoreUrl:
+    """Split ``store.url`` into redis-py's URL and the store's own parameters.
 
     ``?prefix=`` (default ``pushsvc:``, put before every key as is, like the
-    broker's channel prefix) and ``?max_connections=`` (default CONNECTIONS)
-    are taken out; the rest is redis-py's. Raises ValueError for a prefix
+    broker's channel prefix), ``?max_connections=`` (default CONNECTIONS),
+    ``?min_replicas=`` (default 0) and ``?replica_timeout=`` (seconds, default
+    0.5) are taken out; the rest is redis-py's. Raises ValueError for a prefix
     holding ``{``, ``}`` or a newline (they would break the hash tags and
-    members), connections that are not a positive integer, or either given
-    twice.
+    members), numbers out of range, or a parameter given twice.
     """
     parts = urlsplit(url)
     query = parse_qsl(parts.query, keep_blank_values=True)
-    for name in ("prefix", "max_connections"):
+    for name in _OWN:
         if sum(1 for key, _ in query if key == name) > 1:
             raise ValueError(f"store.url: {name} given more than once in {redacted(url)!r}")
-    prefix, connections = DEFAULT_PREFIX, str(CONNECTIONS)
+    own = {"prefix": DEFAULT_PREFIX, "max_connections": str(CONNECTIONS)}
+    own |= {"min_replicas": "0", "replica_timeout": "0.5"}
     kept = []
     for name, value in query:
-        if name == "prefix":
-            prefix = value
-        elif name == "max_connections":
-            connections = value
+        if name in own:
+            own[name] = value
         else:
             kept.append((name, value))
+    prefix, connections = own["prefix"], own["max_connections"]
     if any(c in prefix for c in "{}\n"):
         raise ValueError(f"store.url: prefix must not hold {{, }} or a newline: {prefix!r}")
     if not connections.isdigit() or int(connections) < 1:
         raise ValueError(f"store.url: max_connections must be a positive integer: {connections!r}")
-    return urlunsplit(parts._replace(query=urlencode(kept))), prefix, int(connections)
+    if not own["min_replicas"].isdigit():
+        raise ValueError(
+            f"store.url: min_replicas must be an integer >= 0: {own['min_replicas']!r}"
+        )
+    try:
+        replica_timeout = float(own["replica_timeout"])
+    except ValueError:
+        replica_timeout = -1.0
+    if not 0 < replica_timeout <= 60:
+        raise ValueError(
+            f"store.url: replica_timeout must be seconds in (0, 60]: {own['replica_timeout']!r}"
+        )
+    return StoreUrl(
+        urlunsplit(parts._replace(query=urlencode(kept))),
+        prefix,
+        int(connections),
+        int(own["min_replicas"]),
+        replica_timeout,
+    )
 
 
 def redacted(url: str) -> str:
@@ -473,7 +506,12 @@ class RedisStore:
 
     def __init__(self, url: str, *, busy_timeout: float = 5.0) -> None:
         # redis-py's URL; the key prefix; connections (pipelines in flight)
-        self.url, self.prefix, self.connections = parse_url(url)
+        parsed = parse_url(url)
+        self.url, self.prefix, self.connections = parsed.url, parsed.prefix, parsed.connections
+        #: WAIT for this many replicas after each batch (Sentinel: a failover keeps what
+        #: was reported done); a batch they do not confirm is reported unavailable
+        self.min_replicas = parsed.min_replicas
+        self.replica_timeout = min(parsed.replica_timeout, busy_timeout / 2)  # WAIT < a read
         self.busy_timeout = busy_timeout  # seconds any command may take
         self._redis: aioredis.Redis | None = None  # the client, while open
         self._healthy = True  # result of the last batch
@@ -497,8 +535,10 @@ class RedisStore:
 
     async def open(self) -> None:
         """Connect, load the scripts, warn about unsafe persistence settings."""
-        pool = aioredis.BlockingConnectionPool.from_url(
+        pool = redisurl.connection_pool(
             self.url,
+            key="store.url",
+            blocking=True,
             max_connections=self.connections,
             timeout=self.busy_timeout,
             socket_timeout=self.busy_timeout,
@@ -598,14 +638,24 @@ class RedisStore:
 
     async def _pipeline(self, client: aioredis.Redis, batch: list[_Op]) -> None:
         replies: list[Any]
+        # WAIT rides in the same round trip, after the batch's writes.
+        wait = ("WAIT", self.min_replicas, max(1, int(self.replica_timeout * 1000)))
+        tail = [wait] if self.min_replicas else []
         try:
-            replies = await _round_trip(client, [op.command for op in batch])
+            replies = await _round_trip(client, [*(op.command for op in batch), *tail])
+            confirmed = replies.pop() if tail else 0
             missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
             if missing:  # Redis restarted without our scripts: load them, run those again
                 await _load_scripts(client)
-                again = await _round_trip(client, [batch[i].command for i in missing])
+                again = await _round_trip(client, [*(batch[i].command for i in missing), *tail])
+                confirmed = again.pop() if tail else 0
                 for i, reply in zip(missing, again, strict=True):
                     replies[i] = reply
+            if tail and (isinstance(confirmed, Exception) or int(confirmed) < self.min_replicas):
+                raise StoreUnavailable(  # written on the primary: a retry may duplicate
+                    f"{confirmed} of {self.min_replicas} replicas confirmed within "
+                    f"{self.replica_timeout:g} s"
+                )
         except Exception as exc:  # RedisError, OSError, or a bug: fail the batch, never hang
             if self._healthy:
                 log.error("Redis store unavailable, nothing of this batch reported done: %s", exc)
