@@ -55,7 +55,7 @@ def test_sentinel_urls_are_parsed_and_checked() -> None:
     assert (target.master, target.db, target.password, target.tls) == ("mymaster", 2, "pw", False)
     assert redisurl.redacted("redis+sentinel://:pw@a:1/m") == "redis+sentinel://:***@a:1/m"
     for bad in ("redis+sentinel://a:1/", "redis+sentinel://a:1/m/x", "redis+sentinel://a:x/m"):
-        with pytest.raises(ValueError, match="broker.url"):
+        with pytest.raises(ValueError, match=r"broker\.url"):
             redisurl.check_path(bad, "broker.url")
 
 
