@@ -139,6 +139,22 @@ class ServerConfig:
     xheaders: bool = setting(
         False, "Trust X-Real-Ip / X-Forwarded-For (only behind a proxy you run)."
     )
+    header_timeout: float = setting(
+        10.0,
+        "Seconds a connection has to send a complete request head, counted from its "
+        "accept or from the end of the previous response on a keep-alive connection; "
+        "then it is closed without an answer.",
+        minimum=0.1,
+    )
+    max_header_bytes: int = setting(
+        16384,
+        "Longest request head (request line and headers), on every request of every "
+        "connection; a longer one closes the connection without an answer.",
+        minimum=1024,
+    )
+    body_timeout: float = setting(
+        60.0, "Seconds to receive a whole request body; then the connection closes.", minimum=0.1
+    )
 
 
 @dataclass(frozen=True)
