@@ -302,6 +302,12 @@ class ApiConfig:
     """``[api]``: the HTTP server API for app backends."""
 
     max_body_bytes: int = setting(1024 * 1024, "Largest request body; 413 above.", minimum=64)
+    max_buffered_bytes: int = setting(
+        64 * 1024 * 1024,
+        "Request body bytes all API requests in flight may buffer together; a request "
+        "whose Content-Length (or, chunked, max_body_bytes) does not fit gets 503.",
+        minimum=64,
+    )
     rate: float = setting(
         200.0, "Requests per second per API client (token sub).", minimum=0, reloadable=True
     )

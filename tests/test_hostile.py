@@ -7,6 +7,7 @@ these tests), and never holds a socket or memory longer than its bound.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import Any
 
@@ -14,7 +15,7 @@ import orjson
 import pytest
 from test_upgrade import upgrade_request
 
-from conftest import Server, token
+from conftest import Server, ServerProcess, token
 
 HEALTH = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 #: Small bounds so that the tests are quick; the defaults are 10 s and 16 KiB.
@@ -75,7 +76,9 @@ async def closed_without_answer(reader: asyncio.StreamReader, timeout: float = 5
         return True
 
 
-async def connect(server: Server) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def connect(
+    server: Server | ServerProcess,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     return await asyncio.open_connection("127.0.0.1", server.port)
 
 
@@ -187,3 +190,147 @@ def test_defaults_are_documented() -> None:
     server = config_module.build([{}]).server
     assert (server.header_timeout, server.max_header_bytes) == (10.0, 16384)
     assert orjson.dumps(server.body_timeout) == b"60.0"
+
+
+# -- 3. bodies are JSON whatever their Content-Type --------------------------------------
+
+
+@pytest.mark.parametrize(
+    "content_type", ["application/x-www-form-urlencoded", "text/plain", "application/json"]
+)
+async def test_body_is_json_whatever_the_content_type(server: Server, content_type: str) -> None:
+    client = await server.connect("reader")
+    text = "a=1&" * 1500  # curl -d sends form-urlencoded: Tornado parsed it as a form
+    status, body, _ = await server.http(
+        "POST",
+        "/api/v1/publish",
+        {"room": "lobby", "text": text, "data": {"q": "x&y=z"}},
+        headers={"Content-Type": content_type},
+    )
+    assert status == 202, body
+    frame = await client.recv_type("chat")
+    assert frame["text"] == text and frame["data"] == {"q": "x&y=z"}
+    client.close()
+
+
+async def test_form_body_that_is_not_json_names_the_body(server: Server) -> None:
+    status, body, _ = await server.http(
+        "POST",
+        "/api/v1/publish",
+        b"room=lobby&text=hi",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert status == 400 and body["message"].startswith("body: not valid JSON")
+
+
+# -- 4. bodies are refused on the head, before they are read -----------------------------
+
+
+def post_head(path: str, length: int, jwt: str | None = None, chunked: bool = False) -> bytes:
+    lines = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", "Content-Type: application/json"]
+    lines.append("Transfer-Encoding: chunked" if chunked else f"Content-Length: {length}")
+    if jwt is not None:
+        lines.append(f"Authorization: Bearer {jwt}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def status_of(response: bytes) -> int:
+    return int(response.split(b" ", 2)[1])
+
+
+@pytest.mark.parametrize(
+    ("jwt", "length", "status"),
+    [
+        (None, 10_000_000, 401),
+        ("client", 10_000_000, 403),  # a client token (no scope publish) on the server API
+        ("backend", 10_000_000, 413),
+        ("backend", 1024 * 1024 + 1, 413),
+    ],
+)
+async def test_refused_on_the_head_without_reading_the_body(
+    server: Server, jwt: str | None, length: int, status: int
+) -> None:
+    reader, writer = await connect(server)
+    bearer = {None: None, "client": token("c"), "backend": token("b", scope="publish")}[jwt]
+    writer.write(post_head("/api/v1/publish", length, bearer))  # and not a byte of body
+    response = await read_response(reader)
+    assert status_of(response) == status
+    assert b"Connection: close" in response
+    writer.close()
+
+
+@pytest.mark.parametrize("status", [401, 413])
+async def test_refused_client_still_sending_its_body_reads_the_answer(
+    server: Server, status: int
+) -> None:
+    """No ``Expect: 100-continue``: the whole body is sent before reading (lingering close)."""
+    reader, writer = await connect(server)
+    jwt = token("b", scope="publish") if status == 413 else None
+    body = b"x" * 8_000_000
+    writer.write(post_head("/api/v1/publish", len(body), jwt) + body)
+    await asyncio.wait_for(writer.drain(), 10)
+    response = await read_response(reader)
+    assert status_of(response) == status
+    assert await asyncio.wait_for(reader.read(), 10) == b""  # then EOF, not a reset
+    writer.close()
+
+
+async def test_chunked_body_over_the_limit_is_cut(start_server: Any) -> None:
+    server: Server = await start_server(api={"max_body_bytes": 1000})
+    reader, writer = await connect(server)
+    writer.write(post_head("/api/v1/publish", 0, token("b", scope="publish"), chunked=True))
+    writer.write(b"800\r\n" + b"x" * 0x800 + b"\r\n0\r\n\r\n")
+    assert status_of(await read_response(reader)) == 400
+    assert await closed_without_answer(reader)
+    writer.close()
+
+
+async def test_bodies_in_flight_share_a_bounded_buffer(start_server: Any) -> None:
+    server: Server = await start_server(api={"max_body_bytes": 1000, "max_buffered_bytes": 1500})
+    jwt = token("b", scope="publish")
+    body = orjson.dumps({"room": "lobby", "text": "x" * 900})
+    first = await connect(server)
+    first[1].write(post_head("/api/v1/publish", len(body), jwt))  # body still to come
+    await asyncio.sleep(0.2)
+    second = await connect(server)
+    second[1].write(post_head("/api/v1/publish", len(body), jwt))
+    response = await read_response(second[0])
+    assert status_of(response) == 503 and b"Retry-After: 1" in response
+    assert b"api.max_buffered_bytes" in response
+    first[1].write(body)
+    assert status_of(await read_response(first[0])) == 202
+    status, _, _ = await server.http("POST", "/api/v1/publish", {"room": "lobby", "text": "x"})
+    assert status == 202  # the reservation was given back
+    for _, writer in (first, second):
+        writer.close()
+
+
+def rss_mib(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):  # noqa: SIM115 - read at once
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc (Linux)")
+async def test_unauthenticated_bodies_do_not_grow_the_server(spawn: Any) -> None:
+    """Six concurrent 10 MB bodies without a token: answered 401, not buffered."""
+    server = spawn()
+    for _ in range(3):  # warm up the code paths
+        reader, writer = await connect(server)
+        writer.write(post_head("/api/v1/publish", 100) + b"x" * 100)
+        await read_response(reader)
+        writer.close()
+    before = rss_mib(server.proc.pid)
+    body = b"x" * 10_000_000
+
+    async def attack() -> int:
+        reader, writer = await connect(server)
+        writer.write(post_head("/api/v1/publish", len(body)) + body)
+        await asyncio.wait_for(writer.drain(), 20)
+        status = status_of(await read_response(reader))
+        writer.close()
+        return status
+
+    assert await asyncio.gather(*(attack() for _ in range(6))) == [401] * 6
+    assert rss_mib(server.proc.pid) - before < 16  # was +98 MiB with the bodies buffered
