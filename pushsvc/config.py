@@ -12,7 +12,9 @@ environment variables (plus ``PUSHSVC_JWT_SECRET``), the file named by
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import re
 import textwrap
 import tomllib
 import types
@@ -501,7 +503,7 @@ def build(layers: list[Mapping[str, Mapping[str, Any]]]) -> Config:
     for layer in layers:
         for section, values in layer.items():
             if section not in known:
-                raise ConfigError(section, f"unknown section (known: {', '.join(known)})")
+                raise ConfigError(_quoted(section), f"unknown section (known: {', '.join(known)})")
             if not isinstance(values, Mapping):
                 raise ConfigError(section, "must be a table")
             section_keys = keys(known[section])
@@ -510,7 +512,7 @@ def build(layers: list[Mapping[str, Mapping[str, Any]]]) -> Config:
                     tables.setdefault(key, {}).update(value)  # [plugins.<name>], checked later
                     continue
                 if key not in section_keys:
-                    raise ConfigError(f"{section}.{key}", "unknown key")
+                    raise ConfigError(f"{section}.{_quoted(key)}", "unknown key")
                 kind, spec = section_keys[key]
                 merged.setdefault(section, {})[key] = _convert(
                     f"{section}.{key}", value, kind, spec
@@ -518,6 +520,11 @@ def build(layers: list[Mapping[str, Mapping[str, Any]]]) -> Config:
     return Config(
         **{name: known[name](**merged.get(name, {})) for name in known}, plugin_tables=tables
     )
+
+
+def _quoted(name: str) -> str:
+    """A TOML key as it is written: bare, or quoted (``""``, ``"a b"``)."""
+    return name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else json.dumps(name)
 
 
 def env_layer(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:

@@ -11,11 +11,12 @@ import os
 import time
 from typing import Any
 
+import jwt
 import orjson
 import pytest
 from test_upgrade import upgrade_request
 
-from conftest import Server, ServerProcess, token
+from conftest import SECRET, Server, ServerProcess, token
 
 HEALTH = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 #: Small bounds so that the tests are quick; the defaults are 10 s and 16 KiB.
@@ -334,3 +335,159 @@ async def test_unauthenticated_bodies_do_not_grow_the_server(spawn: Any) -> None
 
     assert await asyncio.gather(*(attack() for _ in range(6))) == [401] * 6
     assert rss_mib(server.proc.pid) - before < 16  # was +98 MiB with the bodies buffered
+
+
+# -- token attacks ------------------------------------------------------------------------
+
+
+def forged(claims: dict[str, Any], key: str, **header: Any) -> str:
+    return jwt.encode(claims, key, algorithm="HS256", headers=header)
+
+
+async def handshake_reason(server: Server, jwt_text: str) -> str | None:
+    """None when the upgrade is accepted, else the 401's reason."""
+    reader, writer = await connect(server)
+    writer.write(upgrade_request(f"/ws?access_token={jwt_text}"))
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    try:
+        if head.startswith(b"HTTP/1.1 101"):
+            return None
+        assert head.startswith(b"HTTP/1.1 401"), head
+        body = await asyncio.wait_for(reader.read(), 5)
+        return str(orjson.loads(body)["reason"])
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        {"kid": "../../../../etc/passwd"},
+        {"kid": "' OR 1=1; DROP TABLE messages; --"},
+        {"jku": "http://127.0.0.1:1/keys.json"},
+        {"x5u": "http://127.0.0.1:1/cert.pem"},
+        {"jwk": {"kty": "oct", "k": "YXR0YWNrZXI"}},
+    ],
+    ids=["kid-path", "kid-sql", "jku", "x5u", "jwk"],
+)
+async def test_token_header_tricks_are_ignored(server: Server, header: dict[str, Any]) -> None:
+    claims = {"sub": "h", "exp": int(time.time()) + 60}
+    # Signed with the server's secret: the extra header changes nothing (no fetch, no file).
+    assert await handshake_reason(server, forged(claims, SECRET, **header)) is None
+    # Signed with the attacker's key it names: refused.
+    attacker = forged(claims, "attacker-key-of-enough-length-for-hs256!", **header)
+    assert await handshake_reason(server, attacker) == "bad_signature"
+
+
+async def test_expired_one_second_past_the_leeway(start_server: Any) -> None:
+    server: Server = await start_server(auth={"leeway": 5.0})
+    now = int(time.time())
+    past = forged({"sub": "e", "exp": now - 7}, SECRET)
+    assert await handshake_reason(server, past) == "expired"
+    within = forged({"sub": "e", "exp": now - 3}, SECRET)
+    assert await handshake_reason(server, within) is None
+
+
+async def test_token_of_another_issuer_or_audience(start_server: Any) -> None:
+    server: Server = await start_server(auth={"audience": "app", "issuer": "https://id"})
+    claims = {"sub": "i", "exp": int(time.time()) + 60, "aud": "app", "iss": "https://id"}
+    assert await handshake_reason(server, forged(claims, SECRET)) is None
+    other_iss = forged({**claims, "iss": "https://other"}, SECRET)
+    assert await handshake_reason(server, other_iss) == "bad_issuer"
+    other_aud = forged({**claims, "aud": "other-app"}, SECRET)
+    assert await handshake_reason(server, other_aud) == "bad_audience"
+
+
+async def test_100_kb_jwt_is_dropped_with_the_head(server: Server) -> None:
+    """Over ``server.max_header_bytes``: no token parsing, no signature check."""
+    (await server.connect("counted")).close()
+    huge = "a" * 100_000
+    checks = handshakes(server)
+    assert checks >= 1
+    for request in (
+        upgrade_request(f"/ws?access_token={huge}"),
+        upgrade_request("/ws", Authorization=f"Bearer {huge}"),
+        post_head("/api/v1/publish", 2, huge) + b"{}",
+    ):
+        reader, writer = await connect(server)
+        writer.write(request)
+        started = time.monotonic()
+        assert await closed_without_answer(reader)
+        assert time.monotonic() - started < 2
+        writer.close()
+    assert handshakes(server) == checks  # none reached the token check
+
+
+def handshakes(server: Server) -> float:
+    """Handshakes counted so far, whatever their result."""
+    return sum(
+        sample.value
+        for metric in server.node.metrics.registry.collect()
+        if metric.name == "pushsvc_handshakes"
+        for sample in metric.samples
+        if sample.name == "pushsvc_handshakes_total"
+    )
+
+
+async def test_acking_another_users_message_changes_nothing(server: Server) -> None:
+    bob = await server.connect("bob")
+    status, body, _ = await server.http(
+        "POST", "/api/v1/notify", {"to": "bob", "title": "t", "message": "m"}
+    )
+    assert status == 202
+    message_id = body["id"]
+    assert (await bob.recv_type("notification"))["id"] == message_id
+    mallory = await server.connect("mallory")
+    await mallory.send({"type": "ack", "ids": [message_id], "ref": "steal"})
+    await mallory.recv_type("reply", "error")
+    status, pending, _ = await server.http("GET", "/api/v1/users/bob/pending")
+    assert status == 200 and [m["id"] for m in pending["messages"]] == [message_id]
+    bob.close()
+    mallory.close()
+
+
+# -- frame floods and odd input ------------------------------------------------------------
+
+
+async def test_deep_json_huge_ids_and_odd_names_get_error_frames(server: Server) -> None:
+    client = await server.connect("odd")
+    bystander = await server.connect("calm")
+    cases: list[tuple[str, str]] = [
+        ('{"type":"ping","x":' + "[" * 5000 + "]" * 5000 + "}", "bad_request"),
+        (orjson.dumps({"type": "ack", "ids": ["x"] * 1001}).decode(), "bad_request"),
+        (orjson.dumps({"type": "join", "room": "r" * 201}).decode(), "bad_request"),
+        (orjson.dumps({"type": "join", "room": ""}).decode(), "bad_request"),
+    ]
+    for frame, code in cases:
+        await client.send(frame)
+        assert (await client.recv_type("error"))["code"] == code, frame[:60]
+    for room in ("🙂-room", "\u202eevil", "a\u0000b", "ünïcödé"):  # stored and echoed as text
+        await client.send({"type": "join", "room": room, "ref": "j"})
+        reply = await client.recv_type("reply", "error")
+        assert reply["type"] == "reply" and reply["room"] == room
+    await bystander.send({"type": "ping", "ref": "ok"})
+    assert (await bystander.recv_type("pong", timeout=2))["ref"] == "ok"
+    client.close()
+    bystander.close()
+
+
+async def test_connection_flood_from_one_address_is_capped(start_server: Any) -> None:
+    server: Server = await start_server(
+        server={"xheaders": True},
+        ratelimit={"max_connections_per_ip": 5, "handshake_rate": 1000, "handshake_burst": 1000},
+    )
+    good = await server.connect("good", headers={"X-Real-Ip": "10.0.0.2"})
+    statuses = []
+    writers = []
+    for n in range(30):
+        reader, writer = await connect(server)
+        writers.append(writer)
+        writer.write(upgrade_request(f"/ws?access_token={token(f'f{n}')}", X_Real_Ip="10.0.0.9"))
+        statuses.append(status_of(await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)))
+    assert statuses.count(101) == 5 and statuses.count(429) == 25
+    status, _, _ = await server.http("POST", "/api/v1/publish", {"room": "lobby", "text": "hi"})
+    assert status == 202
+    assert (await good.recv_type("chat", timeout=2))["text"] == "hi"
+    for writer in writers:
+        writer.close()
+    good.close()
