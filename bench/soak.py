@@ -159,13 +159,24 @@ def api(base: str, path: str, body: dict[str, object], secret: str = SECRET) -> 
         return dict(orjson.loads(response.read()))
 
 
+_TOKENS: dict[tuple[str, str], str] = {}
+
+
+def token_of(user: str, secret: str = SECRET) -> str:
+    """The user's token, the same in every round (clients reconnect with the token they have)."""
+    key = (secret, user)
+    if key not in _TOKENS:
+        _TOKENS[key] = mint(secret, user)
+    return _TOKENS[key]
+
+
 async def run_round(port: int, clients: int, rooms: int = 10, secret: str = SECRET) -> RoundStats:
     """One round: every client connects, joins, chats, gets a notification, acks, leaves."""
     stats = RoundStats()
     started = time.monotonic()
     base = f"http://127.0.0.1:{port}"
     users = [f"soak-{n}" for n in range(clients)]
-    tokens = {user: mint(secret, user) for user in users}
+    tokens = {user: token_of(user, secret) for user in users}
     connected = asyncio.Event()
     notified = asyncio.Event()
     ready = 0
@@ -221,10 +232,15 @@ async def run_round(port: int, clients: int, rooms: int = 10, secret: str = SECR
 
 async def reconnect_storm(
     port: int, count: int, base_delay: float = 0.2, cap: float = 5.0
-) -> float:
-    """Drop ``count`` connections at once; seconds until all reconnected with full jitter."""
+) -> tuple[float, float, int]:
+    """Drop ``count`` connections at once; they reconnect with full-jitter backoff.
+
+    Returns the seconds until all are back (and the pending messages of the
+    first 1,000 delivered and acked), and the loop lag's p99 and samples over
+    that time.
+    """
     users = [f"storm-{n}" for n in range(count)]
-    tokens = {user: mint(SECRET, user) for user in users}
+    tokens = {user: token_of(user) for user in users}
 
     async def connect_with_backoff(user: str) -> Peer:
         attempt = 0
@@ -238,10 +254,13 @@ async def reconnect_storm(
                 await asyncio.sleep(random.uniform(0, min(cap, base_delay * 2**attempt)))
 
     peers = await asyncio.gather(*(connect_with_backoff(u) for u in users))
+    await asyncio.sleep(2.0)  # the lag of the first connections is not the storm's
     for peer in peers:
         peer.drop()
+    base = f"http://127.0.0.1:{port}"
     body = {"to": users[:1000], "title": "storm", "message": "pending while away"}
-    await asyncio.to_thread(api, f"http://127.0.0.1:{port}", "/api/v1/notify", body)
+    await asyncio.to_thread(api, base, "/api/v1/notify", body)
+    before = await asyncio.to_thread(metrics, base)
     started = time.monotonic()
 
     async def back(user: str) -> None:
@@ -253,7 +272,9 @@ async def reconnect_storm(
         peer.drop()
 
     await asyncio.gather(*(back(u) for u in users))
-    return time.monotonic() - started
+    seconds = time.monotonic() - started
+    await asyncio.sleep(1.0)  # one more lag sample
+    return (seconds, *lag_p99(before, await asyncio.to_thread(metrics, base)))
 
 
 # -- the server process ------------------------------------------------------------------
@@ -271,7 +292,7 @@ def open_fds(pid: int) -> int:
 
 
 def metrics(base: str) -> dict[str, float]:
-    """The server's gauges and the loop-lag p99 (seconds, from the histogram buckets)."""
+    """The server's gauges and the loop-lag histogram (``lag<=LE``: samples up to LE s)."""
     with urllib.request.urlopen(base + "/metrics", timeout=10) as response:
         text = response.read().decode()
     values: dict[str, float] = {}
@@ -284,10 +305,18 @@ def metrics(base: str) -> dict[str, float]:
             r'^pushsvc_event_loop_lag_seconds_bucket\{le="([^"]+)"\} ([0-9.e+-]+)$', text, re.M
         )
     ]
-    total = buckets[-1][1] if buckets else 0.0
-    values["loop_lag_p99"] = next((le for le, n in buckets if n >= 0.99 * total), float("nan"))
-    values["loop_lag_samples"] = total
+    for le, count in buckets:
+        values[f"lag<={le}"] = count
     return values
+
+
+def lag_p99(before: dict[str, float], after: dict[str, float]) -> tuple[float, int]:
+    """The loop lag's p99 between two readings (a bucket's upper bound, s) and the samples."""
+    bounds = sorted(float(k[5:]) for k in after if k.startswith("lag<="))
+    counts = [after[f"lag<={b}"] - before.get(f"lag<={b}", 0.0) for b in bounds]
+    total = counts[-1] if counts else 0.0
+    p99 = next((b for b, n in zip(bounds, counts, strict=True) if n >= 0.99 * total), 0.0)
+    return p99, int(total)
 
 
 def start_server(data_dir: str, port: int) -> subprocess.Popen[bytes]:
@@ -315,11 +344,15 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-async def settle(base: str, seconds: float = 10.0) -> None:
-    """Wait until the server reports no connection (disconnect bookkeeping done)."""
+async def settle(base: str, seconds: float = 15.0) -> None:
+    """Wait until the server reports no connection and no pending message.
+
+    The pending gauge is refreshed by the delivery sweep (every 5 s).
+    """
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        if metrics(base)["pushsvc_connections"] == 0:
+        now = metrics(base)
+        if now["pushsvc_connections"] == 0 and now["pushsvc_pending_messages"] == 0:
             await asyncio.sleep(1.0)  # background work after the last close
             return
         await asyncio.sleep(0.2)
@@ -342,7 +375,7 @@ async def main() -> None:
             await run_round(port, 50, args.rooms)  # warm up the code paths and caches
             await settle(base)
             before = (rss_mib(proc.pid), open_fds(proc.pid), metrics(base))
-            print(f"baseline: RSS {before[0]:.1f} MiB, {before[1]} fds, {before[2]}")
+            print(f"baseline: RSS {before[0]:.1f} MiB, {before[1]} fds")
             for number in range(1, args.rounds + 1):
                 stats = await run_round(port, args.clients, args.rooms)
                 print(
@@ -353,20 +386,27 @@ async def main() -> None:
                 )
             await settle(base)
             after = (rss_mib(proc.pid), open_fds(proc.pid), metrics(base))
-            print(f"after:    RSS {after[0]:.1f} MiB, {after[1]} fds, {after[2]}")
+            p99, samples = lag_p99(before[2], after[2])
             print(
-                f"growth: RSS {after[0] - before[0]:+.1f} MiB, fds {after[1] - before[1]:+d}, "
+                f"after: RSS {after[0] - before[0]:+.1f} MiB, fds {after[1] - before[1]:+d}, "
                 f"connections {after[2]['pushsvc_connections']:.0f}, "
                 f"pending {after[2]['pushsvc_pending_messages']:.0f}, "
-                f"loop lag p99 {after[2]['loop_lag_p99'] * 1000:.0f} ms"
+                f"loop lag p99 <= {p99 * 1000:.0f} ms ({samples} samples)"
             )
             if args.storm:
-                seconds = await reconnect_storm(port, args.storm)
+                seconds, p99, samples = await reconnect_storm(port, args.storm)
                 print(
-                    f"reconnect storm: {args.storm} back, 1000 pending delivered in {seconds:.1f}s"
+                    f"reconnect storm: {args.storm} back, {min(args.storm, 1000)} pending "
+                    f"delivered in {seconds:.1f}s; loop lag p99 <= {p99 * 1000:.0f} ms "
+                    f"({samples} samples)"
                 )
                 await settle(base)
-                print(f"after the storm: {metrics(base)}")
+                storm = metrics(base)
+                print(
+                    f"after the storm: connections {storm['pushsvc_connections']:.0f}, "
+                    f"pending {storm['pushsvc_pending_messages']:.0f}, "
+                    f"RSS {rss_mib(proc.pid):.1f} MiB"
+                )
         finally:
             proc.terminate()
             proc.wait(30)

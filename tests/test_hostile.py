@@ -491,3 +491,13 @@ async def test_connection_flood_from_one_address_is_capped(start_server: Any) ->
     for writer in writers:
         writer.close()
     good.close()
+
+
+async def test_dribbled_body_is_cut_after_the_body_timeout(start_server: Any) -> None:
+    server: Server = await start_server(server={"body_timeout": 0.5})
+    reader, writer = await connect(server)
+    writer.write(post_head("/api/v1/publish", 100, token("b", scope="publish")) + b'{"room"')
+    started = time.monotonic()
+    assert await closed_without_answer(reader)
+    assert time.monotonic() - started < 2.5
+    writer.close()
