@@ -7,14 +7,20 @@ these tests), and never holds a socket or memory longer than its bound.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 import jwt
 import orjson
 import pytest
+import tornado.httpserver
+import tornado.netutil
+import tornado.web
+from cryptography.hazmat.primitives.asymmetric import ec
 from test_upgrade import upgrade_request
+from tornado.websocket import websocket_connect
 
 from conftest import SECRET, Server, ServerProcess, token
 
@@ -163,9 +169,14 @@ async def test_head_just_under_the_limit_is_served_on_every_request(
     writer.close()
 
 
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 0
+
+
 async def test_well_behaved_client_keeps_its_messages_beside_slowloris(strict: Server) -> None:
     client = await strict.connect("good")
-    attackers = [await connect(strict) for _ in range(50)]
+    baseline = open_fds()
+    attackers = [await connect(strict) for _ in range(200)]
     for _, writer in attackers:
         writer.write(HEALTH)
     for reader, _ in attackers:
@@ -182,6 +193,8 @@ async def test_well_behaved_client_keeps_its_messages_beside_slowloris(strict: S
     for reader, writer in attackers:  # every one is dropped within the timeout
         assert await asyncio.wait_for(reader.read(), HEAD_TIMEOUT + 2) == b""
         writer.close()
+    await asyncio.sleep(0.1)
+    assert open_fds() <= baseline + 2  # the server's descriptors (and ours) are back
     client.close()
 
 
@@ -501,3 +514,85 @@ async def test_dribbled_body_is_cut_after_the_body_timeout(start_server: Any) ->
     assert await closed_without_answer(reader)
     assert time.monotonic() - started < 2.5
     writer.close()
+
+
+# -- a JWKS endpoint that is down, slow or returns garbage -------------------------------
+
+
+class FlakyJwks(tornado.web.RequestHandler):
+    """``GET /jwks``: the key set, garbage, or the key set after a delay."""
+
+    keys: ClassVar[dict[str, Any]] = {}
+    mode = "ok"
+
+    async def get(self) -> None:
+        if FlakyJwks.mode == "garbage":
+            self.write(b"<html>not a key set</html>")
+            return
+        if FlakyJwks.mode == "slow":
+            await asyncio.sleep(3)
+        self.write({"keys": list(FlakyJwks.keys.values())})
+
+
+async def test_jwks_down_slow_or_garbage_keeps_the_cached_keys(start_server: Any) -> None:
+    sockets = tornado.netutil.bind_sockets(0, "127.0.0.1")
+    jwks = tornado.httpserver.HTTPServer(tornado.web.Application([(r"/jwks", FlakyJwks)]))
+    jwks.add_sockets(sockets)
+    key = ec.generate_private_key(ec.SECP256R1())
+    public = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key.public_key()))
+    FlakyJwks.keys = {"k1": {**public, "kid": "k1", "alg": "ES256", "use": "sig"}}
+    FlakyJwks.mode = "ok"
+    server: Server = await start_server(
+        auth={
+            "algorithms": ["ES256"],
+            "jwks_url": f"http://127.0.0.1:{sockets[0].getsockname()[1]}/jwks",
+            "jwks_refresh_interval": 1.0,
+            "jwks_min_refetch_interval": 0.0,
+        }
+    )
+    cache = server.node.authenticator.jwks
+    assert cache is not None
+    serial = iter(range(1000))
+
+    def signed() -> str:  # a new token each time: the verified-token cache is bypassed
+        claims = {"sub": "j", "exp": int(time.time()) + 60, "jti": str(next(serial))}
+        return jwt.encode(claims, key, algorithm="ES256", headers={"kid": "k1"})
+
+    try:
+        assert await handshake_reason(server, signed()) is None  # keys fetched
+        bystander = await strict_connect(server, signed())
+        for mode in ("garbage", "slow", "down"):
+            FlakyJwks.mode = mode
+            if mode == "down":
+                jwks.stop()
+                await jwks.close_all_connections()
+            await asyncio.sleep(1.1)  # the keys are old: the next handshake refreshes them
+            failures = cache.failures
+            started = time.monotonic()
+            assert await handshake_reason(server, signed()) is None, mode
+            assert time.monotonic() - started < 1, mode  # nobody waits for the refresh
+            await bystander.send({"type": "ping", "ref": mode})
+            assert (await bystander.recv_type("pong", timeout=1))["ref"] == mode
+            if mode != "slow":
+                for _ in range(100):
+                    if cache.failures > failures:
+                        break
+                    await asyncio.sleep(0.02)
+                assert cache.failures == failures + 1, mode
+        unknown = jwt.encode(
+            {"sub": "j", "exp": int(time.time()) + 60}, key, algorithm="ES256",
+            headers={"kid": "k9"},
+        )  # fmt: skip
+        assert await handshake_reason(server, unknown) == "unknown_kid"
+        bystander.close()
+    finally:
+        jwks.stop()
+
+
+async def strict_connect(server: Server, jwt_text: str) -> Any:
+    from conftest import Client
+
+    connection = await websocket_connect(f"{server.ws_url}?access_token={jwt_text}")
+    client = Client(connection)
+    await client.recv_type("welcome")
+    return client

@@ -1,0 +1,105 @@
+"""Model-based (stateful) hypothesis tests of the pure cores against simple reference models.
+
+``KeyedBuckets`` (the per-user, per-address and per-API-client token buckets)
+is driven by random sequences of takes, clock advances, reloads and prunes,
+and compared step by step with a model in exact fractions.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from pushsvc.core.ratelimit import KeyedBuckets
+
+NAMES = ["alice", "bob", "10.0.0.1"]
+KEYS = st.sampled_from(NAMES)
+#: Float rounding may flip a decision that the model makes within this many tokens.
+EPSILON = Fraction(1, 10**6)
+
+
+class BucketModel(RuleBasedStateMachine):
+    """``KeyedBuckets`` against a dict of exact token levels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rate, self.burst = Fraction(5), Fraction(10)
+        self.buckets = KeyedBuckets(float(self.rate), float(self.burst))
+        self.now = Fraction(1000)
+        self.levels: dict[str, tuple[Fraction, Fraction]] = {}  # key -> (tokens, updated)
+
+    def level(self, key: str) -> Fraction:
+        tokens, updated = self.levels.get(key, (self.burst, self.now))
+        return min(self.burst, tokens + (self.now - updated) * self.rate)
+
+    @rule(seconds=st.fractions(min_value=0, max_value=5, max_denominator=1000))
+    def advance(self, seconds: Fraction) -> None:
+        self.now += seconds
+
+    @rule(key=KEYS, cost=st.sampled_from([Fraction(1), Fraction(1, 10), Fraction(2)]))
+    def take(self, key: str, cost: Fraction) -> None:
+        level = self.level(key)
+        wait = self.buckets.try_take(key, float(self.now), float(cost))
+        if abs(level - cost) < EPSILON:
+            self.levels[key] = (level - cost if wait == 0 else level, self.now)
+            return  # on the boundary either answer is right
+        if level >= cost:
+            assert wait == 0, (level, cost, wait)
+            self.levels[key] = (level - cost, self.now)
+        else:
+            assert wait > 0
+            if self.rate > 0:
+                expected = (cost - level) / self.rate
+                assert abs(Fraction(wait) - expected) < Fraction(1, 1000), (wait, expected)
+            else:
+                assert wait == float("inf")
+            self.levels[key] = (level, self.now)
+
+    @rule(
+        rate=st.sampled_from([Fraction(0), Fraction(1), Fraction(5), Fraction(50)]),
+        burst=st.sampled_from([Fraction(1), Fraction(3), Fraction(10), Fraction(40)]),
+    )
+    def reload(self, rate: Fraction, burst: Fraction) -> None:
+        for key in list(self.levels):
+            self.levels[key] = (min(self.level(key), burst), self.now)
+        self.rate, self.burst = rate, burst
+        self.buckets.reconfigure(float(rate), float(burst), float(self.now))
+
+    @rule()
+    def prune(self) -> None:
+        self.buckets.prune(float(self.now))
+        for key in list(self.levels):
+            if self.level(key) >= self.burst:
+                del self.levels[key]  # a full bucket is the same as a new one
+        assert len(self.buckets) <= len(self.levels)  # the full ones are gone
+
+    @precondition(lambda self: self.rate > 0)
+    @rule(key=KEYS)
+    def waiting_the_answer_is_enough(self, key: str) -> None:
+        wait = self.buckets.try_take(key, float(self.now), float(self.burst) * 2)
+        assert wait > 0  # more than the capacity is never there
+        level = self.level(key)
+        self.levels[key] = (level, self.now)  # the key has a bucket now
+        if level >= 1:
+            return
+        wait = self.buckets.try_take(key, float(self.now), 1.0)
+        assert wait > 0
+        later = self.now + Fraction(wait) + EPSILON
+        assert self.buckets.try_take(key, float(later), 1.0) == 0
+        self.levels[key] = (self.level_at(key, later) - 1, later)
+        self.now = later
+
+    def level_at(self, key: str, when: Fraction) -> Fraction:
+        tokens, updated = self.levels.get(key, (self.burst, self.now))
+        return min(self.burst, tokens + (when - updated) * self.rate)
+
+    @invariant()
+    def one_bucket_per_key_at_most(self) -> None:
+        assert len(self.buckets) <= len(NAMES)
+
+
+BucketModel.TestCase.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)
+TestKeyedBuckets = BucketModel.TestCase
