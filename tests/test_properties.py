@@ -2,21 +2,26 @@
 
 ``KeyedBuckets`` (the per-user, per-address and per-API-client token buckets)
 is driven by random sequences of takes, clock advances, reloads and prunes,
-and compared step by step with a model in exact fractions.
+and compared step by step with a model in exact fractions. ``AckTracker``
+(a connection's in-flight window) by sends, resends and acks against plain
+dicts; ``RetryPolicy``'s delays against their bounds.
 """
 
 from __future__ import annotations
 
 from fractions import Fraction
 
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from pushsvc.core.ratelimit import KeyedBuckets
+from pushsvc.delivery.tracker import AckTracker, RetryPolicy
 
 NAMES = ["alice", "bob", "10.0.0.1"]
 KEYS = st.sampled_from(NAMES)
+IDS = st.sampled_from([f"01M8C2GQWP5RHRSYT62N6MQSY{c}" for c in "0123456"])
+POLICY = RetryPolicy(ack_timeout=10.0, max_attempts=8, backoff_max=300.0)
 #: Float rounding may flip a decision that the model makes within this many tokens.
 EPSILON = Fraction(1, 10**6)
 
@@ -103,3 +108,71 @@ class BucketModel(RuleBasedStateMachine):
 
 BucketModel.TestCase.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)
 TestKeyedBuckets = BucketModel.TestCase
+
+
+class TrackerModel(RuleBasedStateMachine):
+    """``AckTracker`` (one connection's in-flight window) against plain dicts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tracker = AckTracker(window=3)
+        self.tracker.backlog = False
+        self.now = 0.0
+        self.model: dict[str, tuple[int, float]] = {}  # id -> (attempts, first sent)
+        self.order: list[str] = []  # first-send order
+        self.highest = ""
+
+    @rule(seconds=st.floats(min_value=0, max_value=60))
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    @rule(message_id=IDS)
+    def send(self, message_id: str) -> None:
+        if message_id not in self.model and len(self.model) >= 3:
+            assert not self.tracker.can_send_live()  # the window is full
+            return
+        attempts = self.model.get(message_id, (0, self.now))[0] + 1
+        due = self.now + POLICY.delay(attempts, lambda: 0.5)
+        self.tracker.sent(message_id, "private", b"{}", attempts, self.now, due)
+        first = self.model.get(message_id, (0, self.now))[1]
+        if message_id not in self.model:
+            self.order.append(message_id)
+        self.model[message_id] = (attempts, first)
+        self.highest = max(self.highest, message_id)
+
+    @rule(message_id=IDS)
+    def ack(self, message_id: str) -> None:
+        settled = self.tracker.settle(message_id)
+        assert (settled is not None) == (message_id in self.model)
+        if message_id in self.model:
+            attempts, first = self.model.pop(message_id)
+            self.order.remove(message_id)
+            assert settled is not None
+            assert (settled.attempts, settled.first_sent_at) == (attempts, first)
+
+    @invariant()
+    def same_window(self) -> None:
+        tracker = self.tracker
+        assert list(tracker.inflight) == self.order  # send order, resends keep their place
+        assert tracker.room() == 3 - len(self.model) >= 0
+        assert tracker.can_send_live() == (len(self.model) < 3)
+        assert tracker.cursor == self.highest  # the cursor only moves up
+        for message_id, (attempts, first) in self.model.items():
+            entry = tracker.inflight[message_id]
+            assert (entry.attempts, entry.first_sent_at) == (attempts, first)
+            assert entry.sent_at <= entry.due
+
+
+TrackerModel.TestCase.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)
+TestAckTracker = TrackerModel.TestCase
+
+
+@settings(max_examples=300, deadline=None)
+@given(attempts=st.integers(1, 40), rand=st.floats(0, 1))
+def test_retry_delay_is_bounded_and_grows(attempts: int, rand: float) -> None:
+    delay = POLICY.delay(attempts, lambda: rand)
+    base = min(POLICY.backoff_max, POLICY.ack_timeout * 2.0 ** (attempts - 1))
+    assert base * (1 - POLICY.jitter) - 1e-9 <= delay <= min(POLICY.backoff_max, base * 1.2) + 1e-9
+    assert POLICY.delay(attempts + 1, lambda: 0.5) >= POLICY.delay(attempts, lambda: 0.5) or (
+        POLICY.delay(attempts, lambda: 0.5) == POLICY.backoff_max
+    )
