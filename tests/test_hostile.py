@@ -596,3 +596,27 @@ async def strict_connect(server: Server, jwt_text: str) -> Any:
     client = Client(connection)
     await client.recv_type("welcome")
     return client
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc (Linux)")
+async def test_slowloris_memory_and_descriptors_return_to_baseline(spawn: Any) -> None:
+    """300 sockets dribbling heads (first and keep-alive) against ``pushsvc serve``."""
+    server = spawn(env={"PUSHSVC_SERVER__HEADER_TIMEOUT": str(HEAD_TIMEOUT)})
+    pid = server.proc.pid
+
+    async def attack(keep_alive: bool) -> None:
+        reader, writer = await connect(server)
+        if keep_alive:
+            writer.write(HEALTH)
+            await read_response(reader)
+        writer.write(b"GET /ws HTTP/1.1\r\nHost: x\r\n")
+        assert await closed_without_answer(reader, HEAD_TIMEOUT + 5)
+        writer.close()
+
+    await asyncio.gather(*(attack(False) for _ in range(20)))  # warm up
+    await asyncio.sleep(0.2)
+    rss, fds = rss_mib(pid), len(os.listdir(f"/proc/{pid}/fd"))
+    await asyncio.gather(*(attack(n % 2 == 0) for n in range(300)))
+    await asyncio.sleep(0.2)
+    assert len(os.listdir(f"/proc/{pid}/fd")) <= fds + 1
+    assert rss_mib(pid) - rss < 8
