@@ -4,22 +4,33 @@
 is driven by random sequences of takes, clock advances, reloads and prunes,
 and compared step by step with a model in exact fractions. ``AckTracker``
 (a connection's in-flight window) by sends, resends and acks against plain
-dicts; ``RetryPolicy``'s delays against their bounds.
+dicts; ``RetryPolicy``'s delays against their bounds; the hub's registry
+(sessions, users, rooms, connection caps, broker subscriptions) by connects,
+joins, leaves and disconnects against sets.
 """
 
 from __future__ import annotations
 
+import asyncio
 from fractions import Fraction
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from prometheus_client import CollectorRegistry
 
+from pushsvc.auth.principal import Principal
+from pushsvc.broker.memory import MemoryBroker
+from pushsvc.core.hub import Hub
 from pushsvc.core.ratelimit import KeyedBuckets
 from pushsvc.delivery.tracker import AckTracker, RetryPolicy
+from pushsvc.ops.metrics import Metrics
 
 NAMES = ["alice", "bob", "10.0.0.1"]
 KEYS = st.sampled_from(NAMES)
+USERS = st.sampled_from(["ann", "ben", "cid"])
+ROOMS = st.sampled_from(["lobby", "team-red", "🙂"])
 IDS = st.sampled_from([f"01M8C2GQWP5RHRSYT62N6MQSY{c}" for c in "0123456"])
 POLICY = RetryPolicy(ack_timeout=10.0, max_attempts=8, backoff_max=300.0)
 #: Float rounding may flip a decision that the model makes within this many tokens.
@@ -176,3 +187,107 @@ def test_retry_delay_is_bounded_and_grows(attempts: int, rand: float) -> None:
     assert POLICY.delay(attempts + 1, lambda: 0.5) >= POLICY.delay(attempts, lambda: 0.5) or (
         POLICY.delay(attempts, lambda: 0.5) == POLICY.backoff_max
     )
+
+
+class FakeClient:
+    """What the hub needs of a connection, and nothing more."""
+
+    def __init__(self, session: str, user: str) -> None:
+        self.session = session
+        self.principal = Principal(user, None, frozenset(), None, None)
+        self.remote_ip = "10.0.0.1"
+        self.rooms: set[str] = set()
+        self.last_seen = 0.0
+        self.closing = False
+
+    def send_broadcast(self, broadcast: object) -> bool:
+        return True
+
+
+class NoDurable:
+    def offer(self, client: object, envelope: object) -> None:
+        pass
+
+    def settled(self, client: object, message_ids: object) -> None:
+        pass
+
+
+class HubModel(RuleBasedStateMachine):
+    """The hub's registry (sessions, users, rooms, caps, subscriptions) against sets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.broker = MemoryBroker()
+        self.hub = Hub(self.broker, Metrics(CollectorRegistry()), NoDurable())
+        self.clients: dict[str, FakeClient] = {}  # open sessions
+        self.reserved: dict[str, int] = {}  # user -> reservations
+        self.serial = 0
+
+    def run(self, work: Any) -> Any:
+        return self.loop.run_until_complete(work)
+
+    def teardown(self) -> None:
+        self.loop.close()
+
+    @rule(user=USERS)
+    def connect(self, user: str) -> None:
+        exceeded = self.hub.reserve(user, "10.0.0.1", max_per_user=3, max_per_ip=100)
+        if self.reserved.get(user, 0) >= 3:
+            assert exceeded == "per_user"
+            return
+        assert exceeded is None
+        self.reserved[user] = self.reserved.get(user, 0) + 1
+        self.serial += 1
+        client = FakeClient(f"s{self.serial}", user)
+        self.run(self.hub.add(client))  # type: ignore[arg-type]
+        self.clients[client.session] = client
+
+    @precondition(lambda self: self.clients)
+    @rule(data=st.data())
+    def disconnect(self, data: st.DataObject) -> None:
+        session = data.draw(st.sampled_from(sorted(self.clients)))
+        client = self.clients.pop(session)
+        rooms = set(client.rooms)
+        left = self.run(self.hub.remove(client))  # type: ignore[arg-type]
+        assert set(left) == rooms
+        self.hub.release(client.principal.user, client.remote_ip)
+        self.reserved[client.principal.user] -= 1
+        assert self.run(self.hub.remove(client)) == []  # a second remove is harmless
+
+    @precondition(lambda self: self.clients)
+    @rule(data=st.data(), room=ROOMS)
+    def join(self, data: st.DataObject, room: str) -> None:
+        client = self.clients[data.draw(st.sampled_from(sorted(self.clients)))]
+        was = room in client.rooms
+        assert self.run(self.hub.join(client, room)) is not was  # type: ignore[arg-type]
+
+    @precondition(lambda self: self.clients)
+    @rule(data=st.data(), room=ROOMS)
+    def leave(self, data: st.DataObject, room: str) -> None:
+        client = self.clients[data.draw(st.sampled_from(sorted(self.clients)))]
+        was = room in client.rooms
+        assert self.run(self.hub.leave(client, room)) is was  # type: ignore[arg-type]
+
+    @invariant()
+    def same_registry(self) -> None:
+        hub = self.hub
+        assert set(hub.sessions) == set(self.clients)
+        users: dict[str, set[str]] = {}
+        rooms: dict[str, set[str]] = {}
+        for session, client in self.clients.items():
+            users.setdefault(client.principal.user, set()).add(session)
+            for room in client.rooms:
+                rooms.setdefault(room, set()).add(session)
+        assert {u: set(peers) for u, peers in hub.users.items()} == users  # no empty entries
+        assert {r: set(members) for r, members in hub.rooms.items()} == rooms
+        for room, members in rooms.items():
+            users_in = {self.clients[s].principal.user for s in members}
+            assert hub.room_users(room) == sorted(users_in)
+        assert hub.reserved_users == {u: n for u, n in self.reserved.items() if n}
+        channels = {f"user:{u}" for u in users} | {f"room:{r}" for r in rooms}
+        assert self.broker._channels == channels  # subscribed exactly while someone is there
+
+
+HubModel.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+TestHubRegistry = HubModel.TestCase
