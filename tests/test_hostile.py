@@ -620,3 +620,45 @@ async def test_slowloris_memory_and_descriptors_return_to_baseline(spawn: Any) -
     await asyncio.sleep(0.2)
     assert len(os.listdir(f"/proc/{pid}/fd")) <= fds + 1
     assert rss_mib(pid) - rss < 8
+
+
+async def test_clients_that_never_read_are_dropped_and_leave_nothing(
+    start_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """20 clients upgrade, then never read while the server writes: 4008, then the sockets go."""
+    from test_engine import open_ws
+
+    from pushsvc.transport import websocket as wire
+
+    monkeypatch.setattr(wire, "CLOSE_TIMEOUT", 0.5)  # the wait for a peer that never reads
+    server: Server = await start_server(server={"max_buffer_bytes": 64 * 1024})
+    good = await server.connect("good")
+    await good.send({"type": "leave", "room": "lobby", "ref": "l"})  # the flood is not for it
+    await good.recv_type("reply")
+    baseline = open_fds()
+    stuck = [await open_ws(server, "first", f"stuck-{n}", rcvbuf=4096) for n in range(20)]
+    hub = server.node.hub
+    for _ in range(100):
+        if all(f"stuck-{n}" in hub.users for n in range(20)):
+            break
+        await asyncio.sleep(0.02)
+    text = "x" * 3000
+    for _ in range(5000):
+        await server.node.publish("lobby", {"type": "chat", "room": "lobby", "text": text})
+        await asyncio.sleep(0)
+        if not any(user.startswith("stuck-") for user in hub.users):
+            break
+    assert not any(user.startswith("stuck-") for user in hub.users)
+    closes = server.node.metrics.registry.get_sample_value(
+        "pushsvc_closes_total", {"reason": "slow_consumer"}
+    )
+    assert closes == 20
+    await good.send({"type": "ping", "ref": "fine"})  # the well-behaved client read on
+    assert (await good.recv_type("pong", timeout=2))["ref"] == "fine"
+    await asyncio.sleep(1.0)  # past the close timeout: the server dropped its sockets
+    assert open_fds() <= baseline + 20 + 2  # only our own ends of the stuck sockets are left
+    for _, writer in stuck:
+        writer.close()
+    await asyncio.sleep(0.1)
+    assert open_fds() <= baseline + 2
+    good.close()
