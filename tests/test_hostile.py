@@ -579,6 +579,10 @@ async def test_jwks_down_slow_or_garbage_keeps_the_cached_keys(start_server: Any
                         break
                     await asyncio.sleep(0.02)
                 assert cache.failures == failures + 1, mode
+                exported = server.node.metrics.registry.get_sample_value(
+                    "pushsvc_jwks_fetch_failures_total"
+                )
+                assert exported == cache.failures
         unknown = jwt.encode(
             {"sub": "j", "exp": int(time.time()) + 60}, key, algorithm="ES256",
             headers={"kid": "k9"},

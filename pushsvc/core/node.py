@@ -151,6 +151,11 @@ class Node:
         """Whether the last store write succeeded."""
         return self.store.healthy()
 
+    def jwks_failures(self) -> int:
+        """JWKS fetches that failed since the last (re)load of the auth keys."""
+        jwks = self.authenticator.jwks
+        return 0 if jwks is None else jwks.failures
+
     def token_refreshed(self, session: Session) -> None:
         """``session`` holds a new token: re-arm its expiry."""
         self.keepalive.track_expiry(session)

@@ -29,6 +29,7 @@ from prometheus_client import (
     Info,
     disable_created_metrics,
 )
+from prometheus_client.core import CounterMetricFamily
 
 from pushsvc.protocol.commands import CORE_TYPES, SERVER_TYPES
 from pushsvc.protocol.disconnects import CLIENT_CLOSE_LABEL, every_disconnect
@@ -148,6 +149,10 @@ class Observed(Protocol):
         """Whether the last store write succeeded."""
         ...
 
+    def jwks_failures(self) -> int:
+        """JWKS fetches that failed (0 without a JWKS URL)."""
+        ...
+
 
 class Metrics:
     """All pushsvc series, registered on ``registry`` (a fresh one per test)."""
@@ -155,6 +160,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         disable_created_metrics()  # type: ignore[no-untyped-call]  # no *_created series
         self.registry = registry if registry is not None else CollectorRegistry()
+        self._jwks_bound = False  # the JWKS failure collector is registered (by bind)
         self.known_types: set[str] = set(SERVER_TYPES)  # type label values (plus plugins')
         r = self.registry
         typed = self._typed_counter
@@ -287,6 +293,9 @@ class Metrics:
                 service.store_healthy() and service.broker_healthy() and not service.draining
             )
         )
+        if not self._jwks_bound:
+            self.registry.register(_JwksFailures(service))
+            self._jwks_bound = True
 
     def instrument_store(self, store: Store) -> Store:
         """``store`` with every async operation timed and its failures counted."""
@@ -298,6 +307,24 @@ class Metrics:
             start = time.monotonic()
             await asyncio.sleep(interval)
             self.loop_lag.observe(max(0.0, time.monotonic() - start - interval))
+
+
+class _JwksFailures:
+    """``pushsvc_jwks_fetch_failures_total``, read from the node at scrape time."""
+
+    def __init__(self, service: Observed) -> None:
+        self.service = service
+
+    def describe(self) -> list[Any]:
+        return []  # nothing is read at registration
+
+    def collect(self) -> Iterable[CounterMetricFamily]:
+        """One sample: the failed fetches of the JWKS cache in force."""
+        yield CounterMetricFamily(
+            "pushsvc_jwks_fetch_failures",
+            "JWKS fetches that failed (down, slow, garbage); the cached keys stay in use.",
+            value=self.service.jwks_failures(),
+        )
 
 
 class _TimedStore:
