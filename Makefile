@@ -70,7 +70,7 @@ fuzz: $(STAMP)
 # Rounds of 1,000 clients connecting, joining, chatting, acking and leaving, then a leak
 # check and a reconnect storm (bench/soak.py; figures in docs/performance.md).
 soak: $(STAMP)
-	$(BIN)/python bench/soak.py --rounds 5 --clients 1000 --storm 10000
+	$(BIN)/python bench/soak.py --rounds 5 --clients 1000 --storm 10000 --restart-storm 10000
 
 bench: $(STAMP)
 	bench/peers.sh

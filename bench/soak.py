@@ -12,7 +12,8 @@ it reads the server's RSS and open file descriptors (``/proc``) and its
 the figures must come back to the baseline, and the loop lag's p99 stay
 under 50 ms. ``--storm N`` then drops N connections at once and reconnects
 them with full-jitter backoff, reporting the time until all are back and
-every pending message is delivered.
+every pending message is delivered; ``--restart-storm N`` keeps N clients
+(each from its own address) connected across a SIGTERM and a new process.
 
 ``tests/test_soak.py`` runs :func:`run_round` in the suite (a few rounds of
 a few dozen clients, in-process) and checks the node's own structures.
@@ -22,6 +23,7 @@ Run from the repo root with the venv's python::
     python bench/soak.py                               # 5 rounds of 1,000 clients
     python bench/soak.py --rounds 2 --clients 200      # quicker
     python bench/soak.py --rounds 1 --storm 10000      # and a reconnect storm
+    python bench/soak.py --rounds 1 --restart-storm 10000   # clients across a restart
 """
 
 from __future__ import annotations
@@ -73,14 +75,16 @@ class Peer:
         self.writer = writer
 
     @classmethod
-    async def connect(cls, port: int, jwt: str) -> Peer:
+    async def connect(cls, port: int, jwt: str, address: str | None = None) -> Peer:
+        """Upgrade; ``address`` is sent as ``X-Real-Ip`` (a server with ``xheaders``)."""
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         key = base64.b64encode(os.urandom(16)).decode()
+        real_ip = f"X-Real-Ip: {address}\r\n" if address else ""
         writer.write(
             (
                 f"GET /ws?access_token={jwt} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                 "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                f"{real_ip}Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
             ).encode()
         )
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), STEP_TIMEOUT)
@@ -277,6 +281,78 @@ async def reconnect_storm(
     return (seconds, *lag_p99(before, await asyncio.to_thread(metrics, base)))
 
 
+async def restart_storm(data_dir: str, port: int, count: int) -> None:
+    """``count`` clients from ``count`` addresses; the server restarts under them.
+
+    The server runs with its default per-address limits (``server.xheaders``:
+    each client has its own ``X-Real-Ip``) and a 2 s drain. On SIGTERM it
+    closes every connection with 1001; the clients reconnect with full-jitter
+    backoff while the old process drains and the new one starts on the same
+    port. Prints the time until all are back, the accepted handshakes per
+    second and the refusals.
+    """
+    settings = {"PUSHSVC_SERVER__XHEADERS": "true", "PUSHSVC_SERVER__DRAIN_SECONDS": "2"}
+    addresses = [f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}" for n in range(count)]
+    users = [f"restart-{n}" for n in range(count)]
+    old = start_server(data_dir, port, settings)
+    back = 0
+    all_back = asyncio.Event()
+
+    async def client(n: int) -> None:
+        nonlocal back
+        attempt, connected_once = 0, False
+        while True:
+            try:
+                peer = await Peer.connect(port, token_of(users[n]), addresses[n])
+                await peer.until("welcome")
+            except (OSError, ConnectionError, asyncio.IncompleteReadError, TimeoutError):
+                attempt += 1
+                await asyncio.sleep(random.uniform(0, min(5.0, 0.2 * 2**attempt)))
+                continue
+            attempt = 0
+            if connected_once:
+                back += 1
+                if back == count:
+                    all_back.set()
+                await all_back.wait()
+                peer.drop()
+                return
+            connected_once = True
+            ready.append(n)
+            while True:  # until the drain closes it
+                try:
+                    await peer.until("never sent")
+                except TimeoutError:
+                    continue
+                except (ConnectionError, asyncio.IncompleteReadError):
+                    break
+            peer.writer.close()
+
+    ready: list[int] = []
+    tasks = [asyncio.ensure_future(client(n)) for n in range(count)]
+    while len(ready) < count:
+        await asyncio.sleep(0.1)
+    started = time.monotonic()
+    old.terminate()  # SIGTERM: 1001 to everyone over 2 s, then exit
+    await asyncio.to_thread(old.wait, 60)
+    new = start_server(data_dir, port, settings)
+    restarted = time.monotonic() - started
+    await asyncio.wait_for(all_back.wait(), 300)
+    seconds = time.monotonic() - started
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    pattern = r'^pushsvc_handshakes_total\{.*reason="handshake_rate".*\} (\S+)$'
+    refused = sum(float(v) for v in re.findall(pattern, text, re.M))
+    print(
+        f"restart storm: {count} clients from {count} addresses; the new process served "
+        f"{restarted:.1f}s after SIGTERM; all back in {seconds:.1f}s "
+        f"({count / max(0.001, seconds - restarted):.0f} accepted handshakes/s on the new "
+        f"process); {refused:.0f} refused by the handshake bucket"
+    )
+    await asyncio.gather(*tasks)
+    new.terminate()
+    await asyncio.to_thread(new.wait, 60)
+
+
 # -- the server process ------------------------------------------------------------------
 
 
@@ -319,14 +395,25 @@ def lag_p99(before: dict[str, float], after: dict[str, float]) -> tuple[float, i
     return p99, int(total)
 
 
-def start_server(data_dir: str, port: int) -> subprocess.Popen[bytes]:
+#: The soak's clients all come from 127.0.0.1: the per-address limits are lifted for it.
+LIFTED = {
+    "PUSHSVC_RATELIMIT__MAX_CONNECTIONS_PER_IP": "100000",
+    "PUSHSVC_RATELIMIT__HANDSHAKE_RATE": "100000",
+    "PUSHSVC_RATELIMIT__HANDSHAKE_BURST": "100000",
+}
+
+
+def start_server(
+    data_dir: str, port: int, settings: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """``pushsvc serve`` with ``settings`` (``PUSHSVC_...`` variables; default: LIFTED)."""
     env = {**os.environ, "PUSHSVC_JWT_SECRET": SECRET, "PUSHSVC_LOG__ACCESS_LOG": "false"}
-    env["PUSHSVC_RATELIMIT__MAX_CONNECTIONS_PER_IP"] = "100000"
-    env["PUSHSVC_RATELIMIT__HANDSHAKE_RATE"] = "100000"
-    env["PUSHSVC_RATELIMIT__HANDSHAKE_BURST"] = "100000"
+    env.update(LIFTED if settings is None else settings)
     bin_dir = Path(sys.executable).parent
     command = [str(bin_dir / "pushsvc"), "serve", "--port", str(port), "--data-dir", data_dir]
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = open(Path(data_dir) / "server.log", "ab")  # noqa: SIM115 - the child holds it
+    proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    log.close()
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         try:
@@ -364,6 +451,9 @@ async def main() -> None:
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--rooms", type=int, default=10)
     parser.add_argument("--storm", type=int, default=0, help="then a reconnect storm of N")
+    parser.add_argument(
+        "--restart-storm", type=int, default=0, help="then N clients across a server restart"
+    )
     args = parser.parse_args()
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -410,6 +500,8 @@ async def main() -> None:
         finally:
             proc.terminate()
             proc.wait(30)
+        if args.restart_storm:
+            await restart_storm(data_dir, port, args.restart_storm)
 
 
 if __name__ == "__main__":
