@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: run cluster check lint test test-async tools bench clean
+.PHONY: run cluster check lint test test-async tools bench fuzz soak clean
 
 $(STAMP): setup.cfg pyproject.toml tests/example_plugin/setup.cfg
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,25 @@ tools:
 	fi
 
 check: tools lint test test-async
+
+# Coverage-guided fuzzing with atheris (fuzz/targets.py), FUZZ_SECONDS per target; new
+# inputs go to .fuzz/TARGET, crashes to .fuzz/crash-* (add each to tests/test_fuzz.py).
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := frame_reader upgrade_parser frame_decoder jwt_front config_loader
+fuzz: $(STAMP)
+	@for target in $(FUZZ_TARGETS); do \
+		mkdir -p .fuzz/$$target; \
+		echo "fuzz: $$target for $(FUZZ_SECONDS)s"; \
+		$(BIN)/python fuzz/run.py $$target -max_total_time=$(FUZZ_SECONDS) \
+			-artifact_prefix=.fuzz/ .fuzz/$$target fuzz/seeds/$$target > .fuzz/$$target.log 2>&1 \
+			|| { tail -40 .fuzz/$$target.log; exit 1; }; \
+		grep '^Done' .fuzz/$$target.log; \
+	done
+
+# Rounds of 1,000 clients connecting, joining, chatting, acking and leaving, then a leak
+# check and a reconnect storm (bench/soak.py; figures in docs/performance.md).
+soak: $(STAMP)
+	$(BIN)/python bench/soak.py --rounds 5 --clients 1000 --storm 10000 --restart-storm 10000
 
 bench: $(STAMP)
 	bench/peers.sh

@@ -549,7 +549,14 @@ async def start(
     """
     node = await build_node(config, registry=registry, plugins=plugins)
     app = make_app(node, dev=dev)
-    server = UpgradeServer(app, xheaders=config.server.xheaders)
+    server = UpgradeServer(
+        app,
+        xheaders=config.server.xheaders,
+        idle_connection_timeout=config.server.header_timeout,  # Tornado's head timeout
+        max_header_size=config.server.max_header_bytes,
+        body_timeout=config.server.body_timeout,
+        max_body_size=config.api.max_body_bytes,
+    )
     server.node = node
     if sockets is None:
         sockets = sdnotify.listen_fds() or tornado.netutil.bind_sockets(

@@ -12,6 +12,7 @@ environment variables (plus ``PUSHSVC_JWT_SECRET``), the file named by
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import textwrap
@@ -174,6 +175,22 @@ class ServerConfig:
     )
     xheaders: bool = setting(
         False, "Trust X-Real-Ip / X-Forwarded-For (only behind a proxy you run)."
+    )
+    header_timeout: float = setting(
+        10.0,
+        "Seconds a connection has to send a complete request head, counted from its "
+        "accept or from the end of the previous response on a keep-alive connection; "
+        "then it is closed without an answer.",
+        minimum=0.1,
+    )
+    max_header_bytes: int = setting(
+        16384,
+        "Longest request head (request line and headers), on every request of every "
+        "connection; a longer one closes the connection without an answer.",
+        minimum=1024,
+    )
+    body_timeout: float = setting(
+        60.0, "Seconds to receive a whole request body; then the connection closes.", minimum=0.1
     )
 
 
@@ -391,6 +408,12 @@ class ApiConfig:
     """``[api]``: the HTTP server API for app backends."""
 
     max_body_bytes: int = setting(1024 * 1024, "Largest request body; 413 above.", minimum=64)
+    max_buffered_bytes: int = setting(
+        64 * 1024 * 1024,
+        "Request body bytes all API requests in flight may buffer together; a request "
+        "whose Content-Length (or, chunked, max_body_bytes) does not fit gets 503.",
+        minimum=64,
+    )
     rate: float = setting(
         200.0, "Requests per second per API client (token sub).", minimum=0, reloadable=True
     )
@@ -690,7 +713,7 @@ def build(layers: list[Mapping[str, Mapping[str, Any]]]) -> Config:
     for layer in layers:
         for section, values in layer.items():
             if section not in known:
-                raise ConfigError(section, f"unknown section (known: {', '.join(known)})")
+                raise ConfigError(_quoted(section), f"unknown section (known: {', '.join(known)})")
             if not isinstance(values, Mapping):
                 raise ConfigError(section, "must be a table")
             section_keys = keys(known[section])
@@ -699,7 +722,7 @@ def build(layers: list[Mapping[str, Mapping[str, Any]]]) -> Config:
                     tables.setdefault(key, {}).update(value)  # [plugins.<name>], checked later
                     continue
                 if key not in section_keys:
-                    raise ConfigError(f"{section}.{key}", "unknown key")
+                    raise ConfigError(f"{section}.{_quoted(key)}", "unknown key")
                 kind, spec = section_keys[key]
                 merged.setdefault(section, {})[key] = _convert(
                     f"{section}.{key}", value, kind, spec
@@ -707,6 +730,11 @@ def build(layers: list[Mapping[str, Mapping[str, Any]]]) -> Config:
     return Config(
         **{name: known[name](**merged.get(name, {})) for name in known}, plugin_tables=tables
     )
+
+
+def _quoted(name: str) -> str:
+    """A TOML key as it is written: bare, or quoted (``""``, ``"a b"``)."""
+    return name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else json.dumps(name)
 
 
 def env_layer(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:

@@ -8,7 +8,6 @@ import os
 from typing import Any
 
 import orjson
-import pytest
 
 from conftest import Server, token
 from pushsvc.transport.upgrade import FastConnection, parse_upgrade
@@ -144,12 +143,8 @@ async def test_head_in_pieces_still_upgrades(server: Server) -> None:
     writer.close()
 
 
-async def test_unfinished_head_is_dropped_after_the_timeout(
-    server: Server, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from pushsvc.transport import upgrade
-
-    monkeypatch.setattr(upgrade, "HEAD_TIMEOUT", 0.2)
+async def test_unfinished_head_is_dropped_after_the_timeout(start_server: Any) -> None:
+    server: Server = await start_server(server={"header_timeout": 0.2})
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     writer.write(b"GET /ws HTTP/1.1\r\nHost: x\r\n")  # no blank line: never complete
     await writer.drain()

@@ -17,7 +17,12 @@ from test_upgrade import upgrade_request
 
 from conftest import Server, token
 from pushsvc.protocol.disconnects import DISCONNECTS
-from pushsvc.transport.websocket import FrameReader, ProtocolViolation, close_payload
+from pushsvc.transport.websocket import (
+    OP_VIOLATION,
+    FrameReader,
+    ProtocolViolation,
+    close_payload,
+)
 
 
 def masked(opcode: int, payload: bytes, final: bool = True, rsv: int = 0) -> bytes:
@@ -99,15 +104,18 @@ def test_fragments_are_joined_and_control_frames_pass_between() -> None:
     ],
 )
 def test_violations(stream: bytes, code: int) -> None:
-    with pytest.raises(ProtocolViolation) as raised:
-        FrameReader(100).feed(stream)
-    assert raised.value.code == code
+    reader = FrameReader(100)
+    ping = masked(0x9, b"before")
+    assert reader.feed(ping + stream) == [(0x9, b"before"), (OP_VIOLATION, b"")]
+    assert isinstance(reader.violation, ProtocolViolation) and reader.violation.code == code
+    assert reader.feed(masked(0x1, b"after")) == []  # the stream ended
 
 
 def test_oversize_is_refused_from_the_header_alone() -> None:
     header = bytes((0x81, 0x80 | 127)) + (10**9).to_bytes(8, "big")
-    with pytest.raises(ProtocolViolation):
-        FrameReader(100).feed(header)
+    reader = FrameReader(100)
+    assert reader.feed(header) == [(OP_VIOLATION, b"")]
+    assert reader.violation is not None and reader.violation.code == 1009
 
 
 # -- over real sockets ------------------------------------------------------------------
@@ -183,8 +191,9 @@ async def test_protocol_error_closes_1002_and_others_go_on(server: Server) -> No
     client = await Raw.open(server, "rude")
     await client.message("welcome")
     client.writer.write(b"\x81\x02hi")  # unmasked
-    opcode, payload = await client.frame()
-    assert (opcode, int.from_bytes(payload[:2], "big")) == (0x8, 1002)
+    while (frame := await client.frame())[0] != 0x8:  # frames sent before it may come first
+        assert frame[0] == 0x1
+    assert int.from_bytes(frame[1][:2], "big") == 1002
     assert await client.eof()
     await bystander.send({"type": "ping", "ref": "still"})
     assert (await bystander.recv_type("pong"))["ref"] == "still"
@@ -262,3 +271,73 @@ async def test_an_idle_connection_stays_small(server: Server) -> None:
     total = sum(sys.getsizeof(part) for part in parts)
     # 792 bytes when this was written: 20 % more fails, so the change says what it costs.
     assert total <= 950, f"{total} bytes of pushsvc objects per idle connection (was 792)"
+
+
+# -- RFC 6455 edge cases on /ws (the Autobahn run: tests/test_conformance.py) ---------
+
+
+def code_of(payload: bytes) -> int:
+    return int.from_bytes(payload[:2], "big")
+
+
+async def closing_frame(client: Raw) -> bytes:
+    """Skip the data frames sent before it; the close frame's payload."""
+    while (frame := await client.frame())[0] != 0x8:
+        assert frame[0] == 0x1
+    return frame[1]
+
+
+@pytest.mark.parametrize(
+    ("stream", "code"),
+    [
+        (masked(0x1, b'{"type":"ping","x":"\xff"}'), 1007),
+        (masked(0x1, b'{"type":"ping","x":"\xed\xa0\x80"}'), 1007),  # a UTF-16 surrogate
+        (masked(0x1, b'{"type":"ping",', final=False) + masked(0x0, b"\xc3\x28"), 1007),
+        (masked(0x8, b"\x03"), 1002),  # a 1-byte close body
+        (masked(0x8, (1005).to_bytes(2, "big")), 1002),  # a code no peer may send
+        (masked(0x8, (2999).to_bytes(2, "big")), 1002),
+        (masked(0x8, (1000).to_bytes(2, "big") + b"\xff"), 1007),  # the reason is not UTF-8
+        (masked(0x1, b"a", final=False) + masked(0x2, b"b"), 1002),  # a new message mid-way
+        (masked(0x9, b"x" * 126), 1002),  # a control frame over 125 bytes
+        (masked(0x9, b"p", final=False), 1002),  # a fragmented control frame
+    ],
+    ids=[
+        "text-not-utf8",
+        "surrogate",
+        "fragment-not-utf8",
+        "close-1-byte",
+        "close-1005",
+        "close-2999",
+        "close-reason-not-utf8",
+        "interleaved-message",
+        "long-ping",
+        "fragmented-ping",
+    ],
+)
+async def test_rfc6455_violation_closes_with_its_code(
+    server: Server, stream: bytes, code: int
+) -> None:
+    client = await Raw.open(server, "edge")
+    await client.message("welcome")
+    client.writer.write(masked(0x1, orjson.dumps({"type": "ping", "ref": "first"})) + stream)
+    assert (await client.message("pong"))["ref"] == "first"  # handled before the violation
+    assert code_of(await closing_frame(client)) == code
+    assert await client.eof()  # a close frame, never a bare abort
+
+
+@pytest.mark.parametrize("code", [1000, 1001, 1003, 1011, 1014, 3000, 4999])
+async def test_allowed_close_codes_are_echoed(server: Server, code: int) -> None:
+    client = await Raw.open(server, "closer")
+    await client.message("welcome")
+    client.writer.write(masked(0x8, code.to_bytes(2, "big") + "ünïcode".encode()))
+    assert code_of(await closing_frame(client)) == code
+    assert await client.eof()
+
+
+async def test_valid_utf8_edge_characters_pass(server: Server) -> None:
+    client = await Raw.open(server, "utf8")
+    await client.message("welcome")
+    ref = "\u0000\u007f\u0080\u07ff\u0800\uffff\U00010000\U0010ffff"[:8]
+    data = orjson.dumps({"type": "ping", "ref": ref})
+    client.writer.write(masked(0x1, data[:7], final=False) + masked(0x0, data[7:]))
+    assert (await client.message("pong"))["ref"] == ref

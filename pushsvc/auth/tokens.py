@@ -61,7 +61,13 @@ class _KeySet:
 
 
 class JwksCache:
-    """JWKS keys fetched over HTTP without blocking the loop, refreshed by age or ``kid``."""
+    """JWKS keys fetched over HTTP without blocking the loop, refreshed by age or ``kid``.
+
+    A fetch that fails (endpoint down, slow past 5 s, garbage) keeps the last
+    good keys and is counted in :attr:`failures`. A refresh by age runs in
+    the background: handshakes with a known ``kid`` never wait for it; only
+    an unknown ``kid`` waits for its (rate-limited) refetch.
+    """
 
     def __init__(self, url: str, refresh_interval: float, min_refetch_interval: float) -> None:
         self.url = url  # where the key set lives
@@ -70,6 +76,8 @@ class JwksCache:
         self._keys = _KeySet({}, float("-inf"))  # the last good key set
         self._lock = asyncio.Lock()  # one fetch at a time
         self._last_attempt = float("-inf")  # monotonic time of the last fetch attempt
+        self._refresh: asyncio.Task[None] | None = None  # a background refresh by age
+        self.failures = 0  # fetches that failed since start
 
     async def _fetch(self) -> None:
         self._last_attempt = time.monotonic()
@@ -78,6 +86,7 @@ class JwksCache:
             data = orjson.loads(response.body)
             key_set = jwt.PyJWKSet.from_dict(data)
         except Exception as exc:  # keep the old keys on any failure
+            self.failures += 1
             log.warning("JWKS fetch from %s failed: %s", self.url, exc)
             return
         keys = {k.key_id: k for k in key_set.keys if k.key_id}
@@ -89,12 +98,19 @@ class JwksCache:
             return False
         return now - self._keys.fetched_at > self.refresh_interval or kid not in self._keys.keys
 
+    async def _refetch(self, kid: str | None) -> None:
+        async with self._lock:
+            if self._should_fetch(kid, time.monotonic()):
+                await self._fetch()
+
     async def key(self, kid: str | None) -> Any:
         """The key for ``kid``; an unknown kid triggers one rate-limited refetch."""
         if self._should_fetch(kid, time.monotonic()):
-            async with self._lock:
-                if self._should_fetch(kid, time.monotonic()):
-                    await self._fetch()
+            if kid in self._keys.keys:  # only old: refresh without making anyone wait
+                if self._refresh is None or self._refresh.done():
+                    self._refresh = asyncio.ensure_future(self._refetch(kid))
+            else:
+                await self._refetch(kid)
         found = self._keys.keys.get(kid or "")
         if found is None:
             raise AuthError("unknown_kid", f"no key with kid {kid!r}")

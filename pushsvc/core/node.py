@@ -280,6 +280,11 @@ class Node:
         """Whether the last call to the cluster registry succeeded."""
         return self.cluster.healthy()
 
+    def jwks_failures(self) -> int:
+        """JWKS fetches that failed since the last (re)load of the auth keys."""
+        jwks = self.authenticator.jwks
+        return 0 if jwks is None else jwks.failures
+
     def token_refreshed(self, session: Session) -> None:
         """``session`` holds a new token: re-arm its expiry."""
         self.keepalive.track_expiry(session)

@@ -8,8 +8,15 @@ code, "message": text}``. A subclass describes its routes for the OpenAPI
 document with :meth:`ApiHandler.openapi_paths`.
 
 Check order of every ``/api/v1`` request: token (401), scope ``publish``
-(403), the caller's rate-limit bucket (429), body size (413), then the
-endpoint's own validation (400 naming the field).
+(403), the caller's rate-limit bucket (429), body size (413), the bytes all
+requests in flight buffer (503), then the endpoint's own validation (400
+naming the field). All but the last are decided on the request head, before
+a byte of the body is read: the body is streamed (``stream_request_body``),
+buffered only for an accepted request, and always read as JSON whatever its
+``Content-Type`` (``curl -d`` sends ``application/x-www-form-urlencoded``).
+A refused request's unread body is read and dropped for a few seconds after
+the answer (:func:`linger`, as nginx's lingering close), so that a client
+still sending it reads the answer instead of a connection reset.
 """
 
 from __future__ import annotations
@@ -17,7 +24,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
 import re
+import socket
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -26,6 +35,7 @@ from typing import Any
 
 import orjson
 import tornado.web
+from tornado.http1connection import HTTP1Connection
 
 from pushsvc.auth.tokens import AuthError, token_from_request
 from pushsvc.config import Config
@@ -55,6 +65,62 @@ ERROR_STATUS = {
     "unknown_type": HTTPStatus.BAD_REQUEST,
 }
 _DIGITS = re.compile(r"^[0-9]{1,9}$")
+#: Seconds a refused request's unread body is still read and dropped after the answer.
+LINGER_SECONDS = 5.0
+_LINGER_POLL = 0.01
+_lingering: set[asyncio.Task[None]] = set()  # strong references to the running drains
+
+
+def linger(connection: object) -> None:
+    """Once Tornado has answered and closed ``connection``, read and drop what the peer sends.
+
+    Closing a socket with unread data makes the kernel reset the connection,
+    and a client still sending its body may then lose the answer. A duplicate
+    of the descriptor keeps the socket open after Tornado closes its own: the
+    write side is shut (the peer reads the answer, then EOF) and the rest of
+    the body is read for at most :data:`LINGER_SECONDS`.
+    """
+    stream = getattr(connection, "stream", None)
+    sock = getattr(stream, "socket", None)
+    if stream is None or sock is None:
+        return
+    try:
+        duplicate = socket.socket(fileno=os.dup(sock.fileno()))
+    except OSError:
+        return
+    task = asyncio.ensure_future(_drain(stream, duplicate))
+    _lingering.add(task)
+    task.add_done_callback(_lingering.discard)
+
+
+async def _drain(stream: Any, sock: socket.socket) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + LINGER_SECONDS
+    try:
+        while not stream.closed():  # Tornado writes the answer, then closes its descriptor
+            if loop.time() >= deadline:
+                return
+            await asyncio.sleep(_LINGER_POLL)
+        sock.setblocking(False)
+        sock.shutdown(socket.SHUT_WR)
+        while (left := deadline - loop.time()) > 0:
+            if not await asyncio.wait_for(loop.sock_recv(sock, 65536), left):
+                return  # the peer closed
+    except (OSError, TimeoutError):
+        return
+    finally:
+        sock.close()
+
+
+class _BodyBudget:
+    """The body bytes that the API requests in flight on one node may buffer together."""
+
+    def __init__(self) -> None:
+        self.used = 0  # bytes reserved by requests in flight
+
+
+#: Per node: the body bytes reserved by API requests in flight.
+_BUDGETS: weakref.WeakKeyDictionary[Node, _BodyBudget] = weakref.WeakKeyDictionary()
 
 
 class ApiError(Exception):
@@ -162,15 +228,21 @@ class _KeyLocks:
 _KEY_LOCKS: weakref.WeakKeyDictionary[Node, _KeyLocks] = weakref.WeakKeyDictionary()
 
 
+@tornado.web.stream_request_body
 class ApiHandler(JsonHandler):
     """Base for ``/api/v1`` endpoints: a ``publish``-scoped token, rate limit, JSON body.
 
     Subclasses implement ``async def get/post/delete(...)``, call :meth:`body`
     and :meth:`field` to read input, and raise :class:`ApiError` on bad input
-    (:meth:`handle` turns it into the error body).
+    (:meth:`handle` turns it into the error body). The body is checked on
+    the request head and streamed in only once the request is accepted;
+    :meth:`body` (or :meth:`raw_body`) reads it.
     """
 
     principal: Principal
+    _chunks: list[bytes]
+    _reserved: int = 0  # body bytes reserved in the node's budget
+    _expected: int | None = None  # Content-Length, when sent
 
     @classmethod
     def openapi_paths(cls, config: Config) -> dict[str, Any]:
@@ -183,11 +255,73 @@ class ApiHandler(JsonHandler):
         return {}
 
     async def prepare(self) -> None:
-        """Authenticate, check the scope, the per-client rate limit and the body size."""
+        """On the head: authenticate, check the scope, the rate limit and the body size."""
+        self._chunks = []
+        length = self.request.headers.get("Content-Length", "").strip()
+        if length.isdigit():  # Tornado answers 400 to a malformed one
+            self._expected = int(length)
         try:
             await self._authorize()
+            self._reserve()
         except ApiError as error:
+            if self._body_pending():
+                self.set_header("Connection", "close")
+                # Tornado closes the connection rather than read the body: keep it readable.
+                connection = self.request.connection
+                if isinstance(connection, HTTP1Connection):
+                    connection.set_max_body_size(1 << 62)
+                linger(self.request.connection)
             self.send_api_error(error)
+
+    def data_received(self, chunk: bytes) -> None:
+        """Buffer the body of an accepted request (Tornado caps it at ``api.max_body_bytes``)."""
+        if self._finished:
+            return  # refused on the head: dropped
+        self._chunks.append(chunk)
+        if self._expected is not None and sum(map(len, self._chunks)) >= self._expected:
+            self.request.body = self.raw_body()
+
+    def raw_body(self) -> bytes:
+        """The request body as received (also set as ``self.request.body``)."""
+        if len(self._chunks) != 1:
+            self._chunks = [b"".join(self._chunks)]
+        self.request.body = self._chunks[0]
+        return self.request.body
+
+    def on_finish(self) -> None:
+        """Give the body's reservation back."""
+        self._release()
+
+    def on_connection_close(self) -> None:
+        """The peer left: give the body's reservation back."""
+        self._release()
+        super().on_connection_close()
+
+    def _body_pending(self) -> bool:
+        headers = self.request.headers
+        return bool(self._expected) or "chunked" in headers.get("Transfer-Encoding", "").lower()
+
+    def _reserve(self) -> None:
+        """Reserve the body's bytes in the node's budget (503 when it is spent)."""
+        limit = self.node.config.api.max_body_bytes
+        size = self._expected if self._expected is not None else limit
+        if not self._body_pending():
+            return
+        budget = _BUDGETS.setdefault(self.node, _BodyBudget())
+        if budget.used + size > self.node.config.api.max_buffered_bytes:
+            raise ApiError(
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                ApiErrorCode.UNAVAILABLE,
+                "too many request bodies in flight (api.max_buffered_bytes); retry",
+                RETRY_AFTER_UNAVAILABLE,
+            )
+        budget.used += size
+        self._reserved = size
+
+    def _release(self) -> None:
+        if self._reserved:
+            _BUDGETS[self.node].used -= self._reserved
+            self._reserved = 0
 
     async def _authorize(self) -> None:
         token = token_from_request(self.request.headers, None)
@@ -214,7 +348,7 @@ class ApiHandler(JsonHandler):
                 retry_after=min(retry, MAX_RETRY_AFTER),
             )
         limit = self.node.config.api.max_body_bytes
-        if len(self.request.body or b"") > limit:
+        if self._expected is not None and self._expected > limit:
             raise ApiError(
                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                 ApiErrorCode.TOO_LARGE,
@@ -235,7 +369,7 @@ class ApiHandler(JsonHandler):
     def body(self) -> dict[str, Any]:
         """The JSON object body (400 otherwise)."""
         try:
-            data = orjson.loads(self.request.body or b"{}")
+            data = orjson.loads(self.raw_body() or b"{}")
         except orjson.JSONDecodeError as exc:
             raise bad_request(f"body: not valid JSON: {exc}") from exc
         if not isinstance(data, dict):

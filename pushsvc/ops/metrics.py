@@ -168,6 +168,10 @@ class Observed(Protocol):
         """The broker's figures now."""
         ...
 
+    def jwks_failures(self) -> int:
+        """JWKS fetches that failed (0 without a JWKS URL)."""
+        ...
+
 
 #: Broker counters read at scrape time: series name (without ``_total``), help, field.
 BROKER_COUNTERS = (
@@ -240,6 +244,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         disable_created_metrics()  # type: ignore[no-untyped-call]  # no *_created series
         self.registry = registry if registry is not None else CollectorRegistry()
+        self._jwks_bound = False  # the JWKS failure collector is registered (by bind)
         self.known_types: set[str] = set(SERVER_TYPES)  # type label values (plus plugins')
         r = self.registry
         typed = self._typed_counter
@@ -428,6 +433,9 @@ class Metrics:
                 service.store_healthy() and service.broker_healthy() and not service.draining
             )
         )
+        if not self._jwks_bound:
+            self.registry.register(_JwksFailures(service))
+            self._jwks_bound = True
 
     def instrument_store(self, store: Store) -> Store:
         """``store`` with every async operation timed and its failures counted."""
@@ -439,6 +447,24 @@ class Metrics:
             start = time.monotonic()
             await asyncio.sleep(interval)
             self.loop_lag.observe(max(0.0, time.monotonic() - start - interval))
+
+
+class _JwksFailures:
+    """``pushsvc_jwks_fetch_failures_total``, read from the node at scrape time."""
+
+    def __init__(self, service: Observed) -> None:
+        self.service = service
+
+    def describe(self) -> list[Any]:
+        return []  # nothing is read at registration
+
+    def collect(self) -> Iterable[CounterMetricFamily]:
+        """One sample: the failed fetches of the JWKS cache in force."""
+        yield CounterMetricFamily(
+            "pushsvc_jwks_fetch_failures",
+            "JWKS fetches that failed (down, slow, garbage); the cached keys stay in use.",
+            value=self.service.jwks_failures(),
+        )
 
 
 class _TimedStore:

@@ -49,8 +49,6 @@ from pushsvc.transport.websocket import WireConnection
 log = logging.getLogger("pushsvc.upgrade")
 
 WEBSOCKET_PATH = "/ws"
-MAX_HEAD_BYTES = 16 * 1024  # a longer first request head is dropped
-HEAD_TIMEOUT = 10.0  # seconds to send the first request head
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
 _SWITCHING = (
     b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -116,6 +114,12 @@ class UpgradeServer(tornado.httpserver.HTTPServer):
     With :meth:`listen_fast`, the event loop accepts the connections itself
     (:class:`FirstRequest` reads the first request head); without it, or
     without the Tornado internals, this is Tornado's ``HTTPServer``.
+
+    Every request head, the first one (read by :class:`FirstRequest`) and
+    each later one on a keep-alive connection (read by Tornado), has the
+    same bounds: ``idle_connection_timeout`` seconds from the accept or from
+    the end of the previous response, and ``max_header_size`` bytes. Over
+    either, the connection is closed without an answer.
     """
 
     node: Node | None = None  # set by pushsvc.app before listening
@@ -142,6 +146,16 @@ class UpgradeServer(tornado.httpserver.HTTPServer):
             server.close()
         self._fast_servers = []
         super().stop()
+
+    @property
+    def head_timeout(self) -> float:
+        """Seconds a connection has to send a complete request head."""
+        return float(self.conn_params.header_timeout or 3600)
+
+    @property
+    def max_head_bytes(self) -> int:
+        """Longest request head; a longer one drops the connection."""
+        return int(self.conn_params.max_header_size)
 
     def hand_over(self, transport: asyncio.Transport, head: bytes) -> None:
         """Give an accepted connection, ``head`` read already, to Tornado's HTTP stack."""
@@ -185,7 +199,8 @@ class FirstRequest(asyncio.Protocol):
 
     A ``/ws`` upgrade becomes a :class:`FastConnection` on the same
     transport; anything else goes, unread, to Tornado. A head longer than
-    ``MAX_HEAD_BYTES`` or slower than ``HEAD_TIMEOUT`` drops the connection.
+    the server's ``max_head_bytes`` or slower than its ``head_timeout`` drops
+    the connection (the same bounds as Tornado's for later requests).
     """
 
     __slots__ = ("_buffer", "_deadline", "_server", "_transport")
@@ -199,7 +214,10 @@ class FirstRequest(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Start the clock for the request head."""
         self._transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
-        self._deadline = asyncio.get_running_loop().call_later(HEAD_TIMEOUT, transport.abort)  # type: ignore[attr-defined]
+        self._deadline = asyncio.get_running_loop().call_later(
+            self._server.head_timeout,
+            transport.abort,  # type: ignore[attr-defined]
+        )
 
     def data_received(self, data: bytes) -> None:
         """Buffer until the head is complete, then decide."""
@@ -207,9 +225,10 @@ class FirstRequest(asyncio.Protocol):
         if transport is None:
             return
         buffer = self._buffer + data if self._buffer else data
-        end = _HEAD_END.search(buffer, 0, MAX_HEAD_BYTES)
+        limit = self._server.max_head_bytes
+        end = _HEAD_END.search(buffer, 0, limit)
         if end is None:
-            if len(buffer) >= MAX_HEAD_BYTES:
+            if len(buffer) >= limit:
                 self._drop()
                 transport.abort()
             else:

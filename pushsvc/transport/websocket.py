@@ -22,12 +22,18 @@ socket closes once that is sent (aborted after ``CLOSE_TIMEOUT``).
 The server side of RFC 6455 as pushsvc needs it: no extensions, client
 frames masked, fragmented messages reassembled, pings answered, the close
 handshake with a 5 s wait for the peer's close frame. Protocol errors close
-with 1002 and messages over ``server.max_message_bytes`` with 1009.
+with 1002 (a close frame with a 1-byte body or a code RFC 6455 does not
+allow included), text that is not UTF-8 (a message, a fragment as soon as
+it is read, a close reason) with 1007, and messages over
+``server.max_message_bytes`` with 1009. A violation is acted on in order:
+the frames read before it are handled first. The engine passes the Autobahn
+cases 1-7, 9 and 10 (docs/security.md, ``tests/test_conformance.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import codecs
 import logging
 from collections import deque
 from typing import TYPE_CHECKING
@@ -43,11 +49,20 @@ log = logging.getLogger("pushsvc.wire")
 
 OP_CONTINUATION, OP_TEXT, OP_BINARY = 0x0, 0x1, 0x2
 OP_CLOSE, OP_PING, OP_PONG = 0x8, 0x9, 0xA
+#: Not an opcode: stands in the frame list for the violation that ended a read.
+OP_VIOLATION = 0x10  # past the 4 bits of real opcodes
 PROTOCOL_ERROR = 1002
+INVALID_PAYLOAD = 1007
 CLOSE_TIMEOUT = 5.0  # seconds to wait for the peer's close frame after ours
 PING_FRAME = b"\x89\x00"
 
 mask = tornado_compat.websocket_mask
+_Utf8Decoder = codecs.getincrementaldecoder("utf-8")
+
+
+def close_code_allowed(code: int) -> bool:
+    """Whether a peer may send ``code`` in a close frame (RFC 6455 §7.4, IANA registry)."""
+    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
 
 
 class ProtocolViolation(Exception):
@@ -62,7 +77,15 @@ class ProtocolViolation(Exception):
 class FrameReader:
     """Parses masked client frames out of a byte stream into whole messages."""
 
-    __slots__ = ("_buffer", "_fragment_opcode", "_fragment_size", "_fragments", "max_size")
+    __slots__ = (
+        "_buffer",
+        "_fragment_opcode",
+        "_fragment_size",
+        "_fragments",
+        "_utf8",
+        "max_size",
+        "violation",
+    )
 
     def __init__(self, max_size: int) -> None:
         self.max_size = max_size  # largest message payload accepted (1009 above)
@@ -70,6 +93,8 @@ class FrameReader:
         self._fragments: list[bytes] | None = None  # payloads of an unfinished message
         self._fragment_opcode = OP_TEXT
         self._fragment_size = 0
+        self._utf8: codecs.IncrementalDecoder | None = None  # checks a fragmented text
+        self.violation: ProtocolViolation | None = None  # the one that ended the stream
 
     def feed(self, data: bytes) -> list[tuple[int, bytes]]:
         """The messages ``data`` completes, as ``(opcode, payload)``, control frames too.
@@ -79,14 +104,29 @@ class FrameReader:
             >>> FrameReader(100).feed(b"\\x81\\x82\\x00\\x00\\x00\\x00hi")
             [(1, b'hi')]
 
-        Raises:
-            ProtocolViolation: 1002 for a frame RFC 6455 forbids, 1009 for a
-                message over ``max_size`` (raised from its header, before its
-                payload is buffered).
+        Text messages are checked to be UTF-8 (a fragmented one fragment by
+        fragment). A violation ends the stream: the messages before it are
+        returned, followed by ``(OP_VIOLATION, b"")``, and :attr:`violation`
+        holds it (:class:`ProtocolViolation`: 1002 for a frame RFC 6455
+        forbids, 1007 for text that is not UTF-8, 1009 for a message over
+        ``max_size``, from its header, before its payload is buffered).
+        Later calls return nothing.
         """
+        messages: list[tuple[int, bytes]] = []
+        if self.violation is not None:
+            return messages
+        try:
+            self._parse(data, messages)
+        except ProtocolViolation as violation:
+            self.violation = violation
+            self._buffer = b""
+            self._fragments = None
+            messages.append((OP_VIOLATION, b""))
+        return messages
+
+    def _parse(self, data: bytes, messages: list[tuple[int, bytes]]) -> None:
         buffer = self._buffer + data if self._buffer else data
         size = len(buffer)
-        messages: list[tuple[int, bytes]] = []
         pos = 0
         while size - pos >= 2:
             first = buffer[pos]
@@ -115,11 +155,12 @@ class FrameReader:
             payload = mask(buffer[start : start + 4], buffer[start + 4 : end]) if length else b""
             pos = end
             if first & 0x80 and opcode:  # a whole message, or a control frame
+                if opcode == OP_TEXT and not payload.isascii():
+                    _check_utf8(payload)
                 messages.append((opcode, payload))
             else:
                 self._fragment(opcode, first & 0x80, payload, messages)
         self._buffer = buffer[pos:] if pos < size else b""
-        return messages
 
     def _check_header(self, opcode: int, final: int, length: int) -> None:
         if opcode >= OP_CLOSE:
@@ -146,15 +187,34 @@ class FrameReader:
             self._fragments = [payload]
             self._fragment_opcode = opcode
             self._fragment_size = len(payload)
+            self._utf8 = _Utf8Decoder() if opcode == OP_TEXT else None
+            self._check_fragment(payload, False)
             return
         assert self._fragments is not None  # checked by _check_header
         if payload:  # empty ones would grow the list without a byte of the limit
             self._fragments.append(payload)
             self._fragment_size += len(payload)
+        self._check_fragment(payload, bool(final))
         if final:
             messages.append((self._fragment_opcode, b"".join(self._fragments)))
             self._fragments = None
             self._fragment_size = 0
+            self._utf8 = None
+
+    def _check_fragment(self, payload: bytes, final: bool) -> None:
+        """Fail a fragmented text as soon as a fragment cannot be UTF-8."""
+        if self._utf8 is not None:
+            try:
+                self._utf8.decode(payload, final)
+            except UnicodeDecodeError:
+                raise ProtocolViolation(INVALID_PAYLOAD, "text is not UTF-8") from None
+
+
+def _check_utf8(payload: bytes) -> None:
+    try:
+        payload.decode()
+    except UnicodeDecodeError:
+        raise ProtocolViolation(INVALID_PAYLOAD, "text is not UTF-8") from None
 
 
 def control_frame(opcode: int, payload: bytes = b"") -> bytes:
@@ -239,11 +299,7 @@ class WireConnection(ConnectionBase, asyncio.Protocol):
         """Parse every frame in ``data``; handle them in order."""
         if self._ended:
             return
-        try:
-            frames = self._reader.feed(data)
-        except ProtocolViolation as violation:
-            self._violation(violation)
-            return
+        frames = self._reader.feed(data)
         if self._waiting:
             self._hold(frames)
             self._pause()
@@ -282,8 +338,11 @@ class WireConnection(ConnectionBase, asyncio.Protocol):
         elif opcode == OP_PONG:
             if session is not None:
                 session.on_pong()
-        else:
+        elif opcode == OP_CLOSE:
             self._peer_close(payload)
+        else:  # OP_VIOLATION: the frames before it were handled
+            assert self._reader.violation is not None
+            self._violation(self._reader.violation)
         return None
 
     def _wait_for(self, pending: asyncio.Future[None]) -> None:
@@ -327,13 +386,27 @@ class WireConnection(ConnectionBase, asyncio.Protocol):
         self._peer_closed = True
         code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else None
         self._peer_close_code = code
+        if len(payload) == 1 or (code is not None and not close_code_allowed(code)):
+            self._violation(ProtocolViolation(PROTOCOL_ERROR, "bad close frame"))
+            return
+        try:
+            payload[2:].decode()
+        except UnicodeDecodeError:
+            self._violation(ProtocolViolation(INVALID_PAYLOAD, "close reason is not UTF-8"))
+            return
         if not self._close_sent:
             self._send_close(code, "")  # echo the peer's code, as Tornado does
         self._close_transport()
 
     def _violation(self, violation: ProtocolViolation) -> None:
+        """Fail the connection: what was queued before, the close frame, then the socket."""
         log.debug("closing with %d: %s", violation.code, violation.reason)
-        self._close_now(violation.code, violation.reason)
+        if self._close_sent or self._transport is None:
+            return
+        self._send_close(violation.code, violation.reason)
+        self._close_transport()
+        # A peer that never reads again would keep the socket: drop it in the end.
+        asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self._abort)
 
     # -- frames out (the session's transport) ------------------------------------------
 
