@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+import orjson
 
 from pushsvc.auth.principal import Principal
 from pushsvc.auth.tokens import AuthError
@@ -24,15 +27,30 @@ from pushsvc.plugin.api import Node as PluginNode
 from pushsvc.plugin.manager import RegisteredType
 from pushsvc.protocol import frames
 from pushsvc.protocol.codes import ErrorCode
-from pushsvc.protocol.commands import CORE_COMMANDS
+from pushsvc.protocol.commands import CORE_COMMANDS, HISTORY_PAGE_DEFAULT
 from pushsvc.protocol.disconnects import DISCONNECTS, Disconnect
 from pushsvc.protocol.fields import CommandError
 from pushsvc.protocol.frames import Broadcast, Command, FrameError
+from pushsvc.store import HistoryPage
 
 log = logging.getLogger("pushsvc.session")
 
 #: Close reasons logged at debug level only (one line per connection would flood the log).
 QUIET_CLOSES = frozenset({DISCONNECTS.going_away.label})
+
+
+def _nothing() -> None:
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Joined:
+    """What a join did: fields for the ``reply``, and what to send after it."""
+
+    fields: dict[str, Any]  # offset, epoch; with since: recovered, recovered_count, reason
+    #: Sends the recovered publications, then the live ones held meanwhile; called
+    #: once, right after the reply (also when there is none).
+    finish: Callable[[], None] = field(default=_nothing)
 
 
 class Transport(Protocol):
@@ -72,8 +90,16 @@ class SessionServices(PluginNode, Protocol):
         """The plugin message type registered as ``name``, if any."""
         ...
 
-    async def join(self, session: Session, room: str) -> None:
-        """Join ``room`` (raises ``CommandError`` ``forbidden``)."""
+    async def join(
+        self, session: Session, room: str, *, since: tuple[int, str] | None = None
+    ) -> Joined:
+        """Join ``room``, resuming after ``since`` (raises ``CommandError`` ``forbidden``)."""
+        ...
+
+    async def room_history(
+        self, room: str, since: int | None, limit: int, *, reverse: bool = False
+    ) -> HistoryPage:
+        """A page of ``room``'s history (raises ``CommandError`` ``unavailable``)."""
         ...
 
     async def leave(self, session: Session, room: str) -> None:
@@ -306,14 +332,20 @@ class Session:
             self.send(frames.encode(pong), "pong")
         elif command.type == "join":
             room = fields["room"]
-            await self.services.join(self, room)
-            joined: dict[str, Any] = {"room": room}
+            since = fields.get("since")
+            result = await self.services.join(
+                self, room, since=None if since is None else (since["offset"], since["epoch"])
+            )
+            joined: dict[str, Any] = {"room": room, **result.fields}
             users = self.services.presence(room)
             # The members so far (presence events tell the changes from now on),
             # within the same cap as presence events.
             if len(users) <= self.services.config.chat.presence_max_members:
                 joined["users"] = users
             self._reply(ref, joined)
+            result.finish()
+        elif command.type == "history":
+            await self._history(fields, ref)
         elif command.type == "leave":
             await self.services.leave(self, fields["room"])
             self._reply(ref, {"room": fields["room"]})
@@ -327,6 +359,25 @@ class Session:
                 raise CommandError(ErrorCode.BAD_REQUEST, "ack: needs id or ids")
             acked = await self.services.ack(self, ids)
             self._reply(ref, {"acked": acked})
+
+    async def _history(self, fields: dict[str, Any], ref: str | None) -> None:
+        room = fields["room"]
+        if not self.services.may_join(self.principal, room):
+            raise CommandError(ErrorCode.FORBIDDEN, f"not allowed to read {room!r}")
+        reverse = bool(fields.get("reverse", False))
+        limit = fields.get("limit", HISTORY_PAGE_DEFAULT)
+        page = await self.services.room_history(room, fields.get("since"), limit, reverse=reverse)
+        publications = [orjson.Fragment(entry.frame) for entry in page.entries]
+        self._reply(
+            ref,
+            {
+                "room": room,
+                "epoch": page.epoch,
+                "offset": page.top,
+                "earliest": page.earliest,
+                "publications": publications,
+            },
+        )
 
     async def _reauthenticate(self, token: str, ref: str | None) -> None:
         try:

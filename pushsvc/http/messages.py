@@ -49,7 +49,7 @@ class PublishHandler(ApiHandler):
         extra = self.field(data, "data", dict, required=False)
         if extra is not None:
             message["data"] = extra
-        message_id = await self.node.publish(room, message)
+        message_id = await self.node.publish(room, message, history=True)
         return HTTPStatus.ACCEPTED, {"id": message_id}
 
 

@@ -76,8 +76,12 @@ class Node(Protocol):
         """Whether the connection ``session`` has joined ``room`` on this node."""
         ...
 
-    async def publish(self, room: str, message: dict[str, Any]) -> str:
-        """Fan ``message`` out to the room's members, at most once; returns its id."""
+    async def publish(self, room: str, message: dict[str, Any], *, history: bool = False) -> str:
+        """Fan ``message`` out to the room's members, at most once; returns its id.
+
+        With ``history`` it is recorded in the room's history first and
+        carries ``offset`` and ``epoch`` (clients resume from them).
+        """
         ...
 
     async def send(
@@ -113,6 +117,8 @@ class MessageType:
         cost: tokens of the rate-limit buckets one frame of this type takes.
         scope: a token scope the sender needs (``forbidden`` otherwise).
         description: one line for ``pushsvc plugins``.
+        history: :meth:`FrameContext.publish` records this type's room
+            publications in the room's history (offset, epoch, resume).
     """
 
     name: str
@@ -122,6 +128,7 @@ class MessageType:
     cost: float = 1.0
     scope: str | None = None
     description: str = ""
+    history: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,9 +144,10 @@ class FrameContext:
     async def publish(self, room: str, message: dict[str, Any]) -> str:
         """Fan ``message`` out to the members of ``room`` (at most once).
 
-        The server adds ``id`` and ``timestamp``; returns the id.
+        The server adds ``id`` and ``timestamp`` (and ``offset`` and
+        ``epoch`` when the type declares ``history``); returns the id.
         """
-        return await self.node.publish(room, message)
+        return await self.node.publish(room, message, history=self.message_type.history)
 
     async def send(
         self, to: str | Sequence[str], message: dict[str, Any], ttl: float | None = None
