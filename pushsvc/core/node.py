@@ -427,6 +427,7 @@ class Node:
         """Stamp, append to the history (encoded there, once, with its position), count."""
         message_id, frame = frames.stamp(message)
         kind = frame["type"]
+        frame.setdefault("room", room)  # an offset means nothing without its room
         self.metrics.messages_accepted.labels(kind).inc()
 
         def encode(offset: int, epoch: str) -> bytes:  # runs in the store's write
