@@ -92,6 +92,9 @@ export interface WelcomeFrame extends Frame {
 }
 
 export interface ChatFrame extends Frame {
+  /** Position in the room's history (absent when the room keeps none). */
+  offset?: number;
+  epoch?: string;
   type: "chat";
   id: string;
   room: string;
@@ -137,6 +140,24 @@ export interface ReplyFrame extends Frame {
   room?: string;
   /** `join` replies: the room's users so far, sorted (absent above chat.presence_max_members). */
   users?: string[];
+  /** `join` replies: the room's history position (absent when the room keeps no history). */
+  offset?: number;
+  epoch?: string;
+  /** `join` with `since` (a rejoin): whether every missed message follows this reply. */
+  recovered?: boolean;
+  recovered_count?: number;
+  /** When not recovered: "epoch_changed" | "too_far_behind" | "history_expired" | "history_disabled" | "unavailable". */
+  reason?: string;
+}
+
+/** What the "recovery" event tells after a rejoin with `since`. */
+export interface Recovery {
+  room: string;
+  /** false: messages were lost meanwhile; reload the room (e.g. the history API). */
+  recovered: boolean;
+  /** Messages replayed (they follow, in order, before live ones). */
+  recoveredCount: number;
+  reason: string | null;
 }
 
 export interface ErrorFrame extends Frame {
@@ -160,6 +181,8 @@ export interface LifecycleEvents {
   /** Server `error` frames without a pending send, failing handlers, token provider failures. */
   error: (error: Error) => void;
   reconnecting: (attempt: number, delay: number) => void;
+  /** After a room was rejoined with `since`: recovered, or why not. */
+  recovery: (recovery: Recovery) => void;
   /** Every frame dispatched to handlers (not replies, errors or pongs). */
   message: (frame: Frame) => void | Promise<void>;
 }
@@ -174,6 +197,8 @@ export class PushClient {
   readonly welcome: WelcomeFrame | null;
   /** Rooms joined; rejoined after every reconnect. */
   readonly rooms: ReadonlySet<string>;
+  /** room -> the last room message's offset and epoch (sent as `since` on rejoin). */
+  readonly positions: ReadonlyMap<string, { offset: number; epoch: string }>;
 
   on<K extends keyof LifecycleEvents>(type: K, handler: LifecycleEvents[K]): Unsubscribe;
   on<K extends keyof FrameMap>(type: K, handler: (frame: FrameMap[K]) => void | Promise<void>): Unsubscribe;
