@@ -99,6 +99,7 @@ export class PushClient {
     this._pending = new Map(); // ref -> {resolve, reject, timer}
     this._outbox = []; // {frame, resolve, reject, timer}
     this._roomWaiters = new Map(); // room -> [{resolve, reject}]
+    this._joining = new Set(); // rooms with a join request in flight
     this._seen = new Map(); // id -> acked (bool), insertion-ordered
     this._ackQueue = [];
     this._ackTimer = null;
@@ -506,12 +507,18 @@ export class PushClient {
   }
 
   _sendJoin(room) {
+    if (this._joining.has(room)) return; // one join in flight per room: its reply settles every waiter
+    this._joining.add(room);
     const frame = { type: "join", room };
     const position = this.positions.get(room);
     if (position) frame.since = { offset: position.offset, epoch: position.epoch };
     this._request(frame, this.options.sendTimeout).then(
-      (reply) => this._settleRoom(room, null, reply),
+      (reply) => {
+        this._joining.delete(room);
+        this._settleRoom(room, null, reply);
+      },
       (error) => {
+        this._joining.delete(room);
         if (error.code !== "connection_lost" && error.code !== "closed") {
           // refused (forbidden, bad_request) or timed out: forget the room
           if (error.code !== "timeout") this.rooms.delete(room);
