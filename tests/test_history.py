@@ -83,10 +83,13 @@ async def test_room_messages_carry_offset_and_epoch_presence_does_not(
 # -- resume ---------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("delivery", ["sync", "async"])
 async def test_resume_replays_exactly_what_was_missed_then_live(
-    start_server: Callable[..., Any],
+    start_server: Callable[..., Any], delivery: str
 ) -> None:
-    server: Server = await start_server(**NO_AUTO_JOIN)
+    server: Server = await start_server(
+        broker={"url": f"memory://?delivery={delivery}"}, **NO_AUTO_JOIN
+    )
     alice = await server.connect("alice")
     bob = await server.connect("bob")
     await join(alice, "r")
@@ -108,10 +111,13 @@ async def test_resume_replays_exactly_what_was_missed_then_live(
     await bob.expect_nothing(0.3, ignore=("presence",))
 
 
+@pytest.mark.parametrize("delivery", ["sync", "async"])
 async def test_resume_during_a_burst_has_no_gap_and_no_duplicate(
-    start_server: Callable[..., Any],
+    start_server: Callable[..., Any], delivery: str
 ) -> None:
-    server: Server = await start_server(**NO_AUTO_JOIN)
+    server: Server = await start_server(
+        broker={"url": f"memory://?delivery={delivery}"}, **NO_AUTO_JOIN
+    )
     alice, bob = await server.connect("alice"), await server.connect("bob")
     await join(alice, "r")
     await join(bob, "r")
@@ -369,3 +375,15 @@ async def test_history_endpoint_paginates(server: Server) -> None:
     for query in ("since=-1", "since=x", "reverse=maybe", "limit=0"):
         status, body, _ = await server.http("GET", f"/api/v1/rooms/r/history?{query}")
         assert status == 400 and body["error"] == "bad_request", query
+
+
+def test_envelope_carries_offset_and_epoch_in_its_id_field() -> None:
+    recorded = Envelope(EnvelopeKind.LIVE, "chat", "01ID", b'{"a":"\x1f b"}', 42, "9f2c")
+    wire = recorded.to_bytes()
+    assert wire.split(b"\x1f", 3)[2] == b"01ID 42 9f2c"  # a node that predates it: an id
+    assert Envelope.from_bytes(wire) == recorded
+    plain = Envelope(EnvelopeKind.LIVE, "chat", "01ID", b"{}")
+    assert plain.to_bytes() == b"L\x1fchat\x1f01ID\x1f{}"  # unchanged without an offset
+    assert Envelope.from_bytes(plain.to_bytes()) == plain
+    with pytest.raises(ValueError):
+        Envelope.from_bytes(b"L\x1fchat\x1f01ID x e\x1f{}")

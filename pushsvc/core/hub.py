@@ -130,6 +130,9 @@ class Hub:
         self.feeds: dict[str, _Feed] = {}  # room -> recorded publications delivered
         #: room -> session -> envelopes kept aside while that connection resumes
         self.held: dict[str, dict[str, list[Envelope]]] = {}
+        #: room -> session -> (epoch, offset) it got from the history: copies of those
+        #: still on their way through the broker are not sent to it again
+        self.floors: dict[str, dict[str, tuple[str, int]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()  # running repairs
         self.sessions: dict[str, Client] = {}  # session -> client
         self.users: dict[str, dict[str, Client]] = {}  # user -> session -> client
@@ -216,22 +219,26 @@ class Hub:
         kept = held.pop(client.session, None) if held is not None else None
         if held is not None and not held:
             del self.held[room]
-        if not kept or client.closing or room not in client.rooms:
+        if client.closing or room not in client.rooms:
             return 0
         sent = 0
-        for envelope in kept:
+        for envelope in kept or ():
             if envelope.offset and envelope.epoch == epoch and envelope.offset <= upto:
                 continue
             sent += client.send_broadcast(Broadcast(envelope.frame, envelope.type))
+        feed = self.feeds.get(room)
+        if upto and (feed is None or feed.epoch != epoch or feed.last < upto):
+            self.floors.setdefault(room, {})[client.session] = (epoch, upto)
         return sent
 
     async def leave(self, client: Client, room: str) -> bool:
         """Remove ``client`` from ``room``; False when it was not a member."""
-        held = self.held.get(room)
-        if held is not None:
-            held.pop(client.session, None)
-            if not held:
-                del self.held[room]
+        for table in (self.held, self.floors):
+            entries = table.get(room)
+            if entries is not None:
+                entries.pop(client.session, None)
+                if not entries:
+                    del table[room]
         if room not in client.rooms:
             return False
         client.rooms.discard(room)
@@ -291,7 +298,21 @@ class Hub:
             )
             return
         self.metrics.broadcast_recipients.observe(len(members))
-        targets = members.values() if not held else [c for s, c in members.items() if s not in held]
+        floors = self.floors.get(room) if envelope.offset else None
+        if floors:
+            excluded = set(held) if held else set()
+            for session, (epoch, upto) in list(floors.items()):
+                if epoch != envelope.epoch or envelope.offset > upto:
+                    del floors[session]  # the feed is in order: no older copy comes now
+                else:
+                    excluded.add(session)
+            if not floors:
+                del self.floors[room]
+            targets: Iterable[Client] = [c for s, c in members.items() if s not in excluded]
+        elif held:
+            targets = [c for s, c in members.items() if s not in held]
+        else:
+            targets = members.values()
         sent = self._broadcast(targets, envelope)
         self.metrics.messages_delivered.labels(envelope.type).inc(sent)
 

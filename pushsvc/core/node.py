@@ -14,7 +14,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 from pushsvc.auth import revocation
@@ -50,6 +50,10 @@ from pushsvc.store import (
 
 log = logging.getLogger("pushsvc.node")
 
+#: Room publications with their history append in flight past which ``publish``
+#: waits for its own (backpressure on publishers when the store is slow).
+RECORDING_MAX = 10_000
+
 
 class Node:
     """The pushsvc service of this process."""
@@ -83,6 +87,7 @@ class Node:
         self.hub.on_control = self.on_control  # control: broadcasts (revocations)
         self.draining = False  # True once shutdown began: refuse new work
         self._tasks: set[asyncio.Task[Any]] = set()  # background work to finish on shutdown
+        self._recording = 0  # room publications whose history append is in flight
 
     def track(self, task: asyncio.Task[Any]) -> None:
         """Keep a background task alive until it ends; its errors are logged."""
@@ -228,6 +233,10 @@ class Node:
             if since is None:
                 return Joined({})
             return self._not_recovered(session, room, "unavailable", None, hold)
+        except BaseException:  # a bug or a cancellation: never leave the room held
+            if hold:
+                self.hub.release_room(session, room, 0, "")
+            raise
         if since is None:
             return Joined({"offset": page.top, "epoch": page.epoch})
         reason = self._recovery_problem(since, page)
@@ -404,31 +413,55 @@ class Node:
         self.metrics.messages_accepted.labels(frame["type"]).inc()
         return Envelope(EnvelopeKind.LIVE, frame["type"], message_id, frames.encode(frame))
 
-    async def publish(self, room: str, message: dict[str, Any], *, history: bool = False) -> str:
+    async def publish(
+        self,
+        room: str,
+        message: dict[str, Any],
+        *,
+        history: bool = False,
+        defer: list[Awaitable[None]] | None = None,
+    ) -> str:
         """Fan ``message`` out to ``room``'s members on every node (at most once).
 
         With ``history`` (and a room that keeps one, ``history.*``) it is
-        first appended to the room's history and carries ``offset`` and
-        ``epoch``; if the append fails it is published live only.
+        appended to the room's history first and carries ``offset`` and
+        ``epoch``; the fan-out follows the commit, in the order of the
+        ``publish`` calls. This returns once it is recorded and fanned out,
+        unless ``defer`` is given: then it returns once the append is
+        queued and adds what to await to ``defer`` (the session answers the
+        frame after it, without holding the connection's next frames, which
+        so join the same group commit). Past :data:`RECORDING_MAX` appends
+        in flight it waits anyway (backpressure). If the append fails the
+        message is published live only.
         """
         if "type" not in message:
             raise ValueError("message needs a 'type'")
         retention = self.retention(room) if history else None
         if retention is None:
             envelope = self._live(message)
+            await self.broker.publish(room_channel(room), envelope)
+            return envelope.id
+        message_id, frame = frames.stamp(message)
+        frame.setdefault("room", room)  # an offset means nothing without its room
+        self.metrics.messages_accepted.labels(frame["type"]).inc()
+        task = asyncio.ensure_future(self._recorded(room, message_id, frame, retention))
+        self._recording += 1
+        task.add_done_callback(self._recorded_done)
+        self.track(task)
+        if defer is None or self._recording > RECORDING_MAX:
+            await asyncio.shield(task)
         else:
-            envelope = await self._recorded(room, message, retention)
-        await self.broker.publish(room_channel(room), envelope)
-        return envelope.id
+            defer.append(task)
+        return message_id
+
+    def _recorded_done(self, _task: asyncio.Task[None]) -> None:
+        self._recording -= 1
 
     async def _recorded(
-        self, room: str, message: dict[str, Any], retention: HistoryRetention
-    ) -> Envelope:
-        """Stamp, append to the history (encoded there, once, with its position), count."""
-        message_id, frame = frames.stamp(message)
+        self, room: str, message_id: str, frame: dict[str, Any], retention: HistoryRetention
+    ) -> None:
+        """Append to the history (encoded there, once, with its position), then fan out."""
         kind = frame["type"]
-        frame.setdefault("room", room)  # an offset means nothing without its room
-        self.metrics.messages_accepted.labels(kind).inc()
 
         def encode(offset: int, epoch: str) -> bytes:  # runs in the store's write
             frame["offset"], frame["epoch"] = offset, epoch
@@ -441,10 +474,12 @@ class Node:
             log.warning("room %r: history append failed, published live only: %s", room, exc)
             frame.pop("offset", None)
             frame.pop("epoch", None)
-            return Envelope(EnvelopeKind.LIVE, kind, message_id, frames.encode(frame))
-        return Envelope(
-            EnvelopeKind.LIVE, kind, message_id, appended.frame, appended.offset, appended.epoch
-        )
+            envelope = Envelope(EnvelopeKind.LIVE, kind, message_id, frames.encode(frame))
+        else:
+            envelope = Envelope(
+                EnvelopeKind.LIVE, kind, message_id, appended.frame, appended.offset, appended.epoch
+            )
+        await self.broker.publish(room_channel(room), envelope)
 
     async def send(
         self,

@@ -9,9 +9,10 @@ answer with ``reply`` or ``error``. It needs the service only through
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -35,6 +36,8 @@ from pushsvc.store import HistoryPage
 
 log = logging.getLogger("pushsvc.session")
 
+#: Replies waiting for their frame's publications to be recorded (kept alive here).
+_REPLIES: set[asyncio.Task[None]] = set()
 #: Close reasons logged at debug level only (one line per connection would flood the log).
 QUIET_CLOSES = frozenset({DISCONNECTS.going_away.label})
 
@@ -314,10 +317,29 @@ class Session:
             )
             self.send_error(ErrorCode.INTERNAL, f"plugin {plugin} failed", command.ref)
             return
-        if isinstance(reply, Reply):
-            self._reply(command.ref, dict(reply.fields))
-        else:
-            self._reply(command.ref)
+        fields = dict(reply.fields) if isinstance(reply, Reply) else None
+        if context.deferred:  # publications being recorded: reply once they are
+            task = asyncio.ensure_future(self._reply_after(context.deferred, command, fields))
+            _REPLIES.add(task)
+            task.add_done_callback(_REPLIES.discard)
+            return
+        self._reply(command.ref, fields)
+
+    async def _reply_after(
+        self, pending: list[Awaitable[None]], command: Command, fields: dict[str, Any] | None
+    ) -> None:
+        try:
+            for waiting in pending:
+                await waiting
+        except Exception:
+            log.exception(
+                "a publication of a %r frame failed",
+                command.type,
+                extra={"session": self.session, "user": self.principal.user},
+            )
+            self.send_error(ErrorCode.INTERNAL, "internal error", command.ref)
+            return
+        self._reply(command.ref, fields)
 
     async def _core_command(self, command: Command) -> None:
         checked = frames.validate(command, CORE_COMMANDS[command.type].fields)

@@ -76,11 +76,19 @@ class Node(Protocol):
         """Whether the connection ``session`` has joined ``room`` on this node."""
         ...
 
-    async def publish(self, room: str, message: dict[str, Any], *, history: bool = False) -> str:
+    async def publish(
+        self,
+        room: str,
+        message: dict[str, Any],
+        *,
+        history: bool = False,
+        defer: list[Awaitable[None]] | None = None,
+    ) -> str:
         """Fan ``message`` out to the room's members, at most once; returns its id.
 
         With ``history`` it is recorded in the room's history first and
-        carries ``offset`` and ``epoch`` (clients resume from them).
+        carries ``offset`` and ``epoch`` (clients resume from them). With
+        ``defer`` it returns before the commit and adds the work left to it.
         """
         ...
 
@@ -140,14 +148,20 @@ class FrameContext:
     frame: Mapping[str, Any]  # the validated fields (``type`` and ``ref`` removed)
     message_type: MessageType  # the declaration this frame matched
     node: Node  # service operations
+    #: Publications still being recorded: the session sends the reply after them.
+    deferred: list[Awaitable[None]] = field(default_factory=list)
 
     async def publish(self, room: str, message: dict[str, Any]) -> str:
         """Fan ``message`` out to the members of ``room`` (at most once).
 
         The server adds ``id`` and ``timestamp`` (and ``offset`` and
-        ``epoch`` when the type declares ``history``); returns the id.
+        ``epoch`` when the type declares ``history``); returns the id. A
+        recorded publication returns before its commit; the frame's reply
+        is sent after it, and the connection's next frames do not wait.
         """
-        return await self.node.publish(room, message, history=self.message_type.history)
+        if not self.message_type.history:
+            return await self.node.publish(room, message)
+        return await self.node.publish(room, message, history=True, defer=self.deferred)
 
     async def send(
         self, to: str | Sequence[str], message: dict[str, Any], ttl: float | None = None
