@@ -445,17 +445,18 @@ class Node:
         frame.setdefault("room", room)  # an offset means nothing without its room
         self.metrics.messages_accepted.labels(frame["type"]).inc()
         task = asyncio.ensure_future(self._recorded(room, message_id, frame, retention))
-        self._recording += 1
+        self._tasks.add(task)
         task.add_done_callback(self._recorded_done)
-        self.track(task)
+        self._recording += 1
         if defer is None or self._recording > RECORDING_MAX:
             await asyncio.shield(task)
         else:
             defer.append(task)
         return message_id
 
-    def _recorded_done(self, _task: asyncio.Task[None]) -> None:
+    def _recorded_done(self, task: asyncio.Task[None]) -> None:
         self._recording -= 1
+        self._task_done(task)
 
     async def _recorded(
         self, room: str, message_id: str, frame: dict[str, Any], retention: HistoryRetention

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -36,8 +36,6 @@ from pushsvc.store import HistoryPage
 
 log = logging.getLogger("pushsvc.session")
 
-#: Replies waiting for their frame's publications to be recorded (kept alive here).
-_REPLIES: set[asyncio.Task[None]] = set()
 #: Close reasons logged at debug level only (one line per connection would flood the log).
 QUIET_CLOSES = frozenset({DISCONNECTS.going_away.label})
 
@@ -319,22 +317,25 @@ class Session:
             return
         fields = dict(reply.fields) if isinstance(reply, Reply) else None
         if context.deferred:  # publications being recorded: reply once they are
-            task = asyncio.ensure_future(self._reply_after(context.deferred, command, fields))
-            _REPLIES.add(task)
-            task.add_done_callback(_REPLIES.discard)
+            deferred = context.deferred
+            waiting: asyncio.Future[Any] = (
+                asyncio.ensure_future(deferred[0])
+                if len(deferred) == 1
+                else asyncio.gather(*deferred)
+            )
+            waiting.add_done_callback(lambda done: self._reply_recorded(done, command, fields))
             return
         self._reply(command.ref, fields)
 
-    async def _reply_after(
-        self, pending: list[Awaitable[None]], command: Command, fields: dict[str, Any] | None
+    def _reply_recorded(
+        self, done: asyncio.Future[Any], command: Command, fields: dict[str, Any] | None
     ) -> None:
-        try:
-            for waiting in pending:
-                await waiting
-        except Exception:
-            log.exception(
+        """The frame's publications are recorded and fanned out: answer it."""
+        if done.cancelled() or done.exception() is not None:
+            log.error(
                 "a publication of a %r frame failed",
                 command.type,
+                exc_info=None if done.cancelled() else done.exception(),
                 extra={"session": self.session, "user": self.principal.user},
             )
             self.send_error(ErrorCode.INTERNAL, "internal error", command.ref)
