@@ -16,6 +16,7 @@ from tornado.websocket import websocket_connect
 
 import conftest
 from conftest import Client, Server, ServerProcess
+from pushsvc import config as config_module
 from pushsvc.broker import Broker, Envelope, EnvelopeKind, room_channel
 from pushsvc.broker.memory import MemoryBroker
 
@@ -109,6 +110,12 @@ async def test_resume_replays_exactly_what_was_missed_then_live(
     assert [m["text"] for m in got] == [f"m{i}" for i in range(50)] + ["live"]
     assert [m["offset"] for m in got] == list(range(seen["offset"] + 1, seen["offset"] + 52))
     await bob.expect_nothing(0.3, ignore=("presence",))
+    node = server.node
+    assert metric(node, "pushsvc_history_recoveries_total", outcome="recovered") == 1
+    assert metric(node, "pushsvc_history_replayed_total", source="resume") == 50
+    await node.trim_history()
+    assert metric(node, "pushsvc_history_entries") == 52
+    assert metric(node, "pushsvc_history_rooms") == 1
 
 
 @pytest.mark.parametrize("delivery", ["sync", "async"])
@@ -387,3 +394,20 @@ def test_envelope_carries_offset_and_epoch_in_its_id_field() -> None:
     assert Envelope.from_bytes(plain.to_bytes()) == plain
     with pytest.raises(ValueError):
         Envelope.from_bytes(b"L\x1fchat\x1f01ID x e\x1f{}")
+
+
+@pytest.mark.parametrize(
+    "rule", ["ticker-*", "ticker-* 5", "ticker-* x 1", "ticker-* -1 1", "a 1 2 3", "a 1 -2"]
+)
+def test_bad_history_rules_are_refused_naming_the_key(rule: str, tmp_path: Any) -> None:
+    with pytest.raises(config_module.ConfigError, match=r"^history\.rooms: .*PATTERN SIZE TTL"):
+        conftest.make_config(tmp_path, history={"rooms": [rule]})
+
+
+def test_history_rules_first_match_wins(tmp_path: Any) -> None:
+    history = conftest.make_config(
+        tmp_path, history={"rooms": ["ticker-* 0 0", "support-* 5000 86400", "* 10 5"]}
+    ).history
+    assert history.retention("ticker-eur") is None
+    assert history.retention("support-1") == (5000, 86400.0)
+    assert history.retention("lobby") == (10, 5.0)
