@@ -7,6 +7,7 @@ wrapper around the real in-memory broker that drops one envelope.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Callable
 from typing import Any
@@ -316,6 +317,43 @@ async def test_a_dropped_publication_is_repaired_in_order(
     assert metric(node, "pushsvc_history_gaps_repaired_total") == 2
     assert metric(node, "pushsvc_history_replayed_total", source="repair") == 3
     assert metric(node, "pushsvc_history_lost_total") == 0
+
+
+class LaggingHistory:
+    """The real store, whose history reads miss chosen offsets a number of times
+    (as when another node took the offset and has not committed it yet)."""
+
+    def __init__(self, inner: Any, hide: set[int], reads: int) -> None:
+        self.inner = inner
+        self.hide = hide
+        self.reads = reads  # reads that miss them
+
+    async def history(self, room: str, since: int | None, limit: int, **kw: Any) -> Any:
+        page = await self.inner.history(room, since, limit, **kw)
+        if self.reads <= 0:
+            return page
+        self.reads -= 1
+        entries = [e for e in page.entries if e.offset not in self.hide]
+        return dataclasses.replace(page, entries=entries)
+
+
+@pytest.mark.parametrize(("reads", "lost"), [(1, 0), (2, 1)])
+async def test_a_repair_reads_again_what_was_not_committed_yet(
+    start_server: Callable[..., Any], reads: int, lost: int
+) -> None:
+    server: Server = await start_server(**NO_AUTO_JOIN)
+    node = server.node
+    node.broker = DroppingBroker(node.broker, {3})  # type: ignore[assignment]
+    node.hub.history = LaggingHistory(node.store, {3}, reads)
+    alice = await server.connect("alice")
+    await join(alice, "r")
+    for i in range(1, 6):
+        await publish(server, "r", f"m{i}")
+    expected = [1, 2, 3, 4, 5] if not lost else [1, 2, 4, 5]
+    assert [m["offset"] for m in await chats(alice, len(expected))] == expected
+    await alice.expect_nothing(0.2, ignore=("presence",))
+    assert metric(node, "pushsvc_history_gaps_repaired_total") == (0 if lost else 1)
+    assert metric(node, "pushsvc_history_lost_total") == lost
 
 
 async def test_a_late_copy_of_a_repaired_publication_is_dropped(server: Server) -> None:

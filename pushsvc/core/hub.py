@@ -37,6 +37,9 @@ from pushsvc.store import HistoryPage
 
 log = logging.getLogger("pushsvc.hub")
 
+#: Seconds before a gap repair reads the history again for what it lacked.
+REPAIR_RETRY = 0.05
+
 
 class Client(Protocol):
     """What the hub needs of a connection (a :class:`~pushsvc.core.session.Session`)."""
@@ -359,21 +362,18 @@ class Hub:
             feed.queue.clear()
 
     async def _fill(self, room: str, feed: _Feed, upto: int) -> None:
-        """Deliver the recorded publications after ``feed.last`` and before ``upto``."""
-        assert self.history is not None
+        """Deliver the recorded publications after ``feed.last`` and before ``upto``.
+
+        What the history lacks is read once more after :data:`REPAIR_RETRY`
+        seconds: with several nodes, a publication may arrive before an
+        earlier offset whose publisher has not committed yet.
+        """
         since = max(feed.last, upto - 1 - self.max_repair)
-        found: list[Envelope] = []
-        try:
-            page = await self.history.history(room, since, upto - 1 - since)
-        except Exception as exc:  # StoreUnavailable or a broken store: deliver what we have
-            log.warning("gap repair of room %r failed: %s", room, exc)
-        else:
-            if page.epoch == feed.epoch:
-                found = [
-                    Envelope(EnvelopeKind.LIVE, e.type, "", e.frame, e.offset, page.epoch)
-                    for e in page.entries
-                    if since < e.offset < upto
-                ]
+        found = await self._read_gap(room, feed.epoch, since, upto)
+        if len(found) < upto - 1 - since:
+            await asyncio.sleep(REPAIR_RETRY)
+            again = await self._read_gap(room, feed.epoch, since, upto)
+            found = again if len(again) > len(found) else found
         missing = upto - 1 - feed.last
         for repaired in found:
             self._to_room(room, repaired)
@@ -387,6 +387,22 @@ class Hub:
                 room,
                 missing - len(found),
             )
+
+    async def _read_gap(self, room: str, epoch: str, since: int, upto: int) -> list[Envelope]:
+        """The recorded publications of ``epoch`` after ``since`` and before ``upto``."""
+        assert self.history is not None
+        try:
+            page = await self.history.history(room, since, upto - 1 - since)
+        except Exception as exc:  # StoreUnavailable or a broken store: deliver what we have
+            log.warning("gap repair of room %r failed: %s", room, exc)
+            return []
+        if page.epoch != epoch:
+            return []
+        return [
+            Envelope(EnvelopeKind.LIVE, e.type, "", e.frame, e.offset, page.epoch)
+            for e in page.entries
+            if since < e.offset < upto
+        ]
 
     def on_envelope(self, channel: str, envelope: Envelope) -> None:
         """Deliver an envelope from the broker to the local connections."""
