@@ -24,6 +24,7 @@ description. Run from the repo root with the venv's python::
     python bench/durable.py                         # defaults: 1,000 users, 100 senders, 10 s
     python bench/durable.py --duration 5 --users 200 --senders 20
     python bench/durable.py --py-spy /tmp/durable.txt   # profile the server in phase 2
+    python bench/durable.py --store-url redis-server    # on a redis-server of its own
 """
 
 from __future__ import annotations
@@ -413,6 +414,8 @@ def start_server(args: argparse.Namespace, data_dir: Path, port: int) -> subproc
         command = ["taskset", "-c", str(args.server_cpu), *command]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PUSHSVC_LOG__LEVEL": "warning"}
     env["PUSHSVC_STORE__SYNCHRONOUS"] = args.synchronous
+    if args.store_url:
+        env["PUSHSVC_STORE__URL"] = args.store_url
     log = open(data_dir.parent / "server.log", "wb")  # noqa: SIM115 - lives with the process
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + START_SECONDS
@@ -421,6 +424,29 @@ def start_server(args: argparse.Namespace, data_dir: Path, port: int) -> subproc
             return proc
         if proc.poll() is not None or time.monotonic() > deadline:
             raise SystemExit(f"server did not start; log: {data_dir.parent / 'server.log'}")
+        time.sleep(0.05)
+
+
+def start_redis(args: argparse.Namespace, directory: Path) -> subprocess.Popen[bytes]:
+    """A ``redis-server`` for ``--store-url redis-server``: AOF on, everysec, in ``directory``."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("--store-url redis-server: redis-server is not installed (make tools)")
+    directory.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory)]
+    command += ["--save", "", "--appendonly", "yes", "--appendfsync", args.appendfsync]
+    command += ["--maxmemory-policy", "noeviction", "--logfile", str(directory / "redis.log")]
+    if args.redis_cpu >= 0 and shutil.which("taskset"):
+        command = ["taskset", "-c", str(args.redis_cpu), *command]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + START_SECONDS
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            args.store_url = f"redis://127.0.0.1:{port}/0"
+            return proc
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"redis-server did not start; log: {directory / 'redis.log'}")
         time.sleep(0.05)
 
 
@@ -488,6 +514,29 @@ def rows(phases: list[Phase]) -> list[str]:
     return out
 
 
+def store_description(args: argparse.Namespace) -> str:
+    if not args.store_url:
+        return f"SQLite, synchronous={args.synchronous}"
+    if args.redis_started:
+        return (
+            f"Redis (redis-server started by the bench, appendfsync {args.appendfsync}, "
+            f"CPU {'any' if args.redis_cpu < 0 else args.redis_cpu}; its CPU is in others' CPU)"
+        )
+    return f"store.url={args.store_url}"
+
+
+def redis_cpu_line(args: argparse.Namespace, phases: list[Phase]) -> list[str]:
+    """The redis-server's CPU per acked message, when the bench started one."""
+    acked = sum(p.acked for p in phases)
+    if args.redis_cpu_used is None or not acked:
+        return []
+    per_msg = args.redis_cpu_used / acked * 1e6
+    return [
+        f"- redis-server CPU: {args.redis_cpu_used:.2f} s for {acked:,} acked messages, "
+        f"{per_msg:.0f} µs per acked message (every phase, connecting included)"
+    ]
+
+
 def report(args: argparse.Namespace, phases: list[Phase], started: str) -> str:
     lines = [
         "# Durable delivery benchmark (bench/durable.py)",
@@ -496,10 +545,11 @@ def report(args: argparse.Namespace, phases: list[Phase], started: str) -> str:
         "",
         *machine(),
         f"- server pinned to CPU {args.server_cpu}, client to CPU {args.client_cpu}; "
-        f"{args.users:,} recipients connected; store.synchronous={args.synchronous}; "
+        f"{args.users:,} recipients connected; store: {store_description(args)}; "
         f"{args.duration:g} s per phase (first {min(1.0, args.duration / 5):g} s not measured); "
         f"closed-loop pipeline {args.pipeline} per sender",
         *([f"- {args.note}"] if args.note else []),
+        *redis_cpu_line(args, phases),
         "",
         *rows(phases),
         "",
@@ -526,6 +576,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--phases", default="1,N,rate", help="subset of 1,N,rate to run")
     parser.add_argument("--config", default=str(HERE / "bench.toml"), help="server config")
     parser.add_argument("--synchronous", default="normal", choices=("normal", "full"))
+    parser.add_argument(
+        "--store-url",
+        default="",
+        help="store.url of the server (default: SQLite in the data dir); 'redis-server': "
+        "start one for the run (appendonly yes) and use it",
+    )
+    parser.add_argument("--appendfsync", default="everysec", choices=("everysec", "always"))
+    parser.add_argument("--redis-cpu", type=int, default=-1, help="CPU for redis-server (-1: any)")
     parser.add_argument("--server-cpu", type=int, default=0, help="CPU for the server (-1: any)")
     parser.add_argument("--client-cpu", type=int, default=1, help="CPU for this client (-1: any)")
     parser.add_argument("--pushsvc", default=None, help="pushsvc executable")
@@ -585,7 +643,18 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="pushsvc-durable-"))
     port = free_port()
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    proc = start_server(args, work / "data", port)
+    redis = None
+    args.redis_started = args.store_url == "redis-server"
+    args.redis_cpu_used = None
+    if args.redis_started:
+        redis = start_redis(args, work / "redis")
+        redis_cpu_start = server_cpu(redis.pid)
+    try:
+        proc = start_server(args, work / "data", port)
+    except BaseException:
+        if redis is not None:
+            redis.terminate()
+        raise
     try:
         try:
             import uvloop
@@ -597,6 +666,12 @@ def main(argv: list[str] | None = None) -> int:
         proc.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(30)
+        if redis is not None:
+            with contextlib.suppress(OSError):
+                args.redis_cpu_used = server_cpu(redis.pid) - redis_cpu_start
+            redis.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                redis.wait(30)
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     text = report(args, phases, started)

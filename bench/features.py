@@ -16,6 +16,7 @@ import time
 import timeit
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import tornado
 
@@ -24,6 +25,7 @@ from pushsvc.broker import Envelope, EnvelopeKind
 from pushsvc.config import AuthConfig
 from pushsvc.core.ratelimit import KeyedBuckets, TokenBucket
 from pushsvc.ops.metrics import Metrics
+from pushsvc.plugin.manager import MESSAGE_HANDLER, StepTimer
 from pushsvc.protocol import frames, ids
 from pushsvc.protocol.commands import CORE_COMMANDS
 from pushsvc.protocol.fields import Field
@@ -35,6 +37,18 @@ SECRET = "features-benchmark-secret-0123456789abcdef"
 def per_op(fn: Callable[[], object], number: int = 20_000, repeat: int = 5) -> float:
     """Best microseconds per call over ``repeat`` runs of ``number`` calls."""
     return min(timeit.repeat(fn, number=number, repeat=repeat)) / number * 1e6
+
+
+async def _handler() -> None:
+    return None
+
+
+def _drive(awaitable: Any) -> None:
+    """Run an awaitable that never suspends, without an event loop."""
+    try:  # noqa: SIM105 - contextlib.suppress would add its own cost to the figures
+        awaitable.__await__().send(None)
+    except StopIteration:
+        pass
 
 
 def measure() -> list[tuple[str, str, float]]:
@@ -73,6 +87,12 @@ def measure() -> list[tuple[str, str, float]]:
             "frame",
             "metric: counter.labels(t).inc()",
             per_op(lambda: metrics.frames_received.labels("chat").inc()),
+        ),
+        ("frame", "plugin handler: call and await", per_op(lambda: _drive(_handler()))),
+        (
+            "frame",
+            "plugin handler: through StepTimer (slow_hook_seconds)",
+            per_op(lambda: _drive(StepTimer(_handler(), 0.1, "bench", MESSAGE_HANDLER))),
         ),
         ("message", "id (ULID)", per_op(ids.new_id)),
         (

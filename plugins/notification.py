@@ -7,6 +7,7 @@ from http import HTTPStatus
 from typing import Any
 
 from pushsvc import (
+    ApiError,
     ApiHandler,
     CommandError,
     Config,
@@ -16,9 +17,16 @@ from pushsvc import (
     Guarantee,
     IdempotencyKey,
     MessageType,
+    PushOptions,
     Reply,
     hookimpl,
     openapi,
+)
+
+PUSH_MODES, URGENCIES, TOPIC_PATTERN = (
+    PushOptions.MODES,
+    PushOptions.URGENCIES,
+    PushOptions.TOPIC_PATTERN,
 )
 
 MAX_RECIPIENTS_PER_FRAME = 1000
@@ -31,13 +39,26 @@ def notification(title: str, message: str, data: dict[str, Any] | None) -> dict[
     return {"type": "notification", "title": title, "message": message, "data": data or {}}
 
 
+def push_options(fields: Any) -> PushOptions:
+    """The Web Push fields of a frame or body: ``push``, ``urgency``, ``topic`` (all optional)."""
+    return PushOptions(fields.get("push"), fields.get("urgency"), fields.get("topic"))
+
+
+#: The optional Web Push fields of a notification (frame and API body).
+PUSH_FIELDS = {
+    "push": Field(str, required=False, choices=PUSH_MODES),
+    "urgency": Field(str, required=False, choices=URGENCIES),
+    "topic": Field(str, required=False, pattern=TOPIC_PATTERN),
+}
+
+
 async def handle_notification(ctx: FrameContext) -> Reply:
     """Persist for every recipient in ``to``, then deliver."""
     frame = ctx.frame
     if not frame["to"] or not all(frame["to"]):
         raise CommandError("bad_request", "to: a user id or a non-empty list of user ids")
     message = notification(frame["title"], frame["message"], frame.get("data"))
-    delivery = await ctx.send(frame["to"], message)
+    delivery = await ctx.send(frame["to"], message, push=push_options(frame))
     return Reply({"id": delivery.id, "recipients": len(delivery.recipients)})
 
 
@@ -59,13 +80,24 @@ class NotifyHandler(ApiHandler):
         text = self.field(data, "message", str, max_length=MAX_MESSAGE_LENGTH)
         extra = self.field(data, "data", dict, required=False)
         ttl = self.number(data, "ttl")
+        push = self._push(data)
         message = notification(title, text, extra)
 
         async def accept(key: IdempotencyKey | None) -> Delivery:
-            return await self.send(users, message, Guarantee.AT_LEAST_ONCE, ttl, idempotency=key)
+            return await self.send(
+                users, message, Guarantee.AT_LEAST_ONCE, ttl, idempotency=key, push=push
+            )
 
         message_id, recipients = await self.accept_once(data, accept)
         return HTTPStatus.ACCEPTED, {"id": message_id, "recipients": recipients}
+
+    def _push(self, data: dict[str, Any]) -> PushOptions:
+        for name in PUSH_FIELDS:
+            self.field(data, name, str, required=False, max_length=32)
+        try:
+            return push_options(data)
+        except ValueError as exc:
+            raise ApiError(HTTPStatus.BAD_REQUEST, "bad_request", str(exc)) from exc
 
     @classmethod
     def openapi_paths(cls, config: Config) -> dict[str, Any]:
@@ -98,6 +130,14 @@ class NotifyHandler(ApiHandler):
                         "description": "seconds; at most `delivery.ttl`",
                     }
                 ),
+                "push": openapi.nullable(
+                    {
+                        "enum": list(PUSH_MODES),
+                        "description": "Web Push (push.enabled): default `offline`",
+                    }
+                ),
+                "urgency": openapi.nullable({"enum": list(URGENCIES)}),
+                "topic": openapi.nullable({"type": "string", "pattern": f"^{TOPIC_PATTERN}$"}),
             },
         }
         accepted = {
@@ -138,9 +178,11 @@ def pushsvc_register_message_types() -> list[MessageType]:
                 "title": Field(str, max_length=1000),
                 "message": Field(str, max_length=16000),
                 "data": Field(dict, required=False),
+                **PUSH_FIELDS,
             },
             guarantee=Guarantee.AT_LEAST_ONCE,
             scope="notify",
+            push="offline",
             description="titled message to users, stored until acked",
         )
     ]

@@ -10,6 +10,7 @@ The public API for plugin authors is re-exported here (docs/plugins.md):
 - :class:`FrameContext` is what a message handler receives; :class:`Delivery`
   is what its ``send`` returns.
 - :class:`Reply` and :class:`CommandError` are what a handler answers with.
+- :class:`PushOptions` says whether and how a message also goes out through Web Push.
 - :class:`ApiHandler`, :class:`ApiError`, :class:`IdempotencyKey`, :class:`Config`
   and the module :mod:`openapi <pushsvc.http.openapi>` are for plugin HTTP routes.
 
@@ -24,13 +25,17 @@ from typing import TYPE_CHECKING, Any
 
 from pushsvc.config import Config, Setting
 from pushsvc.plugin.api import (
+    PLUGIN_API_VERSION,
+    AuthError,
     CommandError,
     Delivery,
     Field,
     FrameContext,
     Guarantee,
+    HandshakeRequest,
     MessageType,
     Principal,
+    PushOptions,
     Reply,
     hookimpl,
 )
@@ -50,17 +55,21 @@ _LAZY: dict[str, tuple[str, str | None]] = {
 }
 
 __all__ = [
+    "PLUGIN_API_VERSION",
     "ApiError",
     "ApiHandler",
+    "AuthError",
     "CommandError",
     "Config",
     "Delivery",
     "Field",
     "FrameContext",
     "Guarantee",
+    "HandshakeRequest",
     "IdempotencyKey",
     "MessageType",
     "Principal",
+    "PushOptions",
     "Reply",
     "Setting",
     "__version__",

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import socket
@@ -40,6 +41,7 @@ from prometheus_client import CollectorRegistry
 from pushsvc import config as config_module
 from pushsvc.auth.tokens import Authenticator
 from pushsvc.broker import REVOCATIONS_CHANNEL, make_broker
+from pushsvc.cluster import RegistryOptions, make_registry
 from pushsvc.config import Config, ConfigError
 from pushsvc.core.node import Node
 from pushsvc.http import routes as http_routes
@@ -48,7 +50,9 @@ from pushsvc.ops import logs, sdnotify
 from pushsvc.ops.metrics import Metrics
 from pushsvc.plugin.manager import DefaultRoomPolicy, Plugins, await_each, load_plugins
 from pushsvc.protocol.disconnects import DISCONNECTS
-from pushsvc.store import StoreOptions, make_store
+from pushsvc.push.keys import VapidKeyError, VapidKeys
+from pushsvc.push.sender import Sender
+from pushsvc.store import PushSubscriptionStore, StoreOptions, make_store
 from pushsvc.transport.upgrade import UpgradeServer
 
 log = logging.getLogger("pushsvc.app")
@@ -221,6 +225,8 @@ class Service:
         self.node.user_buckets.prune(now)
         self.node.handshake_buckets.prune(now)
         self.node.api_buckets.prune(now)
+        for buckets in self.node.type_buckets.values():
+            buckets.prune(now)
 
     def status(self) -> str:
         """The ``STATUS=`` line for systemd: what the service does and its connection count."""
@@ -389,10 +395,13 @@ class Service:
         await self.server.close_all_connections()  # idle keep-alive connections
         await _bounded(node.settle_background(), "background tasks")
         await _bounded(node.delivery.drain(), "delivery bookkeeping")
+        if node.push is not None:
+            await node.push.close()  # pushes not sent yet are forgotten: the inbox has them
         for timer in self._timers:
             timer.cancel()
         await asyncio.gather(*self._timers, return_exceptions=True)
-        await await_each(node.plugins.hook.pushsvc_shutdown(node=node))
+        await node.plugins.call_each("pushsvc_shutdown", node=node)  # each one, errors logged
+        await node.cluster.close()  # this node's connections and members leave at once
         await node.broker.close()
         await node.store.close()  # runs every queued write first
 
@@ -447,12 +456,14 @@ async def build_node(
 ) -> Node:
     """Build the node from the config and open its store and broker (no HTTP, no timers).
 
-    Order: plugins, metrics, store, broker, node, revocations, the plugins'
-    ``pushsvc_startup`` hooks. A transport, a test or a tool builds on this;
-    :func:`start` adds the HTTP application, the listening sockets and the timers.
+    Order: plugins, metrics, store, broker, cluster registry, node,
+    revocations, the plugins' ``pushsvc_startup`` hooks. A transport, a test
+    or a tool builds on this; :func:`start` adds the HTTP application, the
+    listening sockets and the timers.
     """
     plugins = plugins or load_plugins(config.plugins.disabled, config.auth.default_rooms)
     config = config.with_plugin_schemas(plugins.config_schemas)  # [plugins.<name>] tables
+    keys = push_keys(config) if config.push.enabled else None  # a bad key stops us here
     metrics = Metrics(registry)
     store = make_store(
         config.store_url(),
@@ -464,15 +475,67 @@ async def build_node(
     )
     await store.open()
     store = metrics.instrument_store(store)
-    broker = make_broker(config.broker.url)
+    broker = make_broker(
+        config.broker.url,
+        timeout=config.broker.timeout,
+        probe_interval=config.broker.probe_interval,
+    )
     await broker.start()
     metrics.broker_up.set(1 if broker.healthy() else 0)
-    node = Node(config, metrics, plugins, broker, store)
+    errors = metrics.cluster_errors
+    cluster = make_registry(
+        config.cluster_url(),
+        RegistryOptions(
+            node_ttl=config.cluster.node_ttl,
+            timeout=config.cluster.timeout,
+            on_error=lambda operation: errors.labels(operation).inc(),
+        ),
+    )
+    await cluster.start()
+    node = Node(config, metrics, plugins, broker, store, cluster)
     metrics.bind(node)
     await broker.subscribe(REVOCATIONS_CHANNEL)  # before the load: none is missed in between
     await node.revocations.load()
+    if keys is not None:
+        await _enable_push(node, config, keys)
     await await_each(plugins.hook.pushsvc_startup(node=node))
     return node
+
+
+def check_push(config: Config) -> None:
+    """Check the ``[push]`` keys that need no I/O (``check-config``); raises ConfigError."""
+    if config.push.enabled and not config.push.subject.startswith(("mailto:", "https://")):
+        raise ConfigError("push.subject", "a mailto: or https:// contact is required")
+
+
+def push_keys(config: Config) -> VapidKeys:
+    """The VAPID keys ``push.*`` names (generated under ``server.data_dir`` if missing).
+
+    Raises:
+        ConfigError: naming the key at fault.
+    """
+    check_push(dataclasses.replace(config, push=dataclasses.replace(config.push, enabled=True)))
+    try:
+        return VapidKeys.load_or_create(
+            config.vapid_key_path(),
+            config.push.subject,
+            create=not config.push.vapid_private_key_file,
+        )
+    except VapidKeyError as exc:
+        raise ConfigError("push.vapid_private_key_file", str(exc)) from exc
+
+
+async def _enable_push(node: Node, config: Config, keys: VapidKeys) -> None:
+    store = node.store
+    if not isinstance(store, PushSubscriptionStore):
+        raise ConfigError("push.enabled", f"store {config.store_url()} keeps no push subscriptions")
+    sender = Sender(
+        keys,
+        concurrency=config.push.concurrency,
+        timeout=config.push.timeout,
+        allow_private=config.push.allow_private_endpoints,
+    )
+    await node.enable_push(sender, store).start()
 
 
 async def start(

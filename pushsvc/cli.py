@@ -1,4 +1,4 @@
-"""Command line: ``pushsvc serve | token | check-config | plugins | listen | send``."""
+"""Command line: ``pushsvc serve | token | check-config | plugins | new-plugin | listen | send``."""
 
 from __future__ import annotations
 
@@ -66,6 +66,16 @@ def _parser() -> argparse.ArgumentParser:
 
     plugins = commands.add_parser("plugins", help="list loaded plugins and their message types")
     plugins.add_argument("--config", help="TOML config file")
+
+    new_plugin = commands.add_parser(
+        "new-plugin", help="write a plugin distribution to start from (pushsvc-NAME/)"
+    )
+    new_plugin.add_argument(
+        "name", metavar="NAME", help="plugin and message type name, e.g. typing"
+    )
+    new_plugin.add_argument(
+        "--directory", default=".", help="where to create pushsvc-NAME/ (default: here)"
+    )
 
     listen = commands.add_parser(
         "listen", help="connect as a client and print every incoming frame as a JSON line"
@@ -157,6 +167,9 @@ async def _run(
     except PluginError as exc:
         print(f"pushsvc: {exc}", file=sys.stderr)
         return 3
+    except ConfigError as exc:  # found at startup (e.g. push.vapid_private_key_file)
+        print(f"pushsvc: bad config: {exc}", file=sys.stderr)
+        return 2
     except Exception as exc:
         log.exception("startup failed")
         print(f"pushsvc: startup failed: {exc}", file=sys.stderr)
@@ -196,8 +209,10 @@ def _plugins(config: Config) -> int:
         for name in plugin.message_types:
             declared = plugins.types[name].message_type
             scope = f", scope {declared.scope}" if declared.scope else ""
+            bucket = declared.bucket
+            own = f", own bucket {bucket[0]:g}/s burst {bucket[1]:g}" if bucket else ""
             print(
-                f"    {name}: {declared.guarantee.value}, cost {declared.cost:g}{scope}"
+                f"    {name}: {declared.guarantee.value}, cost {declared.cost:g}{scope}{own}"
                 f"  {declared.description}"
             )
         hooks = plugins.hooks_of(plugin.name)
@@ -302,9 +317,28 @@ def _client_command(args: argparse.Namespace) -> int:
     return asyncio.run(_send(args, fields))
 
 
+def _new_plugin(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pushsvc import scaffold
+
+    try:
+        root = scaffold.write(args.name, Path(args.directory))
+    except ValueError as exc:
+        print(f"pushsvc: new-plugin: {exc}", file=sys.stderr)
+        return 2
+    except FileExistsError as exc:
+        print(f"pushsvc: new-plugin: {exc.filename} exists already", file=sys.stderr)
+        return 2
+    print(f"wrote {root}: cd {root} && pip install -e '.[test]' && pytest")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pushsvc`` command."""
     args = _parser().parse_args(argv)
+    if args.command == "new-plugin":  # needs no config
+        return _new_plugin(args)
     try:
         config = config_module.load(args.config, overrides=_overrides(args))
     except ConfigError as exc:
@@ -325,6 +359,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             # A plugin that fails to load would stop serve: say so now, exit 3.
             plugins = load_plugins(config.plugins.disabled, config.auth.default_rooms)
             config = config.with_plugin_schemas(plugins.config_schemas)  # exit 2 naming the key
+            from pushsvc.app import check_push
+
+            check_push(config)  # exit 2 naming push.subject
             print(config_module.to_toml(config), end="")
             return 0
         return _plugins(config)

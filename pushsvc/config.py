@@ -15,6 +15,7 @@ import dataclasses
 import fnmatch
 import functools
 import os
+import re
 import textwrap
 import tomllib
 import types
@@ -71,7 +72,9 @@ class Setting:
 
     The same checks as pushsvc's own keys (:func:`setting`): the type (taken
     from ``default``: bool, int, float, str or a list of strings, unless
-    ``kind`` says otherwise), ``minimum``, ``choices``, ``schemes``.
+    ``kind`` says otherwise), ``minimum``, ``choices``, ``schemes``. A
+    ``reloadable`` key's new value reaches the plugin on ``SIGHUP``
+    (``pushsvc_settings_changed``); the others need a restart.
     """
 
     default: Any
@@ -80,6 +83,7 @@ class Setting:
     choices: tuple[str, ...] | None = None
     schemes: tuple[str, ...] | None = None
     kind: Any = None
+    reloadable: bool = False
 
     def __post_init__(self) -> None:
         if self.kind is None:
@@ -95,7 +99,12 @@ class Setting:
     @property
     def metadata(self) -> Mapping[str, Any]:
         """The checks, as :func:`setting` stores them."""
-        return {"minimum": self.minimum, "choices": self.choices, "schemes": self.schemes}
+        return {
+            "minimum": self.minimum,
+            "choices": self.choices,
+            "schemes": self.schemes,
+            "reloadable": self.reloadable,
+        }
 
     def default_value(self) -> Any:
         """The default (a fresh copy of a list)."""
@@ -106,6 +115,33 @@ class _EnvValue(str):
     """A raw ``PUSHSVC_PLUGINS__<NAME>__<KEY>`` value, converted once its type is known."""
 
     __slots__ = ()
+
+
+_TYPE_BUCKET = re.compile(r"^([a-z][a-z0-9_.-]{0,63})=(?:(off)|([0-9.]+)(?:/([0-9.]+))?)$")
+
+
+def parse_type_buckets(entries: list[str]) -> dict[str, tuple[float, float] | None]:
+    """``ratelimit.type_buckets`` as ``{type: (rate, burst)}``, None for ``off``.
+
+    Raises:
+        ConfigError: ``ratelimit.type_buckets`` naming the bad entry.
+    """
+    parsed: dict[str, tuple[float, float] | None] = {}
+    for entry in entries:
+        match = _TYPE_BUCKET.match(entry.replace(" ", ""))
+        problem = None if match else 'must be "TYPE=RATE/BURST", "TYPE=RATE" or "TYPE=off"'
+        if match and not match.group(2):
+            try:
+                rate = float(match.group(3))
+                burst = float(match.group(4)) if match.group(4) else max(1.0, rate)
+            except ValueError:
+                rate = burst = -1.0
+            if not rate > 0 or not burst >= 1:
+                problem = "needs a rate above 0 and a burst of at least 1"
+        if problem or match is None:
+            raise ConfigError("ratelimit.type_buckets", f"{entry!r}: {problem}")
+        parsed[match.group(1)] = None if match.group(2) else (rate, burst)
+    return parsed
 
 
 @dataclass(frozen=True)
@@ -216,6 +252,16 @@ class RateLimitConfig:
     abuse_window: float = setting(
         10.0, "Seconds over which abuse_violations are counted.", minimum=0.1, reloadable=True
     )
+    type_buckets: list[str] = setting(
+        [],
+        "Own per-user buckets of message types, overriding what a type declares: "
+        '"TYPE=RATE/BURST" (frames per second, bucket size; "TYPE=RATE": burst = rate), '
+        '"TYPE=off" for none. E.g. ["typing=2/5", "chat=off"].',
+        reloadable=True,
+    )
+
+    def __post_init__(self) -> None:
+        parse_type_buckets(self.type_buckets)  # raises ConfigError naming the key
 
 
 @dataclass(frozen=True)
@@ -242,8 +288,11 @@ class StoreConfig:
 
     url: str = setting(
         "",
-        "'sqlite:///PATH'; empty: sqlite under server.data_dir (pushsvc.sqlite3).",
-        schemes=("sqlite:///",),
+        "'sqlite:///PATH'; empty: sqlite under server.data_dir (pushsvc.sqlite3); "
+        "or Redis, shared by every node: 'redis://HOST:PORT/DB', 'rediss://...' (TLS), "
+        "'unix:///PATH?db=N', each taking '?prefix=NAME:' (before every key, default "
+        "'pushsvc:', as for the broker) and '?max_connections=N' (default 4); see docs/redis.md.",
+        schemes=("sqlite:///", "redis://", "rediss://", "unix://"),
     )
     synchronous: str = setting(
         "normal",
@@ -253,7 +302,10 @@ class StoreConfig:
     )
     batch_max: int = setting(512, "Most operations in one group commit.", minimum=1)
     busy_timeout: float = setting(
-        5.0, "Seconds to wait for a locked database before failing the write.", minimum=0
+        5.0,
+        "Seconds to wait for a locked database before failing the write; with Redis, "
+        "the most any command (connect, reply, a free connection) may take.",
+        minimum=0,
     )
 
 
@@ -263,9 +315,56 @@ class BrokerConfig:
 
     url: str = setting(
         "memory://",
-        "'memory://' (one process; delivery inside publish), or 'memory://?delivery=async'"
-        " (delivery on a later loop pass, as over a network; for tests).",
-        schemes=("memory://",),
+        "'memory://' (one process; delivery inside publish), 'memory://?delivery=async'"
+        " (delivery on a later loop pass, as over a network; for tests), or Redis pub/sub"
+        " between nodes: 'redis://[user:password@]host:port/db', 'rediss://...' (TLS),"
+        " 'unix:///path/redis.sock?db=0'; '?prefix=' sets the channel prefix"
+        " (default 'pushsvc:').",
+        schemes=("memory://", "redis://", "rediss://", "unix://"),
+    )
+    timeout: float = setting(
+        1.0,
+        "Seconds a Redis publish, connect or SUBSCRIBE may take before it counts as failed"
+        " (a publish then answers 'unavailable').",
+        minimum=0.01,
+    )
+    probe_interval: float = setting(
+        1.0,
+        "Seconds between the Redis liveness probes a node publishes to itself; the broker is"
+        " unhealthy when nothing arrived for 3 intervals.",
+        minimum=0.05,
+    )
+
+
+#: URL prefixes ``cluster.url`` accepts (``pushsvc.cluster.make_registry``).
+CLUSTER_SCHEMES = ("memory://", "redis://", "rediss://")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """``[cluster]``: what the nodes share about their connections (caps, presence)."""
+
+    url: str = setting(
+        "",
+        "Where the nodes count each user's connections (ratelimit.max_connections_per_user"
+        " holds across nodes) and list each room's users (presence): 'redis://HOST:PORT/DB'"
+        " or 'rediss://...'; 'memory://': this process only. Empty: broker.url when that is"
+        " a Redis URL, else 'memory://'.",
+        schemes=CLUSTER_SCHEMES,
+    )
+    node_ttl: float = setting(
+        15.0,
+        "Seconds a node's connections and room members keep counting after its last"
+        " heartbeat (sent every node_ttl/3): the users of a crashed node leave presence and"
+        " free their connection slots within this bound.",
+        minimum=0.3,
+    )
+    timeout: float = setting(
+        1.0,
+        "Seconds one call to the cluster registry may take. On a failure or timeout the"
+        " per-user cap lets the connection in (fails open, counted in"
+        " pushsvc_cluster_errors_total) and presence lists this node's members only.",
+        minimum=0.01,
     )
 
 
@@ -357,6 +456,80 @@ class ApiConfig:
     )
 
 
+#: Push services of the major browsers (``push.allowed_hosts`` default): Chrome and
+#: Edge-on-Chromium (FCM), Firefox (Mozilla autopush), Edge legacy (WNS), Safari (Apple).
+DEFAULT_PUSH_HOSTS = [
+    "fcm.googleapis.com",
+    "*.push.services.mozilla.com",
+    "*.notify.windows.com",
+    "*.push.apple.com",
+]
+
+
+@dataclass(frozen=True)
+class PushConfig:
+    """``[push]``: offline notifications through Web Push (VAPID, RFC 8030/8291/8292)."""
+
+    enabled: bool = setting(
+        False,
+        "Send at-least-once messages that opt in (notification) through Web Push to users "
+        "who are offline. Needs a VAPID key (push.vapid_private_key_file) and push.subject.",
+    )
+    subject: str = setting(
+        "",
+        "VAPID 'sub' claim: a mailto: or https: contact for the push services (required "
+        "when enabled).",
+    )
+    vapid_private_key_file: str = setting(
+        "",
+        "PEM file of the VAPID P-256 private key (systemd LoadCredential); empty: "
+        "vapid_private_key.pem under server.data_dir, generated on first start.",
+    )
+    max_subscriptions_per_user: int = setting(
+        10,
+        "Push subscriptions (browsers) one user may register; push_subscribe refuses more.",
+        minimum=1,
+    )
+    allowed_hosts: list[str] = setting(
+        DEFAULT_PUSH_HOSTS,
+        "Push service hosts (globs) a subscription endpoint may name; empty: any public host.",
+    )
+    allow_private_endpoints: bool = setting(
+        False,
+        "Accept endpoints on loopback, private or link-local addresses and over http: "
+        "(tests and labs only: endpoints are fetched by the server).",
+    )
+    after_seconds: float = setting(
+        30.0,
+        "Push a message to a connected user who has not acked it after this many seconds; "
+        "0: connected users are never pushed.",
+        minimum=0,
+    )
+    ttl: float = setting(
+        86400.0,
+        "Web Push TTL header, seconds the push service keeps an undelivered push (capped "
+        "by the message's own TTL).",
+        minimum=1,
+    )
+    urgency: str = setting(
+        "normal",
+        "Default Urgency header (RFC 8030 5.3).",
+        choices=("very-low", "low", "normal", "high"),
+    )
+    concurrency: int = setting(8, "Push requests in flight at once.", minimum=1)
+    queue_size: int = setting(
+        10000, "Pushes waiting for a free request slot; more are dropped (counted).", minimum=1
+    )
+    timeout: float = setting(10.0, "Seconds one push request may take.", minimum=0.1)
+    max_attempts: int = setting(
+        5, "Sends of one push (429, 5xx, network errors are retried).", minimum=1
+    )
+    backoff: float = setting(
+        1.0, "Seconds before the first retry, doubled each time (Retry-After wins).", minimum=0
+    )
+    backoff_max: float = setting(300.0, "Longest wait between retries, seconds.", minimum=0)
+
+
 @dataclass(frozen=True)
 class LogConfig:
     """``[log]``: logging."""
@@ -373,6 +546,12 @@ class PluginsConfig:
     """``[plugins]``: plugin loading."""
 
     disabled: list[str] = setting([], "Plugin names (entry-point names) not to load.")
+    slow_hook_seconds: float = setting(
+        0.1,
+        "Log a warning naming the plugin when one of its hooks or message handlers holds "
+        "the event loop (runs without awaiting) longer than this; 0 turns the check off.",
+        minimum=0,
+    )
 
 
 @dataclass(frozen=True)
@@ -396,9 +575,11 @@ class Config:
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     broker: BrokerConfig = field(default_factory=BrokerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     chat: ChatConfig = field(default_factory=ChatConfig)
     history: HistoryConfig = field(default_factory=HistoryConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
+    push: PushConfig = field(default_factory=PushConfig)
     log: LogConfig = field(default_factory=LogConfig)
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
@@ -409,6 +590,10 @@ class Config:
     #: Checked plugin values, by plugin name (see :meth:`with_plugin_schemas`).
     plugin_values: Mapping[str, Mapping[str, Any]] = field(
         default_factory=dict, metadata={"section": False}
+    )
+    #: ``plugins.<name>.<key>`` of the plugin settings declared ``reloadable``.
+    plugin_reloadable: frozenset[str] = field(
+        default_factory=frozenset, repr=False, metadata={"section": False}
     )
 
     def plugin(self, name: str) -> Mapping[str, Any]:
@@ -438,6 +623,12 @@ class Config:
                     f"plugins.{name}", "no loaded plugin of that name declares settings"
                 )
         values: dict[str, Mapping[str, Any]] = {}
+        reloadable = frozenset(
+            f"plugins.{name}.{key}"
+            for name, schema in schemas.items()
+            for key, spec in schema.items()
+            if spec.reloadable
+        )
         for name, schema in schemas.items():
             table = self.plugin_tables.get(name, {})
             for key in table:
@@ -454,7 +645,7 @@ class Config:
                     value = _from_env(spec.kind, str(value))
                 checked[key] = _convert(f"plugins.{name}.{key}", value, spec.kind, spec)
             values[name] = types.MappingProxyType(checked)
-        return dataclasses.replace(self, plugin_values=values)
+        return dataclasses.replace(self, plugin_values=values, plugin_reloadable=reloadable)
 
     def secret(self) -> str:
         """The HS256 secret, read from ``auth.jwt_secret_file`` when set."""
@@ -465,9 +656,23 @@ class Config:
                 raise ConfigError("auth.jwt_secret_file", f"cannot read: {exc}") from exc
         return self.auth.jwt_secret
 
+    def vapid_key_path(self) -> Path:
+        """``push.vapid_private_key_file``, or ``vapid_private_key.pem`` in ``server.data_dir``."""
+        if self.push.vapid_private_key_file:
+            return Path(self.push.vapid_private_key_file)
+        return Path(self.server.data_dir) / "vapid_private_key.pem"
+
     def store_url(self) -> str:
         """``store.url``, or the SQLite file under ``server.data_dir``."""
         return self.store.url or f"sqlite:///{Path(self.server.data_dir) / 'pushsvc.sqlite3'}"
+
+    def cluster_url(self) -> str:
+        """``cluster.url``, or ``broker.url`` when that is a Redis URL, or ``memory://``."""
+        if self.cluster.url:
+            return self.cluster.url
+        if self.broker.url.startswith(("redis://", "rediss://")):
+            return self.broker.url
+        return "memory://"
 
 
 def sections() -> dict[str, type[Any]]:
@@ -691,5 +896,6 @@ def changed_keys(old: Config, new: Config) -> tuple[list[str], list[str]]:
         new_values = new.plugin_values.get(plugin, {})
         for key in sorted({*old_values, *new_values}):
             if old_values.get(key) != new_values.get(key):
-                restart.append(f"plugins.{plugin}.{key}")
+                name = f"plugins.{plugin}.{key}"
+                (reloadable if name in new.plugin_reloadable else restart).append(name)
     return reloadable, restart

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import re
 import shutil
@@ -64,12 +65,27 @@ def token(sub: str = "alice", **kwargs: Any) -> str:
 ASYNC_BROKER = "memory://?delivery=async"
 
 
+def store_url_for(url: str) -> str:
+    """``url`` with a key prefix of the running test's own when it names a Redis.
+
+    One Redis then serves a whole run (``PUSHSVC_STORE__URL=redis://... pytest``):
+    the servers of a test, in-process or spawned, share their keys (as nodes
+    do), and no test sees another's.
+    """
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        return url
+    test = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" (", 1)[0]
+    prefix = "t" + hashlib.sha1(test.encode(), usedforsecurity=False).hexdigest()[:16] + ":"
+    return f"{url}{'&' if '?' in url else '?'}prefix={prefix}"
+
+
 def make_config(data_dir: Path, **sections: dict[str, Any]) -> config_module.Config:
     """A config for tests: test secret, data dir, fast timers; ``sections`` override.
 
     ``PUSHSVC_BROKER__URL`` in the environment sets the broker of in-process
     servers too (spawned ones read it themselves), so a whole test file runs
     on another broker: ``PUSHSVC_BROKER__URL='memory://?delivery=async' pytest``.
+    ``PUSHSVC_STORE__URL`` sets the store the same way (see :func:`store_url_for`).
     """
     base: dict[str, dict[str, Any]] = {
         "server": {"data_dir": str(data_dir), "heartbeat": 25.0},
@@ -78,6 +94,8 @@ def make_config(data_dir: Path, **sections: dict[str, Any]) -> config_module.Con
     }
     if os.environ.get("PUSHSVC_BROKER__URL"):
         base["broker"] = {"url": os.environ["PUSHSVC_BROKER__URL"]}
+    if os.environ.get("PUSHSVC_STORE__URL"):
+        base["store"] = {"url": store_url_for(os.environ["PUSHSVC_STORE__URL"])}
     for name, values in sections.items():
         base.setdefault(name, {}).update(values)
     return config_module.build([base])
@@ -290,6 +308,8 @@ def spawn_server(
     port = port or free_port()
     log_path = tmp_path / f"{name}.log"
     full_env = {**os.environ, "PUSHSVC_JWT_SECRET": SECRET, "PYTHONUNBUFFERED": "1", **(env or {})}
+    if full_env.get("PUSHSVC_STORE__URL"):
+        full_env["PUSHSVC_STORE__URL"] = store_url_for(full_env["PUSHSVC_STORE__URL"])
     command = [str(BIN / "pushsvc"), "serve", "--port", str(port), *args]
     if "--data-dir" not in args:
         command += ["--data-dir", str(tmp_path / "data")]

@@ -7,7 +7,9 @@ SLEEP`` it, the faults the Redis tests need. The fixtures:
 
 - ``redis_server``: one server for the whole session, flushed before each
   test that asks for ``redis_url`` (contract suites, quick tests);
-- ``fresh_redis``: a server of its own for a test that stops or breaks it.
+- ``fresh_redis``: a server of its own for a test that stops or breaks it;
+- ``redis_sentinel``: a master, a replica and three sentinels (failover tests);
+- ``redis_cluster``: a three-master Redis Cluster (sharded pub/sub, hash tags).
 
 Without a ``redis-server`` binary these fixtures skip with the reason.
 """
@@ -18,7 +20,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -37,13 +39,20 @@ class RedisServer:
     """One ``redis-server`` process on loopback, owned by a test."""
 
     def __init__(
-        self, directory: Path, *, appendonly: bool = True, extra: Sequence[str] = ()
+        self,
+        directory: Path,
+        *,
+        appendonly: bool = True,
+        extra: Sequence[str] = (),
+        sentinel_config: str | None = None,
     ) -> None:
         self.directory = directory  # its working dir (AOF, RDB, log)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.port = _free_port()
         self.appendonly = appendonly
         self.extra = list(extra)  # more ``--option value`` arguments
+        #: run as a sentinel with this config text (written to sentinel.conf)
+        self.sentinel_config = sentinel_config
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -53,6 +62,21 @@ class RedisServer:
 
     def argv(self) -> list[str]:
         assert REDIS_SERVER is not None, NO_REDIS
+        if self.sentinel_config is not None:
+            conf = self.directory / "sentinel.conf"
+            if not conf.exists():  # sentinels rewrite their config: keep what they wrote
+                conf.write_text(self.sentinel_config)
+            return [
+                REDIS_SERVER,
+                str(conf),
+                "--sentinel",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--logfile",
+                str(self.directory / "redis.log"),
+            ]
         return [
             REDIS_SERVER,
             "--port",
@@ -87,6 +111,9 @@ class RedisServer:
                     return
             except OSError:
                 pass
+            except RuntimeError as exc:  # "LOADING": still reading the AOF after a restart
+                if not str(exc).startswith("LOADING"):
+                    raise
             time.sleep(0.02)
         raise RuntimeError(f"redis-server did not answer within {timeout} s:\n{self.log()}")
 
@@ -180,3 +207,148 @@ def fresh_redis(tmp_path: Path) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.kill9()
+
+
+class RedisSentinelSetup:
+    """A master, one replica and three sentinels watching them as ``mymaster``."""
+
+    MASTER_NAME = "mymaster"
+
+    def __init__(self, directory: Path) -> None:
+        self.master = RedisServer(directory / "master")
+        self.replica = RedisServer(directory / "replica")
+        self.replica.extra = ["--replicaof", "127.0.0.1", str(self.master.port)]
+        config = (
+            f"sentinel monitor {self.MASTER_NAME} 127.0.0.1 {self.master.port} 2\n"
+            f"sentinel down-after-milliseconds {self.MASTER_NAME} 1000\n"
+            f"sentinel failover-timeout {self.MASTER_NAME} 5000\n"
+            f"sentinel parallel-syncs {self.MASTER_NAME} 1\n"
+        )
+        self.sentinels = [
+            RedisServer(directory / f"sentinel{i}", sentinel_config=config) for i in range(3)
+        ]
+
+    @property
+    def url(self) -> str:
+        """``redis+sentinel://`` with every sentinel, the master name and db 0."""
+        hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+        return f"redis+sentinel://{hosts}/{self.MASTER_NAME}/0"
+
+    def start(self) -> None:
+        self.master.start()
+        self.replica.start()
+        _wait(lambda: "master_link_status:up" in self.replica.command("INFO", "replication"))
+        for sentinel in self.sentinels:
+            sentinel.start()
+        _wait(lambda: self.master_port() == self.master.port)
+
+    def master_port(self) -> int | None:
+        """The master's port as the first live sentinel reports it."""
+        for sentinel in self.sentinels:
+            try:
+                reply = sentinel.command(
+                    "SENTINEL", "get-master-addr-by-name", self.MASTER_NAME
+                ).split("\n")
+            except (OSError, RuntimeError):
+                continue
+            if len(reply) == 2 and reply[1]:
+                return int(reply[1])
+        return None
+
+    def failover(self, timeout: float = 30.0) -> None:
+        """Kill the master (``kill -9``) and wait until the sentinels promoted the replica."""
+        self.master.kill9()
+        _wait(lambda: self.master_port() == self.replica.port, timeout)
+        _wait(lambda: "role:master" in self.replica.command("INFO", "replication"), timeout)
+
+    def stop(self) -> None:
+        for server in (*self.sentinels, self.replica, self.master):
+            server.kill9()
+
+
+class RedisClusterSetup:
+    """Three masters in cluster mode (no replicas): 16384 slots split three ways."""
+
+    def __init__(self, directory: Path) -> None:
+        self.nodes = [RedisServer(directory / f"node{i}") for i in range(3)]
+        for node in self.nodes:
+            node.extra = [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                str(node.directory / "nodes.conf"),
+                "--cluster-node-timeout",
+                "2000",
+            ]
+
+    @property
+    def url(self) -> str:
+        """``redis+cluster://`` with every node (any one is enough to discover the rest)."""
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start()
+        cli = shutil.which("redis-cli")
+        assert cli is not None, "redis-cli is not installed (Debian package redis-tools)"
+        subprocess.run(
+            [
+                cli,
+                "--cluster",
+                "create",
+                *(f"127.0.0.1:{n.port}" for n in self.nodes),
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        for node in self.nodes:
+            _wait(lambda node=node: "cluster_state:ok" in node.command("CLUSTER", "INFO"))
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.kill9()
+
+
+def _wait(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if predicate():
+                return
+        except (OSError, RuntimeError):
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"redis setup: not ready within {timeout} s")
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def redis_sentinel(tmp_path: Path) -> Iterator[RedisSentinelSetup]:
+    """A sentinel-watched master and replica of this test's own; killed at teardown."""
+    if REDIS_SERVER is None:
+        pytest.skip(NO_REDIS)
+    setup = RedisSentinelSetup(tmp_path / "sentinel")
+    try:
+        setup.start()
+        yield setup
+    finally:
+        setup.stop()
+
+
+@pytest.fixture
+def redis_cluster(tmp_path: Path) -> Iterator[RedisClusterSetup]:
+    """A three-master Redis Cluster of this test's own; killed at teardown."""
+    if REDIS_SERVER is None:
+        pytest.skip(NO_REDIS)
+    if shutil.which("redis-cli") is None:
+        pytest.skip("redis-cli is not installed (Debian package redis-tools)")
+    setup = RedisClusterSetup(tmp_path / "cluster")
+    try:
+        setup.start()
+        yield setup
+    finally:
+        setup.stop()

@@ -18,14 +18,15 @@ PACKAGE = ROOT / "pushsvc"
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("version", "config"),
     ("protocol",),
-    ("store", "broker"),
+    ("store", "broker", "cluster"),
     ("ops",),
     ("auth",),
-    ("delivery",),
+    ("delivery", "push"),
     ("plugin",),
     ("core",),
     ("transport", "http"),
-    ("app", "cli", "client", "__main__", "api", "__init__"),
+    ("app", "cli", "client", "__main__", "api", "__init__", "scaffold"),
+    ("testing", "pytest_plugin"),
 )
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 

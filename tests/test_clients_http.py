@@ -108,8 +108,18 @@ async def test_other_paths_still_404_in_json(server: Server) -> None:
 
 
 def test_routes_shape() -> None:
-    always = {r"/client/pushsvc\.js", r"/client/pushsvc\.d\.ts"}
+    always = {r"/client/pushsvc\.js", r"/client/pushsvc\.d\.ts", r"/client/sw\.js"}
     assert {pattern for pattern, _, _ in client_routes()} == always
     demo = {r"/client/demo\.js", r"/", r"/demo"}
     assert {pattern for pattern, _, _ in client_routes(demo=True)} == always | demo
     assert {pattern for pattern, _, _ in client_routes(dev=True)} == always | {r"/dev/token"}
+
+
+async def test_example_service_worker(server: Server) -> None:
+    """/client/sw.js: the Web Push example service worker (docs/webpush.md), always served."""
+    response = await get(server, "/client/sw.js")
+    assert response.code == 200
+    assert response.headers["Content-Type"].startswith("text/javascript")
+    body = response.body.decode()
+    assert 'addEventListener("push"' in body and "showNotification" in body
+    assert 'addEventListener("notificationclick"' in body and "focus()" in body

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -57,8 +58,10 @@ def test_layering_precedence(tmp_path: Path) -> None:
         ("[server]\nbogus = 1\n", {}, "server.bogus"),
         ("[nope]\n", {}, "nope"),
         ("[log]\nformat = 'xml'\n", {}, "log.format"),
-        ("[broker]\nurl = 'redis://localhost'\n", {}, "broker.url"),
+        ("[broker]\nurl = 'redis+sentinel://localhost'\n", {}, "broker.url"),
         ("[store]\nurl = 'postgres://db'\n", {}, "store.url"),
+        ("[cluster]\nurl = 'etcd://db'\n", {}, "cluster.url"),
+        ("[cluster]\nnode_ttl = 0.1\n", {}, "cluster.node_ttl"),
         ("", {"PUSHSVC_RATELIMIT__BURST": "0"}, "ratelimit.burst"),
         ("", {"PUSHSVC_SERVER__NOPE": "1"}, "PUSHSVC_SERVER__NOPE"),
         ("[auth]\njwt_secret_file = '/nonexistent/secret'\n", {}, "auth.jwt_secret_file"),
@@ -72,6 +75,16 @@ def test_bad_values_name_the_key(
     with pytest.raises(ConfigError) as caught:
         config_module.load(str(path), environ)
     assert str(caught.value).startswith(f"{key}:"), str(caught.value)
+
+
+def test_cluster_url_follows_a_redis_broker() -> None:
+    assert config_module.build([]).cluster_url() == "memory://"
+    on_redis = config_module.build([{"cluster": {"url": "redis://h:1/2"}}])
+    assert on_redis.cluster_url() == "redis://h:1/2"
+    # broker.url accepts only memory:// until the Redis broker lands; the rule is direct:
+    broker = dataclasses.replace(on_redis.broker, url="redis://b:6379/0")
+    shared = dataclasses.replace(on_redis, broker=broker, cluster=config_module.ClusterConfig())
+    assert shared.cluster_url() == "redis://b:6379/0"
 
 
 def test_invalid_toml_and_missing_file(tmp_path: Path) -> None:

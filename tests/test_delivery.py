@@ -22,7 +22,7 @@ from conftest import Client, Server
 from pushsvc import Guarantee, hookimpl
 from pushsvc.core.session import Session
 from pushsvc.delivery.tracker import AckTracker, RetryPolicy
-from pushsvc.protocol import ids
+from pushsvc.protocol import frames, ids
 
 #: Short timers: resend after ~0.2 s, then ~0.4 s, dead after the 3rd send (~1.4 s in all).
 FAST = {"ack_timeout": 0.2, "max_attempts": 3, "backoff_max": 1.0}
@@ -399,3 +399,35 @@ async def test_ttl_is_enforced_between_sweeps(server: Server) -> None:
         metric(server, "pushsvc_messages_dead_lettered_total", type="notification", reason="ttl")
         == 1
     )
+
+
+async def test_broker_gap_resync_sends_what_the_broker_lost_to_open_connections(
+    server: Server,
+) -> None:
+    """``Node.on_broker_gap`` (the broker's gap callback) rereads every window from its start.
+
+    The lost message is older than one delivered since, so a refill from the
+    window's cursor would miss it: the resync rewinds.
+    """
+    bob = await server.connect("bob")
+    deadline = time.monotonic() + 5
+    while not any(  # registered, and the connect's own refill is over
+        s.inflight is not None and not s.inflight.refilling for s in sessions(server, "bob")
+    ):
+        assert time.monotonic() < deadline, "bob's window never opened"
+        await asyncio.sleep(0.01)
+    lost_id, frame = frames.stamp({"type": "notification", "title": "T", "message": "lost"})
+    frame["ack"] = True
+    await server.node.store.accept(  # persisted, but its DURABLE envelope never published
+        lost_id, "notification", frames.encode(frame), ["bob"], time.time() + 60
+    )
+    status, _body, _ = await server.http(
+        "POST", "/api/v1/notify", {"to": ["bob"], "title": "T", "message": "later"}
+    )
+    assert status == 202
+    assert (await bob.recv_type("notification"))["message"] == "later"
+    await bob.expect_nothing(0.2, ignore=("presence",))
+    server.node.on_broker_gap()
+    got = await bob.recv_type("notification")
+    assert (got["id"], got["message"]) == (lost_id, "lost")
+    await bob.expect_nothing(0.2, ignore=("presence",))  # "later" is in flight: not resent

@@ -179,13 +179,13 @@ async def test_join_and_leave_reply_and_tell_the_members(node: Node) -> None:
     assert joined["users"] == ["alice", "bob"]  # the members so far, the joiner included
     presence = await presence_in(alice, "r1")
     assert presence == {"type": "presence", "room": "r1", "event": "join", "user": "bob"}
-    assert node.presence("r1") == ["alice", "bob"]
+    assert await node.presence("r1") == ["alice", "bob"]
 
     reply = await bob.request({"type": "leave", "room": "r1", "ref": "l"})
     assert reply == {"type": "reply", "ref": "l", "ok": True, "room": "r1"}
     presence = await presence_in(alice, "r1")
     assert presence["event"] == "leave" and presence["user"] == "bob"
-    assert node.presence("r1") == ["alice"]
+    assert await node.presence("r1") == ["alice"]
 
     refused = await bob.request({"type": "join", "room": "r2", "ref": "x"}, seconds=2)
     assert refused["type"] == "reply"  # default_rooms "*": any room

@@ -207,7 +207,7 @@ async def test_plugin_errors_by_plugin(crashy_server: Server) -> None:
     await client.send({"type": "boom", "ref": "b"})
     assert (await client.recv_type("error"))["message"] == "plugin crashy failed"
     _text, s = await scrape(crashy_server)
-    assert value(s, "pushsvc_plugin_errors_total", plugin="crashy") == 1
+    assert value(s, "pushsvc_plugin_errors_total", plugin="crashy", hook="message_handler") == 1
     assert value(s, "pushsvc_frames_received_total", type="boom") == 1
 
 

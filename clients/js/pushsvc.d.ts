@@ -28,6 +28,7 @@ export type PushErrorCode =
   | "left"
   | "token"
   | "gave_up"
+  | "push_disabled"
   | (string & {});
 
 export class PushError extends Error {
@@ -76,6 +77,8 @@ export interface PushClientOptions {
   autoConnect?: boolean;
   /** Source of `online`/`offline` events; default `window` in browsers. */
   network?: EventTarget;
+  /** `fetch` for `vapidPublicKey()`; default `globalThis.fetch`. */
+  fetch?: typeof fetch;
 }
 
 export interface Frame {
@@ -89,6 +92,16 @@ export interface WelcomeFrame extends Frame {
   user: string;
   session: string;
   heartbeat: number;
+  /** Present when the server has Web Push enabled (`push.enabled`). */
+  push?: { vapid_public_key: string };
+}
+
+/** What `subscribePush` needs of a ServiceWorkerRegistration. */
+export interface PushRegistration {
+  pushManager: {
+    getSubscription(): Promise<PushSubscription | null>;
+    subscribe(options: { userVisibleOnly: boolean; applicationServerKey: Uint8Array }): Promise<PushSubscription>;
+  };
 }
 
 export interface ChatFrame extends Frame {
@@ -177,12 +190,17 @@ export interface FrameMap {
 
 export interface LifecycleEvents {
   open: (welcome: WelcomeFrame) => void;
+  /** `state` is already the next one: `reconnecting`, `offline` or `closed`. */
   close: (code: number, reason: string) => void;
   /** Server `error` frames without a pending send, failing handlers, token provider failures. */
   error: (error: Error) => void;
   reconnecting: (attempt: number, delay: number) => void;
   /** After a room was rejoined with `since`: recovered, or why not. */
   recovery: (recovery: Recovery) => void;
+  /** The network went offline (after the `close` of an open socket): no reconnect attempts until `online`. */
+  offline: () => void;
+  /** The network is back: an `offline` client connects at once (state `connecting`, no backoff). */
+  online: () => void;
   /** Every frame dispatched to handlers (not replies, errors or pongs). */
   message: (frame: Frame) => void | Promise<void>;
 }
@@ -212,6 +230,12 @@ export class PushClient {
   leave(room: string): Promise<ReplyFrame | null>;
   /** Acknowledge messages (ids or frames); needed with `ackMode: "manual"`. */
   ack(...ids: Array<string | { id: string } | Array<string | { id: string }>>): void;
+  /** The server's VAPID public key, base64url (from `welcome`, else the HTTP endpoint). */
+  vapidPublicKey(): Promise<string>;
+  /** Subscribe the browser (`pushManager.subscribe`) and send `push_subscribe`. */
+  subscribePush(registration: PushRegistration): Promise<PushSubscription>;
+  /** Send `push_unsubscribe` and unsubscribe the browser; false when there was none. */
+  unsubscribePush(registration: PushRegistration): Promise<boolean>;
   /** A fresh token from the provider; concurrent calls share one call. */
   refreshToken(): Promise<string>;
   connect(): void;

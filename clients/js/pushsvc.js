@@ -230,24 +230,23 @@ export class PushClient {
     this._stopTimers();
     ws.onopen = ws.onmessage = ws.onerror = ws.onclose = null;
     this._failPending("connection_lost", `connection closed (${code}) before the reply; not resent`);
+    // The state is the one after the close already, so close handlers can show it.
+    if (this._closedByUser || NO_RECONNECT.has(code)) this.state = "closed";
+    else this.state = this._online ? "reconnecting" : "offline";
     this._emit("close", code, reason);
     if (this._closedByUser) {
-      this.state = "closed";
-      return;
-    }
-    if (!this._online) {
-      this.state = "offline";
+      this.state = "closed"; // also when a close handler called close()
       return;
     }
     if (NO_RECONNECT.has(code)) {
-      this.state = "closed";
       this._failAll("closed", `closed by the server (${code}${reason ? `: ${reason}` : ""}); not reconnecting`);
       return;
     }
+    if (!this._online) return;
     // 4001: expired or revoked. A handshake refused again and again (a 401 shows as 1006
     // in browsers) may be a revoked token too: from the second failure on, fetch a new one.
     if (code === 4001 || (!wasOpen && this._attempt >= 1)) this._tokenStale = true;
-    this.state = "reconnecting";
+    if (this.state !== "reconnecting") return; // a close handler called connect()
     this._scheduleReconnect(code, reason);
   }
 
@@ -292,14 +291,19 @@ export class PushClient {
     if (online === this._online) return;
     this._online = online;
     if (!online) {
+      // Between reconnect attempts there is no socket to close: the event says it.
       clearTimeout(this._reconnectTimer);
       this._reconnectTimer = null;
       if (this._ws) this._drop(this._ws, CLOSE_OFFLINE, "offline");
       else if (this.state !== "closed" && this.state !== "idle") this.state = "offline";
-    } else if (this.state === "offline") {
-      this._attempt = 0;
-      this.state = "idle";
-      this.connect();
+      this._emit("offline");
+    } else {
+      if (this.state === "offline") {
+        this._attempt = 0;
+        this.state = "idle";
+        this.connect();
+      }
+      this._emit("online");
     }
   }
 
@@ -663,6 +667,53 @@ export class PushClient {
     }, this.options.ackDelay);
   }
 
+  // -- Web Push ------------------------------------------------------------------------
+
+  /**
+   * The server's VAPID public key (base64url): from `welcome` when push is enabled,
+   * else `GET /api/v1/push/vapid-public-key` on the server's origin.
+   */
+  async vapidPublicKey() {
+    const announced = this.welcome && this.welcome.push && this.welcome.push.vapid_public_key;
+    if (announced) return announced;
+    const url = new URL("/api/v1/push/vapid-public-key", this.url.replace(/^ws/, "http"));
+    const response = await (this.options.fetch || globalThis.fetch)(url.href);
+    if (!response.ok) throw new PushError("push_disabled", `Web Push is not enabled on the server (${response.status})`);
+    return (await response.json()).public_key;
+  }
+
+  /**
+   * Subscribe this browser to Web Push and register the subscription with pushsvc
+   * (`push_subscribe`). `registration` is a ServiceWorkerRegistration (its `pushManager`).
+   * An existing subscription made with another key is replaced. Resolves with the
+   * PushSubscription; rejects with a PushError (e.g. `forbidden`) or the browser's error.
+   * Call it after every connect: a known subscription is just `updated`.
+   */
+  async subscribePush(registration) {
+    const key = await this.vapidPublicKey();
+    const applicationServerKey = base64UrlBytes(key);
+    const manager = registration.pushManager;
+    let subscription = await manager.getSubscription();
+    const current = subscription && subscription.options && subscription.options.applicationServerKey;
+    if (subscription && current && !sameBytes(new Uint8Array(current), applicationServerKey)) {
+      await subscription.unsubscribe();
+      subscription = null;
+    }
+    if (!subscription) subscription = await manager.subscribe({ userVisibleOnly: true, applicationServerKey });
+    const json = typeof subscription.toJSON === "function" ? subscription.toJSON() : subscription;
+    await this.send("push_subscribe", { subscription: { endpoint: json.endpoint, keys: json.keys } });
+    return subscription;
+  }
+
+  /** Forget this browser's subscription, on the server (`push_unsubscribe`) and in the browser. */
+  async unsubscribePush(registration) {
+    const subscription = await registration.pushManager.getSubscription();
+    if (!subscription) return false;
+    await this.send("push_unsubscribe", { endpoint: subscription.endpoint });
+    await subscription.unsubscribe();
+    return true;
+  }
+
   // -- heartbeat -----------------------------------------------------------------------
 
   _startPing(welcome) {
@@ -689,6 +740,17 @@ export class PushClient {
     clearTimeout(this._refreshTimer);
     this._connectTimer = this._pingTimer = this._pongTimer = this._refreshTimer = null;
   }
+}
+
+/** base64url (padding optional) to bytes, as `applicationServerKey` wants them. */
+function base64UrlBytes(text) {
+  const base64 = text.replace(/-/g, "+").replace(/_/g, "/") + "===".slice((text.length + 3) % 4);
+  const binary = atob(base64);
+  return Uint8Array.from(binary, (c) => c.charCodeAt(0));
+}
+
+function sameBytes(a, b) {
+  return a.length === b.length && a.every((byte, i) => byte === b[i]);
 }
 
 export default PushClient;

@@ -11,9 +11,11 @@ own connections need. ``control:<name>`` channels are broadcasts every node
 subscribes to at start (:data:`REVOCATIONS_CHANNEL`).
 
 ``broker.url`` selects the implementation: ``memory://`` (in-process,
-synchronous delivery inside ``publish``; the default) or
+synchronous delivery inside ``publish``; the default),
 ``memory://?delivery=async`` (in-process, delivery on a later loop pass
-through the wire form, like a network broker; for tests).
+through the wire form, like a network broker; for tests), or
+``redis://host:port/db``, ``rediss://...`` (TLS), ``unix:///path?db=N``
+(Redis pub/sub between nodes, :mod:`pushsvc.broker.redis`).
 """
 
 from __future__ import annotations
@@ -21,8 +23,11 @@ from __future__ import annotations
 from pushsvc.broker.contracts import (
     REVOCATIONS_CHANNEL,
     Broker,
+    BrokerStats,
+    BrokerUnavailable,
     Envelope,
     EnvelopeKind,
+    GapCallback,
     MessageCallback,
     room_channel,
     user_channel,
@@ -31,8 +36,11 @@ from pushsvc.broker.contracts import (
 __all__ = [
     "REVOCATIONS_CHANNEL",
     "Broker",
+    "BrokerStats",
+    "BrokerUnavailable",
     "Envelope",
     "EnvelopeKind",
+    "GapCallback",
     "MessageCallback",
     "make_broker",
     "room_channel",
@@ -40,14 +48,25 @@ __all__ = [
 ]
 
 
-def make_broker(url: str) -> Broker:
+#: ``broker.url`` prefixes :func:`make_broker` takes.
+SCHEMES = ("memory://", "redis://", "rediss://", "unix://")
+
+
+def make_broker(url: str, *, timeout: float = 1.0, probe_interval: float = 1.0) -> Broker:
     """Build the broker for ``broker.url``; raises ``ValueError`` for a bad URL.
 
     ``memory://`` delivers inside ``publish`` (the default: no loop pass per
     message); ``memory://?delivery=async`` delivers on a later loop pass.
+    ``redis://``, ``rediss://`` and ``unix://`` use Redis pub/sub, with
+    ``timeout`` (seconds) bounding each publish and ``probe_interval``
+    (seconds) between liveness probes; the memory broker ignores both.
     """
     if url.startswith("memory://"):
         from pushsvc.broker.memory import MemoryBroker
 
         return MemoryBroker.from_url(url)
-    raise ValueError(f"broker.url: unsupported scheme in {url!r} (supported: memory://)")
+    if url.startswith(SCHEMES):
+        from pushsvc.broker.redis import RedisBroker
+
+        return RedisBroker.from_url(url, timeout=timeout, probe_interval=probe_interval)
+    raise ValueError(f"broker.url: unsupported scheme in {url!r} (supported: {', '.join(SCHEMES)})")

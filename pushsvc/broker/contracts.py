@@ -93,12 +93,49 @@ def user_channel(user: str) -> str:
 
 MessageCallback = Callable[[str, Envelope], None]
 
+#: Called after envelopes may have been lost (see :meth:`Broker.set_gap_callback`).
+GapCallback = Callable[[], None]
+
+
+class BrokerUnavailable(Exception):
+    """A publish did not reach the broker (down, or slower than its timeout): nothing was sent.
+
+    Raised only by :meth:`Broker.publish`; the caller decides what it means
+    (an at-most-once message is refused as ``unavailable``).
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerStats:
+    """A broker's figures, read at scrape time by the metrics (counters since start)."""
+
+    received: int = 0  # envelopes received from the broker (probes excluded)
+    published: int = 0  # envelopes published (probes excluded)
+    publish_errors: int = 0  # publishes that raised BrokerUnavailable (timeouts included)
+    timeouts: int = 0  # broker operations that gave up after the broker timeout
+    reconnects: int = 0  # subscriber connections re-established after a loss
+    resubscriptions: int = 0  # full resubscribes confirmed after a reconnect
+    subscriptions: int = 0  # channels subscribed now
+    last_message_age: float | None = None  # seconds since the last message received; None: none
+
 
 class Broker(Protocol):
     """Fans envelopes out to every node subscribed to a channel, at most once."""
 
     def set_callback(self, callback: MessageCallback) -> None:
         """Where envelopes for subscribed channels go (the local hub)."""
+        ...
+
+    def set_gap_callback(self, callback: GapCallback) -> None:
+        """Called after envelopes may have been lost: resubscribed after a disconnect.
+
+        The node repairs at-least-once state then (every window is refilled
+        from the store); at-most-once envelopes lost meanwhile stay lost.
+        """
+        ...
+
+    def stats(self) -> BrokerStats:
+        """The current figures (cheap: called at every metrics scrape)."""
         ...
 
     async def start(self) -> None:
@@ -114,11 +151,17 @@ class Broker(Protocol):
         ...
 
     async def subscribe(self, channel: str) -> None:
-        """Start receiving ``channel`` on this node."""
+        """Start receiving ``channel`` on this node.
+
+        Returns once the broker confirmed it (an envelope published after
+        that is received), or after the broker timeout while the broker is
+        unreachable: the subscription is then made on reconnect. Never raises
+        for the broker's state.
+        """
         ...
 
     async def unsubscribe(self, channel: str) -> None:
-        """Stop receiving ``channel`` on this node."""
+        """Stop receiving ``channel`` on this node (nothing more is delivered from it)."""
         ...
 
     async def publish(self, channel: str, envelope: Envelope) -> None:
@@ -126,5 +169,8 @@ class Broker(Protocol):
 
         After :meth:`close` it delivers nothing and does not raise (at most
         once: a closed node is like a node that is down).
+
+        Raises:
+            BrokerUnavailable: the broker did not take it within its timeout.
         """
         ...

@@ -22,7 +22,7 @@ import asyncio
 import logging
 from urllib.parse import parse_qs, urlsplit
 
-from pushsvc.broker.contracts import Envelope, MessageCallback
+from pushsvc.broker.contracts import BrokerStats, Envelope, GapCallback, MessageCallback
 
 log = logging.getLogger("pushsvc.broker")
 
@@ -41,6 +41,9 @@ class MemoryBroker:
         self._callback: MessageCallback | None = None  # the local hub's entry point
         self._channels: set[str] = set()  # channels with a local subscriber
         self._closed = False  # close() was called: deliver nothing more
+        self._gap_callback: GapCallback | None = None  # stored, never called: nothing is lost
+        self._received = 0  # envelopes handed to the callback
+        self._published = 0  # envelopes published while open
 
     @classmethod
     def from_url(cls, url: str) -> MemoryBroker:
@@ -62,6 +65,18 @@ class MemoryBroker:
     def set_callback(self, callback: MessageCallback) -> None:
         """Where envelopes for subscribed channels go."""
         self._callback = callback
+
+    def set_gap_callback(self, callback: GapCallback) -> None:
+        """Stored and never called: an in-process broker loses nothing while open."""
+        self._gap_callback = callback
+
+    def stats(self) -> BrokerStats:
+        """Counts of envelopes published and delivered; never an error or a reconnect."""
+        return BrokerStats(
+            received=self._received,
+            published=self._published,
+            subscriptions=len(self._channels),
+        )
 
     async def start(self) -> None:
         """Nothing to connect."""
@@ -85,9 +100,13 @@ class MemoryBroker:
 
     async def publish(self, channel: str, envelope: Envelope) -> None:
         """Hand ``envelope`` to the local callback if ``channel`` is subscribed."""
-        if self._closed or channel not in self._channels or self._callback is None:
+        if self._closed:
+            return
+        self._published += 1
+        if channel not in self._channels or self._callback is None:
             return
         if self.delivery == SYNC:
+            self._received += 1
             self._callback(channel, envelope)
         else:
             asyncio.get_running_loop().call_soon(self._deliver, channel, envelope.to_bytes())
@@ -96,6 +115,7 @@ class MemoryBroker:
         """A later loop pass: deliver if still subscribed and open."""
         if self._closed or channel not in self._channels or self._callback is None:
             return
+        self._received += 1
         try:
             self._callback(channel, Envelope.from_bytes(data))
         except Exception:

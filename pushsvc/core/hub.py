@@ -23,12 +23,14 @@ are not slowed down by it.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections.abc import Callable, Collection, Iterable
 from typing import Any, Protocol
 
 from pushsvc.auth.principal import Principal
 from pushsvc.broker import Broker, Envelope, EnvelopeKind, room_channel, user_channel
+from pushsvc.cluster import Registry
 from pushsvc.config import RateLimitConfig
 from pushsvc.ops.metrics import Metrics
 from pushsvc.protocol.disconnects import DISCONNECTS, Disconnect
@@ -39,6 +41,10 @@ log = logging.getLogger("pushsvc.hub")
 
 #: Seconds before a gap repair reads the history again for what it lacked.
 REPAIR_RETRY = 0.05
+
+#: ``type`` of the PRESENCE envelopes that carry join/leave events (not counted as messages);
+#: other PRESENCE envelopes are messages published with ``exclude`` (a session left out).
+PRESENCE_FRAME = "presence"
 
 
 class Client(Protocol):
@@ -115,17 +121,23 @@ def send_to_all(clients: Iterable[Client], broadcast: Broadcast) -> int:
 
 
 class Hub:
-    """Local registry of connections and rooms, fed by the broker."""
+    """Local registry of connections and rooms, fed by the broker.
+
+    Connects, joins, leaves and disconnects also go to the cluster registry
+    (per-user caps and presence over every node); messages never do.
+    """
 
     def __init__(
         self,
         broker: Broker,
         metrics: Metrics,
         durable: DurableReceiver,
+        cluster: Registry,
         history: HistoryReader | None = None,
         max_repair: int = 1000,
     ) -> None:
         self.broker = broker  # where subscriptions are made
+        self.cluster = cluster  # what every node knows: connection counts, room members
         self.metrics = metrics  # for fan-out sizes
         self.durable = durable  # the delivery tracker
         self.history = history  # where gaps are repaired from; None: not repaired
@@ -142,26 +154,48 @@ class Hub:
         self.rooms: dict[str, dict[str, Client]] = {}  # room -> session -> client
         self.reserved_users: dict[str, int] = {}  # user -> connections open or opening
         self.reserved_ips: dict[str, int] = {}  # address -> connections open or opening
+        self._slots: dict[str, list[str]] = {}  # user -> ids counted by the cluster registry
+        self._slot_ids = itertools.count(1)  # unique on this node
         #: ``control:`` channel envelopes go here (set by the node); None: dropped
         self.on_control: Callable[[str, Envelope], None] | None = None
         broker.set_callback(self.on_envelope)
 
     # -- connection caps: reserved before the upgrade, released on close ----------
 
-    def reserve(self, user: str, ip: str, max_per_user: int, max_per_ip: int) -> str | None:
-        """Count a new connection; returns the exceeded cap (``per_user``/``per_ip``) or None."""
+    async def reserve(self, user: str, ip: str, max_per_user: int, max_per_ip: int) -> str | None:
+        """Count a new connection; returns the exceeded cap (``per_user``/``per_ip``) or None.
+
+        ``max_per_user`` holds over every node (the cluster registry counts,
+        after a local check that spares it the call when this node alone is
+        at the cap); ``max_per_ip`` holds per node (behind a load balancer
+        each node sees its own share of an address anyway).
+        """
         if self.reserved_users.get(user, 0) >= max_per_user:
             return "per_user"
         if self.reserved_ips.get(ip, 0) >= max_per_ip:
             return "per_ip"
-        self.reserved_users[user] = self.reserved_users.get(user, 0) + 1
-        self.reserved_ips[ip] = self.reserved_ips.get(ip, 0) + 1
+        self._count(user, ip, 1)  # before the await: concurrent handshakes see it
+        slot = f"c{next(self._slot_ids)}"
+        if not await self.cluster.reserve_user(user, slot, max_per_user):
+            self._count(user, ip, -1)
+            return "per_user"
+        self._slots.setdefault(user, []).append(slot)
         return None
 
-    def release(self, user: str, ip: str) -> None:
-        """Undo one :meth:`reserve`."""
+    async def release(self, user: str, ip: str) -> None:
+        """Undo one successful :meth:`reserve`."""
+        self._count(user, ip, -1)
+        slots = self._slots.get(user)
+        if not slots:
+            return
+        slot = slots.pop()
+        if not slots:
+            del self._slots[user]
+        await self.cluster.release_user(user, slot)
+
+    def _count(self, user: str, ip: str, delta: int) -> None:
         for table, key in ((self.reserved_users, user), (self.reserved_ips, ip)):
-            left = table.get(key, 0) - 1
+            left = table.get(key, 0) + delta
             if left > 0:
                 table[key] = left
             else:
@@ -210,6 +244,7 @@ class Hub:
         members[client.session] = client
         if len(members) == 1:
             await self.broker.subscribe(room_channel(room))
+        await self.cluster.joined(room, client.principal.user, client.session)
         return True
 
     def release_room(self, client: Client, room: str, upto: int, epoch: str) -> int:
@@ -228,6 +263,8 @@ class Hub:
         for envelope in kept or ():
             if envelope.offset and envelope.epoch == epoch and envelope.offset <= upto:
                 continue
+            if envelope.kind is EnvelopeKind.PRESENCE and envelope.id == client.session:
+                continue  # published without this connection
             sent += client.send_broadcast(Broadcast(envelope.frame, envelope.type))
         feed = self.feeds.get(room)
         if upto and (feed is None or feed.epoch != epoch or feed.last < upto):
@@ -252,6 +289,7 @@ class Hub:
                 del self.rooms[room]
                 self.feeds.pop(room, None)
                 await self.broker.unsubscribe(room_channel(room))
+        await self.cluster.left(room, client.principal.user, client.session)
         return True
 
     # -- queries ----------------------------------------------------------------
@@ -260,10 +298,6 @@ class Hub:
         """The local connections in ``room``."""
         members = self.rooms.get(room)
         return members.values() if members else ()
-
-    def room_users(self, room: str) -> list[str]:
-        """Distinct users with a local connection in ``room``, sorted."""
-        return sorted({client.principal.user for client in self.members(room)})
 
     def user_clients(self, user: str) -> Collection[Client]:
         """The local connections of ``user``."""
@@ -293,17 +327,14 @@ class Hub:
         if held:
             for kept in held.values():
                 kept.append(envelope)
-        if envelope.kind is EnvelopeKind.PRESENCE:  # to the others (``id``: its session)
-            skip = envelope.id
-            self._broadcast(
-                [c for s, c in members.items() if s != skip and not (held and s in held)],
-                envelope,
-            )
-            return
-        self.metrics.broadcast_recipients.observe(len(members))
+        excluded: set[str] = set(held) if held else set()
+        if envelope.kind is EnvelopeKind.PRESENCE:  # all but the session in ``id``
+            excluded.add(envelope.id)
+            if envelope.type == PRESENCE_FRAME:  # a join/leave event, not a message
+                self._broadcast([c for s, c in members.items() if s not in excluded], envelope)
+                return
         floors = self.floors.get(room) if envelope.offset else None
         if floors:
-            excluded = set(held) if held else set()
             for session, (epoch, upto) in list(floors.items()):
                 if epoch != envelope.epoch or envelope.offset > upto:
                     del floors[session]  # the feed is in order: no older copy comes now
@@ -311,11 +342,10 @@ class Hub:
                     excluded.add(session)
             if not floors:
                 del self.floors[room]
-            targets: Iterable[Client] = [c for s, c in members.items() if s not in excluded]
-        elif held:
-            targets = [c for s, c in members.items() if s not in held]
-        else:
-            targets = members.values()
+        targets: Collection[Client] = (
+            [c for s, c in members.items() if s not in excluded] if excluded else members.values()
+        )
+        self.metrics.broadcast_recipients.observe(len(targets))
         sent = self._broadcast(targets, envelope)
         self.metrics.messages_delivered.labels(envelope.type).inc(sent)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -25,7 +25,7 @@ from pushsvc.core.ratelimit import KeyedBuckets, TokenBucket, ViolationCounter
 from pushsvc.ops.metrics import Metrics
 from pushsvc.plugin.api import FrameContext, Reply
 from pushsvc.plugin.api import Node as PluginNode
-from pushsvc.plugin.manager import RegisteredType
+from pushsvc.plugin.manager import MESSAGE_HANDLER, RegisteredType, StepTimer
 from pushsvc.protocol import frames
 from pushsvc.protocol.codes import ErrorCode
 from pushsvc.protocol.commands import CORE_COMMANDS, HISTORY_PAGE_DEFAULT
@@ -86,6 +86,7 @@ class SessionServices(PluginNode, Protocol):
 
     metrics: Metrics  # Prometheus series
     user_buckets: KeyedBuckets  # the per-user rate limit, shared by the user's connections
+    type_buckets: Mapping[str, KeyedBuckets]  # message type -> its own per-user bucket
 
     def message_type(self, name: str) -> RegisteredType | None:
         """The plugin message type registered as ``name``, if any."""
@@ -107,12 +108,12 @@ class SessionServices(PluginNode, Protocol):
         """Leave ``room``."""
         ...
 
-    def presence(self, room: str) -> list[str]:
-        """Distinct users with a local connection in ``room``, sorted."""
+    async def presence(self, room: str, limit: int | None = None) -> list[str]:
+        """Distinct users in ``room`` on every node, sorted (longer than ``limit``: too many)."""
         ...
 
-    async def authenticate(self, token: str | None) -> Principal:
-        """Verify a token (raises :class:`~pushsvc.auth.tokens.AuthError`)."""
+    async def authenticate_client(self, token: str | None) -> Principal:
+        """Authenticate a client's new token: plugins, then the JWT (raises ``AuthError``)."""
         ...
 
     def token_refreshed(self, session: Session) -> None:
@@ -121,6 +122,14 @@ class SessionServices(PluginNode, Protocol):
 
     async def ack(self, session: Session, ids: Sequence[str]) -> int:
         """Settle at-least-once messages for ``session``'s user; returns how many."""
+        ...
+
+    async def push_subscribe(self, user: str, subscription: Any) -> str:
+        """Store a Web Push subscription for ``user``; ``created`` or ``updated``."""
+        ...
+
+    async def push_unsubscribe(self, user: str, endpoint: str) -> bool:
+        """Forget ``user``'s Web Push subscription ``endpoint``; whether there was one."""
         ...
 
 
@@ -229,12 +238,14 @@ class Session:
         self.last_seen = now
         command = frames.decode_frame(data, binary=binary)
         kind = "invalid"
-        cost = 1.0
+        cost = 1.0  # what a frame that names no known type costs
         registered = None
+        own: KeyedBuckets | None = None
         if isinstance(command, Command):
             registered = self.services.message_type(command.type)
             if registered is not None:
                 kind, cost = command.type, registered.message_type.cost
+                own = self.services.type_buckets.get(kind)
             elif command.type in CORE_COMMANDS:
                 kind, cost = command.type, CORE_COMMANDS[command.type].cost
             else:
@@ -243,7 +254,7 @@ class Session:
         metrics.frames_received.labels(kind).inc()
         metrics.received_bytes.labels(kind).inc(len(data))
         ref = command.ref if isinstance(command, Command | FrameError) else None
-        if not self._admit(now, cost, ref):
+        if not self._admit(now, cost, ref, own):
             return
         if isinstance(command, FrameError):
             self.send_error(command.code, command.message, command.ref)
@@ -267,10 +278,21 @@ class Session:
             )
             self.send_error(ErrorCode.INTERNAL, "internal error", command.ref)
 
-    def _admit(self, now: float, cost: float, ref: str | None) -> bool:
-        """Apply the connection and user buckets; False when the frame is refused."""
-        retry = self.bucket.try_take(now, cost)
-        bucket = "connection"
+    def _admit(
+        self, now: float, cost: float, ref: str | None, own: KeyedBuckets | None = None
+    ) -> bool:
+        """Apply the type's own bucket, then the connection and user buckets.
+
+        The type's bucket comes first so that frames it refuses take nothing
+        from the shared ones. Returns False when the frame is refused.
+        """
+        retry = 0.0
+        bucket = "type"
+        if own is not None:
+            retry = own.try_take(self.principal.user, now)
+        if not retry:
+            retry = self.bucket.try_take(now, cost)
+            bucket = "connection"
         if not retry:
             retry = self.services.user_buckets.try_take(self.principal.user, now, cost)
             bucket = "user"
@@ -301,12 +323,14 @@ class Session:
         context = FrameContext(
             self.principal, self.session, checked.fields, message_type, self.services
         )
+        bound = self.services.config.plugins.slow_hook_seconds
         try:
-            reply = await message_type.handle(context)
+            handled = message_type.handle(context)
+            reply = await (StepTimer(handled, bound, plugin, MESSAGE_HANDLER) if bound else handled)
         except CommandError:
             raise
         except Exception:
-            self.services.metrics.plugin_errors.labels(plugin).inc()
+            self.services.metrics.plugin_errors.labels(plugin, MESSAGE_HANDLER).inc()
             log.exception(
                 "plugin %s failed on a %r frame",
                 plugin,
@@ -331,7 +355,11 @@ class Session:
         self, done: asyncio.Future[Any], command: Command, fields: dict[str, Any] | None
     ) -> None:
         """The frame's publications are recorded and fanned out: answer it."""
-        if done.cancelled() or done.exception() is not None:
+        failure = None if done.cancelled() else done.exception()
+        if isinstance(failure, CommandError):  # e.g. ``unavailable``: the broker refused it
+            self.send_error(failure.code, failure.message, command.ref, failure.retry_after)
+            return
+        if done.cancelled() or failure is not None:
             log.error(
                 "a publication of a %r frame failed",
                 command.type,
@@ -360,13 +388,16 @@ class Session:
                 self, room, since=None if since is None else (since["offset"], since["epoch"])
             )
             joined: dict[str, Any] = {"room": room, **result.fields}
-            users = self.services.presence(room)
-            # The members so far (presence events tell the changes from now on),
-            # within the same cap as presence events.
-            if len(users) <= self.services.config.chat.presence_max_members:
-                joined["users"] = users
-            self._reply(ref, joined)
-            result.finish()
+            try:
+                # The members so far (presence events tell the changes from now on),
+                # within the same cap as presence events.
+                most = self.services.config.chat.presence_max_members
+                users = await self.services.presence(room, most)
+                if len(users) <= most:
+                    joined["users"] = users
+                self._reply(ref, joined)
+            finally:  # never leave the room held
+                result.finish()
         elif command.type == "history":
             await self._history(fields, ref)
         elif command.type == "leave":
@@ -382,6 +413,13 @@ class Session:
                 raise CommandError(ErrorCode.BAD_REQUEST, "ack: needs id or ids")
             acked = await self.services.ack(self, ids)
             self._reply(ref, {"acked": acked})
+        elif command.type == "push_subscribe":
+            subscription = fields["subscription"]
+            outcome = await self.services.push_subscribe(self.principal.user, subscription)
+            self._reply(ref, {"endpoint": subscription["endpoint"], "result": outcome})
+        elif command.type == "push_unsubscribe":
+            removed = await self.services.push_unsubscribe(self.principal.user, fields["endpoint"])
+            self._reply(ref, {"endpoint": fields["endpoint"], "removed": removed})
 
     async def _history(self, fields: dict[str, Any], ref: str | None) -> None:
         room = fields["room"]
@@ -404,7 +442,7 @@ class Session:
 
     async def _reauthenticate(self, token: str, ref: str | None) -> None:
         try:
-            principal = await self.services.authenticate(token)
+            principal = await self.services.authenticate_client(token)
         except AuthError as exc:
             raise CommandError(ErrorCode.FORBIDDEN, f"token refused: {exc.reason}") from exc
         if principal.user != self.principal.user:

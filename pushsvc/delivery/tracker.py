@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import orjson
 
 from pushsvc.auth.principal import Principal
-from pushsvc.broker import Envelope, EnvelopeKind, user_channel
+from pushsvc.broker import BrokerUnavailable, Envelope, EnvelopeKind, user_channel
 from pushsvc.config import DeliveryConfig
 from pushsvc.ops.metrics import Metrics
 from pushsvc.protocol import frames
@@ -209,6 +209,23 @@ class Delivery:
         else:
             tracker.backlog = False  # nothing stored: new messages go straight out
 
+    def resync(self) -> None:
+        """Refill every local window from the store, from its start (broker envelopes were lost).
+
+        A DURABLE envelope lost while the broker was down never reached its
+        connections; it is pending in the store, so rereading each user's
+        pending messages (those in flight are skipped) sends it now. One
+        store read per connection whose user may have something pending.
+        """
+        for session in list(self._sessions.values()):
+            tracker: AckTracker | None = session.inflight
+            if tracker is None or session.closing:
+                continue
+            if not self.store.may_have_pending(session.principal.user):
+                continue  # the store knows: nothing to reload
+            tracker.backlog = tracker.dirty = tracker.rewind = True
+            self._spawn_refill(session)
+
     def disconnected(self, session: Recipient) -> None:
         """Drop a closed connection's window (its messages stay pending in the store)."""
         session.inflight = None
@@ -348,10 +365,17 @@ class Delivery:
             if entry is not None:
                 metrics.ack_latency.observe(now - entry.sent_at)
         ids = " ".join(message_id for message_id, _kind in result.acked).encode()
-        await self.broker.publish(
-            user_channel(session.principal.user), Envelope(EnvelopeKind.SETTLED, "", "", ids)
-        )
+        await self._settle_everywhere(session.principal.user, ids)
         return len(result.acked)
+
+    async def _settle_everywhere(self, user: str, ids: bytes) -> None:
+        """Tell every node to stop resending ``ids``; a broker failure is logged (acks stand)."""
+        try:
+            await self.broker.publish(
+                user_channel(user), Envelope(EnvelopeKind.SETTLED, "", "", ids)
+            )
+        except BrokerUnavailable as exc:  # stored: other nodes' resends are answered "repeated"
+            log.warning("settled ids not broadcast: %s", exc, extra={"user": user})
 
     # -- timers -----------------------------------------------------------------
 
@@ -413,10 +437,7 @@ class Delivery:
             by_user.setdefault(letter.user, []).append(letter.id)
             self.dead_lettered(letter.user, orjson.loads(letter.frame), letter.reason)
         for user, message_ids in by_user.items():
-            await self.broker.publish(
-                user_channel(user),
-                Envelope(EnvelopeKind.SETTLED, "", "", " ".join(message_ids).encode()),
-            )
+            await self._settle_everywhere(user, " ".join(message_ids).encode())
 
     async def sweep(self) -> None:
         """TTL expiry, retention clean-up and backlog gauges (call every few seconds)."""
@@ -448,5 +469,8 @@ class Delivery:
         for message_id in requeued:
             kind, frame = stored[message_id]
             envelope = Envelope(EnvelopeKind.DURABLE, kind, message_id, frame)
-            await self.broker.publish(user_channel(user), envelope)
+            try:
+                await self.broker.publish(user_channel(user), envelope)
+            except BrokerUnavailable as exc:  # pending: sent after the broker's gap or a reconnect
+                log.warning("requeued %s not broadcast: %s", message_id, exc)
         return list(requeued)

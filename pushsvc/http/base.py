@@ -40,7 +40,7 @@ from pushsvc.http.limits import (
     MAX_RETRY_AFTER,
     REPLAYED_HEADER,
 )
-from pushsvc.plugin.api import CommandError, Delivery, Guarantee, Principal
+from pushsvc.plugin.api import CommandError, Delivery, Guarantee, Principal, PushOptions
 from pushsvc.protocol.codes import RETRY_AFTER_UNAVAILABLE, ApiErrorCode, retry_after_header
 from pushsvc.store import IdempotencyKey, StoreUnavailable
 
@@ -325,15 +325,17 @@ class ApiHandler(JsonHandler):
         ttl: float | None = None,
         *,
         idempotency: IdempotencyKey | None = None,
+        push: PushOptions | None = None,
     ) -> Delivery:
         """Deliver ``message`` to the users in ``to`` (``Node.send``), errors as API errors.
 
         ``idempotency`` is the key :meth:`accept_once` hands to its ``accept``:
         stored with an at-least-once message in the same transaction. A
         :class:`CommandError` (e.g. ``unavailable``) becomes its API error.
+        ``push`` overrides the message type's Web Push mode (``Node.send``).
         """
         delivery: Delivery = await self.run(
-            self.node.send(to, message, guarantee, ttl, idempotency=idempotency)
+            self.node.send(to, message, guarantee, ttl, idempotency=idempotency, push=push)
         )
         return delivery
 

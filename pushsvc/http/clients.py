@@ -4,6 +4,7 @@ Routes (:func:`client_routes`):
 
 - ``/client/pushsvc.js``: the client ES module (``clients/js/pushsvc.js``),
 - ``/client/pushsvc.d.ts``: its type declarations,
+- ``/client/sw.js``: an example service worker showing Web Push notifications,
 
 and, only when ``demo.enabled`` is true (``pushsvc serve --dev`` sets it):
 
@@ -160,6 +161,7 @@ def client_routes(
     routes = [
         route(r"/client/pushsvc\.js", "pushsvc.js", JAVASCRIPT, client_cache),
         route(r"/client/pushsvc\.d\.ts", "pushsvc.d.ts", TYPESCRIPT, client_cache),
+        route(r"/client/sw\.js", "sw.js", JAVASCRIPT, "no-cache"),  # browsers check SWs anyway
     ]
     if demo:
         html = "text/html; charset=utf-8"

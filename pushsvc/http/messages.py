@@ -54,7 +54,7 @@ class PublishHandler(ApiHandler):
         extra = self.field(data, "data", dict, required=False)
         if extra is not None:
             message["data"] = extra
-        message_id = await self.node.publish(room, message, history=True)
+        message_id = await self.run(self.node.publish(room, message, history=True))
         return HTTPStatus.ACCEPTED, {"id": message_id}
 
 
@@ -87,7 +87,7 @@ class DisconnectHandler(ApiHandler):
         reason = self.field(data, "reason", str, required=False, max_length=MAX_REASON_LENGTH)
         if reason is not None and len(reason.encode()) > MAX_REASON_BYTES:
             raise bad_request(f"reason: at most {MAX_REASON_BYTES} bytes in UTF-8")
-        closed = await self.node.disconnect_user(user, reason or DISCONNECTS.api.reason)
+        closed = await self.run(self.node.disconnect_user(user, reason or DISCONNECTS.api.reason))
         return HTTPStatus.OK, {"closed": closed}
 
 
@@ -95,13 +95,13 @@ class PresenceHandler(ApiHandler):
     """``GET /api/v1/rooms/{room}/presence``: users in a room."""
 
     async def get(self, room: str) -> None:
-        """200 ``{"users": [...]}`` (distinct users with a connection on this node, sorted)."""
+        """200 ``{"users": [...]}`` (distinct users with a connection on any node, sorted)."""
         await self.handle(self._presence(room))
 
     async def _presence(self, room: str) -> tuple[int, Any]:
         if len(room) > MAX_ROOM_LENGTH:
             raise bad_request(f"room: at most {MAX_ROOM_LENGTH} characters")
-        return HTTPStatus.OK, {"users": self.node.presence(room)}
+        return HTTPStatus.OK, {"users": await self.node.presence(room)}
 
 
 class HistoryHandler(ApiHandler):

@@ -33,6 +33,7 @@ from pushsvc.http.limits import (
     TYPE_PATTERN,
 )
 from pushsvc.protocol.codes import ApiErrorCode
+from pushsvc.protocol.webpush import MAX_ENDPOINT_LENGTH
 from pushsvc.version import __version__
 
 OPENAPI_VERSION = "3.1.0"
@@ -271,7 +272,7 @@ def _responses(config: Config) -> dict[str, Any]:
             {"Retry-After": _RETRY_AFTER},
         ),
         "Unavailable": _error(
-            "`unavailable`: the store failed; nothing was done; retry",
+            "`unavailable`: the store or the broker failed; nothing was done; retry",
             {"Retry-After": _RETRY_AFTER},
         ),
         "IdempotencyMismatch": _error(
@@ -399,7 +400,7 @@ def _api_paths(unpublishable: list[str]) -> dict[str, Any]:
         },
         "/api/v1/rooms/{room}/presence": {
             "get": operation(
-                "Users in a room (this node)",
+                "Users in a room (every node)",
                 operation_id="presence",
                 tag="rooms",
                 parameters=[path_param("room", "the room name")],
@@ -565,10 +566,111 @@ def _ops_paths() -> dict[str, Any]:
     }
 
 
-def core_paths(at_least_once: Iterable[str] = ()) -> dict[str, Any]:
-    """The path items of the core routes (``at_least_once``: types ``publish`` refuses)."""
+def _push_paths() -> dict[str, Any]:
+    """The Web Push routes (served when ``push.enabled``)."""
+    user = "/api/v1/users/{user}/push-subscriptions"
+    endpoint = {"type": "string", "minLength": 1, "maxLength": MAX_ENDPOINT_LENGTH}
+    subscription = {
+        "type": "object",
+        "required": ["endpoint", "keys"],
+        "properties": {
+            "endpoint": endpoint,
+            "keys": _obj(
+                {
+                    "p256dh": {
+                        "type": "string",
+                        "pattern": "^B[A-P][A-Za-z0-9_-]{85}=?$",
+                        "description": "uncompressed P-256 point, base64url",
+                    },
+                    "auth": {
+                        "type": "string",
+                        "pattern": "^[A-Za-z0-9_-]{22}(==)?$",
+                        "description": "16 bytes, base64url",
+                    },
+                },
+                ["p256dh", "auth"],
+            ),
+        },
+        "description": "the browser's `PushSubscription.toJSON()`",
+    }
+    result = _obj(
+        {"endpoint": _STRING, "result": {"enum": ["created", "updated"]}}, ["endpoint", "result"]
+    )
+    return {
+        "/api/v1/push/vapid-public-key": {
+            "get": _public(
+                "The VAPID public key (applicationServerKey)",
+                "vapidPublicKey",
+                json_response("base64url", _obj({"public_key": _STRING}, ["public_key"])),
+            )
+        },
+        user: {
+            "get": operation(
+                "A user's Web Push subscriptions (endpoints only)",
+                operation_id="pushSubscriptions",
+                tag="push",
+                parameters=[_USER],
+                ok=(
+                    HTTPStatus.OK,
+                    "oldest first",
+                    _obj(
+                        {
+                            "subscriptions": {
+                                "type": "array",
+                                "items": _obj(
+                                    {"endpoint": _STRING, "created_at": _EPOCH},
+                                    ["endpoint", "created_at"],
+                                ),
+                            }
+                        },
+                        ["subscriptions"],
+                    ),
+                ),
+            ),
+            "post": operation(
+                "Register a Web Push subscription for a user",
+                operation_id="pushSubscribe",
+                tag="push",
+                description=(
+                    "201 for a new endpoint, 200 for a known one (keys replaced). 403 "
+                    "`forbidden` for an endpoint that is not https, not an allowed push "
+                    "service, or resolves to a non-public address, and past "
+                    "`push.max_subscriptions_per_user`."
+                ),
+                parameters=[_USER],
+                request=_obj({"subscription": subscription}, ["subscription"]),
+                ok=(HTTPStatus.CREATED, "stored", result),
+            ),
+            "delete": operation(
+                "Forget a Web Push subscription",
+                operation_id="pushUnsubscribe",
+                tag="push",
+                parameters=[
+                    _USER,
+                    {
+                        **query_param("endpoint", endpoint, "the subscription's endpoint"),
+                        "required": True,
+                    },
+                ],
+                request=_obj({}),
+                request_required=False,
+                ok=(
+                    HTTPStatus.OK,
+                    "whether it existed",
+                    _obj({"endpoint": _STRING, "removed": {"type": "boolean"}}, ["removed"]),
+                ),
+            ),
+        },
+    }
+
+
+def core_paths(at_least_once: Iterable[str] = (), push: bool = False) -> dict[str, Any]:
+    """The path items of the core routes (``at_least_once``: types ``publish`` refuses).
+
+    ``push``: with the Web Push routes (``push.enabled``).
+    """
     unpublishable = sorted({*RESERVED_TYPES, *at_least_once})
-    return {**_ops_paths(), **_api_paths(unpublishable)}
+    return {**_ops_paths(), **_api_paths(unpublishable), **(_push_paths() if push else {})}
 
 
 def document(
@@ -581,7 +683,7 @@ def document(
     ``rules`` is the route table, Tornado ``(pattern, handler, kwargs)`` rules;
     a handler with an ``openapi_paths(config)`` class method adds its path items.
     """
-    paths = core_paths(at_least_once)
+    paths = core_paths(at_least_once, push=config.push.enabled)
     for rule in rules:
         describe = getattr(rule[1], "openapi_paths", None)
         if callable(describe):

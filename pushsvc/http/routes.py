@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from types import TracebackType
+from typing import Any, cast
 
 import orjson
 import tornado.web
@@ -35,7 +36,9 @@ from pushsvc.http.messages import (
     PresenceHandler,
     PublishHandler,
 )
+from pushsvc.http.push import PushSubscriptionsHandler, VapidPublicKeyHandler
 from pushsvc.http.revocations import RevocationsHandler
+from pushsvc.plugin.manager import ROUTE, Plugins
 from pushsvc.transport.upgrade import UpgradeHandler
 
 #: A Tornado rule: (pattern, handler class, initialize kwargs).
@@ -68,20 +71,58 @@ def core_routes(node: Node, document_kwargs: dict[str, Any] | None = None) -> li
         (r"/api/v1/rooms/([^/]+)/presence", PresenceHandler, kwargs),
         (r"/api/v1/rooms/([^/]+)/history", HistoryHandler, kwargs),
         (r"/api/v1/revocations", RevocationsHandler, kwargs),
+        *(
+            [
+                (r"/api/v1/push/vapid-public-key", VapidPublicKeyHandler, kwargs),
+                (rf"{user}/push-subscriptions", PushSubscriptionsHandler, kwargs),
+            ]
+            if node.push is not None  # push.enabled; otherwise 404 like any unknown path
+            else []
+        ),
     ]
 
 
 def plugin_routes(node: Node) -> list[Rule]:
     """The rules of the plugins' ``pushsvc_register_routes`` hook (runs it once).
 
-    A kwarg ``{"node": None}`` receives the node.
+    A kwarg ``{"node": None}`` receives the node. Each handler class is
+    served as a subclass that logs an uncaught exception with its plugin's
+    name and counts it (``pushsvc_plugin_errors_total{hook="route"}``);
+    Tornado answers it with a 500 (JSON ``internal`` for an ``ApiHandler``).
     """
     rules: list[Rule] = []
-    for registered in node.plugins.hook.pushsvc_register_routes():
+    plugins = node.plugins
+    for impl in reversed(plugins.hook.pushsvc_register_routes.get_hookimpls()):
+        registered = cast(Sequence[tuple[str, Any, dict[str, Any]]], impl.function())
         for pattern, handler, kwargs in registered:
             kwargs = {k: (node if k == "node" and v is None else v) for k, v in kwargs.items()}
-            rules.append((pattern, handler, kwargs))
+            rules.append((pattern, _isolated(handler, impl.plugin_name, plugins), kwargs))
     return rules
+
+
+def _isolated(
+    handler: type[tornado.web.RequestHandler], plugin: str, plugins: Plugins
+) -> type[tornado.web.RequestHandler]:
+    """``handler`` with its uncaught exceptions logged with ``plugin``'s name and counted."""
+
+    def log_exception(
+        self: tornado.web.RequestHandler,
+        typ: type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if isinstance(value, tornado.web.HTTPError):  # an answer, not a failure
+            handler.log_exception(self, typ, value, tb)
+            return
+        plugins.failed(plugin, ROUTE, value, f"{self.request.method} {self.request.path}")
+
+    namespace = {
+        "log_exception": log_exception,
+        "__module__": handler.__module__,
+        "__qualname__": handler.__qualname__,
+        "__doc__": handler.__doc__,
+    }
+    return cast(type[tornado.web.RequestHandler], type(handler.__name__, (handler,), namespace))
 
 
 def build(node: Node, *, dev: bool = False) -> RouteTable:

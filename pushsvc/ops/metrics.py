@@ -29,7 +29,10 @@ from prometheus_client import (
     Info,
     disable_created_metrics,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
+from pushsvc.broker import BrokerStats
 from pushsvc.protocol.commands import CORE_TYPES, SERVER_TYPES
 from pushsvc.protocol.disconnects import CLIENT_CLOSE_LABEL, every_disconnect
 from pushsvc.version import __version__
@@ -54,8 +57,8 @@ _CODE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 SERVER_TYPES = frozenset({"invalid", "unknown", *SERVER_TYPES, *CORE_TYPES})
 #: Label value for a message type that no plugin declared (bounded cardinality).
 OTHER_TYPE = OTHER
-#: ``bucket`` of a rate-limited frame, handshake or API call.
-RATE_LIMIT_BUCKETS = ("connection", "user", "handshake", "api")
+#: ``bucket`` of a rate-limited frame, handshake or API call (``type``: a message type's own).
+RATE_LIMIT_BUCKETS = ("connection", "user", "type", "handshake", "api")
 #: Store operations timed by :func:`Metrics.instrument_store` (others are timed too).
 STORE_OPERATIONS = (
     "accept",
@@ -88,6 +91,15 @@ REPLAY_SOURCES = ("resume", "repair")
 _STORE_LIFECYCLE = frozenset({"open", "close"})
 #: ``reason`` labels of ``pushsvc_closes_total``: the client's closes and every server one.
 CLOSE_REASONS = (CLIENT_CLOSE_LABEL, *dict.fromkeys(d.label for d in every_disconnect()))
+#: ``result`` of a Web Push request: accepted, subscription gone (404/410), refused
+#: for good (4xx), to be retried (429, 5xx, no answer).
+PUSH_RESULTS = ("sent", "expired", "rejected", "retry")
+#: ``reason`` a push was given up: queue full, store unreadable, attempts spent, TTL over.
+PUSH_DROP_REASONS = ("queue_full", "store", "attempts", "expired")
+#: ``reason`` a subscription was deleted: by the user, or the push service said 404/410.
+PUSH_DELETE_REASONS = ("unsubscribed", "expired")
+#: ``reason`` a push_subscribe was refused: the endpoint, or the per-user cap.
+PUSH_REFUSE_REASONS = ("endpoint", "limit")
 #: Buckets of the chat fan-out histogram (connections a broadcast went to).
 FANOUT_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000, 100000)
 LATENCY_BUCKETS = (
@@ -162,6 +174,79 @@ class Observed(Protocol):
         """Whether the last store write succeeded."""
         ...
 
+    def cluster_healthy(self) -> bool:
+        """Whether the last call to the cluster registry succeeded."""
+        ...
+
+    def broker_stats(self) -> BrokerStats:
+        """The broker's figures now."""
+        ...
+
+
+#: Broker counters read at scrape time: series name (without ``_total``), help, field.
+BROKER_COUNTERS = (
+    (
+        "pushsvc_broker_received",
+        "Envelopes received from the broker (probes excluded).",
+        "received",
+    ),
+    (
+        "pushsvc_broker_published",
+        "Envelopes published to the broker (probes excluded).",
+        "published",
+    ),
+    (
+        "pushsvc_broker_publish_errors",
+        "Publishes the broker did not take (answered unavailable; timeouts included).",
+        "publish_errors",
+    ),
+    (
+        "pushsvc_broker_timeouts",
+        "Broker publishes, connects and subscribes that gave up after broker.timeout.",
+        "timeouts",
+    ),
+    (
+        "pushsvc_broker_reconnects",
+        "Broker subscriber connections re-established after a loss.",
+        "reconnects",
+    ),
+    (
+        "pushsvc_broker_resubscriptions",
+        "Full resubscribes confirmed after a broker reconnect.",
+        "resubscriptions",
+    ),
+)
+
+
+class BrokerCollector(Collector):
+    """The broker's figures as series, read from :meth:`Observed.broker_stats` at scrape time."""
+
+    def __init__(self) -> None:
+        self.service: Observed | None = None  # set by :meth:`Metrics.bind`
+
+    def collect(self) -> Iterable[Metric]:
+        """One sample per series; before :meth:`Metrics.bind`, the zero figures."""
+        stats = self.service.broker_stats() if self.service is not None else BrokerStats()
+        for name, doc, field in BROKER_COUNTERS:
+            yield CounterMetricFamily(name, doc, value=getattr(stats, field))
+        yield GaugeMetricFamily(
+            "pushsvc_broker_subscriptions",
+            "Broker channels subscribed now (confirmed by the broker).",
+            value=stats.subscriptions,
+        )
+        age = GaugeMetricFamily(
+            "pushsvc_broker_last_message_age_seconds",
+            "Seconds since the last message on the broker subscription (the probe arrives every"
+            " broker.probe_interval); absent before the first.",
+        )
+        if stats.last_message_age is not None:
+            age.add_metric([], stats.last_message_age)
+        yield age
+
+    def describe(self) -> Iterable[Metric]:
+        """The series, without reading the broker (registration time)."""
+        return self.collect()
+
 
 class Metrics:
     """All pushsvc series, registered on ``registry`` (a fresh one per test)."""
@@ -204,8 +289,8 @@ class Metrics:
         )
         self.plugin_errors = Counter(
             "pushsvc_plugin_errors_total",
-            "Exceptions raised by plugin handlers.",
-            ["plugin"],
+            "Exceptions raised by plugins, by plugin and hook (or message_handler, route).",
+            ["plugin", "hook"],
             registry=r,
         )
         self.messages_accepted = typed(
@@ -293,6 +378,17 @@ class Metrics:
             "pushsvc_history_rooms", "Rooms with a history (an epoch) in the store.", registry=r
         )
         self.broker_up = Gauge("pushsvc_broker_up", "1 while the broker is connected.", registry=r)
+        self.cluster_up = Gauge(
+            "pushsvc_cluster_up",
+            "1 while the last call to the cluster registry (caps, presence) succeeded.",
+            registry=r,
+        )
+        self.cluster_errors = Counter(
+            "pushsvc_cluster_errors_total",
+            "Cluster registry calls that failed or timed out (a reserve: let in, fail open).",
+            ["operation"],
+            registry=r,
+        )
         self.draining = Gauge(
             "pushsvc_draining", "1 while the node drains for shutdown.", registry=r
         )
@@ -301,12 +397,55 @@ class Metrics:
             "1 while /readyz would answer 200 (last store write ok, broker up, not draining).",
             registry=r,
         )
+        self.broker = BrokerCollector()  # the pushsvc_broker_* figures
+        r.register(self.broker)
         self.loop_lag = Histogram(
             "pushsvc_event_loop_lag_seconds",
             "How late a 0.5 s timer fired on the event loop.",
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.push_requests = Counter(
+            "pushsvc_push_requests_total", "Web Push requests by result.", ["result"], registry=r
+        )
+        self.push_seconds = Histogram(
+            "pushsvc_push_request_seconds",
+            "Web Push request latency (the push service's answer).",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.push_latency = Histogram(
+            "pushsvc_push_latency_seconds",
+            "From a push entering the queue to the push service accepting it (last attempt).",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.push_dropped = Counter(
+            "pushsvc_push_dropped_total", "Pushes given up, by reason.", ["reason"], registry=r
+        )
+        self.push_subscriptions = Gauge(
+            "pushsvc_push_subscriptions", "Web Push subscriptions stored.", registry=r
+        )
+        self.push_subscriptions_deleted = Counter(
+            "pushsvc_push_subscriptions_deleted_total",
+            "Web Push subscriptions deleted, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.push_subscribe_refused = Counter(
+            "pushsvc_push_subscribe_refused_total",
+            "push_subscribe refused, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        for series, values in (
+            (self.push_requests, PUSH_RESULTS),
+            (self.push_dropped, PUSH_DROP_REASONS),
+            (self.push_subscriptions_deleted, PUSH_DELETE_REASONS),
+            (self.push_subscribe_refused, PUSH_REFUSE_REASONS),
+        ):
+            for value in values:
+                series.labels(value)
         self.handshakes.labels("ok", NO_REASON)
         for reason in CLOSE_REASONS:
             self.closes.labels(reason)
@@ -337,6 +476,8 @@ class Metrics:
             if isinstance(series, TypedCounter):
                 series.forget_children()  # looked up before the plugin types were known
         self.broker_up.set_function(lambda: float(service.broker_healthy()))
+        self.cluster_up.set_function(lambda: float(service.cluster_healthy()))
+        self.broker.service = service
         self.draining.set_function(lambda: float(service.draining))
         self.ready.set_function(
             lambda: float(

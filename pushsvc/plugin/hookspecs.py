@@ -20,7 +20,7 @@ from typing import Any
 import pluggy
 
 from pushsvc.config import Setting
-from pushsvc.plugin.api import MessageType, Principal
+from pushsvc.plugin.api import HandshakeRequest, MessageType, Principal
 
 hookspec = pluggy.HookspecMarker("pushsvc")
 
@@ -33,7 +33,8 @@ def pushsvc_register_message_types() -> Sequence[MessageType]:
 
     Called once at startup. Two plugins declaring the same ``name`` stop
     startup naming both; the core commands (``join``, ``leave``, ``ack``,
-    ``auth``, ``ping``) cannot be declared.
+    ``auth``, ``ping``, ``push_subscribe``, ``push_unsubscribe``) cannot be
+    declared.
 
     Example::
 
@@ -68,6 +69,25 @@ def pushsvc_config_schema() -> Mapping[str, Setting]:
             return {"rate": Setting(2.0, "Typing events per second.", minimum=0)}
     """
     raise NotImplementedError
+
+
+@hookspec
+def pushsvc_settings_changed(settings: Mapping[str, Any], changed: Sequence[str]) -> None:
+    """The plugin's ``reloadable`` settings changed on ``SIGHUP``; only that plugin is called.
+
+    ``settings`` is the plugin's whole table as ``node.config.plugin(name)``
+    now returns it; ``changed`` lists the keys that changed. Keys not
+    declared ``reloadable`` keep their values until a restart. May be
+    ``async def`` (run as a task); an exception is logged and counted and the
+    new values stay applied.
+
+    Example::
+
+        @hookimpl
+        def pushsvc_settings_changed(settings, changed):
+            if "rate" in changed:
+                limiter.rate = settings["rate"]
+    """
 
 
 @hookspec
@@ -113,7 +133,8 @@ def pushsvc_startup(node: Any) -> Awaitable[None] | None:
 def pushsvc_shutdown(node: Any) -> Awaitable[None] | None:
     """The service has drained and is about to exit; release resources.
 
-    May return an awaitable.
+    May return an awaitable. Each implementation is awaited in turn; one that
+    raises is logged and counted and the others still run.
 
     Example::
 
@@ -142,6 +163,69 @@ def pushsvc_authorize_room(principal: Principal, room: str) -> bool | None:
             if room.startswith("user-"):
                 return room == f"user-{principal.user}"
             return None
+    """
+
+
+@hookspec(firstresult=True)
+def pushsvc_authenticate(
+    token: str | None, request: HandshakeRequest | None
+) -> Principal | Awaitable[Principal | None] | None:
+    """Authenticate a WebSocket client before the JWT check. Stops at the first non-None result.
+
+    ``token`` is what the client sent as its bearer token (``Authorization:
+    Bearer``, else ``access_token``; None when it sent neither); ``request`` is
+    the upgrade request (headers, address, cookies), or None for an ``auth``
+    frame on an open connection. Return a :class:`Principal` to accept (the
+    token is then not checked as a JWT), None to let the next plugin and
+    finally the JWT check decide, or raise :class:`AuthError` (``reason``: a
+    short code) to refuse with 401 ``unauthorized`` and that reason. May be
+    ``async def``. Revocations still apply to the principal returned. Any
+    other exception refuses the client (reason ``plugin_error``) and is
+    counted. The server API (``/api/v1/...``) does not call this hook.
+
+    Example::
+
+        from pushsvc import AuthError, Principal, hookimpl
+
+        @hookimpl
+        async def pushsvc_authenticate(token, request):
+            if token is None or not token.startswith("key_"):
+                return None  # a JWT: let pushsvc check it
+            user = await api_keys.lookup(token)
+            if user is None:
+                raise AuthError("unknown_key", "no such API key")
+            return Principal(user, None, frozenset(), None, expires_at=None)
+    """
+
+
+@hookspec
+def pushsvc_joined(principal: Principal, session: str, room: str) -> None:
+    """Connection ``session`` joined ``room`` (a ``join`` frame, or ``chat.auto_join``).
+
+    Called after the join, once per connection and room; not for a ``join``
+    of a room the connection is already in. May be ``async def`` (run as a
+    task).
+
+    Example::
+
+        @hookimpl
+        def pushsvc_joined(principal, session, room):
+            log.info("%s joined %s", principal.user, room)
+    """
+
+
+@hookspec
+def pushsvc_left(principal: Principal, session: str, room: str) -> None:
+    """Connection ``session`` left ``room`` (a ``leave`` frame, or it closed).
+
+    A closing connection calls it for each of its rooms, before
+    ``pushsvc_disconnected``. May be ``async def`` (run as a task).
+
+    Example::
+
+        @hookimpl
+        def pushsvc_left(principal, session, room):
+            typing_state.discard((room, principal.user))
     """
 
 
@@ -186,4 +270,26 @@ def pushsvc_dead_lettered(user: str, message: Mapping[str, Any], reason: str) ->
         @hookimpl
         def pushsvc_dead_lettered(user, message, reason):
             mailer.queue(user, message.get("title"), message.get("message"))
+    """
+
+
+@hookspec
+def pushsvc_push_sent(user: str, message: Mapping[str, Any], endpoint: str, result: str) -> None:
+    """A Web Push to one of ``user``'s subscriptions ended (``push.enabled``).
+
+    ``message`` is the push payload (``id``, ``type``, ``title``, ``message``,
+    ``data``...); ``endpoint`` the subscription's push service URL (empty for
+    ``no_subscription``); ``result`` one of ``"sent"`` (the push service took
+    it), ``"expired"`` (404/410: the subscription was deleted), ``"rejected"``
+    (another 4xx), ``"gave_up"`` (retries or the TTL ran out), and
+    ``"no_subscription"`` (the user has none: a plugin may use another channel,
+    e.g. mobile push through FCM or APNs). Called on the event loop: queue
+    slow work.
+
+    Example::
+
+        @hookimpl
+        def pushsvc_push_sent(user, message, endpoint, result):
+            if result in ("no_subscription", "gave_up"):
+                mobile.queue(user, message.get("title"), message.get("message"))
     """

@@ -14,23 +14,118 @@ import importlib.util
 import inspect
 import logging
 import os
+import sys
+import time
 import traceback
-from collections.abc import Awaitable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, TypeVar, cast
 
 import pluggy
 
+from pushsvc.auth.tokens import AuthError
 from pushsvc.config import Setting
 from pushsvc.plugin import hookspecs
-from pushsvc.plugin.api import MessageType, Principal, hookimpl
+from pushsvc.plugin.api import (
+    PLUGIN_API_VERSION,
+    HandshakeRequest,
+    MessageType,
+    Principal,
+    hookimpl,
+)
 from pushsvc.protocol.commands import CORE_TYPES
 
 log = logging.getLogger("pushsvc.plugins")
 
 ENTRY_POINT_GROUP = "pushsvc"
-#: Frame types core handles itself; a plugin cannot declare them.
+#: Hooks pushsvc calls implementation by implementation (:meth:`Plugins.notify`,
+#: :meth:`Plugins.first_result`), so that one plugin's exception stops no other;
+#: a wrapper (``wrapper=True``, ``hookwrapper=True``) on them is refused at load.
+ISOLATED_HOOKS = frozenset(
+    {
+        "pushsvc_authenticate",
+        "pushsvc_authorize_room",
+        "pushsvc_connected",
+        "pushsvc_dead_lettered",
+        "pushsvc_disconnected",
+        "pushsvc_joined",
+        "pushsvc_left",
+        "pushsvc_push_sent",
+        "pushsvc_settings_changed",
+        "pushsvc_shutdown",
+    }
+)
+#: Hooks whose result pushsvc uses at once: an ``async def`` implementation is refused at load.
+SYNC_HOOKS = frozenset(
+    {
+        "pushsvc_authorize_room",
+        "pushsvc_config_schema",
+        "pushsvc_register_message_types",
+        "pushsvc_register_routes",
+    }
+)
+#: ``hook`` label of ``pushsvc_plugin_errors_total`` for a message handler's exception.
+MESSAGE_HANDLER = "message_handler"
+#: ``hook`` label of ``pushsvc_plugin_errors_total`` for an HTTP route's exception.
+ROUTE = "route"
+
+ErrorCounter = Callable[[str, str], None]
+
+
+def report_slow(plugin: str, hook: str, seconds: float, bound: float) -> None:
+    """Log that ``plugin``'s ``hook`` kept the event loop for ``seconds`` (over ``bound``)."""
+    what = hook.replace("_", " ") if hook in (ROUTE, MESSAGE_HANDLER) else f"hook {hook}"
+    log.warning(
+        "plugin %s: %s blocked the event loop for %.3f s (plugins.slow_hook_seconds = %g)",
+        plugin,
+        what,
+        seconds,
+        bound,
+    )
+
+
+class StepTimer:
+    """Await ``awaitable``, timing each step it runs between two suspensions.
+
+    A step longer than ``bound`` seconds held the event loop (every other
+    connection waited): :func:`report_slow` names the plugin. Costs about half
+    a microsecond per await; time spent suspended (I/O, sleeps) is not counted.
+    """
+
+    __slots__ = ("_awaitable", "_bound", "_hook", "_plugin")
+
+    def __init__(self, awaitable: Awaitable[T], bound: float, plugin: str, hook: str) -> None:
+        self._awaitable = awaitable
+        self._bound = bound
+        self._plugin = plugin
+        self._hook = hook
+
+    def _check(self, started: float) -> None:
+        elapsed = time.perf_counter() - started
+        if elapsed > self._bound:
+            report_slow(self._plugin, self._hook, elapsed, self._bound)
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        iterator = self._awaitable.__await__()
+        value: Any = None
+        error: BaseException | None = None
+        while True:
+            started = time.perf_counter()
+            try:
+                yielded = iterator.send(value) if error is None else iterator.throw(error)
+            except StopIteration as stop:
+                self._check(started)
+                return stop.value
+            except BaseException:
+                self._check(started)
+                raise
+            self._check(started)
+            try:
+                value, error = (yield yielded), None
+            except BaseException as exc:  # thrown in by the task (cancellation)
+                value, error = None, exc
+
 
 T = TypeVar("T")
 
@@ -165,6 +260,44 @@ class Plugins:
         self.hook = manager.hook  # shortcut for calling hooks
         self.loaded = loaded  # entry-point plugins, in load order
         self.types = types  # frame type -> declaration
+        #: counts an exception by (plugin, hook); the node binds it to the metric
+        self.count_error: ErrorCounter = _count_nothing
+        #: seconds a hook may hold the event loop before it is logged (0: not timed)
+        self.slow_after = 0.0
+
+    def _call(self, impl: Any, hook_name: str, arguments: Mapping[str, Any]) -> Any:
+        """Call one implementation; time it, and each step of what it returns to await."""
+        started = time.perf_counter()
+        result = impl.function(**arguments)
+        bound = self.slow_after
+        if bound > 0:
+            elapsed = time.perf_counter() - started
+            if elapsed > bound:
+                report_slow(impl.plugin_name, hook_name, elapsed, bound)
+            if inspect.isawaitable(result):
+                result = StepTimer(result, bound, impl.plugin_name, hook_name)
+        return result
+
+    def failed(
+        self, plugin: str, hook: str, exc: BaseException | None = None, detail: str = ""
+    ) -> None:
+        """Log and count an exception a plugin's ``hook`` raised.
+
+        ``exc`` is the exception (default: the one being handled); ``detail``
+        is added to the log line (a route's method and path).
+        """
+        self.count_error(plugin, hook)
+        error = exc if exc is not None else sys.exc_info()[1]
+        what = hook.replace("_", " ") if hook in (ROUTE, MESSAGE_HANDLER) else f"hook {hook}"
+        where = f" ({detail})" if detail else ""
+        log.error(
+            "plugin %s: %s%s raised %s",
+            plugin,
+            what,
+            where,
+            type(error).__name__,
+            exc_info=error,
+        )
 
     def hooks_of(self, name: str) -> list[HookImplementation]:
         """The hooks plugin ``name`` implements, sorted by hook name, with their marks."""
@@ -198,32 +331,157 @@ class Plugins:
         return routes
 
     def authorize_room(self, principal: Principal, room: str) -> bool:
-        """First result of ``pushsvc_authorize_room`` (the default policy decides last)."""
-        return bool(self.hook.pushsvc_authorize_room(principal=principal, room=room))
+        """First result of ``pushsvc_authorize_room`` (the default policy decides last).
 
-    def notify(self, hook_name: str, **kwargs: Any) -> None:
-        """Call every implementation of a notification hook; one plugin's error stops no other.
+        A plugin that raises refuses the room (fail closed).
+        """
+        return bool(
+            self.first_result("pushsvc_authorize_room", False, principal=principal, room=room)
+        )
 
-        pluggy stops a hook call at the first implementation that raises; here
-        each implementation is called on its own, in pluggy's order (``tryfirst``
-        ... ``trylast``), and an error is logged with the plugin's name. An
-        implementation that returns an awaitable is run as a task.
+    async def authenticate(
+        self, token: str | None, request: HandshakeRequest | None
+    ) -> Principal | None:
+        """First result of ``pushsvc_authenticate``; None: no plugin decided (check the JWT).
+
+        Raises:
+            AuthError: a plugin refused (its own reason), or one raised
+                anything else or returned something other than a
+                ``Principal`` (``plugin_error``, fail closed; logged and counted).
+        """
+        hook_name = "pushsvc_authenticate"
+        arguments = {"token": token, "request": request}
+        for impl in reversed(self.hook.pushsvc_authenticate.get_hookimpls()):
+            try:
+                result = await await_me_maybe(
+                    self._call(impl, hook_name, {name: arguments[name] for name in impl.argnames})
+                )
+                if result is not None and not isinstance(result, Principal):
+                    raise TypeError(f"returned {result!r}, not a pushsvc.Principal")
+            except AuthError:
+                raise
+            except Exception as exc:
+                self.failed(impl.plugin_name, hook_name, exc)
+                raise AuthError("plugin_error", f"plugin {impl.plugin_name} failed") from exc
+            if result is not None:
+                return result
+        return None
+
+    def first_result(self, hook_name: str, on_error: Any, **kwargs: Any) -> Any:
+        """Call a firstresult hook implementation by implementation; the first non-None wins.
+
+        An implementation that raises is logged with its plugin's name and
+        counted, and the call answers ``on_error`` (the refusal) without
+        asking the next plugins: they cannot know what the failing one would
+        have decided. The next call asks every plugin again.
         """
         caller = getattr(self.hook, hook_name)
         for impl in reversed(caller.get_hookimpls()):  # pluggy calls the last registered first
             arguments = {name: kwargs[name] for name in impl.argnames if name in kwargs}
             try:
-                result = impl.function(**arguments)
+                result = self._call(impl, hook_name, arguments)
+                if inspect.isawaitable(result):  # would be truthy: refuse instead
+                    _discard(result)
+                    raise TypeError(f"{hook_name} returned an awaitable; it must answer at once")
+            except Exception as exc:
+                self.failed(impl.plugin_name, hook_name, exc)
+                return on_error
+            if result is not None:
+                return result
+        return None
+
+    def notify_plugin(self, plugin: str, hook_name: str, **kwargs: Any) -> None:
+        """:meth:`notify` for the implementations of one plugin only."""
+        self.notify(hook_name, _only=plugin, **kwargs)
+
+    def notify(self, hook_name: str, _only: str | None = None, **kwargs: Any) -> None:
+        """Call every implementation of a notification hook; one plugin's error stops no other.
+
+        pluggy stops a hook call at the first implementation that raises; here
+        each implementation is called on its own, in pluggy's order (``tryfirst``
+        ... ``trylast``), and an error is logged with the plugin's name and
+        counted in ``pushsvc_plugin_errors_total{plugin, hook}``. An
+        implementation that returns an awaitable is run as a task (its error
+        is logged and counted the same way).
+        """
+        caller = getattr(self.hook, hook_name)
+        for impl in reversed(caller.get_hookimpls()):  # pluggy calls the last registered first
+            if _only is not None and impl.plugin_name != _only:
+                continue
+            arguments = {name: kwargs[name] for name in impl.argnames if name in kwargs}
+            try:
+                result = self._call(impl, hook_name, arguments)
                 if inspect.isawaitable(result):
                     task = asyncio.ensure_future(result)
-                    task.add_done_callback(functools.partial(_report, hook_name, impl.plugin_name))
-            except Exception:
-                log.exception("plugin %s: hook %s raised", impl.plugin_name, hook_name)
+                    task.add_done_callback(
+                        functools.partial(self._report, hook_name, impl.plugin_name)
+                    )
+            except Exception as exc:
+                self.failed(impl.plugin_name, hook_name, exc)
+
+    async def call_each(self, hook_name: str, **kwargs: Any) -> None:
+        """Call and await every implementation in turn; an exception stops no other.
+
+        For ``pushsvc_shutdown``: one plugin's failure must not keep the
+        others (or the store) from closing. Errors are logged and counted.
+        """
+        caller = getattr(self.hook, hook_name)
+        for impl in reversed(caller.get_hookimpls()):
+            arguments = {name: kwargs[name] for name in impl.argnames if name in kwargs}
+            try:
+                await await_me_maybe(self._call(impl, hook_name, arguments))
+            except Exception as exc:
+                self.failed(impl.plugin_name, hook_name, exc)
+
+    def _report(self, hook_name: str, plugin: str, task: asyncio.Future[Any]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self.failed(plugin, hook_name, task.exception())
 
 
-def _report(hook_name: str, plugin: str, task: asyncio.Future[Any]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("plugin %s: hook %s raised", plugin, hook_name, exc_info=task.exception())
+def _discard(awaitable: Any) -> None:
+    """Close a coroutine that will not be awaited (no "never awaited" warning)."""
+    if isinstance(awaitable, StepTimer):
+        awaitable = awaitable._awaitable
+    if inspect.iscoroutine(awaitable):
+        awaitable.close()
+
+
+def _count_nothing(plugin: str, hook: str) -> None:
+    """The error counter of :class:`Plugins` not bound to metrics (``pushsvc plugins``)."""
+
+
+def _parse_version(version: object) -> tuple[int, int] | None:
+    if not isinstance(version, str):
+        return None
+    major, dot, minor = version.partition(".")
+    if not (major.isdigit() and (not dot or minor.isdigit())):
+        return None
+    return int(major), int(minor or 0)
+
+
+def _check_api_version(name: str, dist: str, plugin: object) -> None:
+    """Refuse a plugin whose ``PUSHSVC_PLUGIN_API`` this pushsvc does not provide.
+
+    Compatible: the same major version, and a minor one not above ours.
+    """
+    required = getattr(plugin, "PUSHSVC_PLUGIN_API", None)
+    if required is None:
+        return
+    wanted = _parse_version(required)
+    major, _, minor = PLUGIN_API_VERSION.partition(".")
+    ours = int(major), int(minor)
+    if wanted is None:
+        raise PluginError(
+            f"plugin {name!r} ({dist}): PUSHSVC_PLUGIN_API must be a 'MAJOR.MINOR' string, "
+            f"not {required!r}",
+            plugin=name,
+        )
+    if wanted[0] != ours[0] or wanted[1] > ours[1]:
+        raise PluginError(
+            f"plugin {name!r} ({dist}) needs plugin API {required}; this pushsvc provides "
+            f"{PLUGIN_API_VERSION} (compatible: {ours[0]}.0 to {PLUGIN_API_VERSION})",
+            plugin=name,
+        )
 
 
 def _distribution_of(entry_point: metadata.EntryPoint) -> str:
@@ -269,7 +527,8 @@ def load_plugins(
         sources.append((entry_point.name, dist, plugin))
     sources.extend((name, "registered directly", plugin) for name, plugin in extra)
 
-    for name, _dist, plugin in sources:
+    for name, dist, plugin in sources:
+        _check_api_version(name, dist, plugin)
         try:
             manager.register(plugin, name=name)
         except ValueError as exc:
@@ -282,6 +541,22 @@ def load_plugins(
             f"plugin {exc.plugin!r} implements an unknown hook: {exc}",
             plugin=manager.get_name(exc.plugin),
         ) from exc
+    for hook_name in sorted(SYNC_HOOKS):
+        for impl in getattr(manager.hook, hook_name).get_hookimpls():
+            if inspect.iscoroutinefunction(impl.function):
+                raise PluginError(
+                    f"plugin {impl.plugin_name!r}: {hook_name} cannot be async def "
+                    "(pushsvc uses its answer at once)",
+                    plugin=impl.plugin_name,
+                )
+    for hook_name in sorted(ISOLATED_HOOKS):
+        for impl in getattr(manager.hook, hook_name).get_hookimpls():
+            if impl.hookwrapper or impl.wrapper:
+                raise PluginError(
+                    f"plugin {impl.plugin_name!r}: {hook_name} cannot be a wrapper "
+                    "(pushsvc calls it implementation by implementation)",
+                    plugin=impl.plugin_name,
+                )
 
     dists = {name: dist for name, dist, _plugin in sources}
     declared_by: dict[str, list[MessageType]] = {}

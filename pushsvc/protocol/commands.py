@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pushsvc.protocol.fields import Field
+from pushsvc.protocol.webpush import MAX_ENDPOINT_LENGTH, check_subscription
 
 #: A room name as ``join`` and ``leave`` take it.
 ROOM_FIELD = Field(str, max_length=200)
@@ -85,6 +86,17 @@ CORE_COMMANDS: Mapping[str, CoreCommand] = {
             },
             cost=5.0,  # a store read of up to HISTORY_PAGE_MAX publications
             description="read a page of a room's history",
+        ),
+        CoreCommand(
+            "push_subscribe",
+            {"subscription": Field(dict, validator=check_subscription)},
+            cost=5.0,  # a store write and a DNS lookup
+            description="register a browser's Web Push subscription (push.enabled)",
+        ),
+        CoreCommand(
+            "push_unsubscribe",
+            {"endpoint": Field(str, min_length=1, max_length=MAX_ENDPOINT_LENGTH)},
+            description="forget a Web Push subscription",
         ),
     )
 }

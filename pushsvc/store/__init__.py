@@ -31,11 +31,14 @@ from pushsvc.store.contracts import (
     IdempotentResult,
     InboxStore,
     PendingMessage,
+    PushSubscription,
+    PushSubscriptionStore,
     Revocation,
     RevocationStore,
     Store,
     StoreStats,
     StoreUnavailable,
+    SubscribeResult,
 )
 
 __all__ = [
@@ -55,14 +58,21 @@ __all__ = [
     "IdempotentResult",
     "InboxStore",
     "PendingMessage",
+    "PushSubscription",
+    "PushSubscriptionStore",
     "Revocation",
     "RevocationStore",
     "Store",
     "StoreOptions",
     "StoreStats",
     "StoreUnavailable",
+    "SubscribeResult",
     "make_store",
 ]
+
+
+#: URL schemes of the Redis store (:mod:`pushsvc.store.redis`).
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +81,7 @@ class StoreOptions:
 
     synchronous: str = "normal"  # "normal" | "full" (SQLite: fsync every commit)
     batch_max: int = 512  # most operations per transaction (group commit)
-    busy_timeout: float = 5.0  # seconds to wait on a locked store before failing a write
+    busy_timeout: float = 5.0  # seconds: SQLite waits on a lock; Redis bounds each command
 
 
 def make_store(url: str, options: StoreOptions | None = None) -> Store:
@@ -86,4 +96,11 @@ def make_store(url: str, options: StoreOptions | None = None) -> Store:
             batch_max=options.batch_max,
             busy_timeout=options.busy_timeout,
         )
-    raise ValueError(f"store.url: unsupported scheme in {url!r} (supported: sqlite:///PATH)")
+    if url.startswith(REDIS_SCHEMES):
+        from pushsvc.store.redis import RedisStore
+
+        return RedisStore(url, busy_timeout=options.busy_timeout)
+    raise ValueError(
+        f"store.url: unsupported scheme in {url!r} "
+        "(supported: sqlite:///PATH, redis://HOST:PORT/DB, rediss://..., unix://PATH)"
+    )

@@ -11,9 +11,12 @@ Each caller depends on the part it uses:
   same transaction as the message);
 - :class:`RevocationStore`: revoked tokens and users;
 - :class:`HistoryStore`: room history, one offset per room publication
-  (used by the node to publish and resume, and by the HTTP API).
+  (used by the node to publish and resume, and by the HTTP API);
+- :class:`PushSubscriptionStore`: users' Web Push subscriptions (browsers),
+  kept apart from :class:`Store` so that an implementation may come without
+  them (``push.enabled`` then refuses to start).
 
-:class:`Store` is all five: what an implementation provides
+:class:`Store` is the first five: what an implementation provides
 (:mod:`pushsvc.store.sqlite`) and what ``make_store`` returns. Every method
 may raise :class:`StoreUnavailable`, after which nothing of that call was
 persisted. ``tests/contracts/test_store_contract.py`` states these
@@ -24,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 #: Seconds an acked delivery is remembered, so a repeated ack is classified
 #: ``repeated`` (afterwards it is ``unknown``); the sweep drops older acks.
@@ -161,6 +164,21 @@ class HistoryStats:
 #: a client resuming meanwhile is told ``history_expired`` (it missed what was
 #: trimmed), later its room starts a new epoch (``epoch_changed``).
 EPOCH_RETENTION = 86400.0
+
+
+@dataclass(frozen=True, slots=True)
+class PushSubscription:
+    """A browser's Web Push subscription (``PushSubscription.toJSON()``) for one user."""
+
+    user: str  # whose notifications it receives
+    endpoint: str  # the push service URL (unique: one browser profile and app)
+    p256dh: str  # the browser's P-256 public key, base64url (RFC 8291)
+    auth: str  # the 16-byte authentication secret, base64url (RFC 8291)
+    created_at: float  # seconds since the epoch of the last (re)subscription
+
+
+#: What :meth:`PushSubscriptionStore.add_push_subscription` did.
+SubscribeResult = Literal["created", "updated", "limit"]
 
 
 class InboxStore(Protocol):
@@ -318,6 +336,35 @@ class HistoryStore(Protocol):
 
     async def trim_history(self, now: float) -> HistoryStats:
         """Drop entries expired at ``now`` and epochs past :data:`EPOCH_RETENTION`."""
+        ...
+
+
+@runtime_checkable
+class PushSubscriptionStore(Protocol):
+    """Web Push subscriptions, several per user, an endpoint belonging to one user."""
+
+    async def add_push_subscription(
+        self, subscription: PushSubscription, limit: int
+    ) -> SubscribeResult:
+        """Store ``subscription`` for its user (durable on return).
+
+        An endpoint the user has already is ``updated`` (new keys and time);
+        an endpoint another user had moves to this user (the browser changed
+        hands). A new endpoint of a user who has ``limit`` subscriptions
+        already is refused: ``limit``, nothing stored.
+        """
+        ...
+
+    async def remove_push_subscription(self, user: str, endpoint: str) -> bool:
+        """Delete ``user``'s subscription with ``endpoint``; whether there was one."""
+        ...
+
+    async def push_subscriptions(self, user: str) -> list[PushSubscription]:
+        """``user``'s subscriptions, oldest first."""
+        ...
+
+    async def count_push_subscriptions(self) -> int:
+        """How many subscriptions are stored, for every user (metrics)."""
         ...
 
 

@@ -43,9 +43,11 @@ from pushsvc.store.contracts import (
     IdempotencyKey,
     IdempotentResult,
     PendingMessage,
+    PushSubscription,
     Revocation,
     StoreStats,
     StoreUnavailable,
+    SubscribeResult,
 )
 
 log = logging.getLogger("pushsvc.store")
@@ -141,6 +143,11 @@ CREATE TABLE IF NOT EXISTS revocations (
     kind TEXT NOT NULL, subject TEXT NOT NULL, until REAL, created_at REAL NOT NULL,
     expires_at REAL, PRIMARY KEY (kind, subject)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS push_subscriptions (
+    endpoint TEXT PRIMARY KEY, user TEXT NOT NULL, p256dh TEXT NOT NULL, auth TEXT NOT NULL,
+    created_at REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS push_by_user ON push_subscriptions (user, created_at);
 """
 
 
@@ -777,6 +784,67 @@ class SqliteStore:
                 (now,),
             ).fetchall()
             return [Revocation(*row) for row in rows]
+
+        return await self._submit(read)
+
+    # -- Web Push subscriptions ----------------------------------------------------
+
+    async def add_push_subscription(
+        self, subscription: PushSubscription, limit: int
+    ) -> SubscribeResult:
+        """Store a subscription (replacing the endpoint's), unless the user has ``limit``."""
+        sub = subscription
+
+        def write(db: sqlite3.Connection) -> SubscribeResult:
+            owner = db.execute(
+                "SELECT user FROM push_subscriptions WHERE endpoint = ?", (sub.endpoint,)
+            ).fetchone()
+            if owner is None or owner[0] != sub.user:
+                (count,) = db.execute(
+                    "SELECT count(*) FROM push_subscriptions WHERE user = ?", (sub.user,)
+                ).fetchone()
+                if count >= limit:
+                    return "limit"
+            db.execute(
+                "INSERT OR REPLACE INTO push_subscriptions VALUES (?, ?, ?, ?, ?)",
+                (sub.endpoint, sub.user, sub.p256dh, sub.auth, sub.created_at),
+            )
+            return "updated" if owner is not None and owner[0] == sub.user else "created"
+
+        return await self._submit(write)
+
+    async def remove_push_subscription(self, user: str, endpoint: str) -> bool:
+        """Delete ``user``'s subscription with ``endpoint``."""
+
+        def write(db: sqlite3.Connection) -> bool:
+            return bool(
+                db.execute(
+                    "DELETE FROM push_subscriptions WHERE endpoint = ? AND user = ?",
+                    (endpoint, user),
+                ).rowcount
+            )
+
+        return await self._submit(write)
+
+    async def push_subscriptions(self, user: str) -> list[PushSubscription]:
+        """``user``'s subscriptions, oldest first."""
+
+        def read(db: sqlite3.Connection) -> list[PushSubscription]:
+            rows = db.execute(
+                "SELECT endpoint, p256dh, auth, created_at FROM push_subscriptions "
+                "WHERE user = ? ORDER BY created_at, endpoint",
+                (user,),
+            ).fetchall()
+            return [PushSubscription(user, r[0], r[1], r[2], r[3]) for r in rows]
+
+        return await self._submit(read)
+
+    async def count_push_subscriptions(self) -> int:
+        """Every user's subscriptions together."""
+
+        def read(db: sqlite3.Connection) -> int:
+            (count,) = db.execute("SELECT count(*) FROM push_subscriptions").fetchone()
+            return int(count)
 
         return await self._submit(read)
 

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from pushsvc.auth.tokens import AuthError, token_from_request
 from pushsvc.core.node import Node
 from pushsvc.core.session import Session
-from pushsvc.plugin.api import Principal
+from pushsvc.plugin.api import HandshakeRequest, Principal
 from pushsvc.protocol import ids
 from pushsvc.protocol.codes import HandshakeError
 from pushsvc.protocol.disconnects import CLIENT_CLOSE_LABEL, DISCONNECTS
@@ -46,7 +46,8 @@ async def admit(
     """Run every pre-upgrade check (PROTOCOL §1) and reserve a connection slot.
 
     Order: draining (503), ``Origin`` (403), per-address handshake bucket
-    (429), token (401), connection caps (429). On success the caller owns
+    (429), token (401), connection caps (429; the per-user cap over every
+    node, the per-address cap on this one). On success the caller owns
     one slot of ``node.hub.reserve`` and must release it when the
     connection ends (or the upgrade fails).
 
@@ -76,11 +77,13 @@ async def _admit(
         node.metrics.rate_limited.labels("handshake").inc()
         raise HandshakeError(429, "too_many_connections", "handshake_rate", retry_after=retry)
     try:
-        principal = await node.authenticate(token_from_request(headers, query_token))
+        principal = await node.authenticate_client(
+            token_from_request(headers, query_token), HandshakeRequest(headers, remote_ip)
+        )
     except AuthError as exc:
         raise HandshakeError(401, "unauthorized", exc.reason) from exc
     limits = config.ratelimit
-    exceeded = node.hub.reserve(
+    exceeded = await node.hub.reserve(
         principal.user, remote_ip, limits.max_connections_per_user, limits.max_connections_per_ip
     )
     if exceeded is not None:
@@ -138,7 +141,8 @@ class ConnectionBase:
         )
         if self._reserved:
             self._reserved = False
-            self.node.hub.release(session.principal.user, session.remote_ip)
+            release = self.node.hub.release(session.principal.user, session.remote_ip)
+            self.node.track(asyncio.ensure_future(release))
         self.node.track(asyncio.ensure_future(self.node.disconnected(session, code)))
 
     # -- frames out ---------------------------------------------------------------------

@@ -272,7 +272,7 @@ async def start(
         if connection.session is not None:
             connection.session.close(internal)  # ends it: the slot is released there
         elif reserved:
-            node.hub.release(principal.user, remote_ip)
+            await node.hub.release(principal.user, remote_ip)
         raise
     welcome: dict[str, Any] = await connection.recv_type("welcome")
     connection.welcome = welcome

@@ -279,7 +279,7 @@ class FastConnection(WireConnection):
             _refuse(transport, refusal)
             return
         if transport.is_closing():  # the peer left while its token was checked
-            node.hub.release(principal.user, remote_ip)
+            await node.hub.release(principal.user, remote_ip)
             return
         connection = cls(node, switching(request.key), early)
         transport.set_protocol(connection)
@@ -291,7 +291,7 @@ class FastConnection(WireConnection):
         """Start the session on the open connection, then handle its frames."""
         if self._ended:  # the peer left before the session could start
             self._reserved = False
-            self.node.hub.release(principal.user, remote_ip)
+            await self.node.hub.release(principal.user, remote_ip)
             return
         try:
             await self.start_session(principal, remote_ip)
@@ -339,7 +339,7 @@ class UpgradeHandler(tornado.web.RequestHandler):
         key = headers.get("Sec-WebSocket-Key")
         refused = _not_an_upgrade(headers)
         if refused is not None or not key:
-            self.node.hub.release(principal.user, remote_ip)
+            await self.node.hub.release(principal.user, remote_ip)
             if refused == 426:
                 self.set_header("Sec-WebSocket-Version", "13")
             self.set_status(refused or 400)
@@ -353,7 +353,7 @@ class UpgradeHandler(tornado.web.RequestHandler):
             sock = socket.socket(fileno=os.dup(stream.socket.fileno()))
         except (OSError, AttributeError):  # the peer is gone already
             stream.close()
-            self.node.hub.release(principal.user, remote_ip)
+            await self.node.hub.release(principal.user, remote_ip)
             return
         stream.close()  # closes Tornado's descriptor only: the duplicate keeps the connection
         connection = FastConnection(self.node, switching(key), early)
@@ -361,7 +361,7 @@ class UpgradeHandler(tornado.web.RequestHandler):
             await asyncio.get_running_loop().connect_accepted_socket(lambda: connection, sock)
         except OSError:
             sock.close()
-            self.node.hub.release(principal.user, remote_ip)
+            await self.node.hub.release(principal.user, remote_ip)
             return
         await connection.run(principal, remote_ip)
 

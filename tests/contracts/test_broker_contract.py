@@ -1,8 +1,10 @@
 """The broker contract: what every implementation of ``pushsvc.broker.Broker`` does.
 
-Each test runs once per entry of :data:`BROKERS`; a new implementation (a
-Redis broker, say) is one more entry there. Waits are polls with a deadline,
-so the same tests hold for a broker that delivers over a network.
+Each test runs once per entry of :data:`BROKERS`; a new implementation is
+one more entry there. Waits are polls with a deadline, so the same tests
+hold for a broker that delivers over a network. The Redis entry runs on the
+session's ``redis-server`` (``redis_url``, flushed per test; skipped without
+the binary).
 """
 
 from __future__ import annotations
@@ -18,11 +20,21 @@ from conftest import ASYNC_BROKER, Server, token
 from pushsvc.broker import Broker, Envelope, EnvelopeKind, make_broker
 from pushsvc.broker.memory import MemoryBroker
 
+#: Stands for the ``redis_url`` fixture's URL in :data:`BROKERS`.
+REDIS = "redis://<redis_url fixture>"
 #: Implementations under contract: id -> broker.url.
 BROKERS = {
     "memory-sync": "memory://",
     "memory-async": ASYNC_BROKER,
+    "redis": REDIS,
 }
+
+
+def broker_url(request: pytest.FixtureRequest, url: str) -> str:
+    """``url``, with :data:`REDIS` replaced by the session Redis (started on first use)."""
+    return str(request.getfixturevalue("redis_url")) if url == REDIS else url
+
+
 QUIET = 0.05  # seconds to wait to be fairly sure nothing more arrives
 
 
@@ -55,7 +67,7 @@ def live(n: int, frame: bytes = b"{}") -> Envelope:
 
 @pytest.fixture(params=list(BROKERS), ids=list(BROKERS))
 async def broker(request: pytest.FixtureRequest) -> AsyncIterator[Broker]:
-    instance = make_broker(BROKERS[request.param])
+    instance = make_broker(broker_url(request, BROKERS[request.param]))
     await instance.start()
     yield instance
     await instance.close()
@@ -245,7 +257,10 @@ def test_memory_url_selects_the_mode(url: str, delivery: str) -> None:
         "memory://?delivery=async&delivery=sync",
         "memory://host",
         "memory:///path",
-        "redis://localhost",
+        "redis+sentinel://localhost",
+        "redis://localhost/0?prefix=a&prefix=b",
+        "redis://localhost/not-a-db",
+        "redis://localhost/0?no_such_option=1",
     ],
 )
 def test_bad_broker_urls_are_refused(url: str) -> None:
@@ -257,9 +272,11 @@ def test_bad_broker_urls_are_refused(url: str) -> None:
 
 
 @pytest.mark.parametrize("url", list(BROKERS.values()), ids=list(BROKERS))
-async def test_node_flows_over_each_broker(start_server: Callable[..., Any], url: str) -> None:
+async def test_node_flows_over_each_broker(
+    start_server: Callable[..., Any], url: str, request: pytest.FixtureRequest
+) -> None:
     """Rooms, presence, at-least-once with acks, disconnect and revocation, end to end."""
-    server: Server = await start_server(broker={"url": url})
+    server: Server = await start_server(broker={"url": broker_url(request, url)})
     alice = await server.connect("alice")
     bob = await server.connect("bob", extra={"jti": "bob-1"})
     joined = await alice.recv_type("presence")

@@ -146,3 +146,19 @@ async def test_a_failed_append_persists_nothing_and_reuses_no_offset(
     assert await append(store, "r", "m2") == 2  # the failed one took no offset
     page = await store.history("r", None, 10)
     assert texts(page.entries) == ["m1", "m2"]
+
+
+async def test_an_encoder_writing_its_position_twice(store: Store) -> None:
+    def encode(offset: int, epoch: str) -> bytes:
+        return orjson.dumps({"offset": offset, "epoch": epoch, "copy": [offset, epoch]})
+
+    results = await asyncio.gather(*(store.append("r", "chat", encode, KEEP) for _ in range(20)))
+    assert sorted(r.offset for r in results) == list(range(1, 21))
+    for result in results:
+        assert orjson.loads(result.frame) == {
+            "offset": result.offset,
+            "epoch": result.epoch,
+            "copy": [result.offset, result.epoch],
+        }
+    page = await store.history("r", None, 100)
+    assert [orjson.loads(e.frame)["copy"][0] for e in page.entries] == list(range(1, 21))

@@ -17,6 +17,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -30,6 +32,7 @@ from pushsvc.store import (
     StoreUnavailable,
     make_store,
 )
+from redis_server import RedisServer
 
 MINUTE = 60.0
 HOUR = 3600.0
@@ -44,12 +47,15 @@ class Implementation:
     """How the contract builds one kind of store and makes it unavailable."""
 
     name: str  # test id
-    url: Callable[[Path], str]  # store.url of a fresh, empty store for one test (its tmp dir)
+    #: store.url of a fresh, empty store for one test, given the value of ``fixture``.
+    url: Callable[[Any], str]
     #: While inside, the storage refuses every operation for real (lock, outage):
     #: given the store's url, the store opened on it stays as it is.
     outage: Callable[[str], AbstractContextManager[None]]
     #: Options for make_store: fail fast when unavailable.
     options: StoreOptions = field(default_factory=lambda: StoreOptions(busy_timeout=0.05))
+    #: The fixture whose value ``url`` gets: the test's tmp dir, or a server's URL.
+    fixture: str = "tmp_path"
 
 
 def _sqlite_url(tmp_path: Path) -> str:
@@ -70,8 +76,37 @@ def _sqlite_write_lock(url: str) -> Iterator[None]:
 
 SQLITE = Implementation("sqlite", _sqlite_url, _sqlite_write_lock)
 
+
+def _redis_command(url: str, *args: str) -> str:
+    """One command to the Redis of ``url`` over a plain socket (not the client under test)."""
+    parts = urlsplit(url)
+    server = RedisServer.__new__(RedisServer)  # only its port is used by command()
+    server.port = parts.port or 6379
+    return server.command(*args)
+
+
+@contextlib.contextmanager
+def _redis_paused(url: str) -> Iterator[None]:
+    """Redis postpones every write of every client (``CLIENT PAUSE ... WRITE``; with
+    ``ALL`` not even ``CLIENT UNPAUSE`` would run)."""
+    _redis_command(url, "CLIENT", "PAUSE", "30000", "WRITE")
+    try:
+        yield
+    finally:
+        _redis_command(url, "CLIENT", "UNPAUSE")
+
+
+#: The shared test Redis (flushed per test), a prefix of the contract's own.
+REDIS = Implementation(
+    "redis",
+    lambda redis_url: f"{redis_url}?prefix=contract:",
+    _redis_paused,
+    StoreOptions(busy_timeout=0.5),  # per command: a loaded machine answers in time
+    fixture="redis_url",
+)
+
 #: Every store implementation; the next one is one more entry.
-IMPLEMENTATIONS = [SQLITE]
+IMPLEMENTATIONS = [SQLITE, REDIS]
 
 
 @pytest.fixture(params=IMPLEMENTATIONS, ids=lambda impl: impl.name)
@@ -81,8 +116,8 @@ def impl(request: pytest.FixtureRequest) -> Implementation:
 
 
 @pytest.fixture
-def url(impl: Implementation, tmp_path: Path) -> str:
-    return impl.url(tmp_path)
+def url(impl: Implementation, request: pytest.FixtureRequest) -> str:
+    return impl.url(request.getfixturevalue(impl.fixture))
 
 
 @pytest.fixture

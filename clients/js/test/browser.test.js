@@ -1,5 +1,5 @@
 // The demo chat page (/demo) in a real browser: Debian's chromium driven by playwright-core.
-// Skipped when no chromium is installed (set CHROMIUM to its path if it is elsewhere).
+// Skipped when no chromium is installed (support/browser.js).
 // A screenshot of the page in a phone-sized window is saved under the temp dir (path printed);
 // PUSHSVC_DEMO_SCREENSHOT=path saves it there too (docs/img/demo.png).
 import assert from "node:assert/strict";
@@ -9,12 +9,9 @@ import { join } from "node:path";
 import { after, before, test } from "node:test";
 import WebSocket from "ws";
 import { PushClient } from "../pushsvc.js";
+import { launch, skip } from "../support/browser.js";
 import { PushServer, next, sleep, token } from "../support/server.js";
 
-const CANDIDATES = [process.env.CHROMIUM, "/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome"];
-const executablePath = CANDIDATES.find((path) => path && existsSync(path));
-const skip = executablePath ? false : "no chromium installed (Debian: apt-get install chromium)";
-const ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-dev-shm-usage"];
 const PHONE = { width: 390, height: 760 };
 
 // --dev: demo.enabled and POST /dev/token (signed with the test secret, set in the environment).
@@ -25,9 +22,8 @@ const contexts = [];
 
 before(async () => {
   if (skip) return;
-  const { chromium } = await import("playwright-core");
   await server.start();
-  browser = await chromium.launch({ executablePath, headless: true, args: ARGS });
+  browser = await launch();
 });
 
 after(async () => {
@@ -264,6 +260,76 @@ test("server restart: reconnecting, reconnected, a notification sent meanwhile s
   await page.fill("#text", "back");
   await page.press("#text", "Enter");
   await waitText(page, "#messages", "back");
+  assert.deepEqual(realProblems(page), []);
+  await page.context().close();
+});
+
+/** Record every text the page's #state shows from now on (the client's state, via the demo). */
+async function recordStates(page) {
+  const states = [];
+  await page.exposeFunction("__state", (s) => states.push(s));
+  await page.evaluate(() => {
+    new MutationObserver(() => window.__state(document.getElementById("state").textContent)).observe(
+      document.getElementById("state"),
+      { childList: true, characterData: true, subtree: true },
+    );
+  });
+  return states;
+}
+
+// context.setOffline fires the window's offline/online events (it need not cut a loopback
+// socket): what is tested is the client's reaction to them.
+test("browser offline: the open connection is closed and no attempt is made; online reconnects at once", { skip, timeout: 60000 }, async () => {
+  const page = await openPage();
+  await login(page, "olga");
+  const sockets = [];
+  page.on("websocket", (ws) => sockets.push(ws.url()));
+  const states = await recordStates(page);
+
+  await page.context().setOffline(true);
+  await waitState(page, "offline");
+  assert.equal(await page.textContent("#detail"), "waiting for the network");
+  await sleep(2000); // several backoff delays (minDelay 500 ms): no attempt while offline
+  assert.equal(await page.textContent("#state"), "offline");
+  assert.deepEqual(sockets, []);
+  assert.ok(!states.includes("reconnecting"), states.join(" "));
+
+  const mark = states.length;
+  await page.context().setOffline(false);
+  await waitState(page, "open");
+  // Straight to connecting and open: no backoff ("reconnecting") in between, one new socket.
+  assert.deepEqual(states.slice(mark), ["connecting", "open"]);
+  assert.equal(sockets.length, 1);
+  await page.fill("#text", "online again");
+  await page.press("#text", "Enter");
+  await waitText(page, "#messages", "online again");
+  assert.deepEqual(realProblems(page), []);
+  await page.context().close();
+});
+
+test("browser offline while reconnecting: attempts pause; online tries at once", { skip, timeout: 90000 }, async () => {
+  const page = await openPage();
+  await login(page, "otto");
+  const sockets = [];
+  page.on("websocket", (ws) => sockets.push(ws.url()));
+  const states = await recordStates(page);
+
+  await server.stop();
+  await waitState(page, "reconnecting");
+  await page.context().setOffline(true);
+  await waitState(page, "offline"); // shown by the client's offline event (often no socket to close)
+  const attempts = sockets.length;
+  await sleep(2000);
+  assert.equal(sockets.length, attempts, "no attempt while offline");
+  assert.equal(await page.textContent("#state"), "offline");
+
+  await server.start();
+  const mark = states.length;
+  await page.context().setOffline(false);
+  await waitState(page, "open", 15000);
+  assert.deepEqual(states.slice(mark), ["connecting", "open"], "no backoff after online");
+  assert.equal(sockets.length, attempts + 1);
+  await page.waitForFunction(() => document.querySelector('#users li[data-user="otto"]'));
   assert.deepEqual(realProblems(page), []);
   await page.context().close();
 });

@@ -104,10 +104,13 @@ describe("against a running server", () => {
     await next(frank, "open");
     const closed = next(frank, "close");
     let reconnecting = false;
+    let stateInHandler = null;
     frank.on("reconnecting", () => (reconnecting = true));
+    frank.on("close", () => (stateInHandler = frank.state));
     await server.api("POST", "/api/v1/users/frank/disconnect", { reason: "bye" });
     const [code] = await closed;
     assert.equal(code, 4003);
+    assert.equal(stateInHandler, "closed", "close handlers see the state after the close");
     await sleep(300);
     assert.equal(reconnecting, false);
     assert.equal(frank.state, "closed");

@@ -2,7 +2,7 @@
 import assert from "node:assert/strict";
 import { after, test } from "node:test";
 import WebSocket, { WebSocketServer } from "ws";
-import { CLOSE_DEAD, PushClient, drainDelay, tokenClaims } from "../pushsvc.js";
+import { CLOSE_DEAD, CLOSE_OFFLINE, PushClient, drainDelay, tokenClaims } from "../pushsvc.js";
 import { freePort, next, sleep, token } from "../support/server.js";
 
 const open = [];
@@ -103,8 +103,12 @@ test("offline closes and waits; online reconnects at once and rejoins rooms", as
   const c = client(server.url, { network, minDelay: 5000, maxDelay: 5000 });
   await next(c, "open");
   await c.join("room-a");
+  const closed = next(c, "close");
+  const offline = next(c, "offline");
   network.dispatchEvent(new Event("offline"));
   assert.equal(c.state, "offline");
+  assert.deepEqual(await closed, [CLOSE_OFFLINE, "offline"]);
+  await offline;
   const queued = c.send("chat", { room: "room-a", text: "later" });
   await sleep(100);
   assert.equal(server.state.connections, 1);
@@ -115,6 +119,23 @@ test("offline closes and waits; online reconnects at once and rejoins rooms", as
   assert.equal(joins.length, 2);
   const last = server.state.frames.at(-1);
   assert.equal(last.text, "later", "the rejoin goes before the queued chat");
+});
+
+test("offline between reconnect attempts: no attempts until online, then one at once", async () => {
+  const server = await fake((socket, n) => n === 1 && setTimeout(() => socket.close(1011, "internal"), 20));
+  const network = new EventTarget();
+  const c = client(server.url, { network, minDelay: 5000, maxDelay: 5000 });
+  const events = [];
+  for (const name of ["close", "reconnecting", "offline", "online", "open"]) c.on(name, () => events.push(`${name}:${c.state}`));
+  await next(c, "open");
+  await next(c, "reconnecting");
+  network.dispatchEvent(new Event("offline"));
+  assert.equal(c.state, "offline");
+  network.dispatchEvent(new Event("online"));
+  assert.equal(c.state, "connecting");
+  await next(c, "open", 1000); // the 5 s backoff was cancelled
+  assert.deepEqual(events, ["open:open", "close:reconnecting", "reconnecting:reconnecting", "offline:offline", "online:connecting", "open:open"]);
+  assert.equal(server.state.connections, 2);
 });
 
 test("bounded outbox: overflow and timeouts reject with a reason, close rejects the rest", async () => {

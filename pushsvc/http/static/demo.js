@@ -147,6 +147,21 @@ function showNotificationButton() {
   $("enable-notifications").hidden = !("Notification" in window) || Notification.permission !== "default";
 }
 
+// Web Push (when the server has push.enabled): with notification permission, register the
+// example service worker and this browser's push subscription, so that notifications
+// arrive while the tab is closed (docs/webpush.md).
+async function enableWebPush() {
+  if (!client || !client.welcome || !client.welcome.push) return;
+  if (!("serviceWorker" in navigator) || !("PushManager" in window)) return;
+  if (!("Notification" in window) || Notification.permission !== "granted") return;
+  try {
+    const registration = await navigator.serviceWorker.register("/client/sw.js");
+    await client.subscribePush(registration);
+  } catch (error) {
+    console.info("Web Push unavailable here:", String(error)); // e.g. no push service reachable
+  }
+}
+
 // -- the connection ---------------------------------------------------------------------
 
 function connect(token) {
@@ -160,6 +175,7 @@ function connect(token) {
     $("app").hidden = false;
     $("logout").hidden = false;
     showNotificationButton();
+    enableWebPush();
     showState("open");
     // The join reply lists the room's users: (re)load the lists after every (re)connect.
     const rooms = client.rooms.size ? [...client.rooms] : ["lobby"];
@@ -174,6 +190,8 @@ function connect(token) {
   client.on("reconnecting", (attempt, delay) =>
     showState("reconnecting", `attempt ${attempt} in ${(delay / 1000).toFixed(1)} s`),
   );
+  client.on("offline", () => showState(client.state, "waiting for the network"));
+  client.on("online", () => showState(client.state));
   client.on("error", (error) => {
     if (active) addLine(active, [[`error: ${error.message}`]], "system");
   });
@@ -312,6 +330,7 @@ $("composer").addEventListener("submit", (event) => {
 $("enable-notifications").addEventListener("click", async () => {
   await Notification.requestPermission();
   showNotificationButton();
+  enableWebPush();
 });
 $("logout").addEventListener("click", () => {
   if (client) client.close();
