@@ -317,7 +317,10 @@ class HistoryStore(Protocol):
         ``encode(offset, epoch)`` makes the frame once its position is known;
         it is pure and quick and may run on another thread (SQLite: the
         writer thread, inside the group commit), so that the publication
-        costs one store round trip and is encoded once. The entry is kept
+        costs one store round trip and is encoded once. A store may call it
+        with stand-ins instead and put the real offset and epoch in their
+        place in the bytes (Redis: before its one script), so it should
+        write them as their text, as JSON does. The entry is kept
         for ``retention.ttl`` seconds, and at most ``retention.size``
         entries of the room are kept (older ones are trimmed now).
         """

@@ -32,6 +32,22 @@ serves several deployments with different prefixes)::
     P{g}:rev             HASH  "<kind>\\n<subject>" -> "<until>\\n<created_at>\\n<expires_at>"
     P{g}:revexp          ZSET  revocations with an expiry, score expires_at
     P{g}:probe           STRING the write of check()
+    P{r:<room>}:h        HASH  room history: e epoch, n latest offset, x epoch forgotten at
+    P{r:<room>}:l        ZSET  its entries "<offset>\\n<created>\\n<expires>\\n<type>\\n<frame>",
+                               scored by offset
+    P{g}:hrooms          ZSET  rooms with a history, score: oldest entry's expiry (none: x)
+    P{g}:hentries        STRING entries kept, all rooms
+
+Room history. :meth:`RedisStore.append` is one script like the others: the
+frame is encoded once, before it, with random stand-ins for the offset and
+the epoch, and the script splices the room's next offset and its epoch in
+(a new random epoch for a room without one), so an append is atomic, takes
+no offset when it fails and is never visible before its entry. An encoder
+whose frame does not hold each stand-in exactly once is served by a read
+and a conditional append, retried (``APPEND_TRIES``). :meth:`RedisStore.history`
+is one script; :meth:`RedisStore.trim_history` one per ``SWEEP_CHUNK`` rooms
+whose oldest entry expired (at most ``SWEEP_STEPS``). A room's keys share the
+hash tag ``{r:<room>}``.
 
 Times are stored as the strings Python wrote (``repr`` of a float), so they
 come back exactly; Lua compares them with ``tonumber``.
