@@ -37,6 +37,9 @@ serves several deployments with different prefixes)::
                                scored by offset
     P{g}:hrooms          ZSET  rooms with a history, score: oldest entry's expiry (none: x)
     P{g}:hentries        STRING entries kept, all rooms
+    P{w:<endpoint>}      HASH  a Web Push subscription: u user, k p256dh, a auth, c created_at
+    P{u:<user>}:w        ZSET  the user's endpoints, score created_at
+    P{g}:push            STRING subscriptions stored, all users
 
 Room history. :meth:`RedisStore.append` is one script like the others: the
 frame is encoded once, before it, with random stand-ins for the offset and
@@ -128,9 +131,11 @@ from pushsvc.store.contracts import (
     IdempotencyKey,
     IdempotentResult,
     PendingMessage,
+    PushSubscription,
     Revocation,
     StoreStats,
     StoreUnavailable,
+    SubscribeResult,
 )
 
 log = logging.getLogger("pushsvc.store")
@@ -540,6 +545,52 @@ if entries < 0 then redis.call('SET', gkey(P, 'hentries'), 0); entries = 0 end
 return {#due, redis.call('ZCARD', index), entries}
 """
 
+# Web Push subscriptions: P{w:<endpoint>} HASH u user, k p256dh, a auth, c created_at;
+# P{u:<user>}:w ZSET the user's endpoints, score created_at; P{g}:push STRING the count.
+_PUSH_PRELUDE = """
+local function wkey(P, endpoint) return P .. '{w:' .. endpoint .. '}' end
+"""
+
+# ARGV: P, user, endpoint, p256dh, auth, created_at, limit -> 'created'|'updated'|'limit'
+_PUSH_ADD = """
+local P, u, ep, c = ARGV[1], ARGV[2], ARGV[3], ARGV[6]
+local h = wkey(P, ep)
+local owner = redis.call('HGET', h, 'u')
+if owner ~= u and redis.call('ZCARD', ukey(P, u, 'w')) >= tonumber(ARGV[7]) then
+  return 'limit'
+end
+if owner and owner ~= u then redis.call('ZREM', ukey(P, owner, 'w'), ep) end
+redis.call('HSET', h, 'u', u, 'k', ARGV[4], 'a', ARGV[5], 'c', c)
+redis.call('ZADD', ukey(P, u, 'w'), c, ep)
+if not owner then redis.call('INCR', gkey(P, 'push')) end
+if owner == u then return 'updated' end
+return 'created'
+"""
+
+# ARGV: P, user, endpoint -> 1 when it was the user's, else 0
+_PUSH_REMOVE = """
+local P, u, ep = ARGV[1], ARGV[2], ARGV[3]
+local h = wkey(P, ep)
+if redis.call('HGET', h, 'u') ~= u then return 0 end
+redis.call('DEL', h)
+redis.call('ZREM', ukey(P, u, 'w'), ep)
+redis.call('DECR', gkey(P, 'push'))
+return 1
+"""
+
+# ARGV: P, user -> (endpoint, p256dh, auth, created_at)*, oldest first
+_PUSH_LIST = """
+local P, u = ARGV[1], ARGV[2]
+local out = {}
+for _, ep in ipairs(redis.call('ZRANGE', ukey(P, u, 'w'), 0, -1)) do
+  local s = redis.call('HMGET', wkey(P, ep), 'k', 'a', 'c')
+  if s[1] then
+    out[#out + 1] = ep; out[#out + 1] = s[1]; out[#out + 1] = s[2]; out[#out + 1] = s[3]
+  end
+end
+return out
+"""
+
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
@@ -611,6 +662,9 @@ _SCRIPTS = {
     "append": _HISTORY_PRELUDE + _APPEND,
     "history": _HISTORY_PRELUDE + _HISTORY,
     "trim_history": _HISTORY_PRELUDE + _TRIM_HISTORY,
+    "push_add": _PUSH_PRELUDE + _PUSH_ADD,
+    "push_remove": _PUSH_PRELUDE + _PUSH_REMOVE,
+    "push_list": _PUSH_PRELUDE + _PUSH_LIST,
 }
 #: name -> (Lua source, its SHA-1 for EVALSHA)
 SCRIPTS = {
@@ -629,7 +683,8 @@ class _Op:
 
 
 class RedisStore:
-    """The Redis implementation of :class:`pushsvc.store.Store` (every contract)."""
+    """The Redis implementation of :class:`pushsvc.store.Store` (every contract) and of
+    :class:`pushsvc.store.PushSubscriptionStore`."""
 
     def __init__(self, url: str, *, busy_timeout: float = 5.0) -> None:
         # redis-py's URL; the key prefix; connections (pipelines in flight)
@@ -1057,6 +1112,47 @@ class RedisStore:
             if int(looked) < SWEEP_CHUNK:
                 break
         return HistoryStats(int(rooms), int(entries))
+
+    # -- Web Push subscriptions ---------------------------------------------------
+
+    async def add_push_subscription(
+        self, subscription: PushSubscription, limit: int
+    ) -> SubscribeResult:
+        """Store a subscription (its endpoint moves to this user) unless at ``limit``."""
+        sub = subscription
+        result = _text(
+            await self._script(
+                "push_add",
+                sub.user,
+                sub.endpoint,
+                sub.p256dh,
+                sub.auth,
+                _time(sub.created_at),
+                limit,
+            )
+        )
+        if result == "created":
+            return "created"
+        return "updated" if result == "updated" else "limit"
+
+    async def remove_push_subscription(self, user: str, endpoint: str) -> bool:
+        """Delete ``user``'s subscription with ``endpoint``."""
+        return bool(int(await self._script("push_remove", user, endpoint)))
+
+    async def push_subscriptions(self, user: str) -> list[PushSubscription]:
+        """``user``'s subscriptions, oldest first (ties by endpoint)."""
+        flat = await self._script("push_list", user)
+        return [
+            PushSubscription(
+                user, _text(flat[i]), _text(flat[i + 1]), _text(flat[i + 2]), float(flat[i + 3])
+            )
+            for i in range(0, len(flat), 4)
+        ]
+
+    async def count_push_subscriptions(self) -> int:
+        """Every user's subscriptions together."""
+        count = await self._call("GET", f"{self.prefix}{{g}}:push")
+        return 0 if count is None else int(count)
 
 
 async def _load_scripts(client: aioredis.Redis) -> None:
