@@ -238,7 +238,9 @@ class FrameContext:
         ``epoch`` when the type declares ``history``); returns the id.
         ``exclude`` is a session id that does not get it, on whichever node
         it is connected (``exclude=ctx.session``: everyone but the sender's
-        connection). A recorded publication returns before its commit; the
+        connection); it leaves the session out of the live fan-out only: a
+        recorded publication is in the history, which a resume replays to
+        every member. A recorded publication returns before its commit; the
         frame's reply is sent after it, and the connection's next frames do
         not wait.
         """
