@@ -41,5 +41,6 @@ def pushsvc_register_message_types() -> list[MessageType]:
                 "text": Field(str, max_length=MAX_TEXT),
             },
             description="text to a room's members, sender included",
+            history=True,
         )
     ]

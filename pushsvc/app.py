@@ -74,7 +74,12 @@ _POLL_SECONDS = 0.02
 LISTEN_BACKLOG = 4096
 #: Name under which load_plugins registers the built-in room policy.
 DEFAULT_ROOM_POLICY = "pushsvc.default_room_policy"
-_TIMER_INTERVALS = {"delivery_tick": 0.05, "delivery_sweep": 5.0, "prune": 60.0}
+_TIMER_INTERVALS = {
+    "delivery_tick": 0.05,
+    "delivery_sweep": 5.0,
+    "history_trim": 5.0,
+    "prune": 60.0,
+}
 
 
 def drain_reason(delay: float) -> str:
@@ -201,6 +206,9 @@ class Service:
             asyncio.ensure_future(_every(_TIMER_INTERVALS["delivery_tick"], node.delivery.tick)),
             asyncio.ensure_future(
                 _every_async(_TIMER_INTERVALS["delivery_sweep"], node.delivery.sweep)
+            ),
+            asyncio.ensure_future(
+                _every_async(_TIMER_INTERVALS["history_trim"], node.trim_history)
             ),
             asyncio.ensure_future(_every(_TIMER_INTERVALS["prune"], self._prune)),
             asyncio.ensure_future(node.metrics.watch_loop_lag()),

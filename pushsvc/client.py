@@ -4,7 +4,9 @@ It speaks the wire protocol of docs/protocol.md and takes care of what every
 client otherwise gets wrong: reconnecting (exponential backoff with full
 jitter, forever by default), the close-code policy (4001 new token, 1008
 longer backoff, 1001 the delay in the reason, 4003/1009 final, the rest
-reconnect), rooms rejoined after a reconnect, acks after the handlers ran,
+reconnect), rooms rejoined after a reconnect (resuming from the last room
+message seen: the server replays what was missed, the ``recovery`` event says
+whether it could), acks after the handlers ran,
 duplicates dropped by ``id``, sends made while the connection is down
 (bounded outbox, per-send timeout) and in-band token refresh before ``exp``.
 
@@ -203,6 +205,9 @@ class PushClient:
         self.welcome: dict[str, Any] | None = None
         #: Rooms the client is in (rejoined after every reconnect).
         self.rooms: set[str] = set()
+        #: Room -> (offset, epoch) of the last room message seen: sent as ``since``
+        #: when the room is rejoined, so the server replays what was missed.
+        self.positions: dict[str, tuple[int, str]] = {}
         #: Code and reason of the last close.
         self.close_code: int | None = None
         self.close_reason: str = ""
@@ -661,8 +666,13 @@ class PushClient:
     async def join(self, room: str) -> dict[str, Any]:
         """Join ``room`` now or on the next connection; returns the server's reply.
 
-        The room is rejoined after every reconnect. A refusal (``forbidden``,
-        ``bad_request``) raises :class:`PushError` and forgets the room.
+        The room is rejoined after every reconnect, with ``since`` the last
+        room message seen (:attr:`positions`): the server replays what was
+        missed before live messages, and the ``recovery`` event gets
+        ``{"room", "recovered", "recovered_count", "reason"}`` (``recovered``
+        False: something was lost, reload the room). A refusal
+        (``forbidden``, ``bad_request``) raises :class:`PushError` and
+        forgets the room.
         """
         if self.state == "closed" or self._closing:
             raise PushError("closed", "client is closed")
@@ -675,7 +685,11 @@ class PushClient:
 
     def _send_join(self, room: str) -> None:
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._transmit({"type": "join", "room": room}, future, time.monotonic() + self.send_timeout)
+        frame: dict[str, Any] = {"type": "join", "room": room}
+        position = self.positions.get(room)
+        if position is not None:
+            frame["since"] = {"offset": position[0], "epoch": position[1]}
+        self._transmit(frame, future, time.monotonic() + self.send_timeout)
 
         def done(f: asyncio.Future[dict[str, Any]]) -> None:
             error = f.exception()
@@ -699,6 +713,7 @@ class PushClient:
     async def leave(self, room: str) -> dict[str, Any] | None:
         """Leave ``room`` and stop rejoining it; the server's reply, or None when offline."""
         self.rooms.discard(room)
+        self.positions.pop(room, None)
         self._settle_room(room, None, PushError("left", f"left {room} before joining it"))
         if self.state != "open":
             return None
@@ -728,6 +743,8 @@ class PushClient:
         if kind in ("reply", "error") and isinstance(ref, str) and ref in self._pending:
             future, timer = self._pending.pop(ref)
             timer.cancel()
+            if kind == "reply" and "publications" not in frame:
+                self._joined(frame)
             if kind == "reply":
                 _settle(future, frame)
             else:
@@ -740,6 +757,8 @@ class PushClient:
             return
         if kind == "pong":
             return
+        if not self._advance(frame):
+            return  # a room message seen already (replayed after a reconnect)
         message_id = frame.get("id")
         if isinstance(message_id, str):
             if message_id in self._seen:
@@ -749,6 +768,38 @@ class PushClient:
                 return
             self._remember(message_id, False)
         self._spawn(self._dispatch(frame))
+
+    def _joined(self, reply: dict[str, Any]) -> None:
+        """A join's reply: note the room's position; tell whether what was missed came back."""
+        room, offset, epoch = reply.get("room"), reply.get("offset"), reply.get("epoch")
+        if not isinstance(room, str) or not isinstance(offset, int) or not isinstance(epoch, str):
+            return
+        recovered = reply.get("recovered")
+        if recovered is not True:  # when True, the replayed messages move the position
+            known = self.positions.get(room)
+            if known is None or known[1] != epoch or known[0] < offset:
+                self.positions[room] = (offset, epoch)
+        if recovered is not None:
+            self._emit(
+                "recovery",
+                {
+                    "room": room,
+                    "recovered": recovered,
+                    "recovered_count": reply.get("recovered_count", 0),
+                    "reason": reply.get("reason"),
+                },
+            )
+
+    def _advance(self, frame: dict[str, Any]) -> bool:
+        """Move a room's position to this message; False when it was seen already."""
+        room, offset, epoch = frame.get("room"), frame.get("offset"), frame.get("epoch")
+        if not isinstance(room, str) or not isinstance(offset, int) or not isinstance(epoch, str):
+            return True
+        known = self.positions.get(room)
+        if known is not None and known[1] == epoch and offset <= known[0]:
+            return False
+        self.positions[room] = (offset, epoch)
+        return True
 
     def _remember(self, message_id: str, acked: bool) -> None:
         self._seen.pop(message_id, None)

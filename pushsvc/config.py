@@ -12,6 +12,8 @@ environment variables (plus ``PUSHSVC_JWT_SECRET``), the file named by
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
+import functools
 import json
 import os
 import re
@@ -404,6 +406,63 @@ class ChatConfig:
 
 
 @dataclass(frozen=True)
+class HistoryConfig:
+    """``[history]``: room history, resume after a reconnect, gap repair (docs/delivery.md)."""
+
+    enabled: bool = setting(
+        True,
+        "Record room publications (chat, API publish, plugin types that opt in) with a "
+        "per-room offset and epoch, in the store's group commit; off: no offsets, and a "
+        "join with 'since' answers recovered false (history_disabled).",
+    )
+    size: int = setting(1000, "Most publications kept per room.", minimum=1)
+    ttl: float = setting(600.0, "Seconds a publication is kept.", minimum=1)
+    max_recovery: int = setting(
+        1000,
+        "Most publications one resuming join replays (and one gap repair fetches); "
+        "a client further behind gets recovered false (too_far_behind).",
+        minimum=1,
+    )
+    rooms: list[str] = setting(
+        [],
+        "Per-room overrides, each 'PATTERN SIZE TTL' (a glob as in a token's rooms; the "
+        "first match wins; SIZE 0: no history for those rooms), e.g. 'ticker-* 0 0'.",
+    )
+
+    def __post_init__(self) -> None:
+        self.overrides  # noqa: B018 - parse now: a bad rule fails at load, naming the key
+
+    @functools.cached_property
+    def overrides(self) -> tuple[tuple[str, int, float], ...]:
+        """The ``rooms`` rules parsed: (pattern, size, ttl), in order."""
+        rules = []
+        for rule in self.rooms:
+            parts = rule.split()
+            try:
+                pattern, size, ttl = parts[0], int(parts[1]), float(parts[2])
+                if len(parts) != 3 or size < 0 or ttl < 0:
+                    raise ValueError(rule)
+            except (IndexError, ValueError):
+                raise ConfigError(
+                    "history.rooms",
+                    f"{rule!r} is not 'PATTERN SIZE TTL' (SIZE an integer >= 0, TTL seconds >= 0)",
+                ) from None
+            rules.append((pattern, size, ttl))
+        return tuple(rules)
+
+    def retention(self, room: str) -> tuple[int, float] | None:
+        """(size, ttl) of ``room``'s history, or None when the room keeps none."""
+        if not self.enabled:
+            return None
+        size, ttl = self.size, self.ttl
+        for pattern, rule_size, rule_ttl in self.overrides:
+            if fnmatch.fnmatchcase(room, pattern):
+                size, ttl = rule_size, rule_ttl
+                break
+        return (size, ttl) if size > 0 and ttl > 0 else None
+
+
+@dataclass(frozen=True)
 class ApiConfig:
     """``[api]``: the HTTP server API for app backends."""
 
@@ -547,6 +606,7 @@ class Config:
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     chat: ChatConfig = field(default_factory=ChatConfig)
+    history: HistoryConfig = field(default_factory=HistoryConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     push: PushConfig = field(default_factory=PushConfig)
     log: LogConfig = field(default_factory=LogConfig)

@@ -39,6 +39,7 @@ EXPECTED = {
     "/api/v1/users/{user}/dead-letters/requeue": {"post"},
     "/api/v1/users/{user}/dead-letters/delete": {"post"},
     "/api/v1/rooms/{room}/presence": {"get"},
+    "/api/v1/rooms/{room}/history": {"get"},
     "/api/v1/revocations": {"get", "post"},
 }
 PUBLIC = {"/healthz", "/readyz", "/metrics", "/api/v1/openapi.json"}

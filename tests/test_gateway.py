@@ -42,7 +42,15 @@ async def test_join_leave_presence_and_room_broadcast(server: Server) -> None:
     b = await server.connect("b")
     c = await server.connect("c")
     await a.send({"type": "join", "room": "team", "ref": "j"})
-    joined_reply = {"type": "reply", "ref": "j", "ok": True, "room": "team", "users": ["a"]}
+    joined_reply = {
+        "type": "reply",
+        "ref": "j",
+        "ok": True,
+        "room": "team",
+        "users": ["a"],
+        "offset": 0,  # the room's history position: nothing published yet
+        "epoch": "",
+    }
     assert await a.recv_type("reply") == joined_reply
     await b.send({"type": "join", "room": "team", "ref": "j2"})
     # The join reply lists the members so far (presence events tell the changes).

@@ -172,6 +172,8 @@ async def test_join_and_leave_reply_and_tell_the_members(node: Node) -> None:
         "ok": True,
         "room": "r1",
         "users": ["alice"],
+        "offset": 0,  # the room's history position: nothing published yet
+        "epoch": "",
     }
     joined = await bob.request({"type": "join", "room": "r1", "ref": "j"})
     assert joined["users"] == ["alice", "bob"]  # the members so far, the joiner included

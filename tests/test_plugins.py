@@ -755,6 +755,45 @@ async def test_publish_excludes_a_session_and_members_lists_the_room(
     assert delivered == 2
 
 
+class RecordedTyping:
+    """``note``: recorded in the room's history, to the room's other connections."""
+
+    @hookimpl
+    def pushsvc_register_message_types(self) -> list[MessageType]:
+        async def note(ctx: FrameContext) -> Reply:
+            room = ctx.frame["room"]
+            message = {"type": "note", "room": room, "text": ctx.frame["text"]}
+            return Reply({"id": await ctx.publish(room, message, exclude=ctx.session)})
+
+        fields = {"room": Field(str), "text": Field(str)}
+        return [MessageType("note", note, fields, history=True)]
+
+
+@pytest.mark.parametrize("broker", ["memory://", "memory://?delivery=async"])
+async def test_a_recorded_publication_with_exclude(start_server: Any, broker: str) -> None:
+    """Left out live, but in the history: it carries an offset and a resume replays it."""
+    server = await start_server(
+        extra=[("note", RecordedTyping())], broker={"url": broker}, chat={"auto_join": False}
+    )
+    sender = await server.connect("ann", rooms=["*"])
+    other = await server.connect("ben", rooms=["*"])
+    for client in (sender, other):
+        await client.send({"type": "join", "room": "r", "ref": "j"})
+        await client.recv_type("reply")
+    for text in ("one", "two"):
+        await sender.send({"type": "note", "room": "r", "text": text, "ref": text})
+        assert (await sender.recv_type("reply"))["ok"] is True
+    got = [await other.recv_type("note") for _ in range(2)]
+    assert [(f["text"], f["offset"]) for f in got] == [("one", 1), ("two", 2)]
+    await sender.expect_nothing(0.2, ignore=("presence",))
+    again = await server.connect("ann", rooms=["*"])
+    since = {"offset": 0, "epoch": got[0]["epoch"]}
+    await again.send({"type": "join", "room": "r", "since": since, "ref": "j"})
+    reply = await again.recv_type("reply")
+    assert reply["recovered"] is True and reply["recovered_count"] == 2
+    assert [(await again.recv_type("note"))["text"] for _ in range(2)] == ["one", "two"]
+
+
 class RoomEvents:
     """Records ``pushsvc_joined`` / ``pushsvc_left`` (one async, one sync)."""
 

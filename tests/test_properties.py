@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry
 
 from pushsvc.auth.principal import Principal
 from pushsvc.broker.memory import MemoryBroker
+from pushsvc.cluster.memory import MemoryRegistry
 from pushsvc.core.hub import Hub
 from pushsvc.core.ratelimit import KeyedBuckets
 from pushsvc.delivery.tracker import AckTracker, RetryPolicy
@@ -219,7 +220,8 @@ class HubModel(RuleBasedStateMachine):
         super().__init__()
         self.loop = asyncio.new_event_loop()
         self.broker = MemoryBroker()
-        self.hub = Hub(self.broker, Metrics(CollectorRegistry()), NoDurable())
+        self.cluster = MemoryRegistry()
+        self.hub = Hub(self.broker, Metrics(CollectorRegistry()), NoDurable(), self.cluster)
         self.clients: dict[str, FakeClient] = {}  # open sessions
         self.reserved: dict[str, int] = {}  # user -> reservations
         self.serial = 0
@@ -232,7 +234,7 @@ class HubModel(RuleBasedStateMachine):
 
     @rule(user=USERS)
     def connect(self, user: str) -> None:
-        exceeded = self.hub.reserve(user, "10.0.0.1", max_per_user=3, max_per_ip=100)
+        exceeded = self.run(self.hub.reserve(user, "10.0.0.1", max_per_user=3, max_per_ip=100))
         if self.reserved.get(user, 0) >= 3:
             assert exceeded == "per_user"
             return
@@ -251,7 +253,7 @@ class HubModel(RuleBasedStateMachine):
         rooms = set(client.rooms)
         left = self.run(self.hub.remove(client))  # type: ignore[arg-type]
         assert set(left) == rooms
-        self.hub.release(client.principal.user, client.remote_ip)
+        self.run(self.hub.release(client.principal.user, client.remote_ip))
         self.reserved[client.principal.user] -= 1
         assert self.run(self.hub.remove(client)) == []  # a second remove is harmless
 
@@ -283,7 +285,7 @@ class HubModel(RuleBasedStateMachine):
         assert {r: set(members) for r, members in hub.rooms.items()} == rooms
         for room, members in rooms.items():
             users_in = {self.clients[s].principal.user for s in members}
-            assert hub.room_users(room) == sorted(users_in)
+            assert self.run(self.cluster.room_users(room)) == sorted(users_in)
         assert hub.reserved_users == {u: n for u, n in self.reserved.items() if n}
         channels = {f"user:{u}" for u in users} | {f"room:{r}" for r in rooms}
         assert self.broker._channels == channels  # subscribed exactly while someone is there

@@ -335,3 +335,34 @@ def test_cli_send(spawn: Spawn) -> None:
     )
     assert done.returncode == 1, done.stderr
     assert orjson.loads(done.stdout)["code"] == "forbidden"
+
+
+async def test_rejoin_resumes_the_room_after_a_reconnect(spawn: Spawn) -> None:
+    port = free_port()
+    server = spawn(port=port)
+    chats: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    recoveries: list[dict[str, Any]] = []
+    async with PushClient(server.ws_url, token=token("alice"), **FAST) as client:
+        client.on("chat", chats.put_nowait)
+        client.on("recovery", recoveries.append)
+        await client.join("team")
+        code, body = await api(server, "POST", "/api/v1/publish", {"room": "team", "text": "m0"})
+        assert code == 202, body
+        first = await asyncio.wait_for(chats.get(), 5)
+        assert client.positions["team"] == (first["offset"], first["epoch"])
+        server.kill9()
+        # the room goes on without the client: another process on the same data
+        other = await asyncio.to_thread(spawn, name="other")
+        for i in range(1, 6):
+            code, body = await api(
+                other, "POST", "/api/v1/publish", {"room": "team", "text": f"m{i}"}
+            )
+            assert code == 202, body
+        other.kill9()
+        await asyncio.to_thread(spawn, port=port, name="again")
+        got = [await asyncio.wait_for(chats.get(), 20) for _ in range(5)]
+        assert [m["text"] for m in got] == [f"m{i}" for i in range(1, 6)]
+        assert recoveries == [
+            {"room": "team", "recovered": True, "recovered_count": 5, "reason": None}
+        ]
+        assert client.positions["team"] == (first["offset"] + 5, first["epoch"])

@@ -18,7 +18,16 @@ from redis.crc import key_slot
 
 from conftest import Server
 from pushsvc.protocol import ids
-from pushsvc.store import Revocation, Store, StoreOptions, StoreUnavailable, make_store
+from pushsvc.store import (
+    EPOCH_RETENTION,
+    HistoryRetention,
+    HistoryStats,
+    Revocation,
+    Store,
+    StoreOptions,
+    StoreUnavailable,
+    make_store,
+)
 from pushsvc.store.redis import CONNECTIONS, SWEEP_CHUNK, RedisStore, parse_url, redacted
 from redis_server import RedisServer
 
@@ -345,4 +354,44 @@ async def test_sweep_works_through_more_than_one_chunk(redis_url: str) -> None:
     assert await store.expire(now + 7200.0, retention=3600.0) == []  # retention drops them
     assert await store.dead_letters("ann", 10) == []
     assert await store.frames(message_ids[:5]) == {}
+    await store.close()
+
+
+async def test_room_history_keys_share_the_room_tag_and_a_flush_starts_a_new_epoch(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    store = await opened(redis_url)
+    keep = HistoryRetention(size=2, ttl=600.0)
+
+    def encode(offset: int, epoch: str) -> bytes:
+        return b'{"type":"chat","offset":%d,"epoch":"%s"}' % (offset, epoch.encode())
+
+    for _ in range(3):
+        first = await store.append("lobby", "chat", encode, keep)
+    assert keys(redis_server, "pushsvc:{r:lobby}:*") == [
+        "pushsvc:{r:lobby}:h",
+        "pushsvc:{r:lobby}:l",
+    ]
+    assert len({key_slot(k.encode()) for k in keys(redis_server, "*{r:lobby}*")}) == 1
+    assert [e.offset for e in (await store.history("lobby", None, 10)).entries] == [2, 3]
+    assert await store.trim_history(time.time()) == HistoryStats(rooms=1, entries=2)
+    redis_server.command("FLUSHALL")  # the history is lost: a new epoch from 1
+    again = await store.append("lobby", "chat", encode, keep)
+    assert again.offset == 1 and again.epoch != first.epoch
+    await store.close()
+
+
+async def test_history_sweep_works_through_more_than_one_chunk(redis_url: str) -> None:
+    store = await opened(redis_url)
+    short = HistoryRetention(size=10, ttl=0.05)
+
+    def encode(offset: int, epoch: str) -> bytes:
+        return b'{"offset":%d,"epoch":"%s"}' % (offset, epoch.encode())
+
+    await asyncio.gather(*(store.append(f"r{i}", "chat", encode, short) for i in range(1500)))
+    await asyncio.sleep(0.1)
+    stats = await store.trim_history(time.time())
+    assert stats == HistoryStats(rooms=1500, entries=0)  # epochs stay a day
+    stats = await store.trim_history(time.time() + EPOCH_RETENTION + 1)
+    assert stats == HistoryStats(rooms=0, entries=0)
     await store.close()

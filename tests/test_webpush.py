@@ -771,3 +771,24 @@ async def test_the_sender_refuses_a_host_that_resolves_privately_and_does_not_re
         sender.close()
     assert result.refused and "non-public" in result.error
     assert browser.requests == 0
+
+
+async def test_subscriptions_in_the_redis_store(
+    start_server: Start, push_service: PushService, redis_url: str
+) -> None:
+    """The Redis store keeps the subscriptions too: a push goes out from them."""
+    server: Server = await start_server(push=push_config(), store={"url": redis_url})
+    status, body, _ = await server.http("GET", "/api/v1/push/vapid-public-key")
+    assert status == 200
+    push_service.vapid_key = body["public_key"]
+    browser = push_service.browser("laptop")
+    client = await server.connect("alice")
+    assert (await subscribe(client, browser))["result"] == "created"
+    assert (await subscribe(client, browser))["result"] == "updated"
+    client.close()
+    await until(lambda: not server.node.online("alice"))
+    message_id = await notify(server, "alice")
+    assert (await browser.push()).payload["id"] == message_id
+    _, listing, _ = await server.http("GET", "/api/v1/users/alice/push-subscriptions")
+    assert [s["endpoint"] for s in listing["subscriptions"]] == [browser.endpoint]
+    assert await server.node.store.count_push_subscriptions() == 1  # type: ignore[attr-defined]

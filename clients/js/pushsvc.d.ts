@@ -105,6 +105,9 @@ export interface PushRegistration {
 }
 
 export interface ChatFrame extends Frame {
+  /** Position in the room's history (absent when the room keeps none). */
+  offset?: number;
+  epoch?: string;
   type: "chat";
   id: string;
   room: string;
@@ -150,6 +153,24 @@ export interface ReplyFrame extends Frame {
   room?: string;
   /** `join` replies: the room's users so far, sorted (absent above chat.presence_max_members). */
   users?: string[];
+  /** `join` replies: the room's history position (absent when the room keeps no history). */
+  offset?: number;
+  epoch?: string;
+  /** `join` with `since` (a rejoin): whether every missed message follows this reply. */
+  recovered?: boolean;
+  recovered_count?: number;
+  /** When not recovered: "epoch_changed" | "too_far_behind" | "history_expired" | "history_disabled" | "unavailable". */
+  reason?: string;
+}
+
+/** What the "recovery" event tells after a rejoin with `since`. */
+export interface Recovery {
+  room: string;
+  /** false: messages were lost meanwhile; reload the room (e.g. the history API). */
+  recovered: boolean;
+  /** Messages replayed (they follow, in order, before live ones). */
+  recoveredCount: number;
+  reason: string | null;
 }
 
 export interface ErrorFrame extends Frame {
@@ -174,6 +195,8 @@ export interface LifecycleEvents {
   /** Server `error` frames without a pending send, failing handlers, token provider failures. */
   error: (error: Error) => void;
   reconnecting: (attempt: number, delay: number) => void;
+  /** After a room was rejoined with `since`: recovered, or why not. */
+  recovery: (recovery: Recovery) => void;
   /** The network went offline (after the `close` of an open socket): no reconnect attempts until `online`. */
   offline: () => void;
   /** The network is back: an `offline` client connects at once (state `connecting`, no backoff). */
@@ -192,6 +215,8 @@ export class PushClient {
   readonly welcome: WelcomeFrame | null;
   /** Rooms joined; rejoined after every reconnect. */
   readonly rooms: ReadonlySet<string>;
+  /** room -> the last room message's offset and epoch (sent as `since` on rejoin). */
+  readonly positions: ReadonlyMap<string, { offset: number; epoch: string }>;
 
   on<K extends keyof LifecycleEvents>(type: K, handler: LifecycleEvents[K]): Unsubscribe;
   on<K extends keyof FrameMap>(type: K, handler: (frame: FrameMap[K]) => void | Promise<void>): Unsubscribe;

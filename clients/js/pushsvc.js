@@ -90,6 +90,8 @@ export class PushClient {
     this.welcome = null;
     /** Rooms the client is in (rejoined after every reconnect). */
     this.rooms = new Set();
+    /** room -> {offset, epoch} of the last room message seen: sent as `since` on rejoin. */
+    this.positions = new Map();
     this._handlers = new Map();
     this._ws = null;
     this._attempt = 0;
@@ -97,6 +99,7 @@ export class PushClient {
     this._pending = new Map(); // ref -> {resolve, reject, timer}
     this._outbox = []; // {frame, resolve, reject, timer}
     this._roomWaiters = new Map(); // room -> [{resolve, reject}]
+    this._joining = new Set(); // rooms with a join request in flight
     this._seen = new Map(); // id -> acked (bool), insertion-ordered
     this._ackQueue = [];
     this._ackTimer = null;
@@ -490,7 +493,12 @@ export class PushClient {
 
   // -- rooms ---------------------------------------------------------------------------
 
-  /** Join a room now, or on the next connection; it is rejoined after every reconnect. */
+  /**
+   * Join a room now, or on the next connection; it is rejoined after every reconnect,
+   * with `since` the last room message seen: the server replays what was missed, and
+   * the "recovery" event gets {room, recovered, recoveredCount, reason}
+   * (recovered false: something was lost, reload the room).
+   */
   join(room) {
     this.rooms.add(room);
     const promise = new Promise((resolve, reject) => {
@@ -503,9 +511,18 @@ export class PushClient {
   }
 
   _sendJoin(room) {
-    this._request({ type: "join", room }, this.options.sendTimeout).then(
-      (reply) => this._settleRoom(room, null, reply),
+    if (this._joining.has(room)) return; // one join in flight per room: its reply settles every waiter
+    this._joining.add(room);
+    const frame = { type: "join", room };
+    const position = this.positions.get(room);
+    if (position) frame.since = { offset: position.offset, epoch: position.epoch };
+    this._request(frame, this.options.sendTimeout).then(
+      (reply) => {
+        this._joining.delete(room);
+        this._settleRoom(room, null, reply);
+      },
       (error) => {
+        this._joining.delete(room);
         if (error.code !== "connection_lost" && error.code !== "closed") {
           // refused (forbidden, bad_request) or timed out: forget the room
           if (error.code !== "timeout") this.rooms.delete(room);
@@ -525,6 +542,7 @@ export class PushClient {
   /** Leave a room (and stop rejoining it). */
   leave(room) {
     this.rooms.delete(room);
+    this.positions.delete(room);
     this._settleRoom(room, new PushError("left", `left ${room} before joining it`));
     if (this.state !== "open") return Promise.resolve(null);
     return this._request({ type: "leave", room }, this.options.sendTimeout);
@@ -552,6 +570,7 @@ export class PushClient {
       const entry = this._pending.get(frame.ref);
       this._pending.delete(frame.ref);
       clearTimeout(entry.timer);
+      if (type === "reply" && !("publications" in frame)) this._joined(frame);
       if (type === "reply") entry.resolve(frame);
       else entry.reject(new PushError(frame.code || "error", frame.message || "error", frame));
       return;
@@ -561,6 +580,7 @@ export class PushClient {
     } else if (type === "pong") {
       return;
     }
+    if (!this._advance(frame)) return; // a room message seen already (replayed on rejoin)
     if (typeof frame.id === "string") {
       if (this._seen.has(frame.id)) {
         // a redelivery: ack it again when it was acked (the ack may have been lost)
@@ -570,6 +590,30 @@ export class PushClient {
       this._remember(frame.id, false);
     }
     this._dispatch(frame);
+  }
+
+  // A join's reply: note the room's position; tell whether what was missed came back.
+  _joined(reply) {
+    const { room, offset, epoch, recovered } = reply;
+    if (typeof room !== "string" || typeof offset !== "number" || typeof epoch !== "string") return;
+    if (recovered !== true) {
+      // when recovered, the replayed messages that follow move the position
+      const known = this.positions.get(room);
+      if (!known || known.epoch !== epoch || known.offset < offset) this.positions.set(room, { offset, epoch });
+    }
+    if (typeof recovered === "boolean") {
+      this._emit("recovery", { room, recovered, recoveredCount: reply.recovered_count || 0, reason: reply.reason || null });
+    }
+  }
+
+  // Move a room's position to this message; false when it was seen already.
+  _advance(frame) {
+    const { room, offset, epoch } = frame;
+    if (typeof room !== "string" || typeof offset !== "number" || typeof epoch !== "string") return true;
+    const known = this.positions.get(room);
+    if (known && known.epoch === epoch && offset <= known.offset) return false;
+    this.positions.set(room, { offset, epoch });
+    return true;
   }
 
   _remember(id, acked) {

@@ -34,16 +34,28 @@ class Envelope:
     ``kind`` says what the receiver does with it (:class:`EnvelopeKind`).
     On the wire it is one byte, then the type, the id and the frame,
     separated by ``\x1f`` (the frame last, so it may contain any byte).
+
+    A room publication recorded in the room's history also carries its
+    ``offset`` and ``epoch`` (the same values as inside the frame), so that
+    a receiving node can see a gap without decoding the JSON. On the wire
+    they follow the id in its field, space-separated (``<id> <offset>
+    <epoch>``); a node that predates them reads that field as the id, which
+    it does not use for a LIVE room envelope.
     """
 
     kind: EnvelopeKind  # what the receiving node does with it
     type: str  # message type (metric label); "" for control envelopes
     id: str  # message id; "" when none
     frame: bytes  # the frame exactly as clients receive it, or the control payload
+    offset: int = 0  # position in the room's history; 0: not recorded
+    epoch: str = ""  # the room history's epoch when ``offset`` is set
 
     def to_bytes(self) -> bytes:
         """Serialise for the wire."""
-        return _SEP.join((self.kind.value, self.type.encode(), self.id.encode(), self.frame))
+        head = self.id.encode()
+        if self.offset:
+            head = b"%s %d %s" % (head, self.offset, self.epoch.encode())
+        return _SEP.join((self.kind.value, self.type.encode(), head, self.frame))
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Envelope:
@@ -51,12 +63,22 @@ class Envelope:
 
         Raises ``ValueError`` for malformed data or an unknown kind.
         """
-        kind, kind_type, message_id, frame = data.split(_SEP, 3)
+        kind, kind_type, head, frame = data.split(_SEP, 3)
         try:
             envelope_kind = _KINDS[kind]
         except KeyError:
             raise ValueError(f"unknown envelope kind {kind!r}") from None
-        return cls(envelope_kind, kind_type.decode(), message_id.decode(), frame)
+        if b" " not in head:
+            return cls(envelope_kind, kind_type.decode(), head.decode(), frame)
+        message_id, offset, epoch = head.split(b" ", 2)
+        return cls(
+            envelope_kind,
+            kind_type.decode(),
+            message_id.decode(),
+            frame,
+            int(offset),
+            epoch.decode(),
+        )
 
 
 def room_channel(room: str) -> str:

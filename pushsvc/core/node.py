@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import time
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any
 
 from pushsvc.auth import revocation
@@ -37,7 +37,7 @@ from pushsvc.config import Config, parse_type_buckets
 from pushsvc.core.hub import Hub
 from pushsvc.core.keepalive import Keepalive
 from pushsvc.core.ratelimit import KeyedBuckets
-from pushsvc.core.session import Session
+from pushsvc.core.session import Joined, Session
 from pushsvc.delivery.tracker import Delivery as DeliveryTracker
 from pushsvc.ops.metrics import Metrics
 from pushsvc.plugin.api import CommandError, Delivery, Guarantee, HandshakeRequest, Principal
@@ -47,9 +47,21 @@ from pushsvc.protocol.codes import RETRY_AFTER_UNAVAILABLE, ErrorCode
 from pushsvc.protocol.webpush import PushOptions, parse_subscription
 from pushsvc.push.sender import Sender
 from pushsvc.push.service import PushService
-from pushsvc.store import IdempotencyKey, PushSubscriptionStore, Revocation, Store
+from pushsvc.store import (
+    HistoryPage,
+    HistoryRetention,
+    IdempotencyKey,
+    PushSubscriptionStore,
+    Revocation,
+    Store,
+    StoreUnavailable,
+)
 
 log = logging.getLogger("pushsvc.node")
+
+#: Room publications with their history append in flight past which ``publish``
+#: waits for its own (backpressure on publishers when the store is slow).
+RECORDING_MAX = 10_000
 
 
 class Node:
@@ -76,7 +88,9 @@ class Node:
         self.delivery = DeliveryTracker(
             config.delivery, store, broker, metrics, self._dead_lettered
         )  # at-least-once tracking
-        self.hub = Hub(broker, metrics, self.delivery, self.cluster)  # local connections, rooms
+        self.hub = Hub(
+            broker, metrics, self.delivery, self.cluster, store, config.history.max_recovery
+        )  # local connections and rooms, gap repair from the history
         self.authenticator = Authenticator(config.auth, config.secret())  # token checks
         self.user_buckets = KeyedBuckets(limits.user_rate, limits.user_burst)  # per user
         self.handshake_buckets = KeyedBuckets(limits.handshake_rate, limits.handshake_burst)
@@ -95,6 +109,7 @@ class Node:
         self.draining = False  # True once shutdown began: refuse new work
         self.push: PushService | None = None  # Web Push, when push.enabled (enable_push)
         self._tasks: set[asyncio.Task[Any]] = set()  # background work to finish on shutdown
+        self._recording = 0  # room publications whose history append is in flight
 
     def track(self, task: asyncio.Task[Any]) -> None:
         """Keep a background task alive until it ends; its errors are logged."""
@@ -351,8 +366,21 @@ class Node:
         client = self.hub.sessions.get(session)
         return client is not None and room in client.rooms
 
-    async def join(self, session: Session, room: str, *, check: bool = True) -> None:
+    async def join(
+        self,
+        session: Session,
+        room: str,
+        *,
+        check: bool = True,
+        since: tuple[int, str] | None = None,
+    ) -> Joined:
         """Join ``session`` to ``room`` and tell the other members.
+
+        Returns the room's history position for the ``reply`` (``offset``,
+        ``epoch``) and, with ``since`` (the last offset and epoch the client
+        saw), whether what it missed can be recovered; the caller sends the
+        reply, then :meth:`Joined.finish` sends the recovered publications,
+        then the live ones held meanwhile (no gap, no duplicate).
 
         Raises:
             CommandError: ``forbidden`` when the token does not allow the room
@@ -360,11 +388,106 @@ class Node:
         """
         if check and not self.may_join(session.principal, room):
             raise CommandError(ErrorCode.FORBIDDEN, f"not allowed to join {room!r}")
-        if len(session.rooms) >= self.config.chat.max_rooms_per_connection:
+        if room not in session.rooms and (
+            len(session.rooms) >= self.config.chat.max_rooms_per_connection
+        ):
             raise CommandError(ErrorCode.FORBIDDEN, "too many rooms on this connection")
-        if await self.hub.join(session, room):
+        retention = self.retention(room)
+        hold = since is not None and retention is not None
+        if await self.hub.join(session, room, hold=hold):
             await self._presence(room, "join", session)
             self._room_hook("pushsvc_joined", session, room)
+        if retention is None:
+            if since is None:
+                return Joined({})
+            return self._not_recovered(session, room, "history_disabled", None, hold)
+        limit = 0 if since is None else self.config.history.max_recovery + 1
+        try:
+            page = await self.store.history(room, None if since is None else since[0], limit)
+        except StoreUnavailable:
+            if since is None:
+                return Joined({})
+            return self._not_recovered(session, room, "unavailable", None, hold)
+        except BaseException:  # a bug or a cancellation: never leave the room held
+            if hold:
+                self.hub.release_room(session, room, 0, "")
+            raise
+        if since is None:
+            return Joined({"offset": page.top, "epoch": page.epoch})
+        reason = self._recovery_problem(since, page)
+        if reason is not None:
+            return self._not_recovered(session, room, reason, page, hold)
+        entries = [e for e in page.entries if e.offset <= page.top]
+        self.metrics.history_recoveries.labels("recovered").inc()
+        self.metrics.history_replayed.labels("resume").inc(len(entries))
+
+        def finish() -> None:
+            for entry in entries:
+                session.send(entry.frame, entry.type)
+            self.hub.release_room(session, room, page.top, page.epoch)
+
+        fields = {
+            "offset": page.top,
+            "epoch": page.epoch,
+            "recovered": True,
+            "recovered_count": len(entries),
+        }
+        return Joined(fields, finish)
+
+    def _recovery_problem(self, since: tuple[int, str], page: HistoryPage) -> str | None:
+        """Why the publications after ``since`` cannot all be replayed from ``page``, or None."""
+        offset, epoch = since
+        if epoch != page.epoch and not (epoch == "" and offset == 0):
+            return "epoch_changed"  # "" and 0: the client saw the room before any history
+        if offset > page.top:
+            return "epoch_changed"  # not the history the client saw
+        if page.top - offset > self.config.history.max_recovery:
+            return "too_far_behind"
+        if page.earliest > offset + 1:
+            return "history_expired"
+        return None
+
+    def _not_recovered(
+        self, session: Session, room: str, reason: str, page: HistoryPage | None, hold: bool
+    ) -> Joined:
+        self.metrics.history_recoveries.labels(reason).inc()
+        fields: dict[str, Any] = {"recovered": False, "recovered_count": 0, "reason": reason}
+        if page is not None:
+            fields = {"offset": page.top, "epoch": page.epoch, **fields}
+        if not hold:
+            return Joined(fields)
+        top, epoch = (0, "") if page is None else (page.top, page.epoch)
+
+        def finish() -> None:
+            self.hub.release_room(session, room, top, epoch)
+
+        return Joined(fields, finish)
+
+    def retention(self, room: str) -> HistoryRetention | None:
+        """How much of ``room``'s history is kept; None: none (``history.*``)."""
+        kept = self.config.history.retention(room)
+        return None if kept is None else HistoryRetention(*kept)
+
+    async def room_history(
+        self, room: str, since: int | None, limit: int, *, reverse: bool = False
+    ) -> HistoryPage:
+        """A page of ``room``'s history (the ``history`` command and the HTTP API).
+
+        Raises:
+            CommandError: ``unavailable`` when the store failed.
+        """
+        try:
+            return await self.store.history(room, since, limit, reverse=reverse)
+        except StoreUnavailable as exc:
+            raise CommandError(
+                ErrorCode.UNAVAILABLE, f"history unavailable: {exc}", RETRY_AFTER_UNAVAILABLE
+            ) from exc
+
+    async def trim_history(self) -> None:
+        """Drop expired history and update its gauges (call every few seconds)."""
+        stats = await self.store.trim_history(time.time())
+        self.metrics.history_entries.set(stats.entries)
+        self.metrics.history_rooms.set(stats.rooms)
 
     async def leave(self, session: Session, room: str) -> None:
         """Remove ``session`` from ``room`` and tell the other members."""
@@ -477,24 +600,97 @@ class Node:
         self.metrics.messages_accepted.labels(frame["type"]).inc()
         return Envelope(EnvelopeKind.LIVE, frame["type"], message_id, frames.encode(frame))
 
-    async def publish(self, room: str, message: dict[str, Any], exclude: str | None = None) -> str:
+    async def publish(
+        self,
+        room: str,
+        message: dict[str, Any],
+        exclude: str | None = None,
+        *,
+        history: bool = False,
+        defer: list[Awaitable[None]] | None = None,
+    ) -> str:
         """Fan ``message`` out to ``room``'s members on every node (at most once).
 
         ``exclude`` is a session left out (on whichever node it is): the
         envelope then goes as :attr:`EnvelopeKind.PRESENCE`, whose ``id`` is
-        that session. Returns the message id.
+        that session.
+
+        With ``history`` (and a room that keeps one, ``history.*``) it is
+        appended to the room's history first and carries ``offset`` and
+        ``epoch``; the fan-out follows the commit, in the order of the
+        ``publish`` calls. This returns once it is recorded and fanned out,
+        unless ``defer`` is given: then it returns once the append is
+        queued and adds what to await to ``defer`` (the session answers the
+        frame after it, without holding the connection's next frames, which
+        so join the same group commit). Past :data:`RECORDING_MAX` appends
+        in flight it waits anyway (backpressure). If the append fails the
+        message is published live only. Returns the message id.
 
         Raises:
-            CommandError: ``unavailable`` when the broker did not take it.
+            CommandError: ``unavailable`` when the broker did not take it
+                (from what ``defer`` gets, when given); a recorded one is in
+                the history then, so a resume or a gap repair may deliver it.
         """
         if "type" not in message:
             raise ValueError("message needs a 'type'")
-        envelope = self._live(message)
-        message_id = envelope.id
+        retention = self.retention(room) if history else None
+        if retention is None:
+            envelope = self._live(message)
+            message_id = envelope.id
+            if exclude is not None:
+                envelope = dataclasses.replace(envelope, kind=EnvelopeKind.PRESENCE, id=exclude)
+            await self._publish(room_channel(room), envelope)
+            return message_id
+        message_id, frame = frames.stamp(message)
+        frame.setdefault("room", room)  # an offset means nothing without its room
+        self.metrics.messages_accepted.labels(frame["type"]).inc()
+        task = asyncio.ensure_future(self._recorded(room, message_id, frame, retention, exclude))
+        self._tasks.add(task)
+        task.add_done_callback(self._recorded_done)
+        self._recording += 1
+        if defer is None or self._recording > RECORDING_MAX:
+            await asyncio.shield(task)
+        else:
+            defer.append(task)
+        return message_id
+
+    def _recorded_done(self, task: asyncio.Task[None]) -> None:
+        self._recording -= 1
+        if not task.cancelled() and isinstance(task.exception(), CommandError):
+            self._tasks.discard(task)  # the publisher is told (``unavailable``)
+            return
+        self._task_done(task)
+
+    async def _recorded(
+        self,
+        room: str,
+        message_id: str,
+        frame: dict[str, Any],
+        retention: HistoryRetention,
+        exclude: str | None,
+    ) -> None:
+        """Append to the history (encoded there, once, with its position), then fan out."""
+        kind = frame["type"]
+
+        def encode(offset: int, epoch: str) -> bytes:  # runs in the store's write
+            frame["offset"], frame["epoch"] = offset, epoch
+            return frames.encode(frame)
+
+        try:
+            appended = await self.store.append(room, kind, encode, retention)
+        except StoreUnavailable as exc:
+            self.metrics.history_append_failures.inc()
+            log.warning("room %r: history append failed, published live only: %s", room, exc)
+            frame.pop("offset", None)
+            frame.pop("epoch", None)
+            envelope = Envelope(EnvelopeKind.LIVE, kind, message_id, frames.encode(frame))
+        else:
+            envelope = Envelope(
+                EnvelopeKind.LIVE, kind, message_id, appended.frame, appended.offset, appended.epoch
+            )
         if exclude is not None:
             envelope = dataclasses.replace(envelope, kind=EnvelopeKind.PRESENCE, id=exclude)
         await self._publish(room_channel(room), envelope)
-        return message_id
 
     async def send(
         self,

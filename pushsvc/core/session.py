@@ -9,10 +9,14 @@ answer with ``reply`` or ``error``. It needs the service only through
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+import orjson
 
 from pushsvc.auth.principal import Principal
 from pushsvc.auth.tokens import AuthError
@@ -24,15 +28,30 @@ from pushsvc.plugin.api import Node as PluginNode
 from pushsvc.plugin.manager import MESSAGE_HANDLER, RegisteredType, StepTimer
 from pushsvc.protocol import frames
 from pushsvc.protocol.codes import ErrorCode
-from pushsvc.protocol.commands import CORE_COMMANDS
+from pushsvc.protocol.commands import CORE_COMMANDS, HISTORY_PAGE_DEFAULT
 from pushsvc.protocol.disconnects import DISCONNECTS, Disconnect
 from pushsvc.protocol.fields import CommandError
 from pushsvc.protocol.frames import Broadcast, Command, FrameError
+from pushsvc.store import HistoryPage
 
 log = logging.getLogger("pushsvc.session")
 
 #: Close reasons logged at debug level only (one line per connection would flood the log).
 QUIET_CLOSES = frozenset({DISCONNECTS.going_away.label})
+
+
+def _nothing() -> None:
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Joined:
+    """What a join did: fields for the ``reply``, and what to send after it."""
+
+    fields: dict[str, Any]  # offset, epoch; with since: recovered, recovered_count, reason
+    #: Sends the recovered publications, then the live ones held meanwhile; called
+    #: once, right after the reply (also when there is none).
+    finish: Callable[[], None] = field(default=_nothing)
 
 
 class Transport(Protocol):
@@ -73,8 +92,16 @@ class SessionServices(PluginNode, Protocol):
         """The plugin message type registered as ``name``, if any."""
         ...
 
-    async def join(self, session: Session, room: str) -> None:
-        """Join ``room`` (raises ``CommandError`` ``forbidden``)."""
+    async def join(
+        self, session: Session, room: str, *, since: tuple[int, str] | None = None
+    ) -> Joined:
+        """Join ``room``, resuming after ``since`` (raises ``CommandError`` ``forbidden``)."""
+        ...
+
+    async def room_history(
+        self, room: str, since: int | None, limit: int, *, reverse: bool = False
+    ) -> HistoryPage:
+        """A page of ``room``'s history (raises ``CommandError`` ``unavailable``)."""
         ...
 
     async def leave(self, session: Session, room: str) -> None:
@@ -312,10 +339,36 @@ class Session:
             )
             self.send_error(ErrorCode.INTERNAL, f"plugin {plugin} failed", command.ref)
             return
-        if isinstance(reply, Reply):
-            self._reply(command.ref, dict(reply.fields))
-        else:
-            self._reply(command.ref)
+        fields = dict(reply.fields) if isinstance(reply, Reply) else None
+        if context.deferred:  # publications being recorded: reply once they are
+            deferred = context.deferred
+            waiting: asyncio.Future[Any] = (
+                asyncio.ensure_future(deferred[0])
+                if len(deferred) == 1
+                else asyncio.gather(*deferred)
+            )
+            waiting.add_done_callback(lambda done: self._reply_recorded(done, command, fields))
+            return
+        self._reply(command.ref, fields)
+
+    def _reply_recorded(
+        self, done: asyncio.Future[Any], command: Command, fields: dict[str, Any] | None
+    ) -> None:
+        """The frame's publications are recorded and fanned out: answer it."""
+        failure = None if done.cancelled() else done.exception()
+        if isinstance(failure, CommandError):  # e.g. ``unavailable``: the broker refused it
+            self.send_error(failure.code, failure.message, command.ref, failure.retry_after)
+            return
+        if done.cancelled() or failure is not None:
+            log.error(
+                "a publication of a %r frame failed",
+                command.type,
+                exc_info=None if done.cancelled() else done.exception(),
+                extra={"session": self.session, "user": self.principal.user},
+            )
+            self.send_error(ErrorCode.INTERNAL, "internal error", command.ref)
+            return
+        self._reply(command.ref, fields)
 
     async def _core_command(self, command: Command) -> None:
         checked = frames.validate(command, CORE_COMMANDS[command.type].fields)
@@ -330,15 +383,23 @@ class Session:
             self.send(frames.encode(pong), "pong")
         elif command.type == "join":
             room = fields["room"]
-            await self.services.join(self, room)
-            joined: dict[str, Any] = {"room": room}
-            # The members so far (presence events tell the changes from now on),
-            # within the same cap as presence events.
-            most = self.services.config.chat.presence_max_members
-            users = await self.services.presence(room, most)
-            if len(users) <= most:
-                joined["users"] = users
-            self._reply(ref, joined)
+            since = fields.get("since")
+            result = await self.services.join(
+                self, room, since=None if since is None else (since["offset"], since["epoch"])
+            )
+            joined: dict[str, Any] = {"room": room, **result.fields}
+            try:
+                # The members so far (presence events tell the changes from now on),
+                # within the same cap as presence events.
+                most = self.services.config.chat.presence_max_members
+                users = await self.services.presence(room, most)
+                if len(users) <= most:
+                    joined["users"] = users
+                self._reply(ref, joined)
+            finally:  # never leave the room held
+                result.finish()
+        elif command.type == "history":
+            await self._history(fields, ref)
         elif command.type == "leave":
             await self.services.leave(self, fields["room"])
             self._reply(ref, {"room": fields["room"]})
@@ -354,11 +415,30 @@ class Session:
             self._reply(ref, {"acked": acked})
         elif command.type == "push_subscribe":
             subscription = fields["subscription"]
-            result = await self.services.push_subscribe(self.principal.user, subscription)
-            self._reply(ref, {"endpoint": subscription["endpoint"], "result": result})
+            outcome = await self.services.push_subscribe(self.principal.user, subscription)
+            self._reply(ref, {"endpoint": subscription["endpoint"], "result": outcome})
         elif command.type == "push_unsubscribe":
             removed = await self.services.push_unsubscribe(self.principal.user, fields["endpoint"])
             self._reply(ref, {"endpoint": fields["endpoint"], "removed": removed})
+
+    async def _history(self, fields: dict[str, Any], ref: str | None) -> None:
+        room = fields["room"]
+        if not self.services.may_join(self.principal, room):
+            raise CommandError(ErrorCode.FORBIDDEN, f"not allowed to read {room!r}")
+        reverse = bool(fields.get("reverse", False))
+        limit = fields.get("limit", HISTORY_PAGE_DEFAULT)
+        page = await self.services.room_history(room, fields.get("since"), limit, reverse=reverse)
+        publications = [orjson.Fragment(entry.frame) for entry in page.entries]
+        self._reply(
+            ref,
+            {
+                "room": room,
+                "epoch": page.epoch,
+                "offset": page.top,
+                "earliest": page.earliest,
+                "publications": publications,
+            },
+        )
 
     async def _reauthenticate(self, token: str, ref: str | None) -> None:
         try:

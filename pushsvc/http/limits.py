@@ -44,3 +44,7 @@ def at_least_once_types(node: Node) -> list[str]:
     """Registered message types that need at-least-once delivery (not publishable)."""
     types = node.plugins.types.items()
     return sorted(k for k, t in types if t.message_type.guarantee is Guarantee.AT_LEAST_ONCE)
+
+
+#: Largest ``since`` offset the history endpoint takes (18 digits).
+MAX_OFFSET = 10**18 - 1

@@ -1,4 +1,5 @@
-"""Message endpoints: ``publish``, a user's ``pending`` messages, ``disconnect``, ``presence``.
+"""Message endpoints: ``publish``, a user's ``pending`` messages, ``disconnect``, ``presence``,
+a room's ``history``.
 
 ``POST /api/v1/notify`` is served by the built-in ``notification`` plugin
 (``plugins/notification.py``), through the public :class:`ApiHandler`.
@@ -6,6 +7,7 @@
 
 from __future__ import annotations
 
+import re
 from http import HTTPStatus
 from typing import Any
 
@@ -14,6 +16,7 @@ import orjson
 from pushsvc.http.base import ApiHandler, bad_request
 from pushsvc.http.limits import (
     MAX_ID_LENGTH,
+    MAX_OFFSET,
     MAX_REASON_BYTES,
     MAX_REASON_LENGTH,
     MAX_ROOM_LENGTH,
@@ -22,6 +25,8 @@ from pushsvc.http.limits import (
     at_least_once_types,
 )
 from pushsvc.protocol.disconnects import DISCONNECTS
+
+_DIGITS = re.compile(r"[0-9]{1,18}")
 
 
 class PublishHandler(ApiHandler):
@@ -49,7 +54,7 @@ class PublishHandler(ApiHandler):
         extra = self.field(data, "data", dict, required=False)
         if extra is not None:
             message["data"] = extra
-        message_id = await self.run(self.node.publish(room, message))
+        message_id = await self.run(self.node.publish(room, message, history=True))
         return HTTPStatus.ACCEPTED, {"id": message_id}
 
 
@@ -97,3 +102,40 @@ class PresenceHandler(ApiHandler):
         if len(room) > MAX_ROOM_LENGTH:
             raise bad_request(f"room: at most {MAX_ROOM_LENGTH} characters")
         return HTTPStatus.OK, {"users": await self.node.presence(room)}
+
+
+class HistoryHandler(ApiHandler):
+    """``GET /api/v1/rooms/{room}/history``: a page of a room's recorded publications."""
+
+    async def get(self, room: str) -> None:
+        """200 ``{"room", "epoch", "offset", "earliest", "publications", "next"}``."""
+        await self.handle(self._history(room))
+
+    async def _history(self, room: str) -> tuple[int, Any]:
+        if len(room) > MAX_ROOM_LENGTH:
+            raise bad_request(f"room: at most {MAX_ROOM_LENGTH} characters")
+        limit = self.query_limit()
+        raw = self.get_query_argument("since", None)
+        if raw is not None and not (_DIGITS.fullmatch(raw) and int(raw) <= MAX_OFFSET):
+            raise bad_request("since: an offset (an integer >= 0)")
+        since = None if raw is None else int(raw)
+        flag = self.get_query_argument("reverse", "false")
+        if flag not in ("true", "false", "1", "0"):
+            raise bad_request("reverse: true or false")
+        reverse = flag in ("true", "1")
+        page = await self.stored(self.node.store.history(room, since, limit, reverse=reverse))
+        entries = page.entries
+        last = entries[-1].offset if entries else None
+        more = (
+            last is not None
+            and len(entries) == limit
+            and (last > page.earliest if reverse else last < page.top)
+        )
+        return HTTPStatus.OK, {
+            "room": room,
+            "epoch": page.epoch,
+            "offset": page.top,
+            "earliest": page.earliest,
+            "publications": [orjson.Fragment(entry.frame) for entry in entries],
+            "next": last if more else None,
+        }

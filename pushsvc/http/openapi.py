@@ -26,6 +26,7 @@ from pushsvc.http.limits import (
     MAX_IDS,
     MAX_LIMIT,
     MAX_NAME_LENGTH,
+    MAX_OFFSET,
     MAX_REASON_LENGTH,
     MAX_ROOM_LENGTH,
     RESERVED_TYPES,
@@ -221,6 +222,19 @@ def _schemas() -> dict[str, Any]:
         ),
         "Message": message,
         "PendingMessage": pending,
+        "RoomPublication": {
+            "allOf": [
+                message,
+                _obj(
+                    {
+                        "room": _STRING,
+                        "offset": {**_COUNT, "description": "one more per room publication"},
+                        "epoch": {"type": "string", "description": "the room history's epoch"},
+                    },
+                    ["offset", "epoch"],
+                ),
+            ]
+        },
         "DeadLetter": dead,
         "Revocation": revocation,
         "Ids": _obj(
@@ -394,6 +408,57 @@ def _api_paths(unpublishable: list[str]) -> dict[str, Any]:
                     HTTPStatus.OK,
                     "distinct users, sorted",
                     _obj({"users": {"type": "array", "items": _STRING}}, ["users"]),
+                ),
+            )
+        },
+        "/api/v1/rooms/{room}/history": {
+            "get": operation(
+                "A page of a room's history",
+                operation_id="history",
+                tag="rooms",
+                description=(
+                    "Recorded room publications (chat, `publish`, plugin types that opt in), "
+                    "as clients received them, with `offset` and `epoch`. Forward from "
+                    "`since` (exclusive; default 0) oldest first, or with `reverse` back "
+                    "from `since` (exclusive; default the latest) newest first. Pass "
+                    "`next` as `since` for the following page; `next` is null on the last."
+                ),
+                parameters=[
+                    path_param("room", "the room name"),
+                    query_param(
+                        "since",
+                        {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET},
+                        "an offset (exclusive)",
+                    ),
+                    _LIMIT,
+                    query_param("reverse", {"type": "boolean", "default": False}, "newest first"),
+                ],
+                ok=(
+                    HTTPStatus.OK,
+                    "a page and the room's position",
+                    _obj(
+                        {
+                            "room": _STRING,
+                            "epoch": {
+                                "type": "string",
+                                "description": "the history's epoch; empty: the room has none",
+                            },
+                            "offset": {**_COUNT, "description": "the latest offset (0: none)"},
+                            "earliest": {
+                                **_COUNT,
+                                "description": "smallest offset still kept (offset + 1: none)",
+                            },
+                            "publications": {
+                                "type": "array",
+                                "items": schema_ref("RoomPublication"),
+                            },
+                            "next": {
+                                "anyOf": [_COUNT, {"type": "null"}],
+                                "description": "`since` of the next page; null: no more",
+                            },
+                        },
+                        ["room", "epoch", "offset", "earliest", "publications", "next"],
+                    ),
                 ),
             )
         },

@@ -31,6 +31,7 @@ from pushsvc.http.health import HealthHandler, MetricsHandler, OpenApiHandler, R
 from pushsvc.http.limits import at_least_once_types
 from pushsvc.http.messages import (
     DisconnectHandler,
+    HistoryHandler,
     PendingHandler,
     PresenceHandler,
     PublishHandler,
@@ -68,6 +69,7 @@ def core_routes(node: Node, document_kwargs: dict[str, Any] | None = None) -> li
         (rf"{user}/dead-letters/requeue", DeadLettersRequeueHandler, kwargs),
         (rf"{user}/dead-letters/delete", DeadLettersDeleteHandler, kwargs),
         (r"/api/v1/rooms/([^/]+)/presence", PresenceHandler, kwargs),
+        (r"/api/v1/rooms/([^/]+)/history", HistoryHandler, kwargs),
         (r"/api/v1/revocations", RevocationsHandler, kwargs),
         *(
             [

@@ -72,7 +72,21 @@ STORE_OPERATIONS = (
     "delete_dead",
     "stats",
     "check",
+    "append",
+    "history",
+    "trim_history",
 )
+#: ``outcome`` of a join that asked to resume (``since``): recovered, or why not.
+RECOVERY_OUTCOMES = (
+    "recovered",
+    "epoch_changed",
+    "too_far_behind",
+    "history_expired",
+    "history_disabled",
+    "unavailable",
+)
+#: ``source`` of history publications sent again: a resuming join, a gap repair.
+REPLAY_SOURCES = ("resume", "repair")
 #: Store methods that are not operations (not timed).
 _STORE_LIFECYCLE = frozenset({"open", "close"})
 #: ``reason`` labels of ``pushsvc_closes_total``: the client's closes and every server one.
@@ -330,6 +344,44 @@ class Metrics:
         self.store_errors = Counter(
             "pushsvc_store_errors_total", "Store operations that failed.", ["operation"], registry=r
         )
+        self.history_recoveries = Counter(
+            "pushsvc_history_recoveries_total",
+            "Joins that asked to resume a room, by outcome (recovered or the reason).",
+            ["outcome"],
+            registry=r,
+        )
+        self.history_replayed = Counter(
+            "pushsvc_history_replayed_total",
+            "Room publications sent from the history, by source (resume, repair).",
+            ["source"],
+            registry=r,
+        )
+        self.history_gaps_repaired = Counter(
+            "pushsvc_history_gaps_repaired_total",
+            "Offset gaps in a room's feed filled from the history on live connections.",
+            registry=r,
+        )
+        self.history_lost = Counter(
+            "pushsvc_history_lost_total",
+            "Room publications missed by this node and not found in the history.",
+            registry=r,
+        )
+        self.history_duplicates = Counter(
+            "pushsvc_history_duplicates_total",
+            "Room publications dropped because this node had delivered their offset already.",
+            registry=r,
+        )
+        self.history_append_failures = Counter(
+            "pushsvc_history_append_failures_total",
+            "Room publications sent live only because the history append failed.",
+            registry=r,
+        )
+        self.history_entries = Gauge(
+            "pushsvc_history_entries", "Room publications kept in the history.", registry=r
+        )
+        self.history_rooms = Gauge(
+            "pushsvc_history_rooms", "Rooms with a history (an epoch) in the store.", registry=r
+        )
         self.broker_up = Gauge("pushsvc_broker_up", "1 while the broker is connected.", registry=r)
         self.cluster_up = Gauge(
             "pushsvc_cluster_up",
@@ -406,6 +458,10 @@ class Metrics:
             self.rate_limited.labels(bucket)
         for operation in STORE_OPERATIONS:
             self.store_errors.labels(operation)
+        for outcome in RECOVERY_OUTCOMES:
+            self.history_recoveries.labels(outcome)
+        for source in REPLAY_SOURCES:
+            self.history_replayed.labels(source)
 
     def _typed_counter(self, name: str, doc: str, *labels: str) -> TypedCounter:
         """A counter labelled by message ``type`` (then ``labels``)."""

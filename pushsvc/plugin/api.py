@@ -115,10 +115,21 @@ class Node(Protocol):
         """
         ...
 
-    async def publish(self, room: str, message: dict[str, Any], exclude: str | None = None) -> str:
+    async def publish(
+        self,
+        room: str,
+        message: dict[str, Any],
+        exclude: str | None = None,
+        *,
+        history: bool = False,
+        defer: list[Awaitable[None]] | None = None,
+    ) -> str:
         """Fan ``message`` out to the room's members, at most once; returns its id.
 
-        ``exclude`` is a session id left out (on every node).
+        ``exclude`` is a session id left out (on every node). With
+        ``history`` it is recorded in the room's history first and carries
+        ``offset`` and ``epoch`` (clients resume from them). With ``defer``
+        it returns before the commit and adds the work left to it.
         """
         ...
 
@@ -168,6 +179,8 @@ class MessageType:
             (users without an open connection, or not acking within
             ``push.after_seconds``), ``"always"``, ``"never"``; a send may
             override it (:class:`PushOptions`).
+        history: :meth:`FrameContext.publish` records this type's room
+            publications in the room's history (offset, epoch, resume).
 
     Raises:
         ValueError: a negative ``cost``, a ``rate`` that is not positive, a
@@ -184,6 +197,7 @@ class MessageType:
     rate: float | None = None
     burst: float | None = None
     push: str = "never"
+    history: bool = False
 
     def __post_init__(self) -> None:
         if self.cost < 0:
@@ -212,17 +226,27 @@ class FrameContext:
     frame: Mapping[str, Any]  # the validated fields (``type`` and ``ref`` removed)
     message_type: MessageType  # the declaration this frame matched
     node: Node  # service operations
+    #: Publications still being recorded: the session sends the reply after them.
+    deferred: list[Awaitable[None]] = field(default_factory=list)
 
     async def publish(
         self, room: str, message: dict[str, Any], *, exclude: str | None = None
     ) -> str:
         """Fan ``message`` out to the members of ``room`` (at most once).
 
-        The server adds ``id`` and ``timestamp``; returns the id. ``exclude``
-        is a session id that does not get it, on whichever node it is
-        connected (``exclude=ctx.session``: everyone but the sender's connection).
+        The server adds ``id`` and ``timestamp`` (and ``offset`` and
+        ``epoch`` when the type declares ``history``); returns the id.
+        ``exclude`` is a session id that does not get it, on whichever node
+        it is connected (``exclude=ctx.session``: everyone but the sender's
+        connection); it leaves the session out of the live fan-out only: a
+        recorded publication is in the history, which a resume replays to
+        every member. A recorded publication returns before its commit; the
+        frame's reply is sent after it, and the connection's next frames do
+        not wait.
         """
-        return await self.node.publish(room, message, exclude)
+        if not self.message_type.history:
+            return await self.node.publish(room, message, exclude)
+        return await self.node.publish(room, message, exclude, history=True, defer=self.deferred)
 
     async def members(self, room: str, limit: int | None = None) -> list[str]:
         """Distinct users with a connection in ``room``, on every node, sorted.

@@ -87,3 +87,8 @@ _session_counter = itertools.count(1)
 def session_id() -> str:
     """A connection id unique across processes and nodes (random prefix, counter)."""
     return f"{_SESSION_PREFIX}{next(_session_counter):x}"
+
+
+def epoch() -> str:
+    """A new random room-history epoch: 16 hex digits (64 random bits)."""
+    return os.urandom(8).hex()

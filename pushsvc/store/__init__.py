@@ -1,4 +1,5 @@
-"""Store: where at-least-once messages live until every recipient acked them.
+"""Store: where at-least-once messages live until every recipient acked them,
+and the bounded history of room publications.
 
 A message is stored once, with one delivery row per recipient. The store
 owns durability; the delivery tracker owns timing. Every method may raise
@@ -16,9 +17,16 @@ from dataclasses import dataclass
 from pushsvc.config import REDIS_SCHEMES
 from pushsvc.store.contracts import (
     ACKED_RETENTION,
+    EPOCH_RETENTION,
     AckResult,
+    Appended,
     DeadLetter,
     DeadLetterStore,
+    HistoryEntry,
+    HistoryPage,
+    HistoryRetention,
+    HistoryStats,
+    HistoryStore,
     IdempotencyKey,
     IdempotencyStore,
     IdempotentResult,
@@ -36,9 +44,16 @@ from pushsvc.store.contracts import (
 
 __all__ = [
     "ACKED_RETENTION",
+    "EPOCH_RETENTION",
     "AckResult",
+    "Appended",
     "DeadLetter",
     "DeadLetterStore",
+    "HistoryEntry",
+    "HistoryPage",
+    "HistoryRetention",
+    "HistoryStats",
+    "HistoryStore",
     "IdempotencyKey",
     "IdempotencyStore",
     "IdempotentResult",

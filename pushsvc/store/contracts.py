@@ -10,11 +10,13 @@ Each caller depends on the part it uses:
   created (the key itself is stored by :meth:`InboxStore.accept`, in the
   same transaction as the message);
 - :class:`RevocationStore`: revoked tokens and users;
+- :class:`HistoryStore`: room history, one offset per room publication
+  (used by the node to publish and resume, and by the HTTP API);
 - :class:`PushSubscriptionStore`: users' Web Push subscriptions (browsers),
   kept apart from :class:`Store` so that an implementation may come without
   them (``push.enabled`` then refuses to start).
 
-:class:`Store` is the first four: what an implementation provides
+:class:`Store` is the first five: what an implementation provides
 (:mod:`pushsvc.store.sqlite`) and what ``make_store`` returns. Every method
 may raise :class:`StoreUnavailable`, after which nothing of that call was
 persisted. ``tests/contracts/test_store_contract.py`` states these
@@ -23,7 +25,7 @@ guarantees for every implementation.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
@@ -105,6 +107,63 @@ class StoreStats:
 
     pending: int  # unacked deliveries
     oldest_created_ms: int | None  # creation time of the oldest one
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryRetention:
+    """How much of one room's history is kept: ``size`` entries, each for ``ttl`` seconds."""
+
+    size: int  # most entries kept per room (older ones are trimmed on append)
+    ttl: float  # seconds an entry is kept after its append
+
+
+@dataclass(frozen=True, slots=True)
+class Appended:
+    """Where a publication went in its room's history, and its frame with that position."""
+
+    offset: int  # 1 for the first publication of an epoch, one more for each after
+    epoch: str  # the room history's epoch
+    frame: bytes  # what ``encode(offset, epoch)`` returned (stored and published)
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryEntry:
+    """One stored room publication."""
+
+    offset: int  # its offset in the room
+    type: str  # message type
+    frame: bytes  # the frame exactly as it was published (``offset`` and ``epoch`` inside)
+    created_at: float  # seconds since the epoch
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryPage:
+    """A read of one room's history, consistent with its position at that moment.
+
+    ``epoch`` is ``""`` and ``top`` 0 for a room with no history (never
+    published, or forgotten). ``earliest`` is the smallest offset still kept
+    (``top + 1`` when nothing is): a reader who saw offset ``n`` of this epoch
+    can get everything it missed exactly when ``earliest <= n + 1``.
+    """
+
+    epoch: str  # the room history's epoch ("" when none)
+    top: int  # offset of the latest publication (0 when none)
+    earliest: int  # smallest offset still kept; top + 1 when none is
+    entries: Sequence[HistoryEntry]  # what was asked for, in the order asked for
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryStats:
+    """Room history figures for metrics (after a trim)."""
+
+    rooms: int  # rooms with a history (epoch) kept
+    entries: int  # entries kept, all rooms
+
+
+#: Seconds a room's epoch and latest offset are kept after its last entry expired:
+#: a client resuming meanwhile is told ``history_expired`` (it missed what was
+#: trimmed), later its room starts a new epoch (``epoch_changed``).
+EPOCH_RETENTION = 86400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,6 +295,53 @@ class RevocationStore(Protocol):
         ...
 
 
+class HistoryStore(Protocol):
+    """Room history: every recorded publication gets its room's next offset.
+
+    One room's offsets are 1, 2, 3... within an epoch, with no gap and no
+    repeat, whichever node appends (the store assigns them). An epoch is a
+    random string that changes when the history is lost or reset (a new
+    store, a room forgotten after :data:`EPOCH_RETENTION`): offsets of
+    different epochs are not comparable.
+    """
+
+    async def append(
+        self,
+        room: str,
+        message_type: str,
+        encode: Callable[[int, str], bytes],
+        retention: HistoryRetention,
+    ) -> Appended:
+        """Record a publication in ``room``'s history (durable on return).
+
+        ``encode(offset, epoch)`` makes the frame once its position is known;
+        it is pure and quick and may run on another thread (SQLite: the
+        writer thread, inside the group commit), so that the publication
+        costs one store round trip and is encoded once. A store may call it
+        with stand-ins instead and put the real offset and epoch in their
+        place in the bytes (Redis: before its one script), so it should
+        write them as their text, as JSON does. The entry is kept
+        for ``retention.ttl`` seconds, and at most ``retention.size``
+        entries of the room are kept (older ones are trimmed now).
+        """
+        ...
+
+    async def history(
+        self, room: str, since: int | None, limit: int, *, reverse: bool = False
+    ) -> HistoryPage:
+        """Up to ``limit`` unexpired entries of ``room`` and its position.
+
+        Forward (the default): offsets greater than ``since`` (``None``: 0),
+        oldest first. With ``reverse``: offsets smaller than ``since``
+        (``None``: from the latest), newest first.
+        """
+        ...
+
+    async def trim_history(self, now: float) -> HistoryStats:
+        """Drop entries expired at ``now`` and epochs past :data:`EPOCH_RETENTION`."""
+        ...
+
+
 @runtime_checkable
 class PushSubscriptionStore(Protocol):
     """Web Push subscriptions, several per user, an endpoint belonging to one user."""
@@ -265,5 +371,5 @@ class PushSubscriptionStore(Protocol):
         ...
 
 
-class Store(InboxStore, DeadLetterStore, IdempotencyStore, RevocationStore, Protocol):
-    """Everything a store implementation provides: the four contracts together."""
+class Store(InboxStore, DeadLetterStore, IdempotencyStore, RevocationStore, HistoryStore, Protocol):
+    """Everything a store implementation provides: the five contracts together."""

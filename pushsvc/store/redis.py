@@ -32,6 +32,25 @@ serves several deployments with different prefixes)::
     P{g}:rev             HASH  "<kind>\\n<subject>" -> "<until>\\n<created_at>\\n<expires_at>"
     P{g}:revexp          ZSET  revocations with an expiry, score expires_at
     P{g}:probe           STRING the write of check()
+    P{r:<room>}:h        HASH  room history: e epoch, n latest offset, x epoch forgotten at
+    P{r:<room>}:l        ZSET  its entries "<offset>\\n<created>\\n<expires>\\n<type>\\n<frame>",
+                               scored by offset
+    P{g}:hrooms          ZSET  rooms with a history, score: oldest entry's expiry (none: x)
+    P{g}:hentries        STRING entries kept, all rooms
+    P{w:<endpoint>}      HASH  a Web Push subscription: u user, k p256dh, a auth, c created_at
+    P{u:<user>}:w        ZSET  the user's endpoints, score created_at
+    P{g}:push            STRING subscriptions stored, all users
+
+Room history. :meth:`RedisStore.append` is one script like the others: the
+frame is encoded once, before it, with random stand-ins for the offset and
+the epoch, and the script splices the room's next offset and its epoch in
+(a new random epoch for a room without one), so an append is atomic, takes
+no offset when it fails and is never visible before its entry. An encoder
+whose frame does not hold each stand-in exactly once is served by a read
+and a conditional append, retried (``APPEND_TRIES``). :meth:`RedisStore.history`
+is one script; :meth:`RedisStore.trim_history` one per ``SWEEP_CHUNK`` rooms
+whose oldest entry expired (at most ``SWEEP_STEPS``). A room's keys share the
+hash tag ``{r:<room>}``.
 
 Times are stored as the strings Python wrote (``repr`` of a float), so they
 come back exactly; Lua compares them with ``tonumber``.
@@ -86,8 +105,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -101,14 +121,22 @@ from pushsvc import redisurl
 from pushsvc.protocol import ids
 from pushsvc.store.contracts import (
     ACKED_RETENTION,
+    EPOCH_RETENTION,
     AckResult,
+    Appended,
     DeadLetter,
+    HistoryEntry,
+    HistoryPage,
+    HistoryRetention,
+    HistoryStats,
     IdempotencyKey,
     IdempotentResult,
     PendingMessage,
+    PushSubscription,
     Revocation,
     StoreStats,
     StoreUnavailable,
+    SubscribeResult,
 )
 
 log = logging.getLogger("pushsvc.store")
@@ -122,6 +150,8 @@ CONNECTIONS = 4
 SWEEP_CHUNK = 1_000
 #: Sweep scripts per :meth:`RedisStore.expire` call; the rest waits for the next call.
 SWEEP_STEPS = 25
+#: Reads and tries of an append whose frame needs its position before the script.
+APPEND_TRIES = 100
 #: Eviction policies that never drop a key (``volatile-*`` would drop only keys with a
 #: TTL, which here are idempotency keys only, but a policy must be chosen on purpose).
 SAFE_POLICIES = ("noeviction",)
@@ -131,6 +161,7 @@ _PRELUDE = """
 local function ukey(P, u, what) return P .. '{u:' .. u .. '}:' .. what end
 local function mkey(P, id) return P .. '{m:' .. id .. '}' end
 local function gkey(P, what) return P .. '{g}:' .. what end
+local function rkey(P, room, what) return P .. '{r:' .. room .. '}:' .. what end
 local function unref(P, id)
   local k = mkey(P, id)
   if redis.call('HINCRBY', k, 'n', -1) <= 0 then redis.call('DEL', k) end
@@ -384,6 +415,183 @@ else redis.call('ZADD', gkey(P, 'revexp'), expires, field) end
 return {untl, created, expires}
 """
 
+# A history entry is the member "<offset>\n<created_at>\n<expires_at>\n<type>\n<frame>"
+# of the room's ZSET, scored by its offset.
+_HISTORY_PRELUDE = """
+local function field(member, n)  -- the n-th newline-separated field (n < 5)
+  local start = 1
+  for _ = 2, n do start = string.find(member, '\\n', start, true) + 1 end
+  local stop = string.find(member, '\\n', start, true)
+  return string.sub(member, start, stop - 1)
+end
+-- Re-score the room in the sweep index: its oldest entry's expiry, or when none
+-- is left the time its epoch is forgotten.
+local function rescore(P, room, l, forget)
+  local first = redis.call('ZRANGE', l, 0, 0)
+  local score = forget
+  if first[1] then score = field(first[1], 3) end
+  redis.call('ZADD', gkey(P, 'hrooms'), score, room)
+end
+"""
+
+# ARGV: P, room, type, created_at, expires_at, new epoch, size, forget at, mode, a, b, c,
+# [epoch, top] -> {offset, epoch} (mode 'cas' and another position: {0, epoch, top})
+# Modes: 'oe' (frame = a .. offset .. b .. epoch .. c), 'eo' (a .. epoch .. b .. offset
+# .. c), 'cas' (frame = a, made for ARGV[13], ARGV[14]: stored only at that position).
+_APPEND = """
+local P, room = ARGV[1], ARGV[2]
+local h, l = rkey(P, room, 'h'), rkey(P, room, 'l')
+local epoch = redis.call('HGET', h, 'e')
+local top = 0
+if epoch then
+  top = tonumber(redis.call('HGET', h, 'n'))
+else
+  epoch = ARGV[6]
+  redis.call('DEL', l)  -- a new epoch: nothing of an older one may stay
+end
+local mode = ARGV[9]
+if mode == 'cas' and (epoch ~= ARGV[13] or top ~= tonumber(ARGV[14])) then
+  return {0, epoch, top}
+end
+local offset = top + 1
+local o = string.format('%d', offset)
+local frame
+if mode == 'oe' then frame = ARGV[10] .. o .. ARGV[11] .. epoch .. ARGV[12]
+elseif mode == 'eo' then frame = ARGV[10] .. epoch .. ARGV[11] .. o .. ARGV[12]
+else frame = ARGV[10] end
+redis.call('HSET', h, 'e', epoch, 'n', offset)
+redis.call('ZADD', l, offset, o .. '\\n' .. ARGV[4] .. '\\n' .. ARGV[5] .. '\\n' .. ARGV[3]
+  .. '\\n' .. frame)
+local added = 1
+local size = tonumber(ARGV[7])
+if offset > size then
+  added = added - redis.call('ZREMRANGEBYSCORE', l, '-inf', offset - size)
+end
+redis.call('INCRBY', gkey(P, 'hentries'), added)
+rescore(P, room, l, ARGV[8])
+redis.call('HSET', h, 'x', ARGV[8])
+return {offset, epoch}
+"""
+
+# ARGV: P, room, since ('' for none), limit, reverse ('1' or ''), now
+# -> {epoch, top, earliest, member*}; {'', 0, 1} for a room without history
+_HISTORY = """
+local P, room, limit, now = ARGV[1], ARGV[2], tonumber(ARGV[4]), tonumber(ARGV[6])
+local h, l = rkey(P, room, 'h'), rkey(P, room, 'l')
+local position = redis.call('HMGET', h, 'e', 'n')
+if not position[1] then return {'', 0, 1} end
+local top = tonumber(position[2])
+local out = {position[1], top, top + 1}
+local low = '-inf'
+while true do  -- the smallest unexpired offset
+  local found = redis.call('ZRANGEBYSCORE', l, low, '+inf', 'LIMIT', 0, 100)
+  if #found == 0 then break end
+  local hit = false
+  for _, member in ipairs(found) do
+    if tonumber(field(member, 3)) > now then
+      out[3] = tonumber(field(member, 1)); hit = true; break
+    end
+  end
+  if hit then break end
+  low = '(' .. field(found[#found], 1)
+end
+if limit <= 0 then return out end
+local reverse = ARGV[5] == '1'
+local bound
+if reverse then
+  bound = '(' .. (ARGV[3] == '' and tostring(top + 1) or ARGV[3])
+else
+  bound = '(' .. (ARGV[3] == '' and '0' or ARGV[3])
+end
+while #out - 3 < limit do
+  local found
+  if reverse then
+    found = redis.call('ZREVRANGEBYSCORE', l, bound, '-inf', 'LIMIT', 0, limit)
+  else
+    found = redis.call('ZRANGEBYSCORE', l, bound, '+inf', 'LIMIT', 0, limit)
+  end
+  if #found == 0 then break end
+  for _, member in ipairs(found) do
+    if #out - 3 < limit and tonumber(field(member, 3)) > now then out[#out + 1] = member end
+  end
+  bound = '(' .. field(found[#found], 1)
+end
+return out
+"""
+
+# ARGV: P, now, chunk -> {rooms looked at, rooms kept, entries kept}
+_TRIM_HISTORY = """
+local P, now, chunk = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local index = gkey(P, 'hrooms')
+local due = redis.call('ZRANGEBYSCORE', index, '-inf', ARGV[2], 'LIMIT', 0, chunk)
+local dropped = 0
+for _, room in ipairs(due) do
+  local h, l = rkey(P, room, 'h'), rkey(P, room, 'l')
+  while true do
+    local first = redis.call('ZRANGE', l, 0, 0)
+    if not first[1] or tonumber(field(first[1], 3)) > now then break end
+    redis.call('ZREM', l, first[1])
+    dropped = dropped + 1
+  end
+  local forget = redis.call('HGET', h, 'x')
+  if redis.call('ZCARD', l) == 0 and (not forget or tonumber(forget) <= now) then
+    redis.call('DEL', h, l)
+    redis.call('ZREM', index, room)
+  else
+    rescore(P, room, l, forget or ARGV[2])
+  end
+end
+local entries = redis.call('DECRBY', gkey(P, 'hentries'), dropped)
+if entries < 0 then redis.call('SET', gkey(P, 'hentries'), 0); entries = 0 end
+return {#due, redis.call('ZCARD', index), entries}
+"""
+
+# Web Push subscriptions: P{w:<endpoint>} HASH u user, k p256dh, a auth, c created_at;
+# P{u:<user>}:w ZSET the user's endpoints, score created_at; P{g}:push STRING the count.
+_PUSH_PRELUDE = """
+local function wkey(P, endpoint) return P .. '{w:' .. endpoint .. '}' end
+"""
+
+# ARGV: P, user, endpoint, p256dh, auth, created_at, limit -> 'created'|'updated'|'limit'
+_PUSH_ADD = """
+local P, u, ep, c = ARGV[1], ARGV[2], ARGV[3], ARGV[6]
+local h = wkey(P, ep)
+local owner = redis.call('HGET', h, 'u')
+if owner ~= u and redis.call('ZCARD', ukey(P, u, 'w')) >= tonumber(ARGV[7]) then
+  return 'limit'
+end
+if owner and owner ~= u then redis.call('ZREM', ukey(P, owner, 'w'), ep) end
+redis.call('HSET', h, 'u', u, 'k', ARGV[4], 'a', ARGV[5], 'c', c)
+redis.call('ZADD', ukey(P, u, 'w'), c, ep)
+if not owner then redis.call('INCR', gkey(P, 'push')) end
+if owner == u then return 'updated' end
+return 'created'
+"""
+
+# ARGV: P, user, endpoint -> 1 when it was the user's, else 0
+_PUSH_REMOVE = """
+local P, u, ep = ARGV[1], ARGV[2], ARGV[3]
+local h = wkey(P, ep)
+if redis.call('HGET', h, 'u') ~= u then return 0 end
+redis.call('DEL', h)
+redis.call('ZREM', ukey(P, u, 'w'), ep)
+redis.call('DECR', gkey(P, 'push'))
+return 1
+"""
+
+# ARGV: P, user -> (endpoint, p256dh, auth, created_at)*, oldest first
+_PUSH_LIST = """
+local P, u = ARGV[1], ARGV[2]
+local out = {}
+for _, ep in ipairs(redis.call('ZRANGE', ukey(P, u, 'w'), 0, -1)) do
+  local s = redis.call('HMGET', wkey(P, ep), 'k', 'a', 'c')
+  if s[1] then
+    out[#out + 1] = ep; out[#out + 1] = s[1]; out[#out + 1] = s[2]; out[#out + 1] = s[3]
+  end
+end
+return out
+"""
+
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
@@ -484,6 +692,12 @@ _SCRIPTS = {
     "stats": _STATS,
     "frames": _FRAMES,
     "revoke": _REVOKE,
+    "append": _HISTORY_PRELUDE + _APPEND,
+    "history": _HISTORY_PRELUDE + _HISTORY,
+    "trim_history": _HISTORY_PRELUDE + _TRIM_HISTORY,
+    "push_add": _PUSH_PRELUDE + _PUSH_ADD,
+    "push_remove": _PUSH_PRELUDE + _PUSH_REMOVE,
+    "push_list": _PUSH_PRELUDE + _PUSH_LIST,
 }
 #: name -> (Lua source, its SHA-1 for EVALSHA)
 SCRIPTS = {
@@ -502,7 +716,8 @@ class _Op:
 
 
 class RedisStore:
-    """The Redis implementation of :class:`pushsvc.store.Store` (every contract)."""
+    """The Redis implementation of :class:`pushsvc.store.Store` (every contract) and of
+    :class:`pushsvc.store.PushSubscriptionStore`."""
 
     def __init__(self, url: str, *, busy_timeout: float = 5.0) -> None:
         # redis-py's URL; the key prefix; connections (pipelines in flight)
@@ -872,6 +1087,123 @@ class RedisStore:
         found.sort(key=lambda r: (r.created_at, r.kind, r.subject))
         return found
 
+    # -- room history -------------------------------------------------------------
+
+    async def append(
+        self,
+        room: str,
+        message_type: str,
+        encode: Callable[[int, str], bytes],
+        retention: HistoryRetention,
+    ) -> Appended:
+        """Give the publication the room's next offset and store it: one EVALSHA.
+
+        ``encode`` runs once, before the script, with stand-ins for the offset
+        and the epoch; the script puts the real ones in their place (the
+        frame's bytes around them are sent as they are). A frame in which a
+        stand-in is not found exactly once (it wrote them other than as their
+        text) is stored at the position it was encoded for instead, read
+        first and tried again until no other append came in between.
+        """
+        now = time.time()
+        expires_at = now + retention.ttl
+        head: list[Any] = [
+            room,
+            message_type,
+            _time(now),
+            _time(expires_at),
+            ids.epoch(),
+            retention.size,
+            _time(expires_at + EPOCH_RETENTION),
+        ]
+        offset_mark, epoch_mark = str(secrets.randbelow(9 * 10**17) + 10**17), ids.epoch()
+        template = encode(int(offset_mark), epoch_mark)
+        parts = _split_template(template, offset_mark.encode(), epoch_mark.encode())
+        if parts is not None:
+            mode, a, b, c = parts
+            offset, epoch = await self._script("append", *head, mode, a, b, c)
+            epoch = _text(epoch)
+            o = b"%d" % int(offset)
+            e = epoch.encode()
+            frame = a + o + b + e + c if mode == "oe" else a + e + b + o + c
+            return Appended(int(offset), epoch, frame)
+        page = await self.history(room, None, 0)
+        epoch, top = page.epoch or _text(head[4]), page.top
+        for _ in range(APPEND_TRIES):
+            frame = encode(top + 1, epoch)
+            reply = await self._script("append", *head, "cas", frame, "", "", epoch, top)
+            if int(reply[0]):
+                return Appended(int(reply[0]), epoch, frame)
+            epoch, top = _text(reply[1]), int(reply[2])
+        raise StoreUnavailable(f"room {room!r}: {APPEND_TRIES} appends came in between")
+
+    async def history(
+        self, room: str, since: int | None, limit: int, *, reverse: bool = False
+    ) -> HistoryPage:
+        """Entries of ``room`` after (or, reversed, before) ``since``, and its position."""
+        flat = await self._script(
+            "history",
+            room,
+            "" if since is None else since,
+            limit,
+            "1" if reverse else "",
+            _time(time.time()),
+        )
+        entries = []
+        for member in flat[3:]:
+            offset, created, _expires, kind, frame = bytes(member).split(b"\n", 4)
+            entries.append(HistoryEntry(int(offset), kind.decode(), frame, float(created)))
+        return HistoryPage(_text(flat[0]), int(flat[1]), int(flat[2]), entries)
+
+    async def trim_history(self, now: float) -> HistoryStats:
+        """Drop expired entries and forgotten epochs, SWEEP_CHUNK rooms per script."""
+        for _ in range(SWEEP_STEPS):
+            looked, rooms, entries = await self._script("trim_history", _time(now), SWEEP_CHUNK)
+            if int(looked) < SWEEP_CHUNK:
+                break
+        return HistoryStats(int(rooms), int(entries))
+
+    # -- Web Push subscriptions ---------------------------------------------------
+
+    async def add_push_subscription(
+        self, subscription: PushSubscription, limit: int
+    ) -> SubscribeResult:
+        """Store a subscription (its endpoint moves to this user) unless at ``limit``."""
+        sub = subscription
+        result = _text(
+            await self._script(
+                "push_add",
+                sub.user,
+                sub.endpoint,
+                sub.p256dh,
+                sub.auth,
+                _time(sub.created_at),
+                limit,
+            )
+        )
+        if result == "created":
+            return "created"
+        return "updated" if result == "updated" else "limit"
+
+    async def remove_push_subscription(self, user: str, endpoint: str) -> bool:
+        """Delete ``user``'s subscription with ``endpoint``."""
+        return bool(int(await self._script("push_remove", user, endpoint)))
+
+    async def push_subscriptions(self, user: str) -> list[PushSubscription]:
+        """``user``'s subscriptions, oldest first (ties by endpoint)."""
+        flat = await self._script("push_list", user)
+        return [
+            PushSubscription(
+                user, _text(flat[i]), _text(flat[i + 1]), _text(flat[i + 2]), float(flat[i + 3])
+            )
+            for i in range(0, len(flat), 4)
+        ]
+
+    async def count_push_subscriptions(self) -> int:
+        """Every user's subscriptions together."""
+        count = await self._call("GET", f"{self.prefix}{{g}}:push")
+        return 0 if count is None else int(count)
+
 
 async def _load_scripts(client: aioredis.Redis) -> None:
     """``SCRIPT LOAD`` every script (at open, and after Redis forgot them)."""
@@ -879,6 +1211,26 @@ async def _load_scripts(client: aioredis.Redis) -> None:
         for source, _sha in SCRIPTS.values():
             pipe.script_load(source)
         await pipe.execute()
+
+
+def _split_template(
+    template: bytes, offset_mark: bytes, epoch_mark: bytes
+) -> tuple[str, bytes, bytes, bytes] | None:
+    """``(mode, a, b, c)``: ``template`` around its one offset and one epoch stand-in.
+
+    Mode ``oe``: the offset comes first (``a offset b epoch c``), ``eo``: the
+    epoch. None when either is not there exactly once.
+    """
+    if template.count(offset_mark) != 1 or template.count(epoch_mark) != 1:
+        return None
+    at_offset, at_epoch = template.index(offset_mark), template.index(epoch_mark)
+    if at_offset < at_epoch:
+        a, rest = template.split(offset_mark)
+        b, c = rest.split(epoch_mark)
+        return "oe", a, b, c
+    a, rest = template.split(epoch_mark)
+    b, c = rest.split(offset_mark)
+    return "eo", a, b, c
 
 
 def _settle(op: _Op, error: BaseException | None, value: Any = None) -> None:

@@ -1,5 +1,9 @@
 """SQLite store: the default, embedded, one file under ``server.data_dir``.
 
+Room history lives in the same file (tables ``history_rooms``: each room's
+epoch and latest offset, ``history``: the entries); an append runs in the
+same group commit as every other write.
+
 All SQL runs on one writer thread, never on the event loop. The
 operations submitted during one pass of the event loop are handed to the
 thread together (one wake-up), and the thread runs as many as are waiting
@@ -28,8 +32,14 @@ from typing import Any, TypeVar
 from pushsvc.protocol import ids
 from pushsvc.store.contracts import (
     ACKED_RETENTION,
+    EPOCH_RETENTION,
     AckResult,
+    Appended,
     DeadLetter,
+    HistoryEntry,
+    HistoryPage,
+    HistoryRetention,
+    HistoryStats,
     IdempotencyKey,
     IdempotentResult,
     PendingMessage,
@@ -79,6 +89,27 @@ ACK_LOOKUP = (
     "ON d.message_id = m.id AND d.user = ? WHERE m.id IN ({marks})"
 )
 
+#: Rooms whose (epoch, latest offset) the writer thread keeps in memory.
+HISTORY_ROOMS_CACHED = 100_000
+HISTORY_ROOM = "SELECT epoch, top FROM history_rooms WHERE room = ?"
+HISTORY_SAVE_ROOM = (
+    "INSERT INTO history_rooms VALUES (?, ?, ?, ?) ON CONFLICT (room) DO UPDATE SET "
+    "top = excluded.top, expires_at = max(expires_at, excluded.expires_at)"
+)
+HISTORY_EARLIEST = "SELECT min(seq) FROM history WHERE room = ? AND expires_at > ?"
+HISTORY_FORWARD = (
+    "SELECT seq, type, frame, created_at FROM history "
+    "WHERE room = ? AND seq > ? AND expires_at > ? ORDER BY seq LIMIT ?"
+)
+HISTORY_REVERSE = (
+    "SELECT seq, type, frame, created_at FROM history "
+    "WHERE room = ? AND seq < ? AND expires_at > ? ORDER BY seq DESC LIMIT ?"
+)
+HISTORY_EXPIRED = (
+    "DELETE FROM history WHERE (room, seq) IN "
+    "(SELECT room, seq FROM history WHERE expires_at <= ? LIMIT ?)"
+)
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
     id TEXT PRIMARY KEY, type TEXT NOT NULL, frame BLOB NOT NULL, expires_at REAL NOT NULL
@@ -98,6 +129,15 @@ CREATE TABLE IF NOT EXISTS idempotency (
     message_id TEXT NOT NULL, recipients INTEGER NOT NULL, expires_at REAL NOT NULL,
     PRIMARY KEY (client, key)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS history_rooms (
+    room TEXT PRIMARY KEY, epoch TEXT NOT NULL, top INTEGER NOT NULL, expires_at REAL NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS history (
+    room TEXT NOT NULL, seq INTEGER NOT NULL, type TEXT NOT NULL, frame BLOB NOT NULL,
+    created_at REAL NOT NULL, expires_at REAL NOT NULL, PRIMARY KEY (room, seq)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS history_expiry ON history (expires_at);
+CREATE INDEX IF NOT EXISTS history_rooms_expiry ON history_rooms (expires_at);
 CREATE INDEX IF NOT EXISTS idempotency_expiry ON idempotency (expires_at);
 CREATE TABLE IF NOT EXISTS revocations (
     kind TEXT NOT NULL, subject TEXT NOT NULL, until REAL, created_at REAL NOT NULL,
@@ -152,6 +192,9 @@ class SqliteStore:
         self._nothing_pending: set[str] = set()
         self._stop_checkpoints = threading.Event()  # set when the writer stops
         self._expiry_mark: tuple[float, str] = (0.0, "")  # (expires_at, id) handled so far
+        # Room -> (epoch, latest offset) as committed or about to be in this transaction;
+        # writer thread only, cleared when a transaction fails.
+        self._history_rooms: dict[str, tuple[str, int]] = {}
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -297,6 +340,7 @@ class SqliteStore:
         except Exception as exc:  # sqlite3.Error, or a bug in an operation: fail the batch
             with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
+            self._history_rooms.clear()  # may hold offsets that were rolled back
             if self._healthy:
                 log.error("store write failed, nothing of this batch was accepted: %s", exc)
             self._healthy = False
@@ -571,6 +615,103 @@ class SqliteStore:
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"reading backlog figures: {exc}") from exc
         return StoreStats(count, ids.timestamp_ms(oldest) if oldest else None)
+
+    # -- room history -------------------------------------------------------------
+
+    async def append(
+        self,
+        room: str,
+        message_type: str,
+        encode: Callable[[int, str], bytes],
+        retention: HistoryRetention,
+    ) -> Appended:
+        """Give the publication the room's next offset, encode and store it (group commit)."""
+
+        def write(db: sqlite3.Connection) -> Appended:
+            rooms = self._history_rooms
+            state = rooms.get(room)
+            if state is None:
+                row = db.execute(HISTORY_ROOM, (room,)).fetchone()
+                if row is None:  # a new epoch: nothing of an older one may stay
+                    db.execute("DELETE FROM history WHERE room = ?", (room,))
+                state = (row[0], row[1]) if row is not None else (ids.epoch(), 0)
+            epoch, offset = state[0], state[1] + 1
+            frame = encode(offset, epoch)
+            now = time.time()
+            expires_at = now + retention.ttl
+            db.execute(HISTORY_SAVE_ROOM, (room, epoch, offset, expires_at + EPOCH_RETENTION))
+            db.execute(
+                "INSERT INTO history VALUES (?, ?, ?, ?, ?, ?)",
+                (room, offset, message_type, frame, now, expires_at),
+            )
+            if offset > retention.size:
+                db.execute(
+                    "DELETE FROM history WHERE room = ? AND seq <= ?",
+                    (room, offset - retention.size),
+                )
+            if len(rooms) >= HISTORY_ROOMS_CACHED:
+                rooms.clear()
+            rooms[room] = (epoch, offset)
+            return Appended(offset, epoch, frame)
+
+        return await self._submit(write)
+
+    async def history(
+        self, room: str, since: int | None, limit: int, *, reverse: bool = False
+    ) -> HistoryPage:
+        """Entries of ``room`` after (or, reversed, before) ``since``, and its position."""
+
+        def read(db: sqlite3.Connection) -> HistoryPage:
+            row = db.execute(HISTORY_ROOM, (room,)).fetchone()
+            if row is None:
+                return HistoryPage("", 0, 1, [])
+            epoch, top = row
+            now = time.time()
+            (earliest,) = db.execute(HISTORY_EARLIEST, (room, now)).fetchone()
+            if reverse:
+                start = top + 1 if since is None else since
+                rows = db.execute(HISTORY_REVERSE, (room, start, now, limit)).fetchall()
+            else:
+                start = since or 0
+                rows = db.execute(HISTORY_FORWARD, (room, start, now, limit)).fetchall()
+            entries = [HistoryEntry(r[0], r[1], r[2], r[3]) for r in rows]
+            return HistoryPage(epoch, top, top + 1 if earliest is None else earliest, entries)
+
+        return await self._submit(read)
+
+    async def trim_history(self, now: float) -> HistoryStats:
+        """Drop expired entries (in steps of SWEEP_CHUNK) and forgotten epochs; count the rest."""
+        for _ in range(SWEEP_STEPS):
+            step = functools.partial(self._trim_step, now=now)
+            if await self._submit(step) < SWEEP_CHUNK:
+                break
+
+        def forget_rooms(db: sqlite3.Connection) -> None:
+            gone = db.execute(
+                "DELETE FROM history_rooms WHERE expires_at <= ? RETURNING room", (now,)
+            ).fetchall()
+            for (room,) in gone:
+                db.execute("DELETE FROM history WHERE room = ?", (room,))
+                self._history_rooms.pop(room, None)
+
+        await self._submit(forget_rooms)
+        return await asyncio.get_running_loop().run_in_executor(None, self._read_history_stats)
+
+    @staticmethod
+    def _trim_step(db: sqlite3.Connection, now: float) -> int:
+        return db.execute(HISTORY_EXPIRED, (now, SWEEP_CHUNK)).rowcount
+
+    def _read_history_stats(self) -> HistoryStats:
+        uri = f"{Path(self.path).resolve().as_uri()}?mode=ro"
+        try:
+            with contextlib.closing(
+                sqlite3.connect(uri, uri=True, timeout=self.busy_timeout)
+            ) as db:
+                (rooms,) = db.execute("SELECT count(*) FROM history_rooms").fetchone()
+                (entries,) = db.execute("SELECT count(*) FROM history").fetchone()
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"reading history figures: {exc}") from exc
+        return HistoryStats(rooms, entries)
 
     # -- server API: frames, idempotency keys, revocations -------------------------
 

@@ -2,17 +2,16 @@
 
 Each test runs once per entry of ``PUSH_IMPLEMENTATIONS`` (the store
 implementations of ``test_store_contract.py`` that keep push subscriptions)
-through the Protocol's methods only. A Redis store is one more entry.
+through the Protocol's methods only.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 
 import pytest
-from test_store_contract import SQLITE, Implementation
+from test_store_contract import REDIS, SQLITE, Implementation
 
 from pushsvc.store import (
     PushSubscription,
@@ -23,7 +22,7 @@ from pushsvc.store import (
 )
 
 #: Store implementations with push subscriptions; the next one is one more entry.
-PUSH_IMPLEMENTATIONS = [SQLITE]
+PUSH_IMPLEMENTATIONS = [SQLITE, REDIS]
 P256DH = "B" + "A" * 86  # the store keeps keys as given: no decoding here
 AUTH = "A" * 22
 
@@ -42,8 +41,8 @@ def impl(request: pytest.FixtureRequest) -> Implementation:
 
 
 @pytest.fixture
-def url(impl: Implementation, tmp_path: Path) -> str:
-    return impl.url(tmp_path)
+def url(impl: Implementation, request: pytest.FixtureRequest) -> str:
+    return impl.url(request.getfixturevalue(impl.fixture))
 
 
 @pytest.fixture

@@ -200,6 +200,14 @@ function connect(token) {
     const who = frame.name || frame.user;
     addLine(`#${frame.room}`, [[time, "meta"], [who, "user"], [frame.text, "text"]], frame.user === me ? "mine" : "");
   });
+  client.on("recovery", ({ room, recovered, recoveredCount, reason }) => {
+    // After a reconnect: what the room said meanwhile follows this line, or was lost.
+    if (recovered && recoveredCount) {
+      addLine(`#${room}`, [[`${recoveredCount} message${recoveredCount === 1 ? "" : "s"} while you were away`]], "divider");
+    } else if (!recovered) {
+      addLine(`#${room}`, [[`messages sent while you were away could not be recovered (${reason}); new ones follow`]], "notice");
+    }
+  });
   client.on("presence", (frame) => {
     if (!members.has(frame.room)) return; // a room we left
     const set = members.get(frame.room);
