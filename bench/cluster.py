@@ -214,6 +214,7 @@ async def run_one(args: argparse.Namespace, nodes: int, secret: str) -> Run:
 
         await asyncio.gather(*(member(i) for i in range(args.members)))
         publisher = await connect(Conn, ports[0], path, lambda conn, frame: None)
+        publisher.send({"type": "join", "room": "fan"})  # chat goes to rooms one is in
         await asyncio.sleep(1.0)  # joins settled, subscriptions confirmed
         received_before = [broker_received(port) for port in ports]
         cpu_before = [server_cpu(proc.pid) for proc in procs]
@@ -229,7 +230,13 @@ async def run_one(args: argparse.Namespace, nodes: int, secret: str) -> Run:
             publisher.send({"type": "chat", "room": "fan", "text": text})
             n += 1
         for _ in range(args.window):  # drain: every message seen by every probe
-            await asyncio.wait_for(window.acquire(), 30)
+            try:
+                await asyncio.wait_for(window.acquire(), 30)
+            except TimeoutError:
+                missing = sorted(sent_at, key=lambda t: int(t[1:]))[:5]
+                raise SystemExit(
+                    f"{len(sent_at)} messages not seen by every probe after 30 s, e.g. {missing}"
+                ) from None
         run.seconds = time.perf_counter() - start
         run.published = n
         run.deliveries = Counter.count + len(run.latencies) * nodes
