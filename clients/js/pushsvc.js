@@ -228,7 +228,10 @@ export class PushClient {
     const wasOpen = this.state === "open";
     this._ws = null;
     this._stopTimers();
-    ws.onopen = ws.onmessage = ws.onerror = ws.onclose = null;
+    ws.onopen = ws.onmessage = ws.onclose = null;
+    // Not null: Node's `ws` emits "error" after a close or terminate during the handshake,
+    // and an "error" without a listener is an uncaught exception.
+    ws.onerror = () => {};
     this._failPending("connection_lost", `connection closed (${code}) before the reply; not resent`);
     // The state is the one after the close already, so close handlers can show it.
     if (this._closedByUser || NO_RECONNECT.has(code)) this.state = "closed";

@@ -283,13 +283,16 @@ class SqliteStore:
         while not self._stop_checkpoints.wait(CHECKPOINT_INTERVAL):
             if self._transactions == done:
                 continue
-            done = self._transactions
+            committed = self._transactions
             try:
-                db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                busy, wal_frames, copied = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
             except sqlite3.Error as exc:
                 log.debug("checkpoint failed (retried): %s", exc)
                 continue
             self._checkpoints += 1
+            # Only a complete copy settles these transactions; else the next round retries.
+            if not busy and copied == wal_frames:
+                done = committed
         db.close()
 
     def _run(self, ready: asyncio.Future[None]) -> None:

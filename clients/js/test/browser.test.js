@@ -73,6 +73,15 @@ const waitState = (page, state, timeout = 15000) =>
 const waitText = (page, selector, text, timeout = 10000) =>
   page.waitForFunction(([sel, t]) => (document.querySelector(sel)?.textContent || "").includes(t), [selector, text], { timeout });
 const usersIn = (page) => page.$$eval("#users li", (items) => items.map((li) => li.dataset.user));
+/** Wait until the user list shows exactly `users`: it is drawn when the join reply or a presence frame arrives. */
+async function waitUsers(page, users, timeout = 10000) {
+  try {
+    await page.waitForFunction((want) => [...document.querySelectorAll("#users li")].map((li) => li.dataset.user).join("\n") === want.join("\n"), users, { timeout });
+  } catch (error) {
+    assert.deepEqual(await usersIn(page), users, error.message);
+    throw error;
+  }
+}
 const realProblems = (page) => page.problems.filter((p) => !/WebSocket|ERR_CONNECTION_REFUSED|status of 503/.test(p));
 
 let alice = null;
@@ -90,10 +99,8 @@ test("two pages chat in a room and see each other in the user list", { skip, tim
   await waitState(bob, "open");
   assert.ok(requests.every((url) => !url.includes("token=") || url.startsWith("ws")), requests.join("\n"));
 
-  await alice.waitForFunction(() => document.querySelector('#users li[data-user="bob"]'));
-  await bob.waitForFunction(() => document.querySelector('#users li[data-user="alice"]'));
-  assert.deepEqual(await usersIn(alice), ["alice", "bob"]);
-  assert.deepEqual(await usersIn(bob), ["alice", "bob"]);
+  await waitUsers(alice, ["alice", "bob"]);
+  await waitUsers(bob, ["alice", "bob"]);
   assert.equal(await alice.textContent("#conv-title"), "#lobby");
 
   // Enter sends.
@@ -112,11 +119,12 @@ test("two pages chat in a room and see each other in the user list", { skip, tim
   await waitText(alice, "#conv-title", "#team");
   await bob.fill("#room-input", "team");
   await bob.press("#room-input", "Enter");
-  await alice.waitForFunction(() => document.querySelector('#users li[data-user="bob"]'));
-  assert.deepEqual(await usersIn(bob), ["alice", "bob"]);
+  // Each page draws the list from its own frames: bob's join reply may come after alice's presence.
+  await waitUsers(alice, ["alice", "bob"]);
+  await waitUsers(bob, ["alice", "bob"]);
   await alice.click('#rooms li[data-room="team"] .leave');
   await waitText(bob, "#messages", "alice left");
-  assert.deepEqual(await usersIn(bob), ["bob"]);
+  await waitUsers(bob, ["bob"]);
   assert.deepEqual(await alice.$$eval("#rooms li", (items) => items.map((li) => li.dataset.room)), ["lobby"]);
   await bob.click('#rooms li[data-room="lobby"] .conv');
   assert.deepEqual([...realProblems(alice), ...realProblems(bob)], []);

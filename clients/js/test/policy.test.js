@@ -1,5 +1,6 @@
 // Close-code policy, heartbeat, network events and the outbox against a scripted `ws` server.
 import assert from "node:assert/strict";
+import { createServer } from "node:net";
 import { after, test } from "node:test";
 import WebSocket, { WebSocketServer } from "ws";
 import { CLOSE_DEAD, CLOSE_OFFLINE, PushClient, drainDelay, tokenClaims } from "../pushsvc.js";
@@ -157,6 +158,30 @@ test("a send without a reply times out; the token goes in access_token", async (
   await next(c, "open");
   await assert.rejects(c.send("notification", { to: "x" }, { timeout: 100 }), { code: "timeout" });
   assert.match(server.state.urls[0], /^\/ws\?access_token=ey/);
+});
+
+test("close or a connect timeout during the handshake throws nothing (Node's ws)", async () => {
+  // A TCP server that never answers the upgrade: the client stays "connecting".
+  const silent = createServer(() => {});
+  await new Promise((r) => silent.listen(0, "127.0.0.1", r));
+  open.push(silent);
+  const uncaught = [];
+  const record = (error) => uncaught.push(String(error));
+  process.on("uncaughtException", record);
+  try {
+    const url = `ws://127.0.0.1:${silent.address().port}/ws`;
+    const closing = client(url);
+    const timingOut = client(url, { connectTimeout: 50, minDelay: 5000, maxDelay: 5000 });
+    await sleep(20);
+    assert.equal(closing.state, "connecting");
+    closing.close();
+    await next(timingOut, "reconnecting", 3000);
+    await sleep(20); // the socket's "error" comes on the next tick
+    assert.deepEqual(uncaught, []);
+    timingOut.close();
+  } finally {
+    process.off("uncaughtException", record);
+  }
 });
 
 test("1001 without a delay in the reason falls back to the backoff", async () => {
