@@ -70,10 +70,8 @@ class Node:
 
     async def metric(self, name: str, labels: str = "") -> float:
         """The sum of a metric's samples whose labels contain ``labels``."""
-        code, _, _ = 200, None, None
         response = await AsyncHTTPClient().fetch(self.process.base + "/metrics")
-        code = response.code
-        assert code == 200
+        assert response.code == 200
         total = 0.0
         for line in response.body.decode().splitlines():
             match = re.match(rf"^{name}(\{{[^}}]*\}})? ([0-9.e+-]+)$", line)

@@ -18,6 +18,7 @@ from redis.crc import key_slot
 
 from conftest import Server
 from pushsvc.protocol import ids
+from pushsvc.redisurl import redacted
 from pushsvc.store import (
     EPOCH_RETENTION,
     HistoryRetention,
@@ -28,7 +29,7 @@ from pushsvc.store import (
     StoreUnavailable,
     make_store,
 )
-from pushsvc.store.redis import CONNECTIONS, SWEEP_CHUNK, RedisStore, parse_url, redacted
+from pushsvc.store.redis import CONNECTIONS, SWEEP_CHUNK, RedisStore, parse_url
 from redis_server import RedisServer
 
 HOUR = 3600.0

@@ -634,7 +634,9 @@ def parse_url(url: str) -> StoreUrl:
     query = parse_qsl(parts.query, keep_blank_values=True)
     for name in _OWN:
         if sum(1 for key, _ in query if key == name) > 1:
-            raise ValueError(f"store.url: {name} given more than once in {redacted(url)!r}")
+            raise ValueError(
+                f"store.url: {name} given more than once in {redisurl.redacted(url)!r}"
+            )
     own = {"prefix": DEFAULT_PREFIX, "max_connections": str(CONNECTIONS)}
     own |= {"min_replicas": "0", "replica_timeout": "0.5"}
     kept = []
@@ -667,16 +669,6 @@ def parse_url(url: str) -> StoreUrl:
         int(own["min_replicas"]),
         replica_timeout,
     )
-
-
-def redacted(url: str) -> str:
-    """``url`` without its password, for messages and logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 _SCRIPTS = {
@@ -765,7 +757,9 @@ class RedisStore:
             await _load_scripts(client)
         except (RedisError, OSError) as exc:
             await client.aclose()
-            raise StoreUnavailable(f"cannot reach Redis at {redacted(self.url)}: {exc}") from exc
+            raise StoreUnavailable(
+                f"cannot reach Redis at {redisurl.redacted(self.url)}: {exc}"
+            ) from exc
         self._redis = client
         await self._check_settings(client)
 
