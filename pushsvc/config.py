@@ -301,7 +301,15 @@ class DeliveryConfig:
 
 #: Redis URL forms every Redis user (store, broker, cluster registry) takes
 #: (:mod:`pushsvc.redisurl` turns them into connection pools).
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://", "rediss+sentinel://")
+REDIS_SCHEMES = (
+    "redis://",
+    "rediss://",
+    "unix://",
+    "redis+sentinel://",
+    "rediss+sentinel://",
+    "redis+cluster://",
+    "rediss+cluster://",
+)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,12 @@ so every form works for all three:
   asked of the sentinels on every new connection, so after a failover the
   next connect (the broker's reconnect, the store's next pooled connection)
   reaches the new master without a restart; a connection to a master that
-  became a replica fails on its first write (``READONLY``) and is replaced.
+  became a replica fails on its first write (``READONLY``) and is replaced;
+- ``redis+cluster://[user:password@]host1:port1,host2:port2`` (``rediss+cluster://``
+  for TLS): Redis Cluster. The hosts are startup nodes (any of the masters or
+  replicas; the rest are discovered); there is no db number. It is a
+  :class:`~redis.asyncio.cluster.RedisCluster` client, not a pool:
+  :func:`cluster_client`.
 
 Query parameters a component reads itself (``prefix``, ``max_connections``)
 are taken out by that component first; the rest are redis-py's connection
@@ -28,6 +33,7 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 
 from pushsvc.config import REDIS_SCHEMES
@@ -35,6 +41,7 @@ from pushsvc.config import REDIS_SCHEMES
 #: Every URL form, as ``str.startswith`` takes it.
 SCHEMES = REDIS_SCHEMES
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +57,71 @@ class SentinelTarget:
     options: dict[str, str]  # redis-py connection options from the query
 
 
+@dataclass(frozen=True, slots=True)
+class ClusterTarget:
+    """A ``redis+cluster://`` URL, parsed."""
+
+    nodes: list[tuple[str, int]]  # (host, port) of every startup node
+    username: str | None
+    password: str | None
+    tls: bool  # rediss+cluster: TLS to every node
+    options: dict[str, str]  # redis-py connection options from the query
+
+
+def is_cluster(url: str) -> bool:
+    """Whether ``url`` names a Redis Cluster."""
+    return urlsplit(url).scheme in CLUSTER_SCHEMES
+
+
+def _addresses(url: str, key: str, default_port: int, what: str) -> list[tuple[str, int]]:
+    """The ``host:port,host:port`` list of a Sentinel or Cluster URL."""
+    hosts = urlsplit(url).netloc.rsplit("@", 1)[-1]
+    addresses = []
+    for item in hosts.split(","):
+        match = re.fullmatch(r"(\[[^\]]+\]|[^:\[\]]+)(?::([0-9]+))?", item)
+        if match is None:
+            raise ValueError(f"{key}: bad {what} address {item!r} in {redacted(url)!r}")
+        addresses.append((match.group(1).strip("[]"), int(match.group(2) or default_port)))
+    return addresses
+
+
+def parse_cluster(url: str, key: str) -> ClusterTarget:
+    """Parse ``redis+cluster://h1:p1,h2:p2``; ValueError names ``key``."""
+    parts = urlsplit(url)
+    if parts.path not in ("", "/", "/0"):
+        raise ValueError(
+            f"{key}: a Redis Cluster has only database 0; drop the path {parts.path!r} "
+            f"from {redacted(url)!r}"
+        )
+    return ClusterTarget(
+        nodes=_addresses(url, key, 6379, "cluster node"),
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password is not None else None,
+        tls=parts.scheme.startswith("rediss"),
+        options=dict(parse_qsl(parts.query, keep_blank_values=True)),
+    )
+
+
+def cluster_client(url: str, *, key: str, **kwargs: Any) -> RedisCluster:
+    """A redis-py :class:`RedisCluster` client for a ``redis+cluster://`` URL.
+
+    ``kwargs`` are connection options (timeouts, retry, ``max_connections``,
+    per node) and win over the URL's query. Connections are made on first use
+    (``await client.initialize()`` to connect now). Raises ValueError (naming
+    ``key``) for a URL it cannot use.
+    """
+    target = parse_cluster(url, key)
+    kwargs.pop("timeout", None)
+    options: dict[str, Any] = {**_typed(target.options), **kwargs}
+    return RedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
+        username=target.username,
+        password=target.password,
+        ssl=target.tls,
+        **options,
+    )
+
+
 def is_sentinel(url: str) -> bool:
     """Whether ``url`` names a Sentinel-monitored master."""
     return urlsplit(url).scheme in SENTINEL_SCHEMES
@@ -58,13 +130,7 @@ def is_sentinel(url: str) -> bool:
 def parse_sentinel(url: str, key: str) -> SentinelTarget:
     """Parse ``redis+sentinel://h1:p1,h2:p2/master/db``; ValueError names ``key``."""
     parts = urlsplit(url)
-    hosts = parts.netloc.rsplit("@", 1)[-1]
-    sentinels = []
-    for item in hosts.split(","):
-        match = re.fullmatch(r"(\[[^\]]+\]|[^:\[\]]+)(?::([0-9]+))?", item)
-        if match is None:
-            raise ValueError(f"{key}: bad sentinel address {item!r} in {redacted(url)!r}")
-        sentinels.append((match.group(1).strip("[]"), int(match.group(2) or 26379)))
+    sentinels = _addresses(url, key, 26379, "sentinel")
     path = [segment for segment in parts.path.split("/") if segment]
     if not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
         raise ValueError(
@@ -83,10 +149,13 @@ def parse_sentinel(url: str, key: str) -> SentinelTarget:
 
 
 def check_path(url: str, key: str) -> None:
-    """Refuse a path that is not ``/<db>`` (one Redis) or ``/<master>[/<db>]`` (Sentinel)."""
+    """Refuse a path that is not ``/<db>`` (one Redis), ``/<master>[/<db>]`` (Sentinel)
+    or empty (Cluster)."""
     parts = urlsplit(url)
     if parts.scheme in SENTINEL_SCHEMES:
         parse_sentinel(url, key)
+    elif parts.scheme in CLUSTER_SCHEMES:
+        parse_cluster(url, key)
     elif parts.scheme != "unix" and not re.fullmatch(r"/?|/[0-9]+", parts.path):
         raise ValueError(f"{key}: the path must be /<db number>, not {parts.path!r}")
 
@@ -98,14 +167,17 @@ def connection_pool(
     blocking: bool = False,
     **kwargs: Any,
 ) -> aioredis.ConnectionPool:
-    """A redis-py pool for ``url`` (any form of :data:`SCHEMES`).
+    """A redis-py pool for ``url`` (any form of :data:`SCHEMES` but Cluster).
 
     ``kwargs`` are connection options (timeouts, retry, ``max_connections``)
     and win over the URL's query. ``blocking``: a pool that waits for a free
     connection up to ``timeout`` (one Redis only; a Sentinel pool raises
     instead, so keep ``max_connections`` at or above the connections in use).
-    Raises ValueError (naming ``key``) for a URL it cannot use.
+    Raises ValueError (naming ``key``) for a URL it cannot use, and for a
+    Cluster URL (:func:`cluster_client` is its client).
     """
+    if is_cluster(url):
+        raise ValueError(f"{key}: {redacted(url)!r} is a Redis Cluster; use cluster_client")
     if not is_sentinel(url):
         check_path(url, key)
         pool_class = aioredis.BlockingConnectionPool if blocking else aioredis.ConnectionPool
@@ -164,6 +236,8 @@ def where(url: str) -> str:
     if parts.scheme in SENTINEL_SCHEMES:
         target = parse_sentinel(url, "url")
         return f"master {target.master!r} via sentinels {parts.netloc.rsplit('@', 1)[-1]}"
+    if parts.scheme in CLUSTER_SCHEMES:
+        return f"cluster via {parts.netloc.rsplit('@', 1)[-1]}"
     if parts.scheme == "unix":
         return parts.path
     return parts.netloc.rsplit("@", 1)[-1]
