@@ -58,7 +58,7 @@ def test_layering_precedence(tmp_path: Path) -> None:
         ("[server]\nbogus = 1\n", {}, "server.bogus"),
         ("[nope]\n", {}, "nope"),
         ("[log]\nformat = 'xml'\n", {}, "log.format"),
-        ("[broker]\nurl = 'redis+cluster://localhost'\n", {}, "broker.url"),
+        ("[broker]\nurl = 'nats://localhost'\n", {}, "broker.url"),
         ("[store]\nurl = 'postgres://db'\n", {}, "store.url"),
         ("[cluster]\nurl = 'etcd://db'\n", {}, "cluster.url"),
         ("[cluster]\nnode_ttl = 0.1\n", {}, "cluster.node_ttl"),

@@ -25,12 +25,12 @@ def test_cluster_url_is_parsed() -> None:
     ],
 )
 def test_bad_cluster_urls_name_the_key(url: str, message: str) -> None:
-    with pytest.raises(ValueError, match=f"store.url: .*{message}"):
+    with pytest.raises(ValueError, match=rf"store\.url: .*{message}"):
         redisurl.check_path(url, "store.url")
 
 
 def test_a_cluster_url_is_not_a_pool() -> None:
-    with pytest.raises(ValueError, match="broker.url: .*cluster_client"):
+    with pytest.raises(ValueError, match=r"broker\.url: .*cluster_client"):
         redisurl.connection_pool("redis+cluster://a:1", key="broker.url")
 
 
