@@ -9,7 +9,8 @@ SLEEP`` it, the faults the Redis tests need. The fixtures:
   test that asks for ``redis_url`` (contract suites, quick tests);
 - ``fresh_redis``: a server of its own for a test that stops or breaks it;
 - ``redis_sentinel``: a master, a replica and three sentinels (failover tests);
-- ``redis_cluster``: a three-master Redis Cluster (sharded pub/sub, hash tags).
+- ``redis_cluster``: a three-master Redis Cluster (sharded pub/sub, hash tags) of the
+  test's own; ``redis_cluster_url``: one shared by the session, flushed per test.
 
 Without a ``redis-server`` binary these fixtures skip with the reason.
 """
@@ -272,6 +273,8 @@ class RedisClusterSetup:
     def __init__(self, directory: Path) -> None:
         self.nodes = [RedisServer(directory / f"node{i}") for i in range(3)]
         for node in self.nodes:
+            while node.port > 55535:  # the cluster bus listens on port + 10000
+                node.port = _free_port()
             node.extra = [
                 "--cluster-enabled",
                 "yes",
@@ -352,3 +355,42 @@ def redis_cluster(tmp_path: Path) -> Iterator[RedisClusterSetup]:
         yield setup
     finally:
         setup.stop()
+
+
+@pytest.fixture(scope="session")
+def shared_redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterSetup]:
+    """One three-master Redis Cluster shared by the session (flushed per test through
+    ``redis_cluster_url``); tests that kill or reconfigure nodes take ``redis_cluster``."""
+    if REDIS_SERVER is None:
+        pytest.skip(NO_REDIS)
+    if shutil.which("redis-cli") is None:
+        pytest.skip("redis-cli is not installed (Debian package redis-tools)")
+    setup = RedisClusterSetup(tmp_path_factory.mktemp("redis-cluster-shared"))
+    try:
+        setup.start()
+        yield setup
+    finally:
+        setup.stop()
+
+
+@pytest.fixture
+def redis_cluster_url(shared_redis_cluster: RedisClusterSetup) -> str:
+    """The shared cluster's ``redis+cluster://`` URL, every master emptied for this test."""
+    for node in shared_redis_cluster.nodes:
+        node.flush()
+    return shared_redis_cluster.url
+
+
+def strict_registry_slots(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make Redis refuse any script of the cluster registry that touches keys of two slots.
+
+    Redis 7 lets a script without flags reach keys of several slots when one
+    master serves them all (as a 3-master cluster often does), so a test on a
+    small cluster alone would not catch a script spanning slots; with a
+    ``#!lua`` shebang Redis refuses it ("keys that do not hash to the same
+    slot"). The registry runs its scripts without it (Redis 6 has no shebang).
+    """
+    from pushsvc.cluster import redis as registry
+
+    strict = {name: f"#!lua\n{source}" for name, source in registry.SCRIPTS.items()}
+    monkeypatch.setattr(registry, "SCRIPTS", strict)

@@ -6,27 +6,47 @@ a node receives only what its local members need. Payloads are
 :meth:`Envelope.to_bytes`, encoded once by the publisher; a receiver parses
 the header only (:meth:`Envelope.from_bytes`), never the JSON.
 
-Subscriber: one dedicated connection read by a task of its own (not
-redis-py's ``PubSub``: that one reconnects and resubscribes silently inside
-its reads, does not say when a SUBSCRIBE is confirmed, and gives up after its
-retries; this broker must know all three). Subscribes and unsubscribes made
-in the same loop pass go out as one SUBSCRIBE and one UNSUBSCRIBE; an awaited
-:meth:`RedisBroker.subscribe` returns once Redis confirmed it. On a lost
-connection (restart, ``CLIENT KILL TYPE pubsub``, output buffer limit) it
-reconnects with backoff from 50 ms doubling to at most :data:`BACKOFF_MAX`
-seconds between tries, resubscribes every wanted channel in one command, and
-then calls the gap callback: envelopes published meanwhile were lost.
+Subscriber: one dedicated connection per Redis (a :class:`_Link`, one per
+master on a Redis Cluster) read by a task of its own (not redis-py's
+``PubSub``/``ClusterPubSub``: those reconnect and resubscribe silently inside
+their reads, do not say when a SUBSCRIBE is confirmed, give up after their
+retries, and the cluster one sends one SSUBSCRIBE per channel and polls each
+master in turn; this broker must know all of it). Subscribes and unsubscribes
+made in the same loop pass go out as one SUBSCRIBE and one UNSUBSCRIBE (on a
+cluster: one SSUBSCRIBE and one SUNSUBSCRIBE per partition, below, in one
+write per master); an awaited :meth:`RedisBroker.subscribe` returns once Redis
+confirmed it. On a lost connection (restart, ``CLIENT KILL TYPE pubsub``,
+output buffer limit) a link reconnects with backoff from 50 ms doubling to at
+most :data:`BACKOFF_MAX` seconds between tries, resubscribes every wanted
+channel in one command, and then calls the gap callback: envelopes published
+meanwhile were lost.
 
-Publisher: a connection pool; publishes waiting at the same time go out as one
-pipeline, in call order. Each is bounded by ``timeout``: past it (or when
-Redis refuses) :class:`BrokerUnavailable` is raised and counted.
+Redis Cluster (``redis+cluster://``): sharded pub/sub, ``SPUBLISH`` and
+``SSUBSCRIBE`` (Redis 7). SSUBSCRIBE takes channels of one hash slot only,
+so channels are spread over ``partitions`` (default
+:data:`DEFAULT_PARTITIONS`) hash tags, each of one slot:
+``<prefix>{<tag>}:<channel>``, the partition being ``crc32(channel) %
+partitions``; the tags are chosen so that their slots spread evenly over the
+16384 (:func:`partition_tags`). Every node of a deployment must use the same
+``partitions``. A master that gives up a slot (migration, failover) drops
+its subscriptions of that slot with an unsolicited ``sunsubscribe``: the
+broker then rereads the slot map and resubscribes them on the new owner
+(counted as a resubscription, then the gap callback), as it does when a
+master stays unreachable. Control channels (revocations) are sharded like
+the others: every node subscribes to them on their master.
+
+Publisher: a connection pool (on a cluster, each master's pool); publishes
+waiting at the same time go out as one pipeline per Redis, in call order.
+Each is bounded by ``timeout``: past it (or when Redis refuses)
+:class:`BrokerUnavailable` is raised and counted.
 
 Liveness: every ``probe_interval`` the node publishes to its own
-``control:probe:<node-id>`` channel, subscribed like any other. The broker is
-unhealthy while disconnected, while a SUBSCRIBE is unconfirmed for longer than
-``timeout``, or when nothing arrived on the subscription for
-:data:`PROBE_MISSES` probe intervals (a silent subscription); then it also
-drops the connection and resubscribes on a new one.
+``control:probe:<node-id>`` channel (on a cluster one per master, in a
+partition of that master), subscribed like any other. The broker is
+unhealthy while a link is disconnected, while a SUBSCRIBE is unconfirmed for
+longer than ``timeout``, or when nothing arrived on a link for
+:data:`PROBE_MISSES` probe intervals (a silent subscription); then that link
+also drops its connection and resubscribes on a new one.
 """
 
 from __future__ import annotations
@@ -36,15 +56,18 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Iterable
+import zlib
+from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import ClusterNode, PipelineCommand, RedisCluster
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
+from redis.exceptions import AskError, MovedError, RedisError, TryAgainError
 
 from pushsvc import redisurl
 from pushsvc.broker.contracts import (
@@ -69,6 +92,12 @@ PROBE_MISSES = 3
 CHUNK = 1000
 #: :meth:`RedisBroker.start` waits this many timeouts for the first connection.
 START_WAITS = 5
+#: Redis Cluster: hash-tag partitions of the channels unless ``partitions=`` says otherwise.
+DEFAULT_PARTITIONS = 32
+#: Most partitions ``partitions=`` may ask for.
+MAX_PARTITIONS = 256
+#: Failed connects of a cluster link between two rereads of the slot map.
+REFRESH_AFTER_FAILURES = 3
 _PROBE = b"probe"
 
 
@@ -79,6 +108,21 @@ class _Expired(Exception):
 def _expire(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_exception(_Expired())
+
+
+def partition_tags(count: int) -> list[str]:
+    """The hash tags of ``count`` partitions: tag ``k`` hashes into the ``k``-th of
+    ``count`` equal ranges of the 16384 slots, so the partitions spread over the
+    masters as evenly as the slots do. The same on every node (a pure function)."""
+    tags = []
+    for k in range(count):
+        low = k * REDIS_CLUSTER_HASH_SLOTS // count
+        high = (k + 1) * REDIS_CLUSTER_HASH_SLOTS // count
+        j = 0
+        while not low <= key_slot(f"{k}.{j}".encode()) < high:
+            j += 1
+        tags.append(f"{k}.{j}")
+    return tags
 
 
 class RedisBroker:
@@ -92,41 +136,42 @@ class RedisBroker:
         timeout: float = 1.0,
         probe_interval: float = 1.0,
         node_id: str | None = None,
+        partitions: int = DEFAULT_PARTITIONS,
     ) -> None:
         self.url = url  # the redis-py URL (pushsvc's own parameters removed)
         self.prefix = prefix  # before every channel name in Redis
         self.timeout = timeout  # bound of a publish, a connect, a SUBSCRIBE confirmation
         self.probe_interval = probe_interval  # seconds between liveness probes
-        self.node_id = node_id or secrets.token_hex(6)  # names the probe channel
-        self.probe_channel = f"control:probe:{self.node_id}"
+        self.node_id = node_id or secrets.token_hex(6)  # names the probe channels
+        self.sharded = redisurl.is_cluster(url)  # Redis Cluster: SSUBSCRIBE / SPUBLISH
+        self.partitions = partitions if self.sharded else 1  # hash-tag partitions
+        self._tags = partition_tags(self.partitions) if self.sharded else [""]
+        self._slots = [key_slot(tag.encode()) for tag in self._tags]  # partition -> slot
+        self._wire_prefix = [  # partition -> what goes before the channel name
+            (f"{prefix}{{{tag}}}:" if self.sharded else prefix).encode() for tag in self._tags
+        ]
         self._callback: MessageCallback | None = None
         self._gap_callback: GapCallback | None = None
         self._closed = True  # not started, or closed
-        self._pool: ConnectionPool | None = None
-        self._client: Redis | None = None  # publishes
-        self._tasks: list[asyncio.Task[None]] = []  # subscriber, prober
+        self._pool: ConnectionPool | None = None  # one Redis
+        self._client: Redis | None = None  # publishes (one Redis)
+        self._cluster: RedisCluster | None = None  # the slot map and the masters' pools
+        self._tasks: list[asyncio.Task[None]] = []  # prober, slot-map refresher
         # -- what the node wants (kept across reconnects) --
-        self._wanted: set[str] = set()  # channels to receive (the probe's included)
-        self._names: dict[bytes, str] = {}  # prefixed wire name -> channel, for _wanted
+        self._wanted: set[str] = set()  # channels to receive (the probes included)
+        self._names: dict[bytes, str] = {}  # wire name -> channel, for _wanted
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}  # awaited subscribes
-        self._dirty: set[str] = set()  # channels to reconcile in the next batch
-        self._kick = asyncio.Event()  # a batch is due, or a reconnect is asked
-        # -- the current subscriber connection --
-        self._conn: AbstractConnection | None = None
-        self._sent: set[str] = set()  # the last command sent for these was SUBSCRIBE
-        self._confirmed: set[str] = set()  # Redis confirmed the SUBSCRIBE
-        self._inflight: dict[str, int] = {}  # channel -> commands awaiting their reply
-        self._sent_at: dict[str, float] = {}  # channel -> when its unconfirmed SUBSCRIBE went
-        self._unsynced: set[str] = set()  # wanted channels not yet confirmed since connecting
-        self._synced_at: float | None = None  # when every wanted channel was confirmed
-        self._reconnected = False  # the current connection replaced a lost one
-        self._gap = False  # envelopes may have been lost: call the gap callback once synced
-        self._stale = False  # the prober asks for a new connection
-        self._silent = False  # dropped as silent: healthy again only once a message arrives
-        self._last_message_at: float | None = None  # monotonic, any message received
+        self._pinned: dict[str, int] = {}  # probe channel -> its partition (its link's)
+        self._probes: dict[str, _Link] = {}  # probe channel -> the link it checks
+        # -- links: subscriber connections --
+        self._links: dict[str, _Link] = {}  # "host:port" (or "") -> link
+        self._owners: list[str] = [""] * self.partitions  # partition -> link name
+        self._route: dict[str, _Link] = {}  # wanted channel -> the link subscribing it
+        self._refresh_asked = asyncio.Event()  # a link asks for a new slot map
+        self._gap = False  # a publish failed: repair once a probe arrives
         self._last_error = "no answer"  # why the last connect failed (for start's error)
         # -- publishes --
-        self._outbox: list[tuple[bytes, bytes, asyncio.Future[None], bool]] = []
+        self._outbox: list[tuple[bytes, int, bytes, asyncio.Future[None], bool]] = []
         self._publisher: asyncio.Task[None] | None = None
         # -- figures --
         self._received = 0
@@ -140,7 +185,8 @@ class RedisBroker:
     def from_url(
         cls, url: str, *, timeout: float = 1.0, probe_interval: float = 1.0
     ) -> RedisBroker:
-        """Build from ``redis://``, ``rediss://`` or ``unix://`` (``?prefix=`` optional).
+        """Build from any form of :mod:`pushsvc.redisurl` (``?prefix=`` optional;
+        ``?partitions=`` on a cluster).
 
         Every other query parameter is redis-py's (``socket_keepalive``,
         ``ssl_cert_reqs``, ...). Raises ``ValueError`` for a bad URL.
@@ -152,22 +198,51 @@ class RedisBroker:
                 f"not {redisurl.redacted(url)!r}"
             )
         redisurl.check_path(url, "broker.url")
+        sharded = redisurl.is_cluster(url)
         query = parse_qsl(parts.query, keep_blank_values=True)
-        prefixes = [value for key, value in query if key == "prefix"]
-        if len(prefixes) > 1:
-            raise ValueError(f"broker.url: prefix given more than once in {url!r}")
-        rest = urlencode([(key, value) for key, value in query if key != "prefix"])
+        ours = ("prefix", "partitions") if sharded else ("prefix",)
+        given: dict[str, str] = {}
+        for key, value in query:
+            if key in ours:
+                if key in given:
+                    raise ValueError(
+                        f"broker.url: {key} given more than once in {redisurl.redacted(url)!r}"
+                    )
+                given[key] = value
+        prefix = given.get("prefix", DEFAULT_PREFIX)
+        partitions = DEFAULT_PARTITIONS
+        if sharded:
+            if "{" in prefix or "}" in prefix:
+                raise ValueError(
+                    "broker.url: on a Redis Cluster the prefix may not hold '{' or '}' "
+                    f"(the channel's hash tag follows it), not {prefix!r}"
+                )
+            try:
+                partitions = int(given.get("partitions", DEFAULT_PARTITIONS))
+            except ValueError:
+                partitions = 0
+            if not 1 <= partitions <= MAX_PARTITIONS:
+                raise ValueError(
+                    f"broker.url: partitions must be an integer from 1 to {MAX_PARTITIONS}, "
+                    f"not {given.get('partitions')!r}"
+                )
+        rest = urlencode([(key, value) for key, value in query if key not in ours])
         redis_url = urlunsplit(parts._replace(query=rest))
         broker = cls(
             redis_url,
-            prefix=prefixes[0] if prefixes else DEFAULT_PREFIX,
+            prefix=prefix,
             timeout=timeout,
             probe_interval=probe_interval,
+            partitions=partitions,
         )
         try:
-            broker._make_pool().make_connection()  # type: ignore[no-untyped-call]  # checks its parameters
+            if sharded:
+                for node in broker._make_cluster().get_nodes():  # checks its parameters
+                    node.connection_class(**node.connection_kwargs)
+            else:
+                broker._make_pool().make_connection()  # type: ignore[no-untyped-call]
         except (TypeError, ValueError) as exc:
-            raise ValueError(f"broker.url: {exc} in {url!r}") from None
+            raise ValueError(f"broker.url: {exc} in {redisurl.redacted(url)!r}") from None
         return broker
 
     def _make_pool(self) -> ConnectionPool:
@@ -177,6 +252,15 @@ class RedisBroker:
             socket_connect_timeout=self.timeout,
             socket_timeout=self.timeout,
             retry=Retry(NoBackoff(), 1),  # once more at once: a pooled socket may be stale
+        )
+
+    def _make_cluster(self) -> RedisCluster:
+        return redisurl.cluster_client(
+            self.url,
+            key="broker.url",
+            socket_connect_timeout=self.timeout,
+            socket_timeout=self.timeout,
+            retry=Retry(NoBackoff(), 1),
         )
 
     # -- the Broker protocol -------------------------------------------------------------
@@ -197,15 +281,25 @@ class RedisBroker:
         if not self._closed:
             return
         self._closed = False
-        self._pool = self._make_pool()
-        self._client = Redis(connection_pool=self._pool)
-        self._want(self.probe_channel)
-        self._tasks = [
-            asyncio.ensure_future(self._subscriber()),
-            asyncio.ensure_future(self._prober()),
-        ]
         deadline = time.monotonic() + START_WAITS * self.timeout
-        while self._synced_at is None:
+        if self.sharded:
+            self._cluster = self._make_cluster()
+            try:
+                async with asyncio.timeout(START_WAITS * self.timeout):
+                    await self._cluster.initialize()
+            except (RedisError, OSError, TimeoutError) as exc:
+                await self.close()
+                raise BrokerUnavailable(
+                    f"Redis broker {self._where()} not reachable: {exc or type(exc).__name__}"
+                ) from None
+            self._apply_owners(self._read_owners())
+            self._tasks.append(asyncio.ensure_future(self._refresher()))
+        else:
+            self._pool = self._make_pool()
+            self._client = Redis(connection_pool=self._pool)
+            self._apply_owners([""])
+        self._tasks.append(asyncio.ensure_future(self._prober()))
+        while not all(link.synced_at is not None for link in self._links.values()):
             if time.monotonic() > deadline:
                 await self.close()
                 raise BrokerUnavailable(
@@ -218,12 +312,18 @@ class RedisBroker:
         if self._closed:
             return
         self._closed = True
-        tasks = [*self._tasks, *([self._publisher] if self._publisher else [])]
+        links = list(self._links.values())
+        tasks = [
+            *self._tasks,
+            *([self._publisher] if self._publisher else []),
+            *(link.task for link in links if link.task is not None),
+        ]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks, self._publisher = [], None
-        for _channel, _data, future, _probe in self._outbox:
+        self._links, self._route, self._probes = {}, {}, {}
+        for _channel, _partition, _data, future, _probe in self._outbox:
             if not future.done():
                 future.set_result(None)
         self._outbox = []
@@ -233,20 +333,25 @@ class RedisBroker:
             await self._client.aclose()
         if self._pool is not None:
             await self._pool.disconnect()
-        self._client = self._pool = None
+        if self._cluster is not None:
+            await self._cluster.aclose()
+        self._client = self._pool = self._cluster = None
 
     def healthy(self) -> bool:
-        """Connected, every wanted channel confirmed, and the probe seen recently."""
-        if self._closed or self._conn is None or self._synced_at is None:
+        """Every link connected, every wanted channel confirmed, every probe seen recently."""
+        if self._closed or not self._links:
             return False
         now = time.monotonic()
-        if any(now - sent > self.timeout for sent in self._sent_at.values()):
-            return False
-        return now - self._freshest() <= PROBE_MISSES * self.probe_interval
+        return all(link.healthy(now) for link in self._links.values())
 
     def stats(self) -> BrokerStats:
-        """Counters since the broker was built, and the subscription's state now."""
-        last = self._last_message_at
+        """Counters since the broker was built, and the subscriptions' state now.
+
+        ``last_message_age`` is the stalest link's (on a cluster, the master
+        heard from longest ago), so a silent master shows.
+        """
+        now = time.monotonic()
+        ages = [now - link.last_message_at for link in self._links.values() if link.last_message_at]
         return BrokerStats(
             received=self._received,
             published=self._published,
@@ -254,18 +359,18 @@ class RedisBroker:
             timeouts=self._timeouts,
             reconnects=self._reconnects,
             resubscriptions=self._resubscriptions,
-            subscriptions=len(self._confirmed),
-            last_message_age=None if last is None else time.monotonic() - last,
+            subscriptions=sum(len(link.confirmed) for link in self._links.values()),
+            last_message_age=max(ages) if ages else None,
         )
 
     async def subscribe(self, channel: str) -> None:
         """Receive ``channel``; returns once Redis confirmed it (at most ``timeout``)."""
-        self._want(channel)
-        if self._closed or self._conn is None:
+        link = self._want(channel)
+        if self._closed or link is None or link.conn is None:
             return  # subscribed when the connection is back
         future = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(channel, []).append(future)
-        self._mark(channel)
+        link.mark(channel)
         if not await self._bounded(future):
             self._timeouts += 1
             log.warning("SUBSCRIBE %s not confirmed within %.1f s", channel, self.timeout)
@@ -275,17 +380,18 @@ class RedisBroker:
         if channel not in self._wanted:
             return
         self._wanted.discard(channel)
-        self._names.pop((self.prefix + channel).encode(), None)
+        self._names.pop(self._wire(channel), None)
         self._release(channel)
-        if self._unsynced:
-            self._unsynced.discard(channel)
-            self._check_synced()
-        if self._conn is not None:
-            self._mark(channel)
+        link = self._route.pop(channel, None)
+        if link is not None:
+            link.drop(channel)
 
     async def publish(self, channel: str, envelope: Envelope) -> None:
         """Publish ``envelope`` on ``channel``; raises :class:`BrokerUnavailable`."""
-        await self._publish((self.prefix + channel).encode(), envelope.to_bytes(), False)
+        partition = self._partition(channel)
+        await self._publish(
+            self._wire_prefix[partition] + channel.encode(), partition, envelope.to_bytes(), False
+        )
 
     async def _bounded(self, future: asyncio.Future[None]) -> bool:
         """Await ``future`` for at most ``timeout``; False when it timed out.
@@ -302,17 +408,41 @@ class RedisBroker:
             timer.cancel()
         return True
 
-    # -- subscriptions --------------------------------------------------------------------
+    # -- channels, partitions, links ----------------------------------------------------
 
-    def _want(self, channel: str) -> None:
-        if channel not in self._wanted:
-            self._wanted.add(channel)
-            self._names[(self.prefix + channel).encode()] = channel
+    def _partition(self, channel: str) -> int:
+        if self.partitions == 1:
+            return 0
+        pinned = self._pinned.get(channel)
+        if pinned is not None:
+            return pinned
+        return zlib.crc32(channel.encode()) % self.partitions
 
-    def _mark(self, channel: str) -> None:
-        """Reconcile ``channel`` with Redis in the next batch."""
-        self._dirty.add(channel)
-        self._kick.set()
+    def _wire(self, channel: str) -> bytes:
+        """The channel's name in Redis."""
+        return self._wire_prefix[self._partition(channel)] + channel.encode()
+
+    def _channel_of(self, wire: bytes) -> str:
+        """The channel a wire name stands for (also one unsubscribed since)."""
+        channel = self._names.get(wire)
+        if channel is not None:
+            return channel
+        rest = wire[len(self.prefix.encode()) :]
+        if self.sharded:
+            rest = rest.partition(b"}:")[2]
+        return rest.decode(errors="replace")
+
+    def _want(self, channel: str) -> _Link | None:
+        """Add ``channel`` to what the node wants; the link that subscribes it."""
+        if channel in self._wanted:
+            return self._route.get(channel)
+        self._wanted.add(channel)
+        self._names[self._wire(channel)] = channel
+        link = self._links.get(self._owners[self._partition(channel)])
+        if link is not None:
+            self._route[channel] = link
+            link.channels.add(channel)
+        return link
 
     def _release(self, channel: str) -> None:
         """Let the subscribes awaiting ``channel`` return."""
@@ -320,148 +450,133 @@ class RedisBroker:
             if not future.done():
                 future.set_result(None)
 
-    def _settle_waiters(self, channels: Iterable[str]) -> None:
-        """Release the waiters of channels confirmed with nothing more in flight."""
-        for channel in channels:
-            if channel in self._waiters and self._is_subscribed(channel):
-                self._release(channel)
-
-    def _is_subscribed(self, channel: str) -> bool:
-        return channel in self._confirmed and channel not in self._inflight
-
-    async def _subscriber(self) -> None:
-        """Keep one subscriber connection up, forever (until :meth:`close`)."""
-        delay, lost = BACKOFF_MIN, False
-        while not self._closed:
-            assert self._pool is not None
-            kwargs: dict[str, Any] = dict(self._pool.connection_kwargs)
-            kwargs["client_name"] = f"pushsvc-sub-{self.node_id}"
-            kwargs["protocol"] = 2  # RESP2: pushes are plain replies, no push-handler pass
-            conn: AbstractConnection = self._pool.connection_class(**kwargs)
+    def _read_owners(self) -> list[str]:
+        """Partition -> name of the master serving its slot, from the client's slot map."""
+        assert self._cluster is not None
+        owners = []
+        for partition, slot in enumerate(self._slots):
             try:
-                async with asyncio.timeout(self.timeout):
-                    await conn.connect()  # type: ignore[no-untyped-call]
+                node = self._cluster.nodes_manager.get_node_from_slot(slot)
+            except RedisError:  # slot not covered: keep the last known owner
+                owners.append(self._owners[partition])
+                continue
+            owners.append(node.name)
+        return owners
+
+    def _apply_owners(self, owners: list[str]) -> None:
+        """Move channels to the links of their partitions' owners; start and retire links."""
+        previous, self._owners = self._owners, owners
+        for name in dict.fromkeys(owners):
+            if name not in self._links and (name or not self.sharded):
+                link = _Link(self, name)
+                self._links[name] = link
+                link.task = asyncio.ensure_future(link.run())
+        for channel in list(self._wanted):
+            partition = self._partition(channel)
+            if channel in self._probes:
+                continue  # probes follow their link, below
+            old, new = self._route.get(channel), self._links.get(owners[partition])
+            if old is new or new is None:
+                continue
+            if old is not None:
+                old.forget(channel)
+            self._route[channel] = new
+            new.move_in(channel)
+        del previous
+        for name, link in list(self._links.items()):
+            owned = [p for p, owner in enumerate(owners) if owner == name]
+            if not owned:
+                self._retire(link)
+                continue
+            self._pin_probe(link, owned[0])
+
+    def _pin_probe(self, link: _Link, partition: int) -> None:
+        """Give ``link`` a probe channel in ``partition`` (one of its own)."""
+        name = f"control:probe:{self.node_id}"
+        if self.sharded:
+            name = f"{name}.{partition}"
+        if link.probe == name:
+            return
+        if link.probe:
+            old = link.probe
+            self._probes.pop(old, None)
+            self._wanted.discard(old)
+            self._names.pop(self._wire(old), None)
+            self._route.pop(old, None)
+            link.drop(old)
+            self._pinned.pop(old, None)
+        link.probe = name
+        self._pinned[name] = partition
+        self._probes[name] = link
+        self._want(name)
+        if link.conn is not None:
+            link.mark(name)
+
+    def _retire(self, link: _Link) -> None:
+        """``link`` serves no partition any more: stop it (its channels moved already)."""
+        self._links.pop(link.name, None)
+        if link.probe:
+            probe = link.probe
+            self._probes.pop(probe, None)
+            self._wanted.discard(probe)
+            self._names.pop(self._wire(probe), None)
+            self._route.pop(probe, None)
+            self._pinned.pop(probe, None)
+        for channel in list(link.channels):
+            if self._route.get(channel) is link:
+                del self._route[channel]
+        if link.task is not None:
+            link.task.cancel()
+        log.info("Redis broker: %s serves none of the partitions any more", link.name)
+
+    def ask_refresh(self) -> None:
+        """A link saw the slot map change (or its master stays unreachable): reread it."""
+        self._refresh_asked.set()
+
+    async def _refresher(self) -> None:
+        """Reread the slot map when asked; move the channels whose partition changed master."""
+        assert self._cluster is not None
+        delay = BACKOFF_MIN
+        while True:
+            await self._refresh_asked.wait()
+            self._refresh_asked.clear()
+            try:
+                async with asyncio.timeout(self.timeout * 2):
+                    await self._cluster.nodes_manager.initialize()
             except (RedisError, OSError, TimeoutError) as exc:
-                if isinstance(exc, TimeoutError):
-                    self._timeouts += 1
-                self._last_error = str(exc) or type(exc).__name__
-                log.log(
-                    logging.DEBUG if lost else logging.WARNING,
-                    "Redis broker %s: cannot connect (%s); retrying for ever, every %.2f s at most",
-                    self._where(),
-                    exc or type(exc).__name__,
-                    BACKOFF_MAX,
-                )
-                lost = True
-                await conn.disconnect(nowait=True)
+                log.debug("Redis broker: slot map not reread: %s", exc or type(exc).__name__)
+                self._refresh_asked.set()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, BACKOFF_MAX)
                 continue
             delay = BACKOFF_MIN
-            if lost:
-                self._reconnects += 1
-                self._reconnected = self._gap = True
-                log.info("Redis broker %s: reconnected; resubscribing", self._where())
-            try:
-                await self._serve(conn)
-            except (RedisError, OSError, TimeoutError) as exc:
-                if isinstance(exc, TimeoutError):
-                    self._timeouts += 1
-                log.warning(
-                    "Redis broker %s: subscriber connection lost (%s)",
-                    self._where(),
-                    exc or type(exc).__name__,
-                )
-            finally:
-                self._disconnected()
-                await conn.disconnect(nowait=True)
-            lost = True  # reconnect at once the first time, then back off
+            owners = self._read_owners()
+            if owners != self._owners:
+                log.info("Redis broker: the slot map changed; moving subscriptions")
+                self._apply_owners(owners)
+            for link in self._links.values():
+                link.resubscribe_dropped()
+            await asyncio.sleep(BACKOFF_MIN)  # at most a few rereads a second
 
-    def _disconnected(self) -> None:
-        self._conn = None
-        self._sent.clear()
-        self._confirmed.clear()
-        self._inflight.clear()
-        self._sent_at.clear()
-        self._unsynced.clear()
-        self._synced_at = None
-        self._gap = True
-        for channel in list(self._waiters):
-            self._release(channel)  # subscribed again on reconnect
+    # -- gaps -----------------------------------------------------------------------------
 
-    async def _serve(self, conn: AbstractConnection) -> None:
-        """Run one connection: send batches, read replies; returns or raises when it is lost."""
-        self._conn = conn
-        self._stale = False
-        self._dirty = set(self._wanted)
-        self._unsynced = set(self._wanted)
-        reader = asyncio.ensure_future(self._read(conn))
-        waiter: asyncio.Task[Any] | None = None
-        try:
-            while True:
-                self._kick.clear()
-                async with asyncio.timeout(self.timeout):
-                    await self._flush(conn)
-                waiter = asyncio.ensure_future(self._kick.wait())
-                await asyncio.wait({reader, waiter}, return_when=asyncio.FIRST_COMPLETED)
-                if reader.done():
-                    reader.result()  # raises what ended it
-                    raise ConnectionError("subscriber connection closed")
-                if self._stale:
-                    raise ConnectionError("silent subscription: no message, not even the probe")
-                await asyncio.sleep(0)  # take the subscribes of one more loop pass too
-        finally:
-            for task in (reader, waiter):
-                if task is not None and not task.done():
-                    task.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
-
-    async def _flush(self, conn: AbstractConnection) -> None:
-        """Send one SUBSCRIBE and one UNSUBSCRIBE for what changed since the last batch."""
-        dirty, self._dirty = self._dirty, set()
-        if not dirty:
+    def call_gap(self) -> None:
+        self._gap = False
+        if self._gap_callback is None:
             return
-        wanted, sent = self._wanted, self._sent
-        subscribe = sorted(c for c in dirty if c in wanted and c not in sent)
-        unsubscribe = sorted(c for c in dirty if c not in wanted and c in sent)
-        now = time.monotonic()
-        for command, channels in (("SUBSCRIBE", subscribe), ("UNSUBSCRIBE", unsubscribe)):
-            for start in range(0, len(channels), CHUNK):
-                chunk = channels[start : start + CHUNK]
-                for channel in chunk:
-                    self._inflight[channel] = self._inflight.get(channel, 0) + 1
-                    if command == "SUBSCRIBE":
-                        sent.add(channel)
-                        self._sent_at.setdefault(channel, now)
-                    else:
-                        sent.discard(channel)
-                await conn.send_command(command, *(self.prefix + c for c in chunk))
-        self._settle_waiters(dirty)
+        try:
+            self._gap_callback()
+        except Exception:
+            log.exception("broker gap callback failed")
 
-    async def _read(self, conn: AbstractConnection) -> None:
-        """Read pushes until the connection fails."""
-        prefix_length = len(self.prefix)
-        while True:
-            reply = await conn.read_response(timeout=math.inf, disconnect_on_error=False)
-            if not isinstance(reply, list) or len(reply) < 3:
-                log.warning("unexpected reply on the subscriber connection: %r", reply)
-                continue
-            kind, name = reply[0], reply[1]
-            if kind == b"message":
-                self._message(name, reply[2])
-            elif kind in (b"subscribe", b"unsubscribe"):
-                channel = name.decode(errors="replace")[prefix_length:]
-                self._confirm(channel, kind == b"subscribe")
-
-    def _message(self, name: bytes, data: bytes) -> None:
-        self._last_message_at = time.monotonic()
-        self._silent = False
+    def deliver(self, link: _Link, name: bytes, data: bytes) -> None:
+        """A message read by ``link``."""
         channel = self._names.get(name)
         if channel is None:  # unsubscribed since: dropped
             return
-        if channel == self.probe_channel:
-            if self._gap and self._synced_at is not None:
-                self._call_gap()
+        if channel in self._probes:
+            if self._gap and link.synced_at is not None:
+                self.call_gap()
             return
         try:
             envelope = Envelope.from_bytes(data)
@@ -476,87 +591,31 @@ class RedisBroker:
         except Exception:
             log.exception("broker callback failed on %s", channel)
 
-    def _confirm(self, channel: str, subscribed: bool) -> None:
-        left = self._inflight.get(channel, 0) - 1
-        if left > 0:
-            self._inflight[channel] = left
-        else:
-            self._inflight.pop(channel, None)
-        if subscribed:
-            self._confirmed.add(channel)
-        else:
-            self._confirmed.discard(channel)
-        if channel not in self._inflight:
-            self._sent_at.pop(channel, None)
-        if channel in self._waiters and self._is_subscribed(channel):
-            self._release(channel)
-        if subscribed and self._unsynced:
-            self._unsynced.discard(channel)
-            self._check_synced()
-
-    def _check_synced(self) -> None:
-        """Every wanted channel is confirmed: healthy again; repair what may be lost."""
-        if self._unsynced or self._synced_at is not None or self._conn is None:
-            return
-        self._synced_at = time.monotonic()
-        if self._reconnected:
-            self._reconnected = False
-            self._resubscriptions += 1
-            log.info("Redis broker %s: resubscribed %d channels", self._where(), len(self._wanted))
-        if self._gap:
-            self._call_gap()
-
-    def _call_gap(self) -> None:
-        self._gap = False
-        if self._gap_callback is None:
-            return
-        try:
-            self._gap_callback()
-        except Exception:
-            log.exception("broker gap callback failed")
-
     # -- liveness -------------------------------------------------------------------------
 
-    def _freshest(self) -> float:
-        """The later of the last message and the last full (re)subscription.
-
-        After a connection was dropped as silent only a message counts: a new
-        connection on a Redis that still delivers nothing is no better.
-        """
-        last = self._last_message_at or 0.0
-        return last if self._silent else max(self._synced_at or 0.0, last)
-
     async def _prober(self) -> None:
-        """Publish the probe every interval; ask for a new connection when it stops arriving."""
-        channel = (self.prefix + self.probe_channel).encode()
+        """Publish the probes every interval; ask for a new connection when one stops arriving."""
         while True:
             await asyncio.sleep(self.probe_interval)
-            if self._synced_at is None:
-                continue
-            bound, now = PROBE_MISSES * self.probe_interval, time.monotonic()
-            silent = now - self._freshest()
-            # Once per connection: a new one gets its own probes' time before it is dropped.
-            if silent > bound and now - self._synced_at > bound and not self._stale:
-                log.warning(
-                    "Redis broker %s: nothing received for %.1f s; reconnecting",
-                    self._where(),
-                    silent,
-                )
-                self._silent = self._stale = True
-                self._kick.set()
-                continue
-            try:
-                await self._publish(channel, _PROBE, True)
-            except BrokerUnavailable as exc:
-                log.debug("probe publish failed: %s", exc)
+            probes = []
+            for link in list(self._links.values()):
+                if link.synced_at is None or not link.probe:
+                    continue
+                if link.check_silent():
+                    continue
+                partition = self._pinned[link.probe]
+                probes.append(self._publish(self._wire(link.probe), partition, _PROBE, True))
+            for failed in await asyncio.gather(*probes, return_exceptions=True):
+                if isinstance(failed, BrokerUnavailable):
+                    log.debug("probe publish failed: %s", failed)
 
     # -- publishing -----------------------------------------------------------------------
 
-    async def _publish(self, channel: bytes, data: bytes, probe: bool) -> None:
+    async def _publish(self, channel: bytes, partition: int, data: bytes, probe: bool) -> None:
         if self._closed:
             return
         future = asyncio.get_running_loop().create_future()
-        self._outbox.append((channel, data, future, probe))
+        self._outbox.append((channel, partition, data, future, probe))
         if self._publisher is None:
             self._publisher = asyncio.ensure_future(self._send_batches())
         if not await self._bounded(future):
@@ -569,37 +628,411 @@ class RedisBroker:
         if not probe and not self._closed:  # closed meanwhile: dropped, not sent
             self._published += 1
 
+    def _fail(self, batch: Iterable[tuple[Any, ...]], exc: BaseException) -> None:
+        reason = "timed out" if isinstance(exc, TimeoutError) else str(exc)
+        for entry in batch:
+            future = entry[3]
+            if not future.done():
+                self._publish_errors += 1
+                self._timeouts += isinstance(exc, TimeoutError)
+                self._gap = True
+                future.set_exception(BrokerUnavailable(f"Redis broker publish failed: {reason}"))
+
     async def _send_batches(self) -> None:
         """Pipeline what is waiting, in call order, until nothing is."""
         try:
             while self._outbox:
-                batch = [entry for entry in self._outbox if not entry[2].done()]
+                batch = [entry for entry in self._outbox if not entry[3].done()]
                 self._outbox = []
-                if not batch or self._client is None:
+                if not batch:
+                    continue
+                if self.sharded:
+                    await self._send_sharded(batch)
+                    continue
+                if self._client is None:
                     continue
                 try:
                     async with asyncio.timeout(self.timeout):
                         async with self._client.pipeline(transaction=False) as pipe:
-                            for channel, data, _future, _probe in batch:
+                            for channel, _partition, data, _future, _probe in batch:
                                 pipe.publish(channel, data)
                             await pipe.execute()
                 except (RedisError, OSError, TimeoutError) as exc:
-                    reason = "timed out" if isinstance(exc, TimeoutError) else str(exc)
-                    for _channel, _data, future, _probe in batch:
-                        if not future.done():
-                            self._publish_errors += 1
-                            self._timeouts += isinstance(exc, TimeoutError)
-                            self._gap = True
-                            future.set_exception(
-                                BrokerUnavailable(f"Redis broker publish failed: {reason}")
-                            )
+                    self._fail(batch, exc)
                     continue
-                for _channel, _data, future, _probe in batch:
-                    if not future.done():
-                        future.set_result(None)
+                for entry in batch:
+                    if not entry[3].done():
+                        entry[3].set_result(None)
         finally:
             self._publisher = None
+
+    async def _send_sharded(
+        self, batch: list[tuple[bytes, int, bytes, asyncio.Future[None], bool]]
+    ) -> None:
+        """SPUBLISH ``batch``: one pipeline per master, all at once; a master that
+        fails fails only its own publishes. A MOVED reply rereads the slot map and
+        sends that publish again (within its timeout)."""
+        groups: dict[str, list[tuple[bytes, int, bytes, asyncio.Future[None], bool]]] = {}
+        for entry in batch:
+            groups.setdefault(self._owners[entry[1]], []).append(entry)
+        retry: list[tuple[bytes, int, bytes, asyncio.Future[None], bool]] = []
+
+        async def send(
+            name: str, group: list[tuple[bytes, int, bytes, asyncio.Future[None], bool]]
+        ) -> None:
+            node = self._cluster.get_node(node_name=name) if self._cluster else None
+            if node is None:
+                self.ask_refresh()
+                retry.extend(group)
+                return
+            commands = [
+                PipelineCommand(i, "SPUBLISH", channel, data)
+                for i, (channel, _p, data, _f, _probe) in enumerate(group)
+            ]
+            try:
+                async with asyncio.timeout(self.timeout):
+                    await node.execute_pipeline(commands)
+            except (RedisError, OSError, TimeoutError) as exc:
+                self._fail(group, exc)
+                return
+            for entry, command in zip(group, commands, strict=True):
+                result, future = command.result, entry[3]
+                if future.done():
+                    continue
+                if isinstance(result, (MovedError, AskError, TryAgainError)):
+                    self.ask_refresh()
+                    retry.append(entry)
+                elif isinstance(result, BaseException):
+                    self._fail([entry], result)
+                else:
+                    future.set_result(None)
+
+        await asyncio.gather(*(send(name, group) for name, group in groups.items()))
+        if retry:
+            await asyncio.sleep(BACKOFF_MIN)  # the refresher rereads the slot map meanwhile
+            self._outbox[:0] = retry
 
     def _where(self) -> str:
         """Where the broker's Redis is, without credentials, for logs."""
         return redisurl.where(self.url)
+
+
+class _Link:
+    """One subscriber connection: to the one Redis, or to one master of a cluster.
+
+    It subscribes the channels routed to it (``channels``), batching each loop
+    pass's changes, reconnects and resubscribes when the connection is lost,
+    and tracks its own liveness (its probe channel, ``probe``).
+    """
+
+    def __init__(self, broker: RedisBroker, name: str) -> None:
+        self.broker = broker
+        self.name = name  # "host:port" of its master on a cluster, "" for one Redis
+        self.task: asyncio.Task[None] | None = None  # runs :meth:`run`
+        self.channels: set[str] = set()  # wanted channels routed here
+        self.probe = ""  # this link's probe channel
+        self.dirty: set[str] = set()  # channels to reconcile in the next batch
+        self.kick = asyncio.Event()  # a batch is due, or a reconnect is asked
+        # -- the current connection --
+        self.conn: AbstractConnection | None = None
+        self.sent: set[str] = set()  # the last command sent for these was (S)SUBSCRIBE
+        self.confirmed: set[str] = set()  # Redis confirmed the (S)SUBSCRIBE
+        self.inflight: dict[str, int] = {}  # channel -> commands awaiting their reply
+        self.sent_at: dict[str, float] = {}  # channel -> when its unconfirmed SUBSCRIBE went
+        self.unsynced: set[str] = set()  # channels not yet confirmed since (re)subscribing
+        self.synced_at: float | None = None  # when every channel was confirmed
+        self.reconnected = False  # resubscribing after a loss (counted once synced)
+        self.gap = False  # envelopes may have been lost: call the gap callback once synced
+        self.stale = False  # the prober asks for a new connection
+        self.silent = False  # dropped as silent: healthy again only once a message arrives
+        self.last_message_at: float | None = None  # monotonic, any message on this link
+        self.failures = 0  # connects failed in a row
+        sharded = broker.sharded
+        self._commands = ("SSUBSCRIBE", "SUNSUBSCRIBE") if sharded else ("SUBSCRIBE", "UNSUBSCRIBE")
+        self._kinds = (
+            (b"smessage", b"ssubscribe", b"sunsubscribe")
+            if sharded
+            else (b"message", b"subscribe", b"unsubscribe")
+        )
+
+    # -- state ----------------------------------------------------------------------------
+
+    def mark(self, channel: str) -> None:
+        """Reconcile ``channel`` with Redis in the next batch."""
+        self.dirty.add(channel)
+        self.kick.set()
+
+    def drop(self, channel: str) -> None:
+        """``channel`` is not wanted any more: UNSUBSCRIBE it with the next batch."""
+        self.channels.discard(channel)
+        if self.unsynced:
+            self.unsynced.discard(channel)
+            self.check_synced()
+        if self.conn is not None:
+            self.mark(channel)
+
+    def forget(self, channel: str) -> None:
+        """``channel`` moved to another master: drop it here without a command."""
+        self.channels.discard(channel)
+        for state in (self.sent, self.confirmed, self.unsynced, self.dirty):
+            state.discard(channel)
+        self.inflight.pop(channel, None)
+        self.sent_at.pop(channel, None)
+        self.check_synced()
+
+    def move_in(self, channel: str) -> None:
+        """``channel`` moved here from another master: subscribe it, then repair the gap."""
+        self.channels.add(channel)
+        if self.conn is None:
+            return  # subscribed with the rest on connect
+        self.unsynced.add(channel)
+        self.synced_at = None
+        self.reconnected = self.gap = True
+        self.mark(channel)
+
+    def resubscribe_dropped(self) -> None:
+        """Subscribe again what the server dropped (a slot moved away and back)."""
+        if self.conn is None:
+            return
+        for channel in self.channels:
+            if channel not in self.sent and channel not in self.dirty:
+                self.move_in(channel)
+
+    def is_subscribed(self, channel: str) -> bool:
+        return channel in self.confirmed and channel not in self.inflight
+
+    def healthy(self, now: float) -> bool:
+        if self.conn is None or self.synced_at is None:
+            return False
+        if any(now - sent > self.broker.timeout for sent in self.sent_at.values()):
+            return False
+        return now - self.freshest() <= PROBE_MISSES * self.broker.probe_interval
+
+    def freshest(self) -> float:
+        """The later of the last message and the last full (re)subscription.
+
+        After a connection was dropped as silent only a message counts: a new
+        connection on a Redis that still delivers nothing is no better.
+        """
+        last = self.last_message_at or 0.0
+        return last if self.silent else max(self.synced_at or 0.0, last)
+
+    def check_silent(self) -> bool:
+        """True (and a reconnect asked) when nothing arrived for too long."""
+        if self.synced_at is None:
+            return False
+        bound, now = PROBE_MISSES * self.broker.probe_interval, time.monotonic()
+        silent = now - self.freshest()
+        # Once per connection: a new one gets its own probes' time before it is dropped.
+        if silent > bound and now - self.synced_at > bound and not self.stale:
+            log.warning(
+                "Redis broker %s: nothing received for %.1f s; reconnecting", self.where(), silent
+            )
+            self.silent = self.stale = True
+            self.kick.set()
+            return True
+        return False
+
+    def where(self) -> str:
+        return self.name or self.broker._where()
+
+    # -- the connection -------------------------------------------------------------------
+
+    def _connection(self) -> AbstractConnection:
+        broker = self.broker
+        if broker.sharded:
+            assert broker._cluster is not None
+            node: ClusterNode | None = broker._cluster.get_node(node_name=self.name)
+            if node is None:
+                raise ConnectionError(f"{self.name} is not in the cluster's slot map")
+            kwargs: dict[str, Any] = dict(node.connection_kwargs)
+            connection_class: Callable[..., AbstractConnection] = node.connection_class
+        else:
+            assert broker._pool is not None
+            kwargs = dict(broker._pool.connection_kwargs)
+            connection_class = broker._pool.connection_class
+        kwargs["client_name"] = f"pushsvc-sub-{broker.node_id}"
+        kwargs["protocol"] = 2  # RESP2: pushes are plain replies, no push-handler pass
+        return connection_class(**kwargs)
+
+    async def run(self) -> None:
+        """Keep one subscriber connection up, forever (until closed or retired)."""
+        broker = self.broker
+        delay, lost = BACKOFF_MIN, False
+        while not broker._closed:
+            conn: AbstractConnection | None = None
+            try:
+                conn = self._connection()
+                async with asyncio.timeout(broker.timeout):
+                    await conn.connect()  # type: ignore[no-untyped-call]
+            except (RedisError, OSError, TimeoutError) as exc:
+                if isinstance(exc, TimeoutError):
+                    broker._timeouts += 1
+                broker._last_error = str(exc) or type(exc).__name__
+                log.log(
+                    logging.DEBUG if lost else logging.WARNING,
+                    "Redis broker %s: cannot connect (%s); retrying for ever, every %.2f s at most",
+                    self.where(),
+                    exc or type(exc).__name__,
+                    BACKOFF_MAX,
+                )
+                lost = True
+                self.failures += 1
+                if broker.sharded and self.failures % REFRESH_AFTER_FAILURES == 0:
+                    broker.ask_refresh()  # a failover may have moved its slots
+                if conn is not None:
+                    await conn.disconnect(nowait=True)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX)
+                continue
+            delay, self.failures = BACKOFF_MIN, 0
+            if lost:
+                broker._reconnects += 1
+                self.reconnected = self.gap = True
+                log.info("Redis broker %s: reconnected; resubscribing", self.where())
+            try:
+                await self._serve(conn)
+            except (RedisError, OSError, TimeoutError) as exc:
+                if isinstance(exc, TimeoutError):
+                    broker._timeouts += 1
+                log.warning(
+                    "Redis broker %s: subscriber connection lost (%s)",
+                    self.where(),
+                    exc or type(exc).__name__,
+                )
+            finally:
+                self._disconnected()
+                await conn.disconnect(nowait=True)
+            lost = True  # reconnect at once the first time, then back off
+
+    def _disconnected(self) -> None:
+        self.conn = None
+        self.sent.clear()
+        self.confirmed.clear()
+        self.inflight.clear()
+        self.sent_at.clear()
+        self.unsynced.clear()
+        self.synced_at = None
+        self.gap = True
+        for channel in self.channels:
+            self.broker._release(channel)  # subscribed again on reconnect
+
+    async def _serve(self, conn: AbstractConnection) -> None:
+        """Run one connection: send batches, read replies; returns or raises when it is lost."""
+        self.conn = conn
+        self.stale = False
+        self.dirty = set(self.channels)
+        self.unsynced = set(self.channels)
+        reader = asyncio.ensure_future(self._read(conn))
+        waiter: asyncio.Task[Any] | None = None
+        try:
+            while True:
+                self.kick.clear()
+                async with asyncio.timeout(self.broker.timeout):
+                    await self._flush(conn)
+                waiter = asyncio.ensure_future(self.kick.wait())
+                await asyncio.wait({reader, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                if reader.done():
+                    reader.result()  # raises what ended it
+                    raise ConnectionError("subscriber connection closed")
+                if self.stale:
+                    raise ConnectionError("silent subscription: no message, not even the probe")
+                await asyncio.sleep(0)  # take the subscribes of one more loop pass too
+        finally:
+            for task in (reader, waiter):
+                if task is not None and not task.done():
+                    task.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+
+    async def _flush(self, conn: AbstractConnection) -> None:
+        """Send one SUBSCRIBE and one UNSUBSCRIBE (per partition) for what changed."""
+        dirty, self.dirty = self.dirty, set()
+        if not dirty:
+            return
+        broker, wanted, sent = self.broker, self.channels, self.sent
+        subscribe = sorted(c for c in dirty if c in wanted and c not in sent)
+        unsubscribe = sorted(c for c in dirty if c not in wanted and c in sent)
+        now = time.monotonic()
+        commands: list[tuple[Any, ...]] = []
+        for command, channels in zip(self._commands, (subscribe, unsubscribe), strict=True):
+            by_partition: dict[int, list[str]] = {}
+            for channel in channels:
+                by_partition.setdefault(broker._partition(channel), []).append(channel)
+            for partition, group in by_partition.items():
+                prefix = broker._wire_prefix[partition]
+                for start in range(0, len(group), CHUNK):
+                    chunk = group[start : start + CHUNK]
+                    for channel in chunk:
+                        self.inflight[channel] = self.inflight.get(channel, 0) + 1
+                        if command == self._commands[0]:
+                            sent.add(channel)
+                            self.sent_at.setdefault(channel, now)
+                        else:
+                            sent.discard(channel)
+                    commands.append((command, *(prefix + c.encode() for c in chunk)))
+        if commands:
+            await conn.send_packed_command(conn.pack_commands(commands))
+        for channel in dirty:
+            if channel in broker._waiters and self.is_subscribed(channel):
+                broker._release(channel)
+
+    async def _read(self, conn: AbstractConnection) -> None:
+        """Read pushes until the connection fails."""
+        message, subscribed, unsubscribed = self._kinds
+        broker = self.broker
+        while True:
+            reply = await conn.read_response(timeout=math.inf, disconnect_on_error=False)
+            if not isinstance(reply, list) or len(reply) < 3:
+                log.warning("unexpected reply on the subscriber connection: %r", reply)
+                continue
+            kind, name = reply[0], reply[1]
+            if kind == message:
+                self.last_message_at = time.monotonic()
+                self.silent = False
+                broker.deliver(self, name, reply[2])
+            elif kind in (subscribed, unsubscribed):
+                self._confirm(broker._channel_of(name), kind == subscribed)
+
+    def _confirm(self, channel: str, subscribed: bool) -> None:
+        inflight = self.inflight.get(channel, 0)
+        if not subscribed and inflight == 0 and channel in self.sent:
+            # Not ours: the master gave the slot up (migration, failover).
+            log.info(
+                "Redis broker %s: %s dropped by the server; rereading the slot map",
+                self.where(),
+                channel,
+            )
+            self.sent.discard(channel)
+            self.confirmed.discard(channel)
+            self.broker.ask_refresh()
+            return
+        left = inflight - 1
+        if left > 0:
+            self.inflight[channel] = left
+        else:
+            self.inflight.pop(channel, None)
+        if subscribed:
+            self.confirmed.add(channel)
+        else:
+            self.confirmed.discard(channel)
+        if channel not in self.inflight:
+            self.sent_at.pop(channel, None)
+        if channel in self.broker._waiters and self.is_subscribed(channel):
+            self.broker._release(channel)
+        if subscribed and self.unsynced:
+            self.unsynced.discard(channel)
+            self.check_synced()
+
+    def check_synced(self) -> None:
+        """Every channel is confirmed: healthy again; repair what may be lost."""
+        if self.unsynced or self.synced_at is not None or self.conn is None:
+            return
+        self.synced_at = time.monotonic()
+        broker = self.broker
+        if self.reconnected:
+            self.reconnected = False
+            broker._resubscriptions += 1
+            log.info("Redis broker %s: resubscribed %d channels", self.where(), len(self.channels))
+        if self.gap:
+            self.gap = False
+            broker.call_gap()

@@ -33,9 +33,11 @@ from collections.abc import Awaitable, Iterable
 from typing import Any, Literal, TypeVar
 
 import redis.asyncio
+from redis.asyncio.cluster import PipelineCommand
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import AskError, MovedError, NoScriptError, RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from pushsvc import redisurl
 from pushsvc.cluster.contracts import RegistryOptions
@@ -47,6 +49,8 @@ PREFIX = "pushsvc:"
 #: Field/value pairs per rewrite script call (Lua's unpack has a stack limit).
 _CHUNK = 1000
 _T = TypeVar("_T")
+#: One pipelined command: the key that routes it (its slot), and the command.
+Call = tuple[str, tuple[Any, ...]]
 Kind = Literal["conns", "members"]
 
 # KEYS[1] index set, KEYS[2] this node's hash; ARGV: node, connection, limit, ttl ms.
@@ -107,6 +111,11 @@ return users
 """
 
 
+#: Every script by name. Each touches the keys of one hash tag only (its KEYS'),
+#: so it runs whole on one Redis Cluster slot.
+SCRIPTS = {"reserve": _RESERVE, "put": _PUT, "refresh": _REFRESH, "users": _USERS}
+
+
 def index_key(kind: Kind, name: str) -> str:
     """The index set of a user's connections (``conns``) or a room's members (``members``)."""
     tag = "u" if kind == "conns" else "r"
@@ -128,6 +137,7 @@ class RedisRegistry:
     def __init__(self, url: str, options: RegistryOptions | None = None) -> None:
         self.node_id = new_node_id()
         self.url = url
+        self.sharded = redisurl.is_cluster(url)  # Redis Cluster: one pipeline per master
         self.options = options or RegistryOptions()
         self.local = LocalEntries()  # what this node wrote (answers when Redis does not)
         self._ttl_ms = max(1, int(self.options.node_ttl * 1000))
@@ -142,30 +152,34 @@ class RedisRegistry:
     async def start(self) -> None:
         """Connect, write the heartbeat key and start the heartbeat (raises if unreachable)."""
         timeout = self.options.timeout
-        pool = redisurl.connection_pool(
-            self.url,
-            key="cluster.url",
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 1),  # at once, once: a pooled connection Redis closed
-        )
-        self._client = redis.asyncio.Redis(connection_pool=pool)
-        for name, source in (
-            ("reserve", _RESERVE),
-            ("put", _PUT),
-            ("refresh", _REFRESH),
-            ("users", _USERS),
-        ):
+        options: dict[str, Any] = {
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
+            "retry": Retry(NoBackoff(), 1),  # at once, once: a pooled connection Redis closed
+        }
+        if self.sharded:
+            self._client = redisurl.cluster_client(self.url, key="cluster.url", **options)
+        else:
+            pool = redisurl.connection_pool(self.url, key="cluster.url", **options)
+            self._client = redis.asyncio.Redis(connection_pool=pool)
+        for name, source in SCRIPTS.items():
             self._scripts[name] = self._client.register_script(source)
         try:
             await asyncio.wait_for(
                 self._client.set(node_key(self.node_id), "1", px=self._ttl_ms), timeout
             )
+            if self.sharded:  # pipelines do not load scripts on a cluster
+                await asyncio.wait_for(self._load_scripts(), timeout)
         except (RedisError, OSError, TimeoutError):
             await self._client.aclose()
             raise
         self._ok = True
         self._heartbeat = asyncio.ensure_future(self._beat())
+
+    async def _load_scripts(self) -> None:
+        """SCRIPT LOAD every script on every master (a restarted one forgot them)."""
+        for source in SCRIPTS.values():
+            await self._client.script_load(source)
 
     async def close(self) -> None:
         """Stop the heartbeat and delete this node's entries (they would expire anyway)."""
@@ -176,21 +190,16 @@ class RedisRegistry:
             self._heartbeat = None
         if self._client is None:
             return
-        owned = self._owned()
-        with contextlib.suppress(_Failed):
-            await self._call("close", self._delete_own(owned))
+        calls: list[Call] = []
+        for kind, name in self._owned():
+            index = index_key(kind, name)
+            calls.append((index, ("DEL", f"{index}:{self.node_id}")))
+            calls.append((index, ("SREM", index, self.node_id)))
+        calls.append((node_key(self.node_id), ("DEL", node_key(self.node_id))))
+        await self._pipelined("close", calls)
         self._ok = False
         await self._client.aclose()
         self._client = None
-
-    async def _delete_own(self, owned: list[tuple[Kind, str]]) -> None:
-        pipe = self._client.pipeline(transaction=False)
-        for kind, name in owned:
-            index = index_key(kind, name)
-            pipe.delete(f"{index}:{self.node_id}")
-            pipe.srem(index, self.node_id)
-        pipe.delete(node_key(self.node_id))
-        await pipe.execute()
 
     def healthy(self) -> bool:
         """Whether the last Redis call succeeded."""
@@ -270,14 +279,18 @@ class RedisRegistry:
         try:
             result = await asyncio.wait_for(work, self.options.timeout)
         except (RedisError, OSError, TimeoutError) as exc:
-            if self._ok:
-                log.warning("cluster registry: %s failed: %s", operation, exc or type(exc).__name__)
-            self._ok = False
-            if self.options.on_error is not None:
-                self.options.on_error(operation)
+            self._failed(operation, exc)
             raise _Failed(operation) from exc
         self._ok = True
         return result
+
+    def _failed(self, operation: str, exc: BaseException) -> None:
+        """Log (once until a call succeeds) and count a failed call."""
+        if self._ok:
+            log.warning("cluster registry: %s failed: %s", operation, exc or type(exc).__name__)
+        self._ok = False
+        if self.options.on_error is not None:
+            self.options.on_error(operation)
 
     async def _remove_field(self, operation: str, kind: Kind, name: str, field: str) -> None:
         key = f"{index_key(kind, name)}:{self.node_id}"
@@ -318,37 +331,104 @@ class RedisRegistry:
         owned = [key for key in self._owned() if key not in self._dirty]
         for start in range(0, len(owned), _CHUNK):
             chunk = owned[start : start + _CHUNK]
-            pipe = self._client.pipeline(transaction=False)
+            calls: list[Call] = []
             for kind, name in chunk:
                 index = index_key(kind, name)
-                await self._scripts["refresh"](
-                    keys=[index, f"{index}:{self.node_id}"],
-                    args=[self.node_id, self._ttl_ms],
-                    client=pipe,
-                )  # queued on the pipeline
-            renewed = await self._call("heartbeat", pipe.execute())
-            self._dirty.update(key for key, ok in zip(chunk, renewed, strict=True) if not ok)
+                keys = [index, f"{index}:{self.node_id}"]
+                calls.append((index, self._evalsha("refresh", keys, [self.node_id, self._ttl_ms])))
+            renewed = await self._pipelined("heartbeat", calls)
+            self._dirty.update(key for key, ok in zip(chunk, renewed, strict=True) if ok != 1)
         dirty = list(self._dirty)
         for start in range(0, len(dirty), _CHUNK):
             await self._rewrite(dirty[start : start + _CHUNK])
 
     async def _rewrite(self, hashes: list[tuple[Kind, str]]) -> None:
-        """Replace these hashes of this node with the local copy (one pipeline)."""
+        """Replace these hashes of this node with the local copy (one pipeline per Redis)."""
         snapshots = [self._pairs(kind, name) for kind, name in hashes]
-        pipe = self._client.pipeline(transaction=False)
-        for (kind, name), pairs in zip(hashes, snapshots, strict=True):
+        calls: list[Call] = []
+        owners: list[int] = []  # call -> index in ``hashes``
+        for number, ((kind, name), pairs) in enumerate(zip(hashes, snapshots, strict=True)):
             index = index_key(kind, name)
             keys = [index, f"{index}:{self.node_id}"]
             for offset in _chunks(pairs):
                 replace = "1" if offset == 0 else "0"
                 chunk = pairs[offset : offset + 2 * _CHUNK]
-                await self._scripts["put"](
-                    keys=keys, args=[self.node_id, self._ttl_ms, replace, *chunk], client=pipe
-                )  # queued on the pipeline
-        await self._call("heartbeat", pipe.execute())
-        for key, pairs in zip(hashes, snapshots, strict=True):
-            if self._pairs(*key) == pairs:  # else changed meanwhile: again next time
+                args = [self.node_id, self._ttl_ms, replace, *chunk]
+                calls.append((index, self._evalsha("put", keys, args)))
+                owners.append(number)
+        results = await self._pipelined("heartbeat", calls)
+        failed = {owners[i] for i, result in enumerate(results) if isinstance(result, Exception)}
+        for number, (key, pairs) in enumerate(zip(hashes, snapshots, strict=True)):
+            if number not in failed and self._pairs(*key) == pairs:  # else again next time
                 self._dirty.discard(key)
+
+    # -- pipelines: one per Redis, or one per cluster master --------------------------
+
+    def _evalsha(self, script: str, keys: list[str], args: list[Any]) -> tuple[Any, ...]:
+        return ("EVALSHA", self._scripts[script].sha, len(keys), *keys, *args)
+
+    async def _pipelined(self, operation: str, calls: list[Call]) -> list[Any]:
+        """Run ``calls`` as one pipeline (one Redis) or one per master (a cluster), at once.
+
+        Returns each call's reply in order; a call whose reply is an error, or
+        whose pipeline failed, gets an exception (counted once per pipeline).
+        On a cluster each master's pipeline stands alone: a master that is down
+        fails its own calls only, so the others' entries are still renewed. A
+        master that forgot the scripts (restarted) gets them again, then the
+        pipeline is sent once more.
+        """
+        results: list[Any] = [None] * len(calls)
+        groups: dict[str, list[int]] = {}
+        for number, (key, _command) in enumerate(calls):
+            groups.setdefault(self._master_of(key), []).append(number)
+
+        async def run(master: str, numbers: list[int]) -> None:
+            commands = [calls[number][1] for number in numbers]
+            for attempt in range(2):
+                try:
+                    replies = await self._call(operation, self._execute(master, commands))
+                except _Failed as exc:
+                    replies = [exc] * len(numbers)
+                    break
+                if attempt == 0 and any(isinstance(r, NoScriptError) for r in replies):
+                    with contextlib.suppress(_Failed):
+                        await self._call(operation, self._load_scripts())
+                    continue
+                errors = [r for r in replies if isinstance(r, Exception)]
+                if errors:
+                    self._failed(operation, errors[0])
+                    if any(isinstance(r, (MovedError, AskError)) for r in errors):
+                        with contextlib.suppress(_Failed):  # the slot map changed: reread it
+                            await self._call(operation, self._client.nodes_manager.initialize())
+                break
+            for number, reply in zip(numbers, replies, strict=True):
+                results[number] = reply
+
+        await asyncio.gather(*(run(master, numbers) for master, numbers in groups.items()))
+        return results
+
+    def _master_of(self, key: str) -> str:
+        """The name of the master serving ``key`` ("" on one Redis, or when unknown)."""
+        if not self.sharded:
+            return ""
+        try:
+            return str(self._client.get_node_from_key(key).name)
+        except RedisError:
+            return ""
+
+    async def _execute(self, master: str, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """One pipeline of ``commands``; replies in order, errors as values."""
+        if not self.sharded:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for command in commands:
+                    pipe.execute_command(*command)
+                return list(await pipe.execute(raise_on_error=False))
+        node = self._client.get_node(node_name=master) if master else None
+        if node is None:
+            raise RedisConnectionError("no master known for these keys")
+        queued = [PipelineCommand(i, *command) for i, command in enumerate(commands)]
+        await node.execute_pipeline(queued)
+        return [command.result for command in queued]
 
 
 def _chunks(pairs: list[str]) -> Iterable[int]:

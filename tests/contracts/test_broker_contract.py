@@ -4,7 +4,8 @@ Each test runs once per entry of :data:`BROKERS`; a new implementation is
 one more entry there. Waits are polls with a deadline, so the same tests
 hold for a broker that delivers over a network. The Redis entry runs on the
 session's ``redis-server`` (``redis_url``, flushed per test; skipped without
-the binary).
+the binary), the Redis Cluster entry on the session's three-master cluster
+(``redis_cluster_url``).
 """
 
 from __future__ import annotations
@@ -22,17 +23,25 @@ from pushsvc.broker.memory import MemoryBroker
 
 #: Stands for the ``redis_url`` fixture's URL in :data:`BROKERS`.
 REDIS = "redis://<redis_url fixture>"
+#: Stands for the ``redis_cluster_url`` fixture's URL (a 3-master Redis Cluster).
+REDIS_CLUSTER = "redis+cluster://<redis_cluster_url fixture>"
 #: Implementations under contract: id -> broker.url.
 BROKERS = {
     "memory-sync": "memory://",
     "memory-async": ASYNC_BROKER,
     "redis": REDIS,
+    "redis-cluster": REDIS_CLUSTER,
 }
 
 
 def broker_url(request: pytest.FixtureRequest, url: str) -> str:
-    """``url``, with :data:`REDIS` replaced by the session Redis (started on first use)."""
-    return str(request.getfixturevalue("redis_url")) if url == REDIS else url
+    """``url``, with :data:`REDIS` / :data:`REDIS_CLUSTER` replaced by the session's
+    Redis / Redis Cluster (started on first use)."""
+    if url == REDIS:
+        return str(request.getfixturevalue("redis_url"))
+    if url == REDIS_CLUSTER:
+        return str(request.getfixturevalue("redis_cluster_url"))
+    return url
 
 
 QUIET = 0.05  # seconds to wait to be fairly sure nothing more arrives

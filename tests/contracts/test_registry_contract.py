@@ -13,11 +13,20 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 
 from pushsvc.cluster import Registry, RegistryOptions, make_registry
+from redis_server import strict_registry_slots
+
+
+def _cluster_url(request: pytest.FixtureRequest) -> str:
+    """The session's Redis Cluster, with scripts that Redis refuses to run across slots."""
+    strict_registry_slots(request.getfixturevalue("monkeypatch"))
+    return str(request.getfixturevalue("redis_cluster_url"))
+
 
 #: Every registry implementation: id -> the url, given the test's fixtures.
 REGISTRIES: dict[str, Callable[[pytest.FixtureRequest], str]] = {
     "memory": lambda request: "memory://",
     "redis": lambda request: str(request.getfixturevalue("redis_url")),
+    "redis-cluster": _cluster_url,
 }
 
 OPTIONS = RegistryOptions(node_ttl=5.0, timeout=2.0)
