@@ -22,10 +22,28 @@ from tornado.websocket import websocket_connect
 from conftest import Server, ServerProcess, token
 from pushsvc.cluster import RegistryOptions
 from pushsvc.cluster.redis import RedisRegistry, index_key
-from redis_server import RedisServer
+from redis_server import RedisClusterSetup, RedisServer, strict_registry_slots
 
 Start = Callable[..., Any]
 NODE_TTL = 1.0  # seconds: fast liveness for the tests (the default is 15)
+
+
+@pytest.fixture(params=["redis", "redis-cluster"])
+def shared_url(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The session's Redis, or its Redis Cluster (scripts refused across slots), emptied."""
+    if request.param == "redis":
+        return str(request.getfixturevalue("redis_url"))
+    strict_registry_slots(monkeypatch)
+    return str(request.getfixturevalue("redis_cluster_url"))
+
+
+def flush(request: pytest.FixtureRequest, url: str) -> None:
+    """Empty the Redis (every master of the cluster) behind ``url``."""
+    if url.startswith("redis+cluster"):
+        for node in request.getfixturevalue("shared_redis_cluster").nodes:
+            node.flush()
+    else:
+        request.getfixturevalue("redis_server").flush()
 
 
 async def start_node(start_server: Start, url: str, **sections: dict[str, Any]) -> Server:
@@ -39,10 +57,10 @@ async def join(client: Any, room: str, ref: str = "j") -> dict[str, Any]:
     return reply
 
 
-async def test_the_per_user_cap_holds_across_nodes(start_server: Start, redis_url: str) -> None:
+async def test_the_per_user_cap_holds_across_nodes(start_server: Start, shared_url: str) -> None:
     caps = {"max_connections_per_user": 2}
-    one = await start_node(start_server, redis_url, ratelimit=caps)
-    two = await start_node(start_server, redis_url, ratelimit=caps)
+    one = await start_node(start_server, shared_url, ratelimit=caps)
+    two = await start_node(start_server, shared_url, ratelimit=caps)
     first = await one.connect("alice")
     second = await two.connect("alice")
     refused = await two.handshake(f"?access_token={token('alice')}")
@@ -65,9 +83,9 @@ async def test_the_per_user_cap_holds_across_nodes(start_server: Start, redis_ur
     third.close()
 
 
-async def test_presence_lists_the_users_of_every_node(start_server: Start, redis_url: str) -> None:
-    one = await start_node(start_server, redis_url)
-    two = await start_node(start_server, redis_url)
+async def test_presence_lists_the_users_of_every_node(start_server: Start, shared_url: str) -> None:
+    one = await start_node(start_server, shared_url)
+    two = await start_node(start_server, shared_url)
     alice = await one.connect("alice")
     await join(alice, "team")
     bob = await two.connect("bob")
@@ -149,11 +167,11 @@ async def test_redis_down_fails_open_then_repairs(fresh_redis: RedisServer) -> N
 
 
 async def test_the_join_reply_keeps_the_member_cap_across_nodes(
-    start_server: Start, redis_url: str
+    start_server: Start, shared_url: str
 ) -> None:
     chat = {"presence_max_members": 1}
-    one = await start_node(start_server, redis_url, chat=chat)
-    two = await start_node(start_server, redis_url, chat=chat)
+    one = await start_node(start_server, shared_url, chat=chat)
+    two = await start_node(start_server, shared_url, chat=chat)
     alice = await one.connect("alice")
     assert (await join(alice, "team"))["users"] == ["alice"]
     bob = await two.connect("bob")
@@ -201,21 +219,91 @@ def test_the_keys_of_one_user_or_room_share_a_cluster_slot(name: str) -> None:
 
 
 async def test_the_heartbeat_rewrites_what_redis_lost(
-    redis_server: RedisServer, redis_url: str
+    request: pytest.FixtureRequest, shared_url: str
 ) -> None:
     options = RegistryOptions(node_ttl=60.0, timeout=2.0)  # the test calls heartbeat itself
-    node = RedisRegistry(redis_url, options)
-    other = RedisRegistry(redis_url, options)
+    node = RedisRegistry(shared_url, options)
+    other = RedisRegistry(shared_url, options)
     await node.start()
     await other.start()
     try:
         await node.joined("r", "alice", "s1")
         assert await node.reserve_user("alice", "c1", 1)
-        redis_server.flush()  # a restart without persistence
+        flush(request, shared_url)  # a restart without persistence
         assert await other.room_users("r") == []
         await node.heartbeat()
         assert await other.room_users("r") == ["alice"]
         assert not await other.reserve_user("alice", "c2", 1)
+    finally:
+        await node.close()
+        await other.close()
+
+
+async def test_a_stopped_node_expires_on_the_cluster(shared_url: str) -> None:
+    options = RegistryOptions(node_ttl=NODE_TTL, timeout=2.0)
+    doomed, survivor = RedisRegistry(shared_url, options), RedisRegistry(shared_url, options)
+    await doomed.start()
+    await survivor.start()
+    try:
+        users = [f"u{n}" for n in range(20)]  # keys on every master
+        for user in users:
+            assert await doomed.reserve_user(user, f"c-{user}", 1)
+            await doomed.joined(f"room-{user}", user, f"s-{user}")
+        assert not await survivor.reserve_user("u0", "other", 1)
+        assert doomed._heartbeat is not None
+        doomed._heartbeat.cancel()  # dies: no heartbeat, no cleanup
+        stopped = time.monotonic()
+        for user in users:
+            while await survivor.room_users(f"room-{user}"):
+                assert time.monotonic() - stopped < NODE_TTL + 1.0, "did not expire"
+                await asyncio.sleep(0.05)
+        assert await survivor.reserve_user("u0", "other", 1)  # the slot is free again
+    finally:
+        client, doomed._client = doomed._client, None  # no cleanup of its entries
+        await client.aclose()
+        await survivor.close()
+
+
+async def test_a_dead_master_fails_only_its_own_keys_then_repairs(
+    redis_cluster: RedisClusterSetup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    strict_registry_slots(monkeypatch)
+    failures: list[str] = []
+    options = RegistryOptions(node_ttl=60.0, timeout=1.0, on_error=failures.append)
+    node, other = (
+        RedisRegistry(redis_cluster.url, options),
+        RedisRegistry(redis_cluster.url, options),
+    )
+    await node.start()
+    await other.start()
+    try:
+        rooms = [f"room{n}" for n in range(12)]
+        for number, room in enumerate(rooms):
+            await node.joined(room, f"user{number}", f"s{number}")
+        doomed = redis_cluster.nodes[0]
+        ports = {
+            room: node._client.get_node_from_key(index_key("members", room)).port for room in rooms
+        }
+        lost = [room for room in rooms if ports[room] == doomed.port]
+        kept = [room for room in rooms if ports[room] != doomed.port]
+        assert lost and kept
+        doomed.kill9()
+        await node.heartbeat()  # one pipeline per master: the live ones are renewed
+        assert node._dirty == {("members", room) for room in lost}
+        assert "heartbeat" in failures
+        for number, room in enumerate(rooms):
+            if room in kept:
+                assert await other.room_users(room) == [f"user{number}"]
+        doomed.start()  # empty (no AOF of what it had in the second), scripts forgotten
+        deadline = time.monotonic() + 10
+        while True:
+            await node.heartbeat()  # NOSCRIPT on the restarted master: loaded, sent again
+            if not node._dirty:
+                break
+            assert time.monotonic() < deadline, f"not rewritten: {node._dirty}"
+            await asyncio.sleep(0.1)
+        for number, room in enumerate(rooms):
+            assert await other.room_users(room) == [f"user{number}"]
     finally:
         await node.close()
         await other.close()

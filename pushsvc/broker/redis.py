@@ -101,6 +101,10 @@ REFRESH_AFTER_FAILURES = 3
 _PROBE = b"probe"
 
 
+#: A publish waiting: wire channel, partition, payload, its future, whether it is a probe.
+_Entry = tuple[bytes, int, bytes, "asyncio.Future[None]", bool]
+
+
 class _Expired(Exception):
     """A wait outlived the broker timeout."""
 
@@ -171,8 +175,9 @@ class RedisBroker:
         self._gap = False  # a publish failed: repair once a probe arrives
         self._last_error = "no answer"  # why the last connect failed (for start's error)
         # -- publishes --
-        self._outbox: list[tuple[bytes, int, bytes, asyncio.Future[None], bool]] = []
-        self._publisher: asyncio.Task[None] | None = None
+        self._outboxes: dict[str, list[_Entry]] = {}  # link name -> publishes waiting
+        self._publishers: dict[str, asyncio.Task[None]] = {}  # link name -> its sender
+        self._probing: set[asyncio.Task[None]] = set()  # probe publishes in flight
         # -- figures --
         self._received = 0
         self._published = 0
@@ -315,18 +320,20 @@ class RedisBroker:
         links = list(self._links.values())
         tasks = [
             *self._tasks,
-            *([self._publisher] if self._publisher else []),
+            *self._publishers.values(),
+            *self._probing,
             *(link.task for link in links if link.task is not None),
         ]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self._tasks, self._publisher = [], None
+        self._tasks, self._publishers, self._probing = [], {}, set()
         self._links, self._route, self._probes = {}, {}, {}
-        for _channel, _partition, _data, future, _probe in self._outbox:
-            if not future.done():
-                future.set_result(None)
-        self._outbox = []
+        for outbox in self._outboxes.values():
+            for _channel, _partition, _data, future, _probe in outbox:
+                if not future.done():
+                    future.set_result(None)
+        self._outboxes = {}
         for channel in list(self._waiters):
             self._release(channel)
         if self._client is not None:
@@ -597,17 +604,24 @@ class RedisBroker:
         """Publish the probes every interval; ask for a new connection when one stops arriving."""
         while True:
             await asyncio.sleep(self.probe_interval)
-            probes = []
             for link in list(self._links.values()):
-                if link.synced_at is None or not link.probe:
+                if link.synced_at is None or not link.probe or link.probing:
                     continue
                 if link.check_silent():
                     continue
-                partition = self._pinned[link.probe]
-                probes.append(self._publish(self._wire(link.probe), partition, _PROBE, True))
-            for failed in await asyncio.gather(*probes, return_exceptions=True):
-                if isinstance(failed, BrokerUnavailable):
-                    log.debug("probe publish failed: %s", failed)
+                task = asyncio.ensure_future(self._probe(link))
+                self._probing.add(task)
+                task.add_done_callback(self._probing.discard)
+
+    async def _probe(self, link: _Link) -> None:
+        """Publish ``link``'s probe (a slow master delays only its own)."""
+        link.probing = True
+        try:
+            await self._publish(self._wire(link.probe), self._pinned[link.probe], _PROBE, True)
+        except BrokerUnavailable as exc:
+            log.debug("probe publish failed: %s", exc)
+        finally:
+            link.probing = False
 
     # -- publishing -----------------------------------------------------------------------
 
@@ -615,9 +629,7 @@ class RedisBroker:
         if self._closed:
             return
         future = asyncio.get_running_loop().create_future()
-        self._outbox.append((channel, partition, data, future, probe))
-        if self._publisher is None:
-            self._publisher = asyncio.ensure_future(self._send_batches())
+        self._enqueue((channel, partition, data, future, probe))
         if not await self._bounded(future):
             self._timeouts += 1
             self._publish_errors += 1
@@ -638,16 +650,26 @@ class RedisBroker:
                 self._gap = True
                 future.set_exception(BrokerUnavailable(f"Redis broker publish failed: {reason}"))
 
-    async def _send_batches(self) -> None:
-        """Pipeline what is waiting, in call order, until nothing is."""
+    def _enqueue(self, entry: _Entry) -> None:
+        """Queue a publish for the sender of its Redis (on a cluster: its master's)."""
+        name = self._owners[entry[1]]
+        self._outboxes.setdefault(name, []).append(entry)
+        if name not in self._publishers:
+            self._publishers[name] = asyncio.ensure_future(self._send_batches(name))
+
+    async def _send_batches(self, name: str) -> None:
+        """Pipeline what waits for one Redis, in call order, until nothing does.
+
+        One sender per master: a slow or unreachable master delays only the
+        publishes to its own slots.
+        """
         try:
-            while self._outbox:
-                batch = [entry for entry in self._outbox if not entry[3].done()]
-                self._outbox = []
+            while self._outboxes.get(name):
+                batch = [entry for entry in self._outboxes.pop(name) if not entry[3].done()]
                 if not batch:
                     continue
                 if self.sharded:
-                    await self._send_sharded(batch)
+                    await self._send_sharded(name, batch)
                     continue
                 if self._client is None:
                     continue
@@ -664,53 +686,42 @@ class RedisBroker:
                     if not entry[3].done():
                         entry[3].set_result(None)
         finally:
-            self._publisher = None
+            self._publishers.pop(name, None)
 
-    async def _send_sharded(
-        self, batch: list[tuple[bytes, int, bytes, asyncio.Future[None], bool]]
-    ) -> None:
-        """SPUBLISH ``batch``: one pipeline per master, all at once; a master that
-        fails fails only its own publishes. A MOVED reply rereads the slot map and
-        sends that publish again (within its timeout)."""
-        groups: dict[str, list[tuple[bytes, int, bytes, asyncio.Future[None], bool]]] = {}
-        for entry in batch:
-            groups.setdefault(self._owners[entry[1]], []).append(entry)
-        retry: list[tuple[bytes, int, bytes, asyncio.Future[None], bool]] = []
-
-        async def send(
-            name: str, group: list[tuple[bytes, int, bytes, asyncio.Future[None], bool]]
-        ) -> None:
-            node = self._cluster.get_node(node_name=name) if self._cluster else None
-            if node is None:
+    async def _send_sharded(self, name: str, batch: list[_Entry]) -> None:
+        """SPUBLISH ``batch`` on master ``name`` in one pipeline. A MOVED reply
+        rereads the slot map and queues that publish again (within its timeout)."""
+        node = self._cluster.get_node(node_name=name) if self._cluster else None
+        if node is None:
+            self.ask_refresh()
+            self._fail(batch, RedisError(f"{name or 'a partition'} has no known master"))
+            return
+        commands = [
+            PipelineCommand(i, "SPUBLISH", channel, data)
+            for i, (channel, _p, data, _f, _probe) in enumerate(batch)
+        ]
+        try:
+            async with asyncio.timeout(self.timeout):
+                await node.execute_pipeline(commands)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._fail(batch, exc)
+            return
+        retry: list[_Entry] = []
+        for entry, command in zip(batch, commands, strict=True):
+            result, future = command.result, entry[3]
+            if future.done():
+                continue
+            if isinstance(result, (MovedError, AskError, TryAgainError)):
                 self.ask_refresh()
-                retry.extend(group)
-                return
-            commands = [
-                PipelineCommand(i, "SPUBLISH", channel, data)
-                for i, (channel, _p, data, _f, _probe) in enumerate(group)
-            ]
-            try:
-                async with asyncio.timeout(self.timeout):
-                    await node.execute_pipeline(commands)
-            except (RedisError, OSError, TimeoutError) as exc:
-                self._fail(group, exc)
-                return
-            for entry, command in zip(group, commands, strict=True):
-                result, future = command.result, entry[3]
-                if future.done():
-                    continue
-                if isinstance(result, (MovedError, AskError, TryAgainError)):
-                    self.ask_refresh()
-                    retry.append(entry)
-                elif isinstance(result, BaseException):
-                    self._fail([entry], result)
-                else:
-                    future.set_result(None)
-
-        await asyncio.gather(*(send(name, group) for name, group in groups.items()))
+                retry.append(entry)
+            elif isinstance(result, BaseException):
+                self._fail([entry], result)
+            else:
+                future.set_result(None)
         if retry:
             await asyncio.sleep(BACKOFF_MIN)  # the refresher rereads the slot map meanwhile
-            self._outbox[:0] = retry
+            for entry in retry:
+                self._enqueue(entry)
 
     def _where(self) -> str:
         """Where the broker's Redis is, without credentials, for logs."""
@@ -747,6 +758,7 @@ class _Link:
         self.silent = False  # dropped as silent: healthy again only once a message arrives
         self.last_message_at: float | None = None  # monotonic, any message on this link
         self.failures = 0  # connects failed in a row
+        self.probing = False  # its probe publish is in flight
         sharded = broker.sharded
         self._commands = ("SSUBSCRIBE", "SUNSUBSCRIBE") if sharded else ("SUBSCRIBE", "UNSUBSCRIBE")
         self._kinds = (

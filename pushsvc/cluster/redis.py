@@ -324,20 +324,26 @@ class RedisRegistry:
                 log.exception("cluster registry heartbeat failed")
 
     async def heartbeat(self) -> None:
-        """Renew this node's keys; rewrite the hashes that failed or that Redis lost."""
-        await self._call(
-            "heartbeat", self._client.set(node_key(self.node_id), "1", px=self._ttl_ms)
-        )
+        """Renew this node's keys; rewrite the hashes that failed or that Redis lost.
+
+        On a cluster a master that fails fails only the renewals of its own
+        keys (this node's heartbeat key included): the others go on.
+        """
+        own = node_key(self.node_id)
+        calls: list[Call] = [(own, ("SET", own, "1", "PX", self._ttl_ms))]
         owned = [key for key in self._owned() if key not in self._dirty]
+        if not owned:
+            await self._pipelined("heartbeat", calls)
         for start in range(0, len(owned), _CHUNK):
             chunk = owned[start : start + _CHUNK]
-            calls: list[Call] = []
             for kind, name in chunk:
                 index = index_key(kind, name)
                 keys = [index, f"{index}:{self.node_id}"]
                 calls.append((index, self._evalsha("refresh", keys, [self.node_id, self._ttl_ms])))
             renewed = await self._pipelined("heartbeat", calls)
+            renewed = renewed[len(calls) - len(chunk) :]
             self._dirty.update(key for key, ok in zip(chunk, renewed, strict=True) if ok != 1)
+            calls = []
         dirty = list(self._dirty)
         for start in range(0, len(dirty), _CHUNK):
             await self._rewrite(dirty[start : start + _CHUNK])
