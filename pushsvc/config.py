@@ -350,7 +350,9 @@ class BrokerConfig:
         " (delivery on a later loop pass, as over a network; for tests), or Redis pub/sub"
         " between nodes: 'redis://[user:password@]host:port/db', 'rediss://...' (TLS),"
         " 'unix:///path/redis.sock?db=0', 'redis+sentinel://host:port,host:port/master/db'"
-        " (Sentinel); '?prefix=' sets the channel prefix (default 'pushsvc:').",
+        " (Sentinel), 'redis+cluster://host:port,host:port' (Redis Cluster 7+, sharded"
+        " pub/sub; '?partitions=' hash-tag partitions, default 32, the same on every node);"
+        " '?prefix=' sets the channel prefix (default 'pushsvc:').",
         schemes=("memory://", *REDIS_SCHEMES),
     )
     timeout: float = setting(

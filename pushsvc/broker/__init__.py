@@ -14,8 +14,10 @@ subscribes to at start (:data:`REVOCATIONS_CHANNEL`).
 synchronous delivery inside ``publish``; the default),
 ``memory://?delivery=async`` (in-process, delivery on a later loop pass
 through the wire form, like a network broker; for tests), or
-``redis://host:port/db``, ``rediss://...`` (TLS), ``unix:///path?db=N``
-(Redis pub/sub between nodes, :mod:`pushsvc.broker.redis`).
+``redis://host:port/db``, ``rediss://...`` (TLS), ``unix:///path?db=N``,
+``redis+sentinel://...`` (Redis pub/sub between nodes) and
+``redis+cluster://h1:p1,h2:p2`` (sharded pub/sub on a Redis Cluster), all
+:mod:`pushsvc.broker.redis`.
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ def make_broker(url: str, *, timeout: float = 1.0, probe_interval: float = 1.0) 
 
     ``memory://`` delivers inside ``publish`` (the default: no loop pass per
     message); ``memory://?delivery=async`` delivers on a later loop pass.
-    ``redis://``, ``rediss://``, ``unix://`` and ``redis+sentinel://`` use Redis pub/sub, with
+    ``redis://``, ``rediss://``, ``unix://``, ``redis+sentinel://`` and ``redis+cluster://``
+    use Redis pub/sub, with
     ``timeout`` (seconds) bounding each publish and ``probe_interval``
     (seconds) between liveness probes; the memory broker ignores both.
     """

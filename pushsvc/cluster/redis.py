@@ -16,6 +16,12 @@ and the scripts that read the index sets drop the node ids whose hash is
 gone. The cap check counts and adds in one script, so two nodes cannot both
 admit the last connection a user may have.
 
+On a Redis Cluster (``redis+cluster://``) the scripts run as they are (each
+on its one slot, routed by its first key); pipelines are split by master and
+sent concurrently, never as ``MULTI``, so a master that is down fails only
+the calls for its own slots, and a master that forgot the scripts (restarted)
+gets them again on ``NOSCRIPT``.
+
 Every call is bounded by ``cluster.timeout``. When Redis fails, the cap
 check allows the connection (fails open) and presence answers with this
 node's own members; the writes that failed are redone from the local copy
@@ -132,7 +138,8 @@ class _Failed(Exception):
 
 
 class RedisRegistry:
-    """:class:`~pushsvc.cluster.contracts.Registry` on Redis (``redis://``, ``rediss://``)."""
+    """:class:`~pushsvc.cluster.contracts.Registry` on Redis (any :mod:`pushsvc.redisurl` form,
+    Redis Cluster included)."""
 
     def __init__(self, url: str, options: RegistryOptions | None = None) -> None:
         self.node_id = new_node_id()
