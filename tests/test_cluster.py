@@ -399,3 +399,46 @@ async def test_cluster_demo_script_serves_one_service(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(60)
+
+
+# -- broker and registry on a Redis Cluster ---------------------------------------
+
+
+@pytest.fixture
+def sharded_cluster(
+    tmp_path: Path,
+    fresh_redis: RedisServer,
+    redis_cluster_url: str,
+    spawn: Callable[..., ServerProcess],
+) -> Callable[..., list[Node]]:
+    """Nodes with the broker and the registry on the session's 3-master Redis Cluster
+    (``cluster.url`` defaults to ``broker.url``) and the store on one shared Redis: a
+    documented deployment (docs/redis.md, "Redis Cluster")."""
+
+    def start(n: int = 3, env: dict[str, str] | None = None) -> list[Node]:
+        full_env = {
+            **FAST,
+            "PUSHSVC_BROKER__URL": redis_cluster_url,
+            "PUSHSVC_STORE__URL": fresh_redis.url,
+            **(env or {}),
+        }
+        return [
+            Node(spawn("--data-dir", str(tmp_path / f"c{i}"), env=full_env, name=f"c{i}"), f"c{i}")
+            for i in range(n)
+        ]
+
+    return start
+
+
+async def test_room_routing_on_a_redis_cluster(sharded_cluster: Callable[..., list[Node]]) -> None:
+    await test_room_messages_reach_only_nodes_with_members(sharded_cluster)
+
+
+async def test_everything_works_on_a_redis_cluster(
+    sharded_cluster: Callable[..., list[Node]],
+) -> None:
+    await test_everything_works_across_nodes(sharded_cluster)
+
+
+async def test_per_user_cap_on_a_redis_cluster(sharded_cluster: Callable[..., list[Node]]) -> None:
+    await test_per_user_connection_cap_holds_across_nodes(sharded_cluster)
