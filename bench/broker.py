@@ -16,8 +16,9 @@ ones to compare, and even they move by 10-20 % between runs.
 
     python bench/broker.py                     # 20,000 messages, 100 channels, window 100
     python bench/broker.py --messages 5000 --channels 10
-    valgrind --tool=callgrind python bench/broker.py --rounds 1 --only cluster --messages 2000
-      # instructions: run with two --messages counts, divide the difference by theirs
+    valgrind --tool=callgrind python bench/broker.py --rounds 1 --only cluster \
+        --warmup 200 --timeout 30 --messages 500     # and --messages 1500: instructions
+        # per message = the difference of the two totals / 1000
 """
 
 from __future__ import annotations
@@ -59,8 +60,8 @@ async def measure(url: str, servers: list[RedisServer], args: argparse.Namespace
         if received >= target:
             done.set()
 
-    publisher = RedisBroker.from_url(url, timeout=2.0, probe_interval=5.0)
-    subscriber = RedisBroker.from_url(url, timeout=2.0, probe_interval=5.0)
+    publisher = RedisBroker.from_url(url, timeout=args.timeout, probe_interval=5.0)
+    subscriber = RedisBroker.from_url(url, timeout=args.timeout, probe_interval=5.0)
     subscriber.set_callback(on_message)
     await publisher.start()
     await subscriber.start()
@@ -83,10 +84,10 @@ async def measure(url: str, servers: list[RedisServer], args: argparse.Namespace
                     for i in range(batch)
                 )
             )
-            await asyncio.wait_for(done.wait(), 10)
+            await asyncio.wait_for(done.wait(), 10 * args.timeout)
             sent += batch
 
-    await run(min(2000, args.messages))  # warm-up
+    await run(args.warmup)
     cpu, rcpu, wall = time.process_time(), redis_cpu(servers), time.monotonic()
     await run(args.messages)
     cpu = time.process_time() - cpu
@@ -106,6 +107,8 @@ async def main() -> None:
     parser.add_argument("--messages", type=int, default=20000)
     parser.add_argument("--channels", type=int, default=100)
     parser.add_argument("--window", type=int, default=100)
+    parser.add_argument("--warmup", type=int, default=2000, help="messages before measuring")
+    parser.add_argument("--timeout", type=float, default=2.0, help="broker.timeout (valgrind: 30)")
     parser.add_argument("--rounds", type=int, default=3, help="runs of each topology")
     parser.add_argument("--only", choices=["redis", "cluster"], help="one topology only")
     args = parser.parse_args()

@@ -877,6 +877,10 @@ class _Link:
                 conn = self._connection()
                 async with asyncio.timeout(broker.timeout):
                     await conn.connect()  # type: ignore[no-untyped-call]
+            except asyncio.CancelledError:  # closed or retired while connecting
+                if conn is not None:
+                    await conn.disconnect(nowait=True)
+                raise
             except (RedisError, OSError, TimeoutError) as exc:
                 if isinstance(exc, TimeoutError):
                     broker._timeouts += 1
