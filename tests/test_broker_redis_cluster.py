@@ -257,6 +257,53 @@ async def test_a_moved_slot_is_resubscribed_on_its_new_master(
     await until(two.healthy, RECOVERY, "healthy after the move")
 
 
+async def test_slots_taken_over_from_a_dead_master_move_the_subscriptions(
+    brokers: Make, redis_cluster: RedisClusterSetup
+) -> None:
+    # What a failover does, without replicas: the dead master's slots (those of the
+    # broker's partitions) are given to another master by hand.
+    rooms = rooms_per_master(redis_cluster)
+    dead, heir, third = redis_cluster.nodes
+    room = rooms[dead.port][0]
+    publisher, subscriber = Recorder(), Recorder()
+    one = await brokers(redis_cluster.url, publisher)
+    two = await brokers(redis_cluster.url, subscriber)
+    await two.subscribe(room)
+    resubscriptions, gaps = two.stats().resubscriptions, subscriber.gaps
+    owners = slot_owners(redis_cluster)
+    slots = [
+        key_slot(tag.encode())
+        for tag in partition_tags(DEFAULT_PARTITIONS)
+        if owners[key_slot(tag.encode())] is dead
+    ]
+    dead.kill9()
+    heir_id = heir.command("CLUSTER", "MYID")
+    for node in (heir, third):
+        for slot in slots:
+            node.command("CLUSTER", "SETSLOT", str(slot), "NODE", heir_id)
+    heir.command("CLUSTER", "BUMPEPOCH")
+
+    await until(
+        lambda: shardnumsub(heir, wire(room)) == {wire(room): 1}, RECOVERY, "moved to the heir"
+    )
+    await until(two.healthy, RECOVERY, "healthy without the dead master")
+    assert two.stats().resubscriptions > resubscriptions and subscriber.gaps > gaps
+    assert dead.port not in {int(name.rsplit(":", 1)[1]) for name in two._links}
+
+    async def delivered() -> bool:
+        try:
+            await one.publish(room, live(len(publisher.received)))
+        except BrokerUnavailable:  # the publisher learns the new owner on its failure
+            await asyncio.sleep(0.1)
+            return False
+        return True
+
+    deadline = time.monotonic() + RECOVERY
+    while not await delivered():
+        assert time.monotonic() < deadline, "the publisher never reached the heir"
+    await until(lambda: len(subscriber.ids(room)) == 1, 2.0, "delivered through the heir")
+
+
 async def test_a_paused_master_is_a_silent_link(
     brokers: Make, redis_cluster: RedisClusterSetup
 ) -> None:

@@ -472,7 +472,7 @@ class RedisBroker:
 
     def _apply_owners(self, owners: list[str]) -> None:
         """Move channels to the links of their partitions' owners; start and retire links."""
-        previous, self._owners = self._owners, owners
+        self._owners = owners
         for name in dict.fromkeys(owners):
             if name not in self._links and (name or not self.sharded):
                 link = _Link(self, name)
@@ -489,7 +489,6 @@ class RedisBroker:
                 old.forget(channel)
             self._route[channel] = new
             new.move_in(channel)
-        del previous
         for name, link in list(self._links.items()):
             owned = [p for p, owner in enumerate(owners) if owner == name]
             if not owned:
@@ -705,6 +704,7 @@ class RedisBroker:
                 await node.execute_pipeline(commands)
         except (RedisError, OSError, TimeoutError) as exc:
             self._fail(batch, exc)
+            self.ask_refresh()  # a failover may have moved its slots
             return
         retry: list[_Entry] = []
         for entry, command in zip(batch, commands, strict=True):
