@@ -395,10 +395,12 @@ class RedisBroker:
 
     async def publish(self, channel: str, envelope: Envelope) -> None:
         """Publish ``envelope`` on ``channel``; raises :class:`BrokerUnavailable`."""
-        partition = self._partition(channel)
-        await self._publish(
-            self._wire_prefix[partition] + channel.encode(), partition, envelope.to_bytes(), False
-        )
+        if self.sharded:
+            partition = self._partition(channel)
+            wire = self._wire_prefix[partition] + channel.encode()
+        else:
+            partition, wire = 0, (self.prefix + channel).encode()
+        await self._publish(wire, partition, envelope.to_bytes(), False)
 
     async def _bounded(self, future: asyncio.Future[None]) -> bool:
         """Await ``future`` for at most ``timeout``; False when it timed out.
@@ -628,7 +630,14 @@ class RedisBroker:
         if self._closed:
             return
         future = asyncio.get_running_loop().create_future()
-        self._enqueue((channel, partition, data, future, probe))
+        name = self._owners[partition]
+        outbox = self._outboxes.get(name)
+        if outbox is None:
+            self._outboxes[name] = [(channel, partition, data, future, probe)]
+        else:
+            outbox.append((channel, partition, data, future, probe))
+        if name not in self._publishers:
+            self._publishers[name] = asyncio.ensure_future(self._send_batches(name))
         if not await self._bounded(future):
             self._timeouts += 1
             self._publish_errors += 1
