@@ -7,7 +7,12 @@ one room, lives in one slot, so each Lua script touches a single slot):
 - ``pushsvc:conns:{u:<user>}``: set of the node ids with connections of the user;
   ``pushsvc:conns:{u:<user>}:<node>``: hash, connection id -> ``1``;
 - ``pushsvc:members:{r:<room>}``: set of the node ids with members in the room;
-  ``pushsvc:members:{r:<room>}:<node>``: hash, session id -> user.
+  ``pushsvc:members:{r:<room>}:<node>``: hash, session id -> user;
+- ``pushsvc:nodes``: set of the ids of the nodes started and not closed;
+- ``pushsvc:node:{<node>}:members``: hash, ``<session>\\0<room>`` -> user: every
+  member of the node (its heartbeat's slot), ``PX 2 * node_ttl``, so it outlives
+  the heartbeat key by ``node_ttl``: after a node died the others read from it
+  who left which room (:meth:`RedisRegistry.reap`).
 
 A node writes only its own ``...:<node>`` hashes. Each has a TTL of
 ``node_ttl``, renewed by the node's heartbeat every ``node_ttl / 3``: when a
@@ -22,6 +27,13 @@ node's own members; the writes that failed are redone from the local copy
 (:class:`~pushsvc.cluster.memory.LocalEntries`) by the next successful
 heartbeat, which also rewrites whatever Redis lost (expired while
 unreachable, or a restart without persistence).
+
+Each heartbeat also looks for dead nodes: a node of ``pushsvc:nodes`` whose
+heartbeat key is gone. For each one found, once, it reads the dead node's
+member list and reports, for the rooms with members on this node, the users
+in none of those rooms on a live node any more (the departed callback); then
+it deletes the dead node's hashes of those rooms (they would expire anyway).
+A dead node's id leaves ``pushsvc:nodes`` once its member list expired too.
 """
 
 from __future__ import annotations
@@ -29,7 +41,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Collection, Iterable
 from typing import Any, Literal, TypeVar
 
 import redis.asyncio
@@ -38,7 +50,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from pushsvc import redisurl
-from pushsvc.cluster.contracts import RegistryOptions
+from pushsvc.cluster.contracts import DepartedCallback, RegistryOptions
 from pushsvc.cluster.memory import LocalEntries, new_node_id
 
 log = logging.getLogger("pushsvc.cluster")
@@ -107,6 +119,37 @@ return users
 """
 
 
+# KEYS[1] a user's index set. 1: the user has a connection on a node whose hash is there.
+_ONLINE = """
+for _, node in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if redis.call('EXISTS', KEYS[1] .. ':' .. node) == 1 then return 1 end
+end
+return 0
+"""
+
+# KEYS[1] a room's index set; ARGV: node ids to skip (dead). Distinct users of the others.
+_USERS_EXCEPT = """
+local skip, seen, users = {}, {}, {}
+for _, node in ipairs(ARGV) do skip[node] = true end
+for _, node in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if not skip[node] then
+    for _, user in ipairs(redis.call('HVALS', KEYS[1] .. ':' .. node)) do
+      if not seen[user] then
+        seen[user] = true
+        users[#users + 1] = user
+      end
+    end
+  end
+end
+return users
+"""
+
+#: Every node started and not closed (the dead ones are found among them).
+NODES_KEY = f"{PREFIX}nodes"
+#: Separates the session and the room in a field of a node's member list.
+_SEP = "\0"
+
+
 def index_key(kind: Kind, name: str) -> str:
     """The index set of a user's connections (``conns``) or a room's members (``members``)."""
     tag = "u" if kind == "conns" else "r"
@@ -116,6 +159,11 @@ def index_key(kind: Kind, name: str) -> str:
 def node_key(node: str) -> str:
     """A node's heartbeat key."""
     return f"{PREFIX}node:{{{node}}}"
+
+
+def roster_key(node: str) -> str:
+    """A node's list of all its members (``<session>\\0<room>`` -> user), beside its heartbeat."""
+    return f"{node_key(node)}:members"
 
 
 class _Failed(Exception):
@@ -136,6 +184,9 @@ class RedisRegistry:
         self._ok = False
         self._dirty: set[tuple[Kind, str]] = set()  # hashes to rewrite from ``local``
         self._heartbeat: asyncio.Task[None] | None = None
+        self._departed: DepartedCallback | None = None  # told of dead nodes' members
+        self._roster_dirty = False  # this node's member list must be rewritten from ``local``
+        self._reaped: set[str] = set()  # dead nodes reported already
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -155,6 +206,8 @@ class RedisRegistry:
             ("put", _PUT),
             ("refresh", _REFRESH),
             ("users", _USERS),
+            ("online", _ONLINE),
+            ("users_except", _USERS_EXCEPT),
         ):
             self._scripts[name] = self._client.register_script(source)
         try:
@@ -165,6 +218,8 @@ class RedisRegistry:
             await self._client.aclose()
             raise
         self._ok = True
+        with contextlib.suppress(_Failed):  # else the next heartbeat adds it
+            await self._call("heartbeat", self._client.sadd(NODES_KEY, self.node_id))
         self._heartbeat = asyncio.ensure_future(self._beat())
 
     async def close(self) -> None:
@@ -179,6 +234,8 @@ class RedisRegistry:
         owned = self._owned()
         with contextlib.suppress(_Failed):
             await self._call("close", self._delete_own(owned))
+        with contextlib.suppress(_Failed):
+            await self._call("close", self._forget_node())
         self._ok = False
         await self._client.aclose()
         self._client = None
@@ -190,6 +247,12 @@ class RedisRegistry:
             pipe.delete(f"{index}:{self.node_id}")
             pipe.srem(index, self.node_id)
         pipe.delete(node_key(self.node_id))
+        await pipe.execute()
+
+    async def _forget_node(self) -> None:
+        pipe = self._client.pipeline(transaction=False)
+        pipe.delete(roster_key(self.node_id))
+        pipe.srem(NODES_KEY, self.node_id)
         await pipe.execute()
 
     def healthy(self) -> bool:
@@ -241,9 +304,11 @@ class RedisRegistry:
             )
         except _Failed:
             self._dirty.add(("members", room))
+            self._roster_dirty = True
             return
         if session not in self.local.rooms.get(room, {}):  # left meanwhile
             self._dirty.add(("members", room))
+        await self._roster_put(room, user, session)
 
     async def left(self, room: str, user: str, session: str) -> None:
         """Remove ``session`` from this node's members of ``room``."""
@@ -251,6 +316,7 @@ class RedisRegistry:
         await self._remove_field("left", "members", room, session)
         if session in self.local.rooms.get(room, {}):  # joined again meanwhile
             self._dirty.add(("members", room))
+        await self._roster_remove(room, session)
 
     async def room_users(self, room: str, limit: int | None = None) -> list[str]:
         """Distinct users in ``room`` on the live nodes; this node's own when Redis fails."""
@@ -262,6 +328,161 @@ class RedisRegistry:
         except _Failed:
             return self.local.room_users(room)
         return sorted(user.decode() for user in found)
+
+    async def online(self, users: Collection[str]) -> set[str]:
+        """Those of ``users`` with a connection on a live node: one pipeline per 1000 users.
+
+        This node's own connections when Redis fails.
+        """
+        names = list(dict.fromkeys(users))
+        found: set[str] = set()
+        for start in range(0, len(names), _CHUNK):
+            chunk = names[start : start + _CHUNK]
+            pipe = self._client.pipeline(transaction=False)
+            for user in chunk:
+                await self._scripts["online"](
+                    keys=[index_key("conns", user)], args=[], client=pipe
+                )  # queued on the pipeline
+            try:
+                flags = await self._call("online", pipe.execute())
+            except _Failed:
+                return {user for user in names if user in self.local.users}
+            found.update(user for user, flag in zip(chunk, flags, strict=True) if flag)
+        return found
+
+    def set_departed_callback(self, callback: DepartedCallback | None) -> None:
+        """Where :meth:`reap` reports the members of dead nodes."""
+        self._departed = callback
+
+    # -- this node's member list, and the dead nodes' ------------------------------
+
+    async def _roster_put(self, room: str, user: str, session: str) -> None:
+        key = roster_key(self.node_id)
+        pipe = self._client.pipeline(transaction=False)
+        pipe.hset(key, f"{session}{_SEP}{room}", user)
+        pipe.pexpire(key, 2 * self._ttl_ms)
+        try:
+            await self._call("joined", pipe.execute())
+        except _Failed:
+            self._roster_dirty = True
+            return
+        if session not in self.local.rooms.get(room, {}):  # left meanwhile
+            self._roster_dirty = True
+
+    async def _roster_remove(self, room: str, session: str) -> None:
+        key = roster_key(self.node_id)
+        try:
+            await self._call("left", self._client.hdel(key, f"{session}{_SEP}{room}"))
+        except _Failed:
+            self._roster_dirty = True
+            return
+        if session in self.local.rooms.get(room, {}):  # joined again meanwhile
+            self._roster_dirty = True
+
+    def _roster(self) -> dict[str, str]:
+        """This node's member list as Redis should have it, from ``local``."""
+        return {
+            f"{session}{_SEP}{room}": user
+            for room, members in self.local.rooms.items()
+            for session, user in members.items()
+        }
+
+    async def _keep_roster(self) -> None:
+        """Renew this node's member list and registration; rewrite the list when needed."""
+        key = roster_key(self.node_id)
+        pipe = self._client.pipeline(transaction=False)
+        pipe.sadd(NODES_KEY, self.node_id)
+        pipe.pexpire(key, 2 * self._ttl_ms)
+        _, renewed = await self._call("heartbeat", pipe.execute())
+        if not self._roster_dirty and (renewed or not self.local.rooms):
+            return
+        self._roster_dirty = False
+        roster = self._roster()
+        pipe = self._client.pipeline(transaction=True)  # readers never see it half written
+        pipe.delete(key)
+        items = [item for pair in roster.items() for item in pair]
+        for start in range(0, len(items), 2 * _CHUNK):
+            pipe.hset(key, *items[start : start + 2 * _CHUNK])
+        if items:
+            pipe.pexpire(key, 2 * self._ttl_ms)
+        try:
+            await self._call("heartbeat", pipe.execute())
+        except _Failed:
+            self._roster_dirty = True
+            raise
+        if self._roster() != roster:  # changed meanwhile: again next time
+            self._roster_dirty = True
+
+    async def reap(self) -> None:
+        """Find the nodes that died since the last call and report their departed members.
+
+        Run by every heartbeat after this node's own keys are renewed: a node
+        dead at ``t`` is found by ``t + node_ttl + node_ttl / 3`` at the latest
+        (its heartbeat key expires within ``node_ttl``; this node looks every
+        ``node_ttl / 3``). Each dead node is reported once per node (then
+        remembered); a call that fails reports nothing and is redone next time.
+        """
+        known = await self._call("departed", self._client.smembers(NODES_KEY))
+        others = sorted(n.decode() for n in known if n.decode() != self.node_id)
+        if not others:
+            self._reaped.clear()
+            return
+        pipe = self._client.pipeline(transaction=False)
+        for node in others:
+            pipe.exists(node_key(node))
+            pipe.exists(roster_key(node))
+        flags = await self._call("departed", pipe.execute())
+        dead = [node for i, node in enumerate(others) if not flags[2 * i]]
+        expired = [n for i, n in enumerate(others) if not flags[2 * i] and not flags[2 * i + 1]]
+        self._reaped.intersection_update(dead)  # alive again: may die again
+        new = [node for node in dead if node not in self._reaped and node not in expired]
+        if expired:
+            await self._call("departed", self._client.srem(NODES_KEY, *expired))
+        if not new:
+            return
+        pipe = self._client.pipeline(transaction=False)
+        for node in new:
+            pipe.hgetall(roster_key(node))
+        rosters: list[dict[bytes, bytes]] = await self._call("departed", pipe.execute())
+        departed: dict[str, set[str]] = {}  # room with members here -> users of the dead
+        for roster in rosters:
+            for field, user in roster.items():
+                room = field.decode().partition(_SEP)[2]
+                if room in self.local.rooms:
+                    departed.setdefault(room, set()).add(user.decode())
+        rooms = sorted(departed)
+        reports: list[tuple[str, list[str]]] = []
+        for start in range(0, len(rooms), _CHUNK):
+            chunk = rooms[start : start + _CHUNK]
+            pipe = self._client.pipeline(transaction=False)
+            for room in chunk:
+                await self._scripts["users_except"](
+                    keys=[index_key("members", room)], args=dead, client=pipe
+                )  # queued on the pipeline
+            found: list[list[bytes]] = await self._call("departed", pipe.execute())
+            for room, present in zip(chunk, found, strict=True):
+                gone = departed[room] - {user.decode() for user in present}
+                if gone:
+                    reports.append((room, sorted(gone)))
+        self._reaped.update(new)
+        for room, left in reports:
+            try:
+                if self._departed is not None:
+                    self._departed(room, left)
+            except Exception:
+                log.exception("cluster registry: reporting the departed of %r failed", room)
+        if rooms:  # they expire anyway; the member lists agree with the events sooner
+            with contextlib.suppress(_Failed):
+                await self._call("departed", self._delete_dead(new, rooms))
+
+    async def _delete_dead(self, nodes: list[str], rooms: list[str]) -> None:
+        pipe = self._client.pipeline(transaction=False)
+        for room in rooms:
+            index = index_key("members", room)
+            for node in nodes:
+                pipe.delete(f"{index}:{node}")
+            pipe.srem(index, *nodes)
+        await pipe.execute()
 
     # -- plumbing -----------------------------------------------------------------
 
@@ -331,6 +552,8 @@ class RedisRegistry:
         dirty = list(self._dirty)
         for start in range(0, len(dirty), _CHUNK):
             await self._rewrite(dirty[start : start + _CHUNK])
+        await self._keep_roster()
+        await self.reap()
 
     async def _rewrite(self, hashes: list[tuple[Kind, str]]) -> None:
         """Replace these hashes of this node with the local copy (one pipeline)."""
