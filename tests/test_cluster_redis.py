@@ -9,6 +9,7 @@ piece), so these tests check what the registry shares, not message routing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,7 +22,7 @@ from tornado.websocket import websocket_connect
 
 from conftest import Server, ServerProcess, token
 from pushsvc.cluster import RegistryOptions
-from pushsvc.cluster.redis import RedisRegistry, index_key
+from pushsvc.cluster.redis import NODES_KEY, RedisRegistry, index_key, node_key, roster_key
 from redis_server import RedisServer
 
 Start = Callable[..., Any]
@@ -216,6 +217,61 @@ async def test_the_heartbeat_rewrites_what_redis_lost(
         await node.heartbeat()
         assert await other.room_users("r") == ["alice"]
         assert not await other.reserve_user("alice", "c2", 1)
+        roster = redis_server.command("HGETALL", roster_key(node.node_id)).split("\n")
+        assert roster == ["s1\0r", "alice"]  # its member list, for the others if it dies
+        assert node.node_id in redis_server.command("SMEMBERS", NODES_KEY).split()
     finally:
         await node.close()
         await other.close()
+
+
+async def _die(registry: RedisRegistry) -> None:
+    """What ``kill -9`` leaves: no more heartbeats, no cleanup; its heartbeat key expires."""
+    beat = registry._heartbeat
+    assert beat is not None
+    beat.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await beat
+    registry._heartbeat, registry._client = None, None  # close() finds nothing to clean up
+
+
+async def test_a_dead_nodes_departed_are_reported_once_and_not_those_still_in_the_room(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    options = RegistryOptions(node_ttl=60.0, timeout=2.0)  # the test calls reap itself
+    watcher, doomed, other = (RedisRegistry(redis_url, options) for _ in range(3))
+    reports: list[tuple[str, list[str]]] = []
+    watcher.set_departed_callback(lambda room, users: reports.append((room, users)))
+    for registry in (watcher, doomed, other):
+        await registry.start()
+    try:
+        await watcher.joined("r", "wendy", "w1")
+        await watcher.joined("r", "carol", "w2")  # carol is here too
+        await doomed.joined("r", "alice", "d1")
+        await doomed.joined("r", "alice", "d2")  # two connections: one leave
+        await doomed.joined("r", "bob", "d3")
+        await doomed.joined("r", "carol", "d4")
+        await doomed.joined("r", "dave", "d5")
+        await doomed.left("r", "dave", "d5")  # left before the death: no second leave
+        await doomed.joined("elsewhere", "erin", "d6")  # no member of the watcher there
+        await other.joined("r", "bob", "o1")  # bob is still in the room on a live node
+        await watcher.reap()
+        assert reports == []  # everyone alive
+
+        client = doomed._client
+        await _die(doomed)
+        await client.delete(node_key(doomed.node_id))  # its heartbeat key expired
+        await watcher.reap()
+        assert reports == [("r", ["alice"])]
+        assert await watcher.room_users("r") == ["bob", "carol", "wendy"]  # agrees at once
+        await watcher.reap()
+        assert reports == [("r", ["alice"])]  # once
+
+        await client.delete(roster_key(doomed.node_id))  # its member list expired too
+        await watcher.reap()
+        assert doomed.node_id not in redis_server.command("SMEMBERS", NODES_KEY).split()
+        await client.aclose()
+    finally:
+        await watcher.close()
+        await other.close()
+    assert redis_server.command("SMEMBERS", NODES_KEY) == ""  # clean shutdowns leave it

@@ -400,10 +400,10 @@ class RedisRegistry:
         roster = self._roster()
         pipe = self._client.pipeline(transaction=True)  # readers never see it half written
         pipe.delete(key)
-        items = [item for pair in roster.items() for item in pair]
-        for start in range(0, len(items), 2 * _CHUNK):
-            pipe.hset(key, *items[start : start + 2 * _CHUNK])
-        if items:
+        pairs = list(roster.items())
+        for start in range(0, len(pairs), _CHUNK):
+            pipe.hset(key, mapping=dict(pairs[start : start + _CHUNK]))
+        if pairs:
             pipe.pexpire(key, 2 * self._ttl_ms)
         try:
             await self._call("heartbeat", pipe.execute())
