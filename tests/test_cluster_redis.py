@@ -136,8 +136,9 @@ async def test_redis_down_fails_open_then_repairs(fresh_redis: RedisServer) -> N
         assert await node.reserve_user("alice", "c2", 1)  # fails open
         await node.joined("r", "bob", "s2")
         assert await node.room_users("r") == ["alice", "bob"]  # this node's own members
+        assert await node.online(["alice", "zoe"]) == {"alice"}  # this node's own connections
         assert not node.healthy()
-        assert {"reserve", "joined", "room_users"} <= set(failures)
+        assert {"reserve", "joined", "room_users", "online"} <= set(failures)
 
         fresh_redis.start()
         await node.heartbeat()  # what the timer does every node_ttl / 3
@@ -227,6 +228,8 @@ async def test_the_heartbeat_rewrites_what_redis_lost(
 
 async def _die(registry: RedisRegistry) -> None:
     """What ``kill -9`` leaves: no more heartbeats, no cleanup; its heartbeat key expires."""
+    while registry._roster_task is not None:  # what it was sending when it died has arrived
+        await asyncio.sleep(0.01)
     beat = registry._heartbeat
     assert beat is not None
     beat.cancel()

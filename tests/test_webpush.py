@@ -868,3 +868,26 @@ async def _notify_via(node: ServerProcess, to: str) -> str:
     )
     message_id: str = answer["id"]
     return message_id
+
+
+async def test_users_elsewhere_are_pushed_when_the_registry_fails(
+    start_server: Start, push_service: PushService, fresh_redis: Any
+) -> None:
+    """Fails open: a duplicate of a WebSocket delivery rather than a push lost."""
+    cluster = {"url": fresh_redis.url, "node_ttl": 60.0, "timeout": 0.5}
+    here: Server = await start_server(push=push_config(), cluster=cluster)
+    there: Server = await start_server(push=push_config(), cluster=cluster)
+    status, body, _ = await here.http("GET", "/api/v1/push/vapid-public-key")
+    push_service.vapid_key = body["public_key"]
+    browser = push_service.browser("laptop")
+    path = "/api/v1/users/alice/push-subscriptions"
+    status, _, _ = await here.http("POST", path, {"subscription": browser.subscription()})
+    assert status == 201
+    alice = await there.connect("alice")
+    await notify(here, "alice")
+    await browser.expect_no_push(1.0)  # connected to the other node
+    fresh_redis.kill9()
+    message_id = await notify(here, "alice")
+    assert (await browser.push()).payload["id"] == message_id
+    assert metric(here, "pushsvc_cluster_errors_total", operation="online") >= 1
+    alice.close()

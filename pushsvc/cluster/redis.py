@@ -144,6 +144,12 @@ end
 return users
 """
 
+# KEYS[1] this node's member list; ARGV: field, user, ttl ms (one command, not a pipeline).
+_ROSTER_PUT = """
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+"""
+
 #: Every node started and not closed (the dead ones are found among them).
 NODES_KEY = f"{PREFIX}nodes"
 #: Separates the session and the room in a field of a node's member list.
@@ -186,6 +192,8 @@ class RedisRegistry:
         self._heartbeat: asyncio.Task[None] | None = None
         self._departed: DepartedCallback | None = None  # told of dead nodes' members
         self._roster_dirty = False  # this node's member list must be rewritten from ``local``
+        self._roster_ops: list[tuple[str, str | None]] = []  # its changes not sent yet, in order
+        self._roster_task: asyncio.Task[None] | None = None  # sends them
         self._reaped: set[str] = set()  # dead nodes reported already
 
     # -- lifecycle ------------------------------------------------------------------
@@ -208,6 +216,7 @@ class RedisRegistry:
             ("users", _USERS),
             ("online", _ONLINE),
             ("users_except", _USERS_EXCEPT),
+            ("roster_put", _ROSTER_PUT),
         ):
             self._scripts[name] = self._client.register_script(source)
         try:
@@ -234,6 +243,10 @@ class RedisRegistry:
         owned = self._owned()
         with contextlib.suppress(_Failed):
             await self._call("close", self._delete_own(owned))
+        if self._roster_task is not None:
+            self._roster_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._roster_task
         with contextlib.suppress(_Failed):
             await self._call("close", self._forget_node())
         self._ok = False
@@ -293,6 +306,7 @@ class RedisRegistry:
     async def joined(self, room: str, user: str, session: str) -> None:
         """Add ``session`` to this node's members of ``room``."""
         self.local.add_member(room, user, session)
+        self._roster_write(room, session, user)  # queued in the order of the local changes
         index = index_key("members", room)
         try:
             await self._call(
@@ -304,19 +318,17 @@ class RedisRegistry:
             )
         except _Failed:
             self._dirty.add(("members", room))
-            self._roster_dirty = True
             return
         if session not in self.local.rooms.get(room, {}):  # left meanwhile
             self._dirty.add(("members", room))
-        await self._roster_put(room, user, session)
 
     async def left(self, room: str, user: str, session: str) -> None:
         """Remove ``session`` from this node's members of ``room``."""
         self.local.remove_member(room, session)
+        self._roster_write(room, session, None)
         await self._remove_field("left", "members", room, session)
         if session in self.local.rooms.get(room, {}):  # joined again meanwhile
             self._dirty.add(("members", room))
-        await self._roster_remove(room, session)
 
     async def room_users(self, room: str, limit: int | None = None) -> list[str]:
         """Distinct users in ``room`` on the live nodes; this node's own when Redis fails."""
@@ -356,28 +368,46 @@ class RedisRegistry:
 
     # -- this node's member list, and the dead nodes' ------------------------------
 
-    async def _roster_put(self, room: str, user: str, session: str) -> None:
-        key = roster_key(self.node_id)
-        pipe = self._client.pipeline(transaction=False)
-        pipe.hset(key, f"{session}{_SEP}{room}", user)
-        pipe.pexpire(key, 2 * self._ttl_ms)
-        try:
-            await self._call("joined", pipe.execute())
-        except _Failed:
-            self._roster_dirty = True
-            return
-        if session not in self.local.rooms.get(room, {}):  # left meanwhile
-            self._roster_dirty = True
+    def _roster_write(self, room: str, session: str, user: str | None) -> None:
+        """Queue a change of this node's member list (``user`` None: a removal).
 
-    async def _roster_remove(self, room: str, session: str) -> None:
+        Sent in order by one task: what was queued during a loop pass goes in
+        one pipeline (a reconnect storm costs one round trip per pass, not per
+        join); a failure leaves the list to the heartbeat's rewrite.
+        """
+        self._roster_ops.append((f"{session}{_SEP}{room}", user))
+        if self._roster_task is None:
+            self._roster_task = asyncio.ensure_future(self._roster_send())
+
+    async def _roster_send(self) -> None:
         key = roster_key(self.node_id)
         try:
-            await self._call("left", self._client.hdel(key, f"{session}{_SEP}{room}"))
-        except _Failed:
-            self._roster_dirty = True
-            return
-        if session in self.local.rooms.get(room, {}):  # joined again meanwhile
-            self._roster_dirty = True
+            while self._roster_ops:
+                ops, self._roster_ops = self._roster_ops, []
+                if len(ops) == 1:
+                    field, user = ops[0]
+                    work = (
+                        self._client.hdel(key, field)
+                        if user is None
+                        else self._scripts["roster_put"](
+                            keys=[key], args=[field, user, 2 * self._ttl_ms]
+                        )
+                    )
+                else:
+                    pipe = self._client.pipeline(transaction=False)  # no script: no SCRIPT EXISTS
+                    for field, user in ops:
+                        if user is None:
+                            pipe.hdel(key, field)
+                        else:
+                            pipe.hset(key, field, user)
+                    pipe.pexpire(key, 2 * self._ttl_ms)
+                    work = pipe.execute()
+                try:
+                    await self._call("roster", work)
+                except _Failed:
+                    self._roster_dirty = True
+        finally:
+            self._roster_task = None
 
     def _roster(self) -> dict[str, str]:
         """This node's member list as Redis should have it, from ``local``."""
@@ -398,7 +428,8 @@ class RedisRegistry:
             return
         self._roster_dirty = False
         roster = self._roster()
-        pipe = self._client.pipeline(transaction=True)  # readers never see it half written
+        # Not atomic, and need not be: only the other nodes read it, once this one is dead.
+        pipe = self._client.pipeline(transaction=False)
         pipe.delete(key)
         pairs = list(roster.items())
         for start in range(0, len(pairs), _CHUNK):
@@ -439,6 +470,11 @@ class RedisRegistry:
         if expired:
             await self._call("departed", self._client.srem(NODES_KEY, *expired))
         if not new:
+            return
+        for node in new:
+            log.warning("cluster registry: node %s is dead (no heartbeat for node_ttl)", node)
+        if not self.local.rooms:  # no member here to tell
+            self._reaped.update(new)
             return
         pipe = self._client.pipeline(transaction=False)
         for node in new:
