@@ -387,7 +387,8 @@ class ClusterConfig:
         15.0,
         "Seconds a node's connections and room members keep counting after its last"
         " heartbeat (sent every node_ttl/3): the users of a crashed node leave presence and"
-        " free their connection slots within this bound.",
+        " free their connection slots within this bound; the other nodes send their"
+        " presence leave events within node_ttl + node_ttl/3.",
         minimum=0.3,
     )
     timeout: float = setting(

@@ -15,9 +15,10 @@ presence and ``online`` answer with this node's own entries; ``on_error``
 counts each failure.
 
 When a node dies, the others notice it within ``node_ttl`` plus one heartbeat
-and each calls its :data:`DepartedCallback` once for every room it has local
-members in and in which users of the dead node are now in no room on any live
-node, so each node can tell its own connections (``presence`` leave).
+(``node_ttl / 3``). Each calls its :data:`DepartedCallback` once per room it
+has local members in, with the dead node's users who are in that room on no
+live node any more, so that each node tells only its own connections
+(``presence`` leave): one event per watcher, no broker traffic.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 #: Called with the operation's name (``reserve``, ``release``, ``joined``,
-#: ``left``, ``room_users``, ``online``, ``heartbeat``, ``departed``) each time
-#: the back end failed.
+#: ``left``, ``room_users``, ``online``, ``roster``, ``heartbeat``, ``departed``,
+#: ``close``) each time the back end failed.
 ErrorCallback = Callable[[str], None]
 
 #: Called with ``(room, users)``: these users were in ``room`` on a node that

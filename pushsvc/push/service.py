@@ -249,7 +249,11 @@ class PushService:
         this node's users then), a user is pushed, maybe in duplicate of the
         WebSocket delivery, never left without a push.
         """
-        online = await self.presence.online_users([job.user for job in jobs])
+        try:
+            online = await self.presence.online_users([job.user for job in jobs])
+        except Exception:  # a broken registry: rather a push too many than none
+            log.exception("push: cannot tell who is connected; pushing to all")
+            online = set()
         delay = self.config.after_seconds
         loop = asyncio.get_running_loop()
         now: list[Job] = []
