@@ -43,6 +43,7 @@ from pushsvc.protocol.webpush import b64url_decode, b64url_encode
 from pushsvc.push.endpoints import EndpointPolicy, EndpointRefused, GuardedResolver, is_public
 from pushsvc.push.keys import VapidKeys
 from pushsvc.push.sender import MAX_PLAINTEXT, push_payload, retry_after
+from redis_server import RedisServer
 
 SUBJECT = "mailto:ops@example.com"
 WAIT = 10.0  # seconds any single expected event may take on a loaded machine
@@ -801,7 +802,7 @@ async def test_subscriptions_in_the_redis_store(
 async def test_a_user_connected_to_another_node_is_not_pushed_until_gone(
     tmp_path: Path,
     push_service: PushService,
-    fresh_redis: Any,
+    fresh_redis: RedisServer,
     spawn: Callable[..., ServerProcess],
 ) -> None:
     """Two ``pushsvc serve`` on one Redis: "offline" is decided over the cluster."""
@@ -871,7 +872,7 @@ async def _notify_via(node: ServerProcess, to: str) -> str:
 
 
 async def test_users_elsewhere_are_pushed_when_the_registry_fails(
-    start_server: Start, push_service: PushService, fresh_redis: Any
+    start_server: Start, push_service: PushService, fresh_redis: RedisServer
 ) -> None:
     """Fails open: a duplicate of a WebSocket delivery rather than a push lost."""
     cluster = {"url": fresh_redis.url, "node_ttl": 60.0, "timeout": 0.5}

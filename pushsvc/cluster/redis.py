@@ -14,7 +14,8 @@ one room, lives in one slot, so each Lua script touches a single slot):
   the heartbeat key by ``node_ttl``: after a node died the others read from it
   who left which room (:meth:`RedisRegistry.reap`).
 
-A node writes only its own ``...:<node>`` hashes. Each has a TTL of
+A node writes only its own ``...:<node>`` hashes (and deletes a dead node's,
+below). Each has a TTL of
 ``node_ttl``, renewed by the node's heartbeat every ``node_ttl / 3``: when a
 node dies, its hashes expire at most ``node_ttl`` after its last heartbeat,
 and the scripts that read the index sets drop the node ids whose hash is
@@ -30,10 +31,12 @@ unreachable, or a restart without persistence).
 
 Each heartbeat also looks for dead nodes: a node of ``pushsvc:nodes`` whose
 heartbeat key is gone. For each one found, once, it reads the dead node's
-member list and reports, for the rooms with members on this node, the users
-in none of those rooms on a live node any more (the departed callback); then
+member list and reports, for each room with members on this node, the dead
+node's users now in that room on no live node (the departed callback); then
 it deletes the dead node's hashes of those rooms (they would expire anyway).
 A dead node's id leaves ``pushsvc:nodes`` once its member list expired too.
+These reads, ``online`` and the member list's writes are plain commands in
+pipelines (no Lua: a Redis Cluster pipeline takes no script).
 """
 
 from __future__ import annotations
@@ -119,31 +122,6 @@ return users
 """
 
 
-# KEYS[1] a user's index set. 1: the user has a connection on a node whose hash is there.
-_ONLINE = """
-for _, node in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  if redis.call('EXISTS', KEYS[1] .. ':' .. node) == 1 then return 1 end
-end
-return 0
-"""
-
-# KEYS[1] a room's index set; ARGV: node ids to skip (dead). Distinct users of the others.
-_USERS_EXCEPT = """
-local skip, seen, users = {}, {}, {}
-for _, node in ipairs(ARGV) do skip[node] = true end
-for _, node in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  if not skip[node] then
-    for _, user in ipairs(redis.call('HVALS', KEYS[1] .. ':' .. node)) do
-      if not seen[user] then
-        seen[user] = true
-        users[#users + 1] = user
-      end
-    end
-  end
-end
-return users
-"""
-
 # KEYS[1] this node's member list; ARGV: field, user, ttl ms (one command, not a pipeline).
 _ROSTER_PUT = """
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
@@ -214,8 +192,6 @@ class RedisRegistry:
             ("put", _PUT),
             ("refresh", _REFRESH),
             ("users", _USERS),
-            ("online", _ONLINE),
-            ("users_except", _USERS_EXCEPT),
             ("roster_put", _ROSTER_PUT),
         ):
             self._scripts[name] = self._client.register_script(source)
@@ -342,25 +318,41 @@ class RedisRegistry:
         return sorted(user.decode() for user in found)
 
     async def online(self, users: Collection[str]) -> set[str]:
-        """Those of ``users`` with a connection on a live node: one pipeline per 1000 users.
+        """Those of ``users`` with a connection on a live node; this node's own when Redis fails.
 
-        This node's own connections when Redis fails.
+        Two pipelines per 1000 users, of plain commands (no script: Redis
+        Cluster pipelines take none): the index sets, then whether each
+        node's hash exists (an expired one is a dead node).
         """
         names = list(dict.fromkeys(users))
         found: set[str] = set()
-        for start in range(0, len(names), _CHUNK):
-            chunk = names[start : start + _CHUNK]
-            pipe = self._client.pipeline(transaction=False)
-            for user in chunk:
-                await self._scripts["online"](
-                    keys=[index_key("conns", user)], args=[], client=pipe
-                )  # queued on the pipeline
-            try:
-                flags = await self._call("online", pipe.execute())
-            except _Failed:
-                return {user for user in names if user in self.local.users}
-            found.update(user for user, flag in zip(chunk, flags, strict=True) if flag)
+        try:
+            for start in range(0, len(names), _CHUNK):
+                chunk = names[start : start + _CHUNK]
+                hashes = await self._node_hashes("online", "conns", chunk)
+                pipe = self._client.pipeline(transaction=False)
+                for _, key in hashes:
+                    pipe.exists(key)
+                flags = await self._call("online", pipe.execute()) if hashes else []
+                found.update(user for (user, _), up in zip(hashes, flags, strict=True) if up)
+        except _Failed:
+            return {user for user in names if user in self.local.users}
         return found
+
+    async def _node_hashes(
+        self, operation: str, kind: Kind, names: list[str], skip: Collection[str] = ()
+    ) -> list[tuple[str, str]]:
+        """(name, hash key) for each node in the index sets of ``names``, but ``skip``."""
+        pipe = self._client.pipeline(transaction=False)
+        for name in names:
+            pipe.smembers(index_key(kind, name))
+        indexes: list[set[bytes]] = await self._call(operation, pipe.execute())
+        return [
+            (name, f"{index_key(kind, name)}:{node.decode()}")
+            for name, nodes in zip(names, indexes, strict=True)
+            for node in sorted(nodes)
+            if node.decode() not in skip
+        ]
 
     def set_departed_callback(self, callback: DepartedCallback | None) -> None:
         """Where :meth:`reap` reports the members of dead nodes."""
@@ -490,14 +482,18 @@ class RedisRegistry:
         reports: list[tuple[str, list[str]]] = []
         for start in range(0, len(rooms), _CHUNK):
             chunk = rooms[start : start + _CHUNK]
+            hashes = await self._node_hashes("departed", "members", chunk, skip=dead)
             pipe = self._client.pipeline(transaction=False)
+            for _, key in hashes:
+                pipe.hvals(key)
+            found: list[list[bytes]] = (
+                await self._call("departed", pipe.execute()) if hashes else []
+            )
+            present: dict[str, set[str]] = {}  # room -> users on the live nodes
+            for (room, _), users in zip(hashes, found, strict=True):
+                present.setdefault(room, set()).update(user.decode() for user in users)
             for room in chunk:
-                await self._scripts["users_except"](
-                    keys=[index_key("members", room)], args=dead, client=pipe
-                )  # queued on the pipeline
-            found: list[list[bytes]] = await self._call("departed", pipe.execute())
-            for room, present in zip(chunk, found, strict=True):
-                gone = departed[room] - {user.decode() for user in present}
+                gone = departed[room] - present.get(room, set())
                 if gone:
                     reports.append((room, sorted(gone)))
         self._reaped.update(new)
