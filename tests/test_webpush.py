@@ -39,6 +39,7 @@ from tornado.websocket import websocket_connect
 
 from conftest import Client, Server, ServerProcess, token
 from pushsvc import hookimpl
+from pushsvc.cluster.redis import index_key
 from pushsvc.protocol.webpush import b64url_decode, b64url_encode
 from pushsvc.push.endpoints import EndpointPolicy, EndpointRefused, GuardedResolver, is_public
 from pushsvc.push.keys import VapidKeys
@@ -847,13 +848,20 @@ async def test_a_user_connected_to_another_node_is_not_pushed_until_gone(
 
     # Gone from b: the next notification through a is pushed at once.
     alice.close()
-    await asyncio.sleep(0.5)  # b's close reaches the registry
+    await until(lambda: not _connected_anywhere(fresh_redis, "alice"))  # b's close is in Redis
     sent = time.monotonic()
     offline = await _notify_via(a, "alice")
     push = await browser.push()
     assert push.payload["id"] == offline
     assert time.monotonic() - sent < after - 0.5, "waited for after_seconds: not seen offline"
     await browser.expect_no_push(1.0)
+
+
+def _connected_anywhere(redis: RedisServer, user: str) -> bool:
+    """What the registry keeps, read with plain commands: a connection of ``user`` on a node."""
+    index = index_key("conns", user)
+    nodes = redis.command("SMEMBERS", index).split()
+    return any(redis.command("EXISTS", f"{index}:{node}") == "1" for node in nodes)
 
 
 async def _get_json(url: str, **request: Any) -> Any:
