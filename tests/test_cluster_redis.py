@@ -278,3 +278,20 @@ async def test_a_dead_nodes_departed_are_reported_once_and_not_those_still_in_th
         await watcher.close()
         await other.close()
     assert redis_server.command("SMEMBERS", NODES_KEY) == ""  # clean shutdowns leave it
+
+
+async def test_the_node_tells_its_members_of_the_departed_once_each(start_server: Start) -> None:
+    server: Server = await start_server(chat={"auto_join": False})
+    wendy, carol = await server.connect("wendy"), await server.connect("carol")
+    await join(wendy, "team")
+    await join(carol, "team")
+    await wendy.recv_type("presence")  # carol's join
+    server.node.departed("team", ["alice", "carol"])  # what the registry reports
+    server.node.departed("elsewhere", ["alice"])  # no member here: nothing
+    leave = {"type": "presence", "room": "team", "event": "leave", "user": "alice"}
+    assert await wendy.recv_type("presence") == leave  # not carol: she is here
+    assert await carol.recv_type("presence") == leave
+    await wendy.expect_nothing(0.3)
+    await carol.expect_nothing(0.3)
+    wendy.close()
+    carol.close()
