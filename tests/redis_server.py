@@ -35,6 +35,20 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _free_cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is valid and free too."""
+    while True:
+        port = _free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+
+
 class RedisServer:
     """One ``redis-server`` process on loopback, owned by a test."""
 
@@ -272,6 +286,7 @@ class RedisClusterSetup:
     def __init__(self, directory: Path) -> None:
         self.nodes = [RedisServer(directory / f"node{i}") for i in range(3)]
         for node in self.nodes:
+            node.port = _free_cluster_port()
             node.extra = [
                 "--cluster-enabled",
                 "yes",

@@ -143,6 +143,10 @@ async def test_room_messages_reach_only_nodes_with_members(
     for client, ref in ((alice, "j1"), (bob, "j2")):
         await client.send({"type": "join", "room": "ops", "ref": ref})
         assert (await answer(client, ref))["type"] == "reply"
+    # bob's join event is the last message the broker carries before the snapshot:
+    # once alice has it, node a has counted it.
+    presence = await alice.recv_type("presence")
+    assert (presence["event"], presence["user"]) == ("join", "bob")
     received = [await node.metric("pushsvc_broker_received_total") for node in (a, b, c)]
     for n in range(20):
         await alice.send({"type": "chat", "room": "ops", "text": f"m{n}", "ref": f"c{n}"})
