@@ -352,3 +352,27 @@ def redis_cluster(tmp_path: Path) -> Iterator[RedisClusterSetup]:
         yield setup
     finally:
         setup.stop()
+
+
+@pytest.fixture(scope="session")
+def shared_redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterSetup]:
+    """One three-master cluster for the whole session (emptied per test through
+    ``redis_cluster_url``), for the contract suites."""
+    if REDIS_SERVER is None:
+        pytest.skip(NO_REDIS)
+    if shutil.which("redis-cli") is None:
+        pytest.skip("redis-cli is not installed (Debian package redis-tools)")
+    setup = RedisClusterSetup(tmp_path_factory.mktemp("cluster-shared"))
+    try:
+        setup.start()
+        yield setup
+    finally:
+        setup.stop()
+
+
+@pytest.fixture
+def redis_cluster_url(shared_redis_cluster: RedisClusterSetup) -> str:
+    """The URL of the shared cluster, every master emptied for this test."""
+    for node in shared_redis_cluster.nodes:
+        node.flush()
+    return shared_redis_cluster.url

@@ -112,10 +112,18 @@ from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import (
+    MovedError,
+    NoScriptError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+)
 
 from pushsvc import redisurl
 from pushsvc.protocol import ids
@@ -434,8 +442,21 @@ local function rescore(P, room, l, forget)
 end
 """
 
+# The {g} index of an append: updated in the script on one Redis; on a cluster
+# (another slot) by a script of its own, after the room's (RedisStore._cluster_append).
+_HISTORY_INDEX = """
+local function index(P, room, l, forget, added)
+  redis.call('INCRBY', gkey(P, 'hentries'), added)
+  rescore(P, room, l, forget)
+end
+"""
+_HISTORY_NO_INDEX = """
+local function index(P, room, l, forget, added) end
+"""
+
 # ARGV: P, room, type, created_at, expires_at, new epoch, size, forget at, mode, a, b, c,
-# [epoch, top] -> {offset, epoch} (mode 'cas' and another position: {0, epoch, top})
+# [epoch, top] -> {offset, epoch, entries added} (mode 'cas' and another position:
+# {0, epoch, top})
 # Modes: 'oe' (frame = a .. offset .. b .. epoch .. c), 'eo' (a .. epoch .. b .. offset
 # .. c), 'cas' (frame = a, made for ARGV[13], ARGV[14]: stored only at that position).
 _APPEND = """
@@ -467,10 +488,9 @@ local size = tonumber(ARGV[7])
 if offset > size then
   added = added - redis.call('ZREMRANGEBYSCORE', l, '-inf', offset - size)
 end
-redis.call('INCRBY', gkey(P, 'hentries'), added)
-rescore(P, room, l, ARGV[8])
+index(P, room, l, ARGV[8], added)
 redis.call('HSET', h, 'x', ARGV[8])
-return {offset, epoch}
+return {offset, epoch, added}
 """
 
 # ARGV: P, room, since ('' for none), limit, reverse ('1' or ''), now
@@ -592,6 +612,272 @@ end
 return out
 """
 
+# -- Redis Cluster: the operations split by slot -------------------------------------
+#
+# Every script below touches the keys of one slot only (its routing key, KEYS[1], is
+# one of them); RedisStore's _cluster_* methods call them in the order that keeps
+# the per-user keys the truth (docs/redis.md, "Store on a cluster").
+
+# ARGV: P, id, type, frame, expires_at, expires_at in ms, n -> 1 stored, 0 already there
+_C_MESSAGE = """
+local P, id = ARGV[1], ARGV[2]
+local m = mkey(P, id)
+if redis.call('EXISTS', m) == 1 then return 0 end
+redis.call('HSET', m, 't', ARGV[3], 'f', ARGV[4], 'e', ARGV[5], 'n', ARGV[7])
+if tonumber(ARGV[7]) == 0 then redis.call('PEXPIREAT', m, ARGV[6]) end
+return 1
+"""
+
+# ARGV: P, id, user* (users of one slot): their pending deliveries of the message
+_C_INBOX = """
+local P, id = ARGV[1], ARGV[2]
+for i = 3, #ARGV do redis.call('ZADD', ukey(P, ARGV[i], 'p'), 0, id) end
+return 1
+"""
+
+# ARGV: P, (verb, what, score, member)*: the {g} indexes. Verbs: 'r' ZREM, 'a' ZADD,
+# 'n' ZADD NX, 'l' ZADD LT, 'i' INCRBY score (never below 0). Callers put removals first
+# (at maxmemory a script is refused only before its first write).
+_C_INDEX = """
+local P = ARGV[1]
+for i = 2, #ARGV, 4 do
+  local verb, k = ARGV[i], gkey(P, ARGV[i + 1])
+  if verb == 'r' then redis.call('ZREM', k, ARGV[i + 3])
+  elseif verb == 'a' then redis.call('ZADD', k, ARGV[i + 2], ARGV[i + 3])
+  elseif verb == 'n' then redis.call('ZADD', k, 'NX', ARGV[i + 2], ARGV[i + 3])
+  elseif verb == 'l' then redis.call('ZADD', k, 'LT', ARGV[i + 2], ARGV[i + 3])
+  elseif redis.call('INCRBY', k, ARGV[i + 2]) < 0 then redis.call('SET', k, 0) end
+end
+return 1
+"""
+
+# ARGV: P, client, key, fingerprint, expires_at, expires_at in ms, id, recipients
+_C_IDEMPOTENCY = """
+local k = ARGV[1] .. '{i:' .. ARGV[2] .. '}:' .. ARGV[3]
+redis.call('DEL', k)
+redis.call('HSET', k, 'fp', ARGV[4], 'id', ARGV[7], 'n', ARGV[8], 'e', ARGV[5])
+redis.call('PEXPIREAT', k, ARGV[6])
+return 1
+"""
+
+# ARGV: P, user, after_id, limit -> (id, attempts)*
+_C_PENDING = """
+local P, u = ARGV[1], ARGV[2]
+local low = '-'
+if ARGV[3] ~= '' then low = '(' .. ARGV[3] end
+local out = {}
+for _, id in ipairs(redis.call('ZRANGEBYLEX', ukey(P, u, 'p'), low, '+', 'LIMIT', 0, ARGV[4])) do
+  out[#out + 1] = id
+  out[#out + 1] = redis.call('HGET', ukey(P, u, 'a'), id) or '0'
+end
+return out
+"""
+
+# ARGV: P, user, id* -> {repeated, number acked, acked id*, other id*} (others: foreign
+# or unknown, told apart by the message's slot)
+_C_ACK = """
+local P, u = ARGV[1], ARGV[2]
+local repeated, acked, others = 0, {}, {}
+for i = 3, #ARGV do
+  local id = ARGV[i]
+  if redis.call('ZREM', ukey(P, u, 'p'), id) == 1 then
+    redis.call('HDEL', ukey(P, u, 'a'), id)
+    redis.call('SADD', ukey(P, u, 'k'), id)
+    acked[#acked + 1] = id
+  elseif redis.call('SISMEMBER', ukey(P, u, 'k'), id) == 1
+      or redis.call('ZSCORE', ukey(P, u, 'x'), id) then
+    repeated = repeated + 1
+  else
+    others[#others + 1] = id
+  end
+end
+local out = {repeated, #acked}
+for _, id in ipairs(acked) do out[#out + 1] = id end
+for _, id in ipairs(others) do out[#out + 1] = id end
+return out
+"""
+
+# ARGV: P, user, reason, now, id* -> ids moved from pending to the dead letters
+_C_DEAD = """
+local P, u, reason, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local out = {}
+for i = 5, #ARGV do
+  local id = ARGV[i]
+  if redis.call('ZREM', ukey(P, u, 'p'), id) == 1 then
+    redis.call('HDEL', ukey(P, u, 'a'), id)
+    redis.call('ZADD', ukey(P, u, 'x'), 0, id)
+    redis.call('HSET', ukey(P, u, 'r'), id, reason .. '\\n' .. now)
+    out[#out + 1] = id
+  end
+end
+return out
+"""
+
+# ARGV: P, user, limit -> (id, "<reason>\\n<dead_at>")*
+_C_DEAD_LETTERS = """
+local P, u = ARGV[1], ARGV[2]
+local out = {}
+for _, id in ipairs(redis.call('ZRANGE', ukey(P, u, 'x'), 0, tonumber(ARGV[3]) - 1)) do
+  out[#out + 1] = id
+  out[#out + 1] = redis.call('HGET', ukey(P, u, 'r'), id) or '\\n0'
+end
+return out
+"""
+
+# ARGV: P, user, id* -> ids made pending again
+_C_REQUEUE = """
+local P, u = ARGV[1], ARGV[2]
+local out = {}
+for i = 3, #ARGV do
+  local id = ARGV[i]
+  if redis.call('ZREM', ukey(P, u, 'x'), id) == 1 then
+    redis.call('HDEL', ukey(P, u, 'r'), id)
+    redis.call('HDEL', ukey(P, u, 'a'), id)
+    redis.call('ZADD', ukey(P, u, 'p'), 0, id)
+    out[#out + 1] = id
+  end
+end
+return out
+"""
+
+# ARGV: P, id, expires_at: the message's expiry grows to expires_at (if stored)
+_C_EXTEND = """
+local m = mkey(ARGV[1], ARGV[2])
+local current = redis.call('HGET', m, 'e')
+if current and tonumber(current) < tonumber(ARGV[3]) then redis.call('HSET', m, 'e', ARGV[3]) end
+return 1
+"""
+
+# ARGV: P, user, id* -> ids of dead letters deleted
+_C_DELETE_DEAD = """
+local P, u = ARGV[1], ARGV[2]
+local out = {}
+for i = 3, #ARGV do
+  local id = ARGV[i]
+  if redis.call('ZREM', ukey(P, u, 'x'), id) == 1 then
+    redis.call('HDEL', ukey(P, u, 'r'), id)
+    out[#out + 1] = id
+  end
+end
+return out
+"""
+
+# ARGV: P, id: one delivery less refers to the message
+_C_UNREF = """
+unref(ARGV[1], ARGV[2])
+return 1
+"""
+
+# ARGV: P, now, acked before, dead before, chunk
+# -> {#due, #acks, #dead, due member*, ack member*, dead member*} (nothing removed)
+_C_SWEEP_DUE = """
+local P, chunk = ARGV[1], ARGV[5]
+local due = redis.call('ZRANGEBYSCORE', gkey(P, 'expiry'), '-inf', ARGV[2], 'LIMIT', 0, chunk)
+local acks = redis.call('ZRANGEBYSCORE', gkey(P, 'acked'), '-inf', '(' .. ARGV[3],
+  'LIMIT', 0, chunk)
+local dead = redis.call('ZRANGEBYSCORE', gkey(P, 'dead'), '-inf', '(' .. ARGV[4],
+  'LIMIT', 0, chunk)
+local out = {#due, #acks, #dead}
+for _, list in ipairs({due, acks, dead}) do
+  for _, member in ipairs(list) do out[#out + 1] = member end
+end
+return out
+"""
+
+# ARGV: P, now, (kind, user, id)* (users of one slot) -> one result per entry.
+# Kinds: 'e' expired (-> 'd' dead-lettered now; 'k' acked, 'x' dead already: the index
+# lagged; '-' gone), 'o' an orphan (its message is gone: dropped; -> as 'e' but never
+# 'd'), 'k' an ack past its retention, 'x' a dead letter past it (-> '1' dropped, '0').
+_C_SWEEP_USERS = """
+local P, now = ARGV[1], ARGV[2]
+local out = {}
+for i = 3, #ARGV, 3 do
+  local kind, u, id = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local r = '-'
+  if kind == 'e' or kind == 'o' then
+    if redis.call('ZREM', ukey(P, u, 'p'), id) == 1 then
+      redis.call('HDEL', ukey(P, u, 'a'), id)
+      if kind == 'e' then
+        redis.call('ZADD', ukey(P, u, 'x'), 0, id)
+        redis.call('HSET', ukey(P, u, 'r'), id, 'ttl\\n' .. now)
+        r = 'd'
+      end
+    elseif redis.call('SISMEMBER', ukey(P, u, 'k'), id) == 1 then r = 'k'
+    elseif redis.call('ZSCORE', ukey(P, u, 'x'), id) then r = 'x' end
+  elseif kind == 'k' then
+    if redis.call('SREM', ukey(P, u, 'k'), id) == 1 then r = '1' else r = '0' end
+  else
+    r = '0'
+    if redis.call('ZREM', ukey(P, u, 'x'), id) == 1 then
+      redis.call('HDEL', ukey(P, u, 'r'), id)
+      r = '1'
+    end
+  end
+  out[#out + 1] = r
+end
+return out
+"""
+
+# ARGV: P, now, room* (rooms of one slot) -> (entries dropped, new index score or '' when
+# the room's history is gone)*
+_C_TRIM_ROOMS = """
+local P, now = ARGV[1], tonumber(ARGV[2])
+local out = {}
+for i = 3, #ARGV do
+  local room = ARGV[i]
+  local h, l = rkey(P, room, 'h'), rkey(P, room, 'l')
+  local dropped = 0
+  while true do
+    local first = redis.call('ZRANGE', l, 0, 0)
+    if not first[1] or tonumber(field(first[1], 3)) > now then break end
+    redis.call('ZREM', l, first[1])
+    dropped = dropped + 1
+  end
+  local forget = redis.call('HGET', h, 'x')
+  local score = ''
+  if redis.call('ZCARD', l) == 0 and (not forget or tonumber(forget) <= now) then
+    redis.call('DEL', h, l)
+  else
+    local first = redis.call('ZRANGE', l, 0, 0)
+    score = forget or ARGV[2]
+    if first[1] then score = field(first[1], 3) end
+  end
+  out[#out + 1] = dropped
+  out[#out + 1] = score
+end
+return out
+"""
+
+# ARGV: P, user, endpoint, created_at, limit -> 'mine' | 'new' | 'limit' (the user's cap,
+# checked and taken atomically in the user's slot)
+_C_PUSH_CLAIM = """
+local P, u, ep = ARGV[1], ARGV[2], ARGV[3]
+local w = ukey(P, u, 'w')
+if redis.call('ZSCORE', w, ep) then
+  redis.call('ZADD', w, ARGV[4], ep)
+  return 'mine'
+end
+if redis.call('ZCARD', w) >= tonumber(ARGV[5]) then return 'limit' end
+redis.call('ZADD', w, ARGV[4], ep)
+return 'new'
+"""
+
+# ARGV: P, endpoint, user, p256dh, auth, created_at -> the previous owner or ''
+_C_PUSH_PUT = """
+local h = wkey(ARGV[1], ARGV[2])
+local owner = redis.call('HGET', h, 'u') or ''
+redis.call('HSET', h, 'u', ARGV[3], 'k', ARGV[4], 'a', ARGV[5], 'c', ARGV[6])
+return owner
+"""
+
+# ARGV: P, endpoint, user -> 1 when it was the user's (deleted), else 0
+_C_PUSH_DROP = """
+local h = wkey(ARGV[1], ARGV[2])
+if redis.call('HGET', h, 'u') ~= ARGV[3] then return 0 end
+redis.call('DEL', h)
+return 1
+"""
+
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
@@ -684,12 +970,32 @@ _SCRIPTS = {
     "stats": _STATS,
     "frames": _FRAMES,
     "revoke": _REVOKE,
-    "append": _HISTORY_PRELUDE + _APPEND,
+    "append": _HISTORY_PRELUDE + _HISTORY_INDEX + _APPEND,
     "history": _HISTORY_PRELUDE + _HISTORY,
     "trim_history": _HISTORY_PRELUDE + _TRIM_HISTORY,
     "push_add": _PUSH_PRELUDE + _PUSH_ADD,
     "push_remove": _PUSH_PRELUDE + _PUSH_REMOVE,
     "push_list": _PUSH_PRELUDE + _PUSH_LIST,
+    # Redis Cluster (one slot each)
+    "c_message": _C_MESSAGE,
+    "c_inbox": _C_INBOX,
+    "c_index": _C_INDEX,
+    "c_idempotency": _C_IDEMPOTENCY,
+    "c_pending": _C_PENDING,
+    "c_ack": _C_ACK,
+    "c_dead": _C_DEAD,
+    "c_dead_letters": _C_DEAD_LETTERS,
+    "c_requeue": _C_REQUEUE,
+    "c_extend": _C_EXTEND,
+    "c_delete_dead": _C_DELETE_DEAD,
+    "c_unref": _C_UNREF,
+    "c_sweep_due": _C_SWEEP_DUE,
+    "c_sweep_users": _C_SWEEP_USERS,
+    "c_append": _HISTORY_PRELUDE + _HISTORY_NO_INDEX + _APPEND,
+    "c_trim_rooms": _HISTORY_PRELUDE + _C_TRIM_ROOMS,
+    "c_push_claim": _C_PUSH_CLAIM,
+    "c_push_put": _PUSH_PRELUDE + _C_PUSH_PUT,
+    "c_push_drop": _PUSH_PRELUDE + _C_PUSH_DROP,
 }
 #: name -> (Lua source, its SHA-1 for EVALSHA)
 SCRIPTS = {
@@ -699,12 +1005,25 @@ SCRIPTS = {
 
 
 class _Op:
-    __slots__ = ("command", "future", "script")
+    __slots__ = ("command", "future", "script", "slot")
 
-    def __init__(self, command: tuple[Any, ...], script: str | None, future: asyncio.Future[Any]):
+    def __init__(
+        self,
+        command: tuple[Any, ...],
+        script: str | None,
+        future: asyncio.Future[Any],
+        slot: int = -1,
+    ):
         self.command = command  # the arguments of one Redis command
         self.script = script  # the script EVALSHA runs (reloaded on NOSCRIPT), or None
         self.future = future  # resolved with the reply
+        self.slot = slot  # Redis Cluster: the slot of the command's keys (-1: one Redis)
+
+
+#: Where a batch goes: the one Redis (its client) or one master of a cluster.
+_Target = aioredis.Redis | ClusterNode
+#: Seconds between two topology refreshes started by failures (a MOVED refreshes at once).
+REFRESH_INTERVAL = 1.0
 
 
 class RedisStore:
@@ -720,13 +1039,19 @@ class RedisStore:
         self.min_replicas = parsed.min_replicas
         self.replica_timeout = min(parsed.replica_timeout, busy_timeout / 2)  # WAIT < a read
         self.busy_timeout = busy_timeout  # seconds any command may take
-        self._redis: aioredis.Redis | None = None  # the client, while open
-        self._healthy = True  # result of the last batch
+        #: a Redis Cluster URL: operations split by slot, batches sent to each master
+        self.cluster = redisurl.is_cluster(url)
+        self._redis: aioredis.Redis | None = None  # the client, while open (one Redis)
+        self._nodes: RedisCluster | None = None  # the client, while open (Cluster)
+        self._failing: set[str] = set()  # targets whose last batch failed ("": one Redis)
         self._outbox: list[_Op] = []  # submitted, not yet sent
         self._senders: set[asyncio.Task[None]] = set()  # each sends one pipeline at a time
         self._starting = False  # a sender is started and has not taken the outbox yet
         self._batches = 0  # pipelines sent
         self._operations = 0  # operations in those pipelines
+        self._refresh: asyncio.Task[None] | None = None  # a cluster topology refresh
+        self._refreshed = 0.0  # when the last one started (monotonic)
+        self._background: set[asyncio.Future[Any]] = set()  # writes nobody awaits
 
     @property
     def batches(self) -> int:
@@ -741,7 +1066,13 @@ class RedisStore:
     # -- lifecycle --------------------------------------------------------------
 
     async def open(self) -> None:
-        """Connect, load the scripts, warn about unsafe persistence settings."""
+        """Connect, load the scripts, warn about unsafe persistence settings.
+
+        On a cluster: discover the masters, and load and check on every one.
+        """
+        if self.cluster:
+            await self._open_cluster()
+            return
         pool = redisurl.connection_pool(
             self.url,
             key="store.url",
@@ -763,64 +1094,111 @@ class RedisStore:
         self._redis = client
         await self._check_settings(client)
 
-    async def _check_settings(self, client: aioredis.Redis) -> None:
+    async def _open_cluster(self) -> None:
+        client = redisurl.cluster_client(
+            self.url,
+            key="store.url",
+            # each sender holds at most one connection per master; the rest: discovery
+            max_connections=self.connections + 2,
+            socket_timeout=self.busy_timeout,
+            socket_connect_timeout=self.busy_timeout,
+        )
+        try:
+            await asyncio.wait_for(client.initialize(), self.busy_timeout * 2)
+            masters = client.get_primaries()
+            await asyncio.gather(*(_load_scripts(node) for node in masters))
+        except (RedisError, OSError, TimeoutError) as exc:
+            await client.aclose()
+            raise StoreUnavailable(
+                f"cannot reach the Redis Cluster at {redisurl.redacted(self.url)}: {exc}"
+            ) from exc
+        self._nodes = client
+        for node in masters:
+            await self._check_settings(node, f" on {node.name}")
+
+    async def _check_settings(self, target: _Target, where: str = "") -> None:
         """Log a warning when Redis may evict keys or keeps no AOF (never fails)."""
         policy = appendonly = None
         try:
-            found: dict[Any, Any] = await client.config_get("maxmemory-policy")
-            found.update(await client.config_get("appendonly"))
-            values = {_text(k): _text(v) for k, v in found.items()}
-            policy, appendonly = values.get("maxmemory-policy"), values.get("appendonly")
-        except ResponseError:  # CONFIG disabled or renamed (managed Redis): INFO instead
-            try:
-                memory = await client.info("memory")
-                policy = str(memory.get("maxmemory_policy", "")) or None
-                persistence = await client.info("persistence")
-                appendonly = "yes" if persistence.get("aof_enabled") else "no"
-            except (RedisError, OSError) as exc:
-                log.warning("cannot read the Redis settings (CONFIG and INFO refused): %s", exc)
+            found = await _round_trip(
+                target, [("CONFIG", "GET", "maxmemory-policy"), ("CONFIG", "GET", "appendonly")]
+            )
+            if any(isinstance(reply, Exception) for reply in found):
+                # CONFIG disabled or renamed (managed Redis): INFO instead
+                memory, persistence = await _round_trip(
+                    target, [("INFO", "memory"), ("INFO", "persistence")]
+                )
+                if isinstance(memory, Exception) or isinstance(persistence, Exception):
+                    raise memory if isinstance(memory, Exception) else persistence
+                info = _info(memory) | _info(persistence)
+                policy = info.get("maxmemory_policy") or None
+                appendonly = "yes" if info.get("aof_enabled") == "1" else "no"
+            else:
+                values: dict[str, str] = {}
+                for reply in found:  # a map (RESP3, some parsers) or [name, value]
+                    pairs = reply.items() if isinstance(reply, dict) else [tuple(reply)]
+                    values |= {_text(name): _text(value) for name, value in pairs}
+                policy, appendonly = values.get("maxmemory-policy"), values.get("appendonly")
         except (RedisError, OSError) as exc:
-            log.warning("cannot read the Redis settings: %s", exc)
+            log.warning("cannot read the Redis settings%s: %s", where, exc)
         if policy is not None and policy not in SAFE_POLICIES:
             log.warning(
-                "Redis maxmemory-policy is %r: at maxmemory Redis may evict pending messages "
+                "Redis maxmemory-policy is %r%s: at maxmemory Redis may evict pending messages "
                 "silently; set maxmemory-policy noeviction (docs/redis.md)",
                 policy,
+                where,
             )
         if appendonly == "no":
             log.warning(
-                "Redis appendonly is off: a Redis crash loses what was accepted since the "
-                "last snapshot; set appendonly yes (docs/redis.md)"
+                "Redis appendonly is off%s: a Redis crash loses what was accepted since the "
+                "last snapshot; set appendonly yes (docs/redis.md)",
+                where,
             )
 
     async def close(self) -> None:
         """Send what is submitted, then close the connections (again: does nothing)."""
         while self._senders:
             await asyncio.gather(*self._senders, return_exceptions=True)
+        if self._refresh is not None:
+            await asyncio.gather(self._refresh, return_exceptions=True)
         client, self._redis = self._redis, None
         if client is not None:
             await client.aclose()
+        nodes, self._nodes = self._nodes, None
+        if nodes is not None:
+            await nodes.aclose()
 
     def healthy(self) -> bool:
-        """Whether the last batch reached Redis and every command in it succeeded."""
-        return self._healthy
+        """Whether the last batch sent to each Redis (each master of a cluster) reached it
+        and every command in it succeeded."""
+        return not self._failing
 
     async def check(self) -> bool:
-        """Write a probe key (bounded by ``busy_timeout``); updates :meth:`healthy`."""
+        """Write a probe key (on every master of a cluster), bounded by ``busy_timeout``;
+        updates :meth:`healthy`."""
+        now = _time(time.time())
+        if self._nodes is None:
+            probes = [f"{self.prefix}{{g}}:probe"]
+        else:
+            probes = _probe_keys(self._nodes, self.prefix)
         try:
-            await self._call("SET", f"{self.prefix}{{g}}:probe", _time(time.time()))
+            await self._all([self._call("SET", key, now, key=key) for key in probes])
         except StoreUnavailable:
             return False
         return True
 
     # -- batches: what is submitted in one loop pass goes in one pipeline -------------
 
-    def _call(self, *command: Any, script: str | None = None) -> asyncio.Future[Any]:
-        """Queue one command; the future gets its reply or StoreUnavailable."""
-        if self._redis is None:
+    def _call(self, *command: Any, script: str | None = None, key: str = "") -> asyncio.Future[Any]:
+        """Queue one command; the future gets its reply or StoreUnavailable.
+
+        ``key``: on a cluster, a key of the command's slot (where it is sent).
+        """
+        if self._redis is None and self._nodes is None:
             raise StoreUnavailable("store is not open")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._outbox.append(_Op(command, script, future))
+        slot = key_slot(key.encode()) if self.cluster else -1
+        self._outbox.append(_Op(command, script, future, slot))
         if not self._starting and len(self._senders) < self.connections:
             # It starts on the next loop pass: the commands of this pass join its batch.
             self._starting = True
@@ -829,8 +1207,32 @@ class RedisStore:
             sender.add_done_callback(self._senders.discard)
         return future
 
-    def _script(self, name: str, *args: Any) -> asyncio.Future[Any]:
-        return self._call("EVALSHA", SCRIPTS[name][1], 0, self.prefix, *args, script=name)
+    def _script(self, name: str, *args: Any, key: str = "") -> asyncio.Future[Any]:
+        """EVALSHA the script ``name``; on a cluster it goes to the slot of ``key``, which
+        every key it touches shares (declared, so a moved slot is answered MOVED)."""
+        if not self.cluster:
+            return self._call("EVALSHA", SCRIPTS[name][1], 0, self.prefix, *args, script=name)
+        return self._call(
+            "EVALSHA", SCRIPTS[name][1], 1, key, self.prefix, *args, script=name, key=key
+        )
+
+    async def _all(self, futures: Sequence[asyncio.Future[Any]]) -> list[Any]:
+        """Await every one (none is left unretrieved); raise the first failure."""
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return results
+
+    def _later(self, future: asyncio.Future[Any]) -> None:
+        """A write nobody waits for (a derived figure): its failure is only logged."""
+        self._background.add(future)
+        future.add_done_callback(self._forget)
+
+    def _forget(self, future: asyncio.Future[Any]) -> None:
+        self._background.discard(future)
+        if not future.cancelled() and future.exception() is not None:
+            log.warning("Redis store: an index update failed: %s", future.exception())
 
     async def _send(self) -> None:
         """Send the outbox as one pipeline (one round trip), again until it is empty.
@@ -838,25 +1240,81 @@ class RedisStore:
         Up to ``connections`` senders run at once, so batches of operations submitted
         while others are in flight need not wait for them; operations of
         different batches are therefore not ordered (each caller awaits its own).
+        On a cluster a batch is one pipeline per master, sent to all at once.
         """
         self._starting = False
-        client = self._redis
-        while self._outbox and client is not None:
-            batch, self._outbox = self._outbox, []
-            await self._pipeline(client, batch)
+        while self._outbox:
+            if self._redis is not None:
+                batch, self._outbox = self._outbox, []
+                await self._pipeline(self._redis, "", batch)
+            elif self._nodes is not None:
+                batch, self._outbox = self._outbox, []
+                await self._cluster_batch(self._nodes, batch)
+            else:
+                break
 
-    async def _pipeline(self, client: aioredis.Redis, batch: list[_Op]) -> None:
+    async def _cluster_batch(self, client: RedisCluster, batch: list[_Op]) -> None:
+        """``batch`` grouped by the master of each slot, one pipeline to each at once.
+
+        Commands answered MOVED (their slot moved: not run) are sent once more after a
+        topology refresh; a second MOVED, an ASK (a slot being migrated) or a master
+        that cannot be reached fails those operations with StoreUnavailable.
+        """
+        moved = await self._route(client, batch, redirect=True)
+        if moved:
+            await self._refresh_topology(client, at_once=True)
+            await self._route(client, moved, redirect=False)
+
+    async def _route(self, client: RedisCluster, ops: list[_Op], *, redirect: bool) -> list[_Op]:
+        groups: dict[str, tuple[ClusterNode, list[_Op]]] = {}
+        for op in ops:
+            try:
+                node = client.nodes_manager.get_node_from_slot(op.slot)
+            except RedisClusterException as exc:  # slot not covered
+                _settle(op, StoreUnavailable(f"Redis Cluster: {exc}"))
+                continue
+            groups.setdefault(node.name, (node, []))[1].append(op)
+        sent = [
+            self._pipeline(node, name, group, redirect) for name, (node, group) in groups.items()
+        ]
+        moved = await asyncio.gather(*sent)
+        return [op for group in moved for op in group]
+
+    async def _refresh_topology(self, client: RedisCluster, *, at_once: bool = False) -> None:
+        """Ask the cluster which master serves which slots again (one at a time)."""
+        if self._refresh is None:
+            if not at_once and time.monotonic() - self._refreshed < REFRESH_INTERVAL:
+                return
+            self._refreshed = time.monotonic()
+            self._refresh = asyncio.get_running_loop().create_task(self._reinitialize(client))
+        refresh = self._refresh
+        if at_once:
+            await asyncio.gather(refresh, return_exceptions=True)
+
+    async def _reinitialize(self, client: RedisCluster) -> None:
+        try:
+            await asyncio.wait_for(client.nodes_manager.initialize(), self.busy_timeout)
+        except (RedisError, OSError, TimeoutError) as exc:
+            log.warning("Redis Cluster: cannot refresh the slot map: %s", exc)
+        finally:
+            self._refresh = None
+
+    async def _pipeline(
+        self, target: _Target, name: str, batch: list[_Op], redirect: bool = False
+    ) -> list[_Op]:
+        """One round trip to ``target`` (named ``name`` in the health set); returns the
+        operations answered MOVED when ``redirect`` (not settled), else none."""
         replies: list[Any]
         # WAIT rides in the same round trip, after the batch's writes.
         wait = ("WAIT", self.min_replicas, max(1, int(self.replica_timeout * 1000)))
         tail = [wait] if self.min_replicas else []
         try:
-            replies = await _round_trip(client, [*(op.command for op in batch), *tail])
+            replies = await _round_trip(target, [*(op.command for op in batch), *tail])
             confirmed = replies.pop() if tail else 0
             missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
             if missing:  # Redis restarted without our scripts: load them, run those again
-                await _load_scripts(client)
-                again = await _round_trip(client, [*(batch[i].command for i in missing), *tail])
+                await _load_scripts(target)
+                again = await _round_trip(target, [*(batch[i].command for i in missing), *tail])
                 confirmed = again.pop() if tail else 0
                 for i, reply in zip(missing, again, strict=True):
                     replies[i] = reply
@@ -866,29 +1324,40 @@ class RedisStore:
                     f"{self.replica_timeout:g} s"
                 )
         except Exception as exc:  # RedisError, OSError, or a bug: fail the batch, never hang
-            if self._healthy:
-                log.error("Redis store unavailable, nothing of this batch reported done: %s", exc)
-            self._healthy = False
+            if not self._failing:
+                log.error(
+                    "Redis store unavailable%s, nothing of this batch reported done: %s",
+                    f" ({name})" if name else "",
+                    exc,
+                )
+            self._failing.add(name)
             error = StoreUnavailable(f"Redis: {exc}")
             for op in batch:
                 _settle(op, error)
-            return
+            if self._nodes is not None:  # a master down or failed over: look again soon
+                await self._refresh_topology(self._nodes)
+            return []
         self._batches += 1
         self._operations += len(batch)
         failed: list[str] = []
+        moved: list[_Op] = []
         for op, reply in zip(batch, replies, strict=True):
-            if isinstance(reply, Exception):  # e.g. OOM at maxmemory: this command only
+            if redirect and isinstance(reply, MovedError):
+                moved.append(op)
+            elif isinstance(reply, Exception):  # e.g. OOM at maxmemory: this command only
                 failed.append(f"{op.script or op.command[0]}: {reply}")
                 _settle(op, StoreUnavailable(f"Redis: {reply}"))
             else:
                 _settle(op, None, reply)
         if failed:
-            if self._healthy:  # once per outage, as for a failed batch
+            if not self._failing:  # once per outage, as for a failed batch
                 log.error("Redis store commands failed (%d), e.g. %s", len(failed), failed[0])
-            self._healthy = False
-        elif not self._healthy:
-            log.warning("Redis store operations succeed again")
-            self._healthy = True
+            self._failing.add(name)
+        elif name in self._failing:
+            self._failing.discard(name)
+            if not self._failing:
+                log.warning("Redis store operations succeed again")
+        return moved
 
     # -- inbox ------------------------------------------------------------------
 
@@ -901,8 +1370,14 @@ class RedisStore:
         expires_at: float,
         idempotency: IdempotencyKey | None = None,
     ) -> None:
-        """Persist a message and one pending delivery per recipient: one EVALSHA."""
+        """Persist a message and one pending delivery per recipient: one EVALSHA (on a
+        cluster: one per slot, then the idempotency key)."""
         users = list(dict.fromkeys(recipients))
+        if self.cluster:
+            await self._cluster_accept(
+                message_id, message_type, frame, users, expires_at, idempotency, len(recipients)
+            )
+            return
         args: list[Any] = [message_id, message_type, frame, _time(expires_at)]
         args += [int(expires_at * 1000), len(users), *users]
         if idempotency is not None:
@@ -922,6 +1397,8 @@ class RedisStore:
 
     async def pending(self, user: str, after_id: str, limit: int) -> list[PendingMessage]:
         """The oldest pending deliveries of ``user`` after ``after_id``."""
+        if self.cluster:
+            return await self._cluster_pending(user, after_id, limit)
         flat = await self._script("pending", user, after_id, limit)
         return [
             PendingMessage(
@@ -939,6 +1416,8 @@ class RedisStore:
         wanted = list(dict.fromkeys(ids))
         if not wanted:
             return AckResult(acked=[])
+        if self.cluster:
+            return await self._cluster_ack(user, wanted)
         flat = await self._script("ack", user, _time(time.time()), *wanted)
         acked = [(_text(flat[i]), _text(flat[i + 1])) for i in range(3, len(flat), 2)]
         return AckResult(
@@ -948,11 +1427,13 @@ class RedisStore:
     async def record_attempts(self, user: str, attempts: Sequence[tuple[str, int]]) -> None:
         """Store send counts (never lowering them)."""
         if attempts:
-            await self._script("attempts", user, *(v for pair in attempts for v in pair))
+            await self._script(
+                "attempts", user, *(v for pair in attempts for v in pair), key=self._u(user, "a")
+            )
 
     async def stats(self) -> StoreStats:
         """Pending deliveries and the oldest one's creation time (O(1) in Redis)."""
-        count, oldest = await self._script("stats")
+        count, oldest = await self._script("stats", key=self._g("pending"))
         first = _text(oldest).split("\n", 1)[0]
         return StoreStats(int(count), ids.timestamp_ms(first) if first else None)
 
@@ -961,6 +1442,8 @@ class RedisStore:
         wanted = list(dict.fromkeys(ids))
         if not wanted:
             return {}
+        if self.cluster:
+            return await self._cluster_frames(wanted)
         flat = await self._script("frames", *wanted)
         return {
             _text(flat[i]): (_text(flat[i + 1]), bytes(flat[i + 2])) for i in range(0, len(flat), 3)
@@ -973,6 +1456,8 @@ class RedisStore:
         if not ids:
             return []
         now = time.time()
+        if self.cluster:
+            return await self._cluster_dead_letter(user, ids, reason, now)
         flat = await self._script("dead_letter", user, reason, _time(now), *ids)
         return [
             DeadLetter(user, _text(flat[i]), _text(flat[i + 1]), bytes(flat[i + 2]), reason, now)
@@ -988,6 +1473,12 @@ class RedisStore:
         dead: list[DeadLetter] = []
         args = (_time(now), _time(now - ACKED_RETENTION), _time(now - retention), SWEEP_CHUNK)
         for _ in range(SWEEP_STEPS):
+            if self.cluster:
+                letters, more = await self._cluster_sweep(now, retention)
+                dead += letters
+                if not more:
+                    break
+                continue
             flat = await self._script("sweep", *args)
             for i in range(3, len(flat), 4):
                 dead.append(
@@ -1008,6 +1499,8 @@ class RedisStore:
         """``user``'s dead letters, oldest first."""
         if limit <= 0:
             return []
+        if self.cluster:
+            return await self._cluster_dead_letters(user, limit)
         flat = await self._script("dead_letters", user, limit)
         letters = []
         for i in range(0, len(flat), 4):
@@ -1028,6 +1521,8 @@ class RedisStore:
         """Make dead letters pending again with fresh attempts and TTL."""
         if not ids:
             return []
+        if self.cluster:
+            return await self._cluster_requeue(user, ids, expires_at)
         done = await self._script("requeue", user, _time(expires_at), *ids)
         return [_text(i) for i in done]
 
@@ -1035,6 +1530,8 @@ class RedisStore:
         """Delete dead letters of ``user``."""
         if not ids:
             return 0
+        if self.cluster:
+            return await self._cluster_delete_dead(user, list(dict.fromkeys(ids)))
         return int(await self._script("delete_dead", user, *dict.fromkeys(ids)))
 
     # -- idempotency keys, revocations --------------------------------------------
@@ -1042,7 +1539,9 @@ class RedisStore:
     async def idempotent_result(self, client: str, key: str, now: float) -> IdempotentResult | None:
         """What ``client``'s request with ``key`` created, unless unknown or expired."""
         name = f"{self.prefix}{{i:{client}}}:{key}"
-        fp, message_id, count, expires = await self._call("HMGET", name, "fp", "id", "n", "e")
+        fp, message_id, count, expires = await self._call(
+            "HMGET", name, "fp", "id", "n", "e", key=name
+        )
         if message_id is None or float(expires) <= now:
             return None
         return IdempotentResult(_text(message_id), int(count), _text(fp))
@@ -1056,6 +1555,7 @@ class RedisStore:
             "" if revocation.until is None else _time(revocation.until),
             _time(revocation.created_at),
             "" if revocation.expires_at is None else _time(revocation.expires_at),
+            key=self._g("rev"),
         )
         return Revocation(
             revocation.kind,
@@ -1067,7 +1567,7 @@ class RedisStore:
 
     async def revocations(self, now: float) -> list[Revocation]:
         """Every revocation not expired at ``now``, oldest first."""
-        flat = await self._call("HGETALL", f"{self.prefix}{{g}}:rev")
+        flat = await self._call("HGETALL", self._g("rev"), key=self._g("rev"))
         stored = dict(zip(flat[::2], flat[1::2], strict=True)) if isinstance(flat, list) else flat
         found = []
         for field, value in stored.items():
@@ -1115,7 +1615,7 @@ class RedisStore:
         parts = _split_template(template, offset_mark.encode(), epoch_mark.encode())
         if parts is not None:
             mode, a, b, c = parts
-            offset, epoch = await self._script("append", *head, mode, a, b, c)
+            offset, epoch, *_ = await self._appended(head, mode, a, b, c)
             epoch = _text(epoch)
             o = b"%d" % int(offset)
             e = epoch.encode()
@@ -1125,7 +1625,7 @@ class RedisStore:
         epoch, top = page.epoch or _text(head[4]), page.top
         for _ in range(APPEND_TRIES):
             frame = encode(top + 1, epoch)
-            reply = await self._script("append", *head, "cas", frame, "", "", epoch, top)
+            reply = await self._appended(head, "cas", frame, "", "", epoch, top)
             if int(reply[0]):
                 return Appended(int(reply[0]), epoch, frame)
             epoch, top = _text(reply[1]), int(reply[2])
@@ -1142,6 +1642,7 @@ class RedisStore:
             limit,
             "1" if reverse else "",
             _time(time.time()),
+            key=self._r(room, "h"),
         )
         entries = []
         for member in flat[3:]:
@@ -1151,6 +1652,8 @@ class RedisStore:
 
     async def trim_history(self, now: float) -> HistoryStats:
         """Drop expired entries and forgotten epochs, SWEEP_CHUNK rooms per script."""
+        if self.cluster:
+            return await self._cluster_trim_history(now)
         for _ in range(SWEEP_STEPS):
             looked, rooms, entries = await self._script("trim_history", _time(now), SWEEP_CHUNK)
             if int(looked) < SWEEP_CHUNK:
@@ -1164,6 +1667,8 @@ class RedisStore:
     ) -> SubscribeResult:
         """Store a subscription (its endpoint moves to this user) unless at ``limit``."""
         sub = subscription
+        if self.cluster:
+            return await self._cluster_add_push(sub, limit)
         result = _text(
             await self._script(
                 "push_add",
@@ -1181,10 +1686,14 @@ class RedisStore:
 
     async def remove_push_subscription(self, user: str, endpoint: str) -> bool:
         """Delete ``user``'s subscription with ``endpoint``."""
+        if self.cluster:
+            return await self._cluster_remove_push(user, endpoint)
         return bool(int(await self._script("push_remove", user, endpoint)))
 
     async def push_subscriptions(self, user: str) -> list[PushSubscription]:
         """``user``'s subscriptions, oldest first (ties by endpoint)."""
+        if self.cluster:
+            return await self._cluster_push_list(user)
         flat = await self._script("push_list", user)
         return [
             PushSubscription(
@@ -1195,16 +1704,434 @@ class RedisStore:
 
     async def count_push_subscriptions(self) -> int:
         """Every user's subscriptions together."""
-        count = await self._call("GET", f"{self.prefix}{{g}}:push")
+        count = await self._call("GET", self._g("push"), key=self._g("push"))
         return 0 if count is None else int(count)
 
+    # -- Redis Cluster: the operations split by slot --------------------------------
+    #
+    # Each operation below is the one-Redis operation of the same name cut into
+    # scripts of one slot each (docs/redis.md, "Store on a cluster"): the scripts of
+    # one step go out together (one pipeline per master, in the same loop pass as
+    # every other caller's), the steps one after the other. The per-user keys are
+    # the truth; the {g} indexes are written with or before them on additions and
+    # after them on removals, so they only over-approximate.
 
-async def _load_scripts(client: aioredis.Redis) -> None:
+    def _u(self, user: str, what: str) -> str:
+        return f"{self.prefix}{{u:{user}}}:{what}"
+
+    def _m(self, message_id: str) -> str:
+        return f"{self.prefix}{{m:{message_id}}}"
+
+    def _g(self, what: str) -> str:
+        return f"{self.prefix}{{g}}:{what}"
+
+    def _groups(self, users: Sequence[str]) -> list[tuple[str, list[str]]]:
+        """``users`` by slot: (a key of the slot, the users hashed to it)*, in order."""
+        groups: dict[int, tuple[str, list[str]]] = {}
+        for user in users:
+            key = self._u(user, "p")
+            groups.setdefault(key_slot(key.encode()), (key, []))[1].append(user)
+        return list(groups.values())
+
+    def _index(self, entries: Sequence[tuple[str, str, Any, str]]) -> asyncio.Future[Any]:
+        """Update the {g} indexes: (verb, key name, score, member)*, removals first."""
+        ordered = sorted(entries, key=lambda entry: entry[0] != "r")
+        args = [value for entry in ordered for value in entry]
+        return self._script("c_index", *args, key=self._g("pending"))
+
+    async def _messages(self, message_ids: Sequence[str], *fields: str) -> list[list[Any]]:
+        """``HMGET`` of each message's hash (each its own slot): one step."""
+        calls = [self._call("HMGET", self._m(i), *fields, key=self._m(i)) for i in message_ids]
+        return await self._all(calls)
+
+    async def _cluster_accept(
+        self,
+        message_id: str,
+        message_type: str,
+        frame: bytes,
+        users: list[str],
+        expires_at: float,
+        idempotency: IdempotencyKey | None,
+        recipients: int,
+    ) -> None:
+        """The message, the index entries and each slot's inbox entries at once; then
+        the idempotency key, only once all of them are written."""
+        e = _time(expires_at)
+        message = self._m(message_id)
+        calls = [
+            self._script(
+                "c_message",
+                message_id,
+                message_type,
+                frame,
+                e,
+                int(expires_at * 1000),
+                len(users),
+                key=message,
+            )
+        ]
+        if users:
+            members = [f"{message_id}\n{user}" for user in users]
+            calls.append(
+                self._index(
+                    [("a", "pending", 0, m) for m in members]
+                    + [("a", "expiry", e, m) for m in members]
+                )
+            )
+            for key, group in self._groups(users):
+                calls.append(self._script("c_inbox", message_id, *group, key=key))
+        await self._all(calls)
+        if idempotency is not None:
+            name = f"{self.prefix}{{i:{idempotency.client}}}:{idempotency.key}"
+            await self._script(
+                "c_idempotency",
+                idempotency.client,
+                idempotency.key,
+                idempotency.fingerprint,
+                _time(idempotency.expires_at),
+                int(idempotency.expires_at * 1000),
+                message_id,
+                recipients,
+                key=name,
+            )
+
+    async def _cluster_pending(self, user: str, after_id: str, limit: int) -> list[PendingMessage]:
+        flat = await self._script("c_pending", user, after_id, limit, key=self._u(user, "p"))
+        found = [_text(flat[i]) for i in range(0, len(flat), 2)]
+        messages = await self._messages(found, "t", "f", "e")
+        return [
+            PendingMessage(message_id, _text(m[0]), bytes(m[1]), int(flat[2 * i + 1]), float(m[2]))
+            for i, (message_id, m) in enumerate(zip(found, messages, strict=True))
+            if m[0] is not None  # an orphan of a half-failed accept: not a message
+        ]
+
+    async def _cluster_ack(self, user: str, wanted: list[str]) -> AckResult:
+        flat = await self._script("c_ack", user, *wanted, key=self._u(user, "p"))
+        repeated, count = int(flat[0]), int(flat[1])
+        acked = [_text(i) for i in flat[2 : 2 + count]]
+        others = [_text(i) for i in flat[2 + count :]]
+        now = _time(time.time())
+        members = [f"{i}\n{user}" for i in acked]
+        entries = [("r", "pending", 0, m) for m in members] + [
+            ("r", "expiry", 0, m) for m in members
+        ]
+        calls = [self._call("HGET", self._m(i), "t", key=self._m(i)) for i in acked + others]
+        if acked:
+            calls.append(self._index(entries + [("a", "acked", now, m) for m in members]))
+        kinds = await self._all(calls)
+        foreign = sum(1 for kind in kinds[count : count + len(others)] if kind is not None)
+        return AckResult(
+            acked=[(i, _text(kind or b"")) for i, kind in zip(acked, kinds, strict=False)],
+            repeated=repeated,
+            foreign=foreign,
+            unknown=len(others) - foreign,
+        )
+
+    async def _cluster_frames(self, wanted: list[str]) -> dict[str, tuple[str, bytes]]:
+        messages = await self._messages(wanted, "t", "f")
+        return {
+            i: (_text(m[0]), bytes(m[1]))
+            for i, m in zip(wanted, messages, strict=True)
+            if m[0] is not None
+        }
+
+    async def _cluster_dead_letter(
+        self, user: str, ids: Sequence[str], reason: str, now: float
+    ) -> list[DeadLetter]:
+        at = _time(now)
+        moved = [
+            _text(i)
+            for i in await self._script("c_dead", user, reason, at, *ids, key=self._u(user, "p"))
+        ]
+        if not moved:
+            return []
+        members = [f"{i}\n{user}" for i in moved]
+        index = self._index(
+            [("r", "pending", 0, m) for m in members]
+            + [("r", "expiry", 0, m) for m in members]
+            + [("a", "dead", at, m) for m in members]
+        )
+        found = [self._call("HMGET", self._m(i), "t", "f", key=self._m(i)) for i in moved]
+        messages = await self._all([*found, index])
+        return [
+            DeadLetter(user, i, _text(m[0] or b""), bytes(m[1] or b""), reason, now)
+            for i, m in zip(moved, messages, strict=False)
+        ]
+
+    async def _cluster_dead_letters(self, user: str, limit: int) -> list[DeadLetter]:
+        flat = await self._script("c_dead_letters", user, limit, key=self._u(user, "p"))
+        found = [_text(flat[i]) for i in range(0, len(flat), 2)]
+        messages = await self._messages(found, "t", "f")
+        letters = []
+        for i, (message_id, m) in enumerate(zip(found, messages, strict=True)):
+            reason, _, dead_at = _text(flat[2 * i + 1]).partition("\n")
+            letters.append(
+                DeadLetter(
+                    user,
+                    message_id,
+                    _text(m[0] or b""),
+                    bytes(m[1] or b""),
+                    reason,
+                    float(dead_at),
+                )
+            )
+        return letters
+
+    async def _cluster_requeue(self, user: str, ids: Sequence[str], expires_at: float) -> list[str]:
+        e = _time(expires_at)
+        moved = [
+            _text(i) for i in await self._script("c_requeue", user, *ids, key=self._u(user, "p"))
+        ]
+        if not moved:
+            return []
+        members = [f"{i}\n{user}" for i in moved]
+        calls = [self._script("c_extend", i, e, key=self._m(i)) for i in moved]
+        calls.append(
+            self._index(
+                [("r", "dead", 0, m) for m in members]
+                + [("a", "pending", 0, m) for m in members]
+                + [("a", "expiry", e, m) for m in members]  # the sweep re-scores later ones
+            )
+        )
+        await self._all(calls)
+        return moved
+
+    async def _cluster_delete_dead(self, user: str, ids: list[str]) -> int:
+        gone = [
+            _text(i)
+            for i in await self._script("c_delete_dead", user, *ids, key=self._u(user, "p"))
+        ]
+        if gone:
+            calls = [self._script("c_unref", i, key=self._m(i)) for i in gone]
+            calls.append(self._index([("r", "dead", 0, f"{i}\n{user}") for i in gone]))
+            await self._all(calls)
+        return len(gone)
+
+    async def _cluster_sweep(self, now: float, retention: float) -> tuple[list[DeadLetter], bool]:
+        """One step of :meth:`expire`; also whether a kind filled its chunk."""
+        at = _time(now)
+        flat = await self._script(
+            "c_sweep_due",
+            at,
+            _time(now - ACKED_RETENTION),
+            _time(now - retention),
+            SWEEP_CHUNK,
+            key=self._g("expiry"),
+        )
+        counts = [int(flat[0]), int(flat[1]), int(flat[2])]
+        members = [_text(m) for m in flat[3:]]
+        due, acks, dead = (
+            members[: counts[0]],
+            members[counts[0] : counts[0] + counts[1]],
+            members[counts[0] + counts[1] :],
+        )
+        split = [tuple(m.split("\n", 1)) for m in due]
+        distinct = list(dict.fromkeys(i for i, _ in split))
+        messages = dict(zip(distinct, await self._messages(distinct, "e", "t", "f"), strict=True))
+        entries: dict[str, tuple[str, list[tuple[str, str, str, str]]]] = {}  # by slot
+
+        def add(kind: str, member: str) -> None:
+            message_id, user = member.split("\n", 1)
+            key = self._u(user, "p")
+            slot = str(key_slot(key.encode()))
+            entries.setdefault(slot, (key, []))[1].append((kind, user, message_id, member))
+
+        index: list[tuple[str, str, Any, str]] = []
+        for member, (message_id, _user) in zip(due, split, strict=True):
+            expiry = messages[message_id][0]
+            if expiry is not None and float(expiry) > now:  # requeued by another recipient
+                index.append(("a", "expiry", _text(expiry), member))
+            else:
+                add("e" if expiry is not None else "o", member)
+        for member in acks:
+            add("k", member)
+        for member in dead:
+            add("x", member)
+        groups = list(entries.values())
+        results = await self._all(
+            [
+                self._script(
+                    "c_sweep_users",
+                    at,
+                    *(v for kind, user, i, _ in group for v in (kind, user, i)),
+                    key=key,
+                )
+                for key, group in groups
+            ]
+        )
+        letters: list[DeadLetter] = []
+        unref: list[str] = []
+        for (_key, group), replies in zip(groups, results, strict=True):
+            for (kind, user, message_id, member), reply in zip(group, replies, strict=True):
+                result = _text(reply)
+                if kind in ("e", "o"):
+                    index += [("r", "expiry", 0, member), ("r", "pending", 0, member)]
+                    if result == "d":
+                        index.append(("a", "dead", at, member))
+                        _e, t, f = messages[message_id]
+                        letters.append(
+                            DeadLetter(
+                                user, message_id, _text(t or b""), bytes(f or b""), "ttl", now
+                            )
+                        )
+                    elif result in ("k", "x"):  # its index entry lagged (a step failed)
+                        index.append(("n", "acked" if result == "k" else "dead", at, member))
+                else:
+                    index.append(("r", "acked" if kind == "k" else "dead", 0, member))
+                    if result == "1":
+                        unref.append(message_id)
+        calls = [self._script("c_unref", i, key=self._m(i)) for i in unref]
+        if index:
+            calls.append(self._index(index))
+        await self._all(calls)
+        return letters, max(counts) >= SWEEP_CHUNK
+
+    async def _appended(self, head: list[Any], *rest: Any) -> Any:
+        """The append script's reply (on a cluster: the room's script, and the {g} index
+        after it, not waited for: it over-approximates, ``ZADD LT`` never delays the
+        sweep of a room already in it, and the count is a figure)."""
+        if not self.cluster:
+            return await self._script("append", *head, *rest)
+        room = head[0]
+        self._later(self._index([("l", "hrooms", head[3], room)]))
+        reply = await self._script("c_append", *head, *rest, key=self._r(room, "h"))
+        if int(reply[0]) and int(reply[2]):
+            self._later(self._index([("i", "hentries", int(reply[2]), "")]))
+        return reply
+
+    def _r(self, room: str, what: str) -> str:
+        return f"{self.prefix}{{r:{room}}}:{what}"
+
+    async def _cluster_trim_history(self, now: float) -> HistoryStats:
+        at = _time(now)
+        index_key = self._g("hrooms")
+        for _ in range(SWEEP_STEPS):
+            due = await self._call(
+                "ZRANGEBYSCORE", index_key, "-inf", at, "LIMIT", 0, SWEEP_CHUNK, key=index_key
+            )
+            rooms: dict[int, tuple[str, list[str]]] = {}
+            for room in map(_text, due):
+                key = self._r(room, "h")
+                rooms.setdefault(key_slot(key.encode()), (key, []))[1].append(room)
+            groups = list(rooms.values())
+            results = await self._all(
+                [self._script("c_trim_rooms", at, *group, key=key) for key, group in groups]
+            )
+            index: list[tuple[str, str, Any, str]] = []
+            dropped = 0
+            for (_key, group), flat in zip(groups, results, strict=True):
+                for room, i in zip(group, range(0, len(flat), 2), strict=True):
+                    dropped += int(flat[i])
+                    score = _text(flat[i + 1])
+                    index.append(
+                        ("a", "hrooms", score, room) if score else ("r", "hrooms", 0, room)
+                    )
+            if dropped:
+                index.append(("i", "hentries", -dropped, ""))
+            if index:
+                await self._index(index)
+            if len(due) < SWEEP_CHUNK:
+                break
+        count, entries = await self._all(
+            [
+                self._call("ZCARD", index_key, key=index_key),
+                self._call("GET", self._g("hentries"), key=index_key),
+            ]
+        )
+        return HistoryStats(int(count), max(0, int(entries or 0)))
+
+    async def _cluster_add_push(self, sub: PushSubscription, limit: int) -> SubscribeResult:
+        """The user's cap (taken in the user's slot), then the endpoint's hash, then the
+        previous owner's list and the count."""
+        claim = _text(
+            await self._script(
+                "c_push_claim",
+                sub.user,
+                sub.endpoint,
+                _time(sub.created_at),
+                limit,
+                key=self._u(sub.user, "w"),
+            )
+        )
+        if claim == "limit":
+            return "limit"
+        endpoint = f"{self.prefix}{{w:{sub.endpoint}}}"
+        owner = _text(
+            await self._script(
+                "c_push_put",
+                sub.endpoint,
+                sub.user,
+                sub.p256dh,
+                sub.auth,
+                _time(sub.created_at),
+                key=endpoint,
+            )
+        )
+        if owner == sub.user:
+            return "updated"
+        if owner:  # the browser changed hands
+            previous = self._u(owner, "w")
+            await self._call("ZREM", previous, sub.endpoint, key=previous)
+        else:
+            await self._index([("i", "push", 1, "")])
+        return "created"
+
+    async def _cluster_remove_push(self, user: str, endpoint: str) -> bool:
+        name = f"{self.prefix}{{w:{endpoint}}}"
+        removed = bool(int(await self._script("c_push_drop", endpoint, user, key=name)))
+        mine = self._u(user, "w")
+        calls = [self._call("ZREM", mine, endpoint, key=mine)]
+        if removed:
+            calls.append(self._index([("i", "push", -1, "")]))
+        await self._all(calls)
+        return removed
+
+    async def _cluster_push_list(self, user: str) -> list[PushSubscription]:
+        mine = self._u(user, "w")
+        endpoints = [_text(e) for e in await self._call("ZRANGE", mine, 0, -1, key=mine)]
+        names = [f"{self.prefix}{{w:{e}}}" for e in endpoints]
+        found = await self._all([self._call("HMGET", n, "k", "a", "c", key=n) for n in names])
+        return [
+            PushSubscription(user, e, _text(s[0]), _text(s[1]), float(s[2]))
+            for e, s in zip(endpoints, found, strict=True)
+            if s[0] is not None
+        ]
+
+
+async def _load_scripts(target: _Target) -> None:
     """``SCRIPT LOAD`` every script (at open, and after Redis forgot them)."""
-    async with client.pipeline(transaction=False) as pipe:
-        for source, _sha in SCRIPTS.values():
-            pipe.script_load(source)
-        await pipe.execute()
+    replies = await _round_trip(
+        target, [("SCRIPT", "LOAD", source) for source, _ in SCRIPTS.values()]
+    )
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+
+
+def _info(reply: Any) -> dict[str, str]:
+    """An ``INFO`` reply's ``name:value`` lines."""
+    fields = {}
+    for line in _text(reply).splitlines():
+        name, sep, value = line.partition(":")
+        if sep and not name.startswith("#"):
+            fields[name.strip()] = value.strip()
+    return fields
+
+
+def _probe_keys(client: RedisCluster, prefix: str) -> list[str]:
+    """One key per master (``P{g:<n>}:probe``, the first ``n`` whose slot it serves)."""
+    keys = []
+    for node in client.get_primaries():
+        for n in range(100_000):
+            key = f"{prefix}{{g:{n}}}:probe"
+            try:
+                owner = client.nodes_manager.get_node_from_slot(key_slot(key.encode()))
+            except RedisClusterException:
+                continue
+            if owner.name == node.name:
+                keys.append(key)
+                break
+    return keys
 
 
 def _split_template(
@@ -1236,8 +2163,11 @@ def _settle(op: _Op, error: BaseException | None, value: Any = None) -> None:
         op.future.set_result(value)
 
 
-async def _round_trip(client: aioredis.Redis, commands: list[tuple[Any, ...]]) -> list[Any]:
+async def _round_trip(target: _Target, commands: list[tuple[Any, ...]]) -> list[Any]:
     """Send ``commands`` in one write on one pooled connection, read every reply.
+
+    ``target``: the one Redis's client or a cluster master (a ClusterNode: its own
+    connections, at most ``max_connections``).
 
     An error reply is returned in its place (a ResponseError); a timeout or a
     lost connection raises, and the connection is closed, so a command Redis
@@ -1245,8 +2175,12 @@ async def _round_trip(client: aioredis.Redis, commands: list[tuple[Any, ...]]) -
     before any reply (Redis restarted or killed it while it sat in the pool)
     is replaced and the commands sent once more.
     """
-    pool = client.connection_pool
-    conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+    node = target if isinstance(target, ClusterNode) else None
+    pool = None if node is not None else target.connection_pool  # type: ignore[union-attr]
+    if node is not None:
+        conn = node.acquire_connection()
+    else:
+        conn = await pool.get_connection()  # type: ignore[union-attr]
     packed = b"".join(map(_pack, commands))
     try:
         reused = conn.is_connected
@@ -1270,7 +2204,10 @@ async def _round_trip(client: aioredis.Redis, commands: list[tuple[Any, ...]]) -
         await conn.disconnect()  # replies may still be on the way: never reuse it
         raise
     finally:
-        await pool.release(conn)
+        if node is not None:
+            node.release(conn)
+        else:
+            await pool.release(conn)  # type: ignore[union-attr]
 
 
 async def _reply(conn: Any) -> Any:

@@ -11,7 +11,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
-from test_store_contract import REDIS, SQLITE, Implementation
+from test_store_contract import REDIS, REDIS_CLUSTER, SQLITE, Implementation
 
 from pushsvc.store import (
     PushSubscription,
@@ -22,7 +22,7 @@ from pushsvc.store import (
 )
 
 #: Store implementations with push subscriptions; the next one is one more entry.
-PUSH_IMPLEMENTATIONS = [SQLITE, REDIS]
+PUSH_IMPLEMENTATIONS = [SQLITE, REDIS, REDIS_CLUSTER]
 P256DH = "B" + "A" * 86  # the store keeps keys as given: no decoding here
 AUTH = "A" * 22
 

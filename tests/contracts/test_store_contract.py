@@ -105,8 +105,32 @@ REDIS = Implementation(
     fixture="redis_url",
 )
 
+
+@contextlib.contextmanager
+def _cluster_paused(url: str) -> Iterator[None]:
+    """Every master of the cluster postpones every write (as ``_redis_paused``)."""
+    hosts = urlsplit(url).netloc.split(",")
+    nodes = [f"redis://{host}/0" for host in hosts]
+    for node in nodes:
+        _redis_command(node, "CLIENT", "PAUSE", "30000", "WRITE")
+    try:
+        yield
+    finally:
+        for node in nodes:
+            _redis_command(node, "CLIENT", "UNPAUSE")
+
+
+#: The shared three-master Redis Cluster: every operation split by slot.
+REDIS_CLUSTER = Implementation(
+    "redis-cluster",
+    lambda redis_cluster_url: f"{redis_cluster_url}?prefix=contract:",
+    _cluster_paused,
+    StoreOptions(busy_timeout=0.5),
+    fixture="redis_cluster_url",
+)
+
 #: Every store implementation; the next one is one more entry.
-IMPLEMENTATIONS = [SQLITE, REDIS]
+IMPLEMENTATIONS = [SQLITE, REDIS, REDIS_CLUSTER]
 
 
 @pytest.fixture(params=IMPLEMENTATIONS, ids=lambda impl: impl.name)
