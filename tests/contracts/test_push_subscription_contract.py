@@ -11,7 +11,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
-from test_store_contract import REDIS, REDIS_CLUSTER, SQLITE, Implementation
+from test_store_contract import REDIS, REDIS_CLUSTER, SQLITE, Implementation, strict_slots
 
 from pushsvc.store import (
     PushSubscription,
@@ -46,8 +46,12 @@ def url(impl: Implementation, request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-async def open_store(impl: Implementation, url: str) -> AsyncIterator[Open]:
+async def open_store(
+    impl: Implementation, url: str, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Open]:
     opened: list[Store] = []
+    if impl.strict_slots:
+        strict_slots(monkeypatch)
 
     async def open_() -> Both:
         store = make_store(url, impl.options)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -23,6 +24,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from pushsvc.protocol import ids
+from pushsvc.store import redis as redis_store
 from pushsvc.store import (
     ACKED_RETENTION,
     IdempotencyKey,
@@ -56,6 +58,8 @@ class Implementation:
     options: StoreOptions = field(default_factory=lambda: StoreOptions(busy_timeout=0.05))
     #: The fixture whose value ``url`` gets: the test's tmp dir, or a server's URL.
     fixture: str = "tmp_path"
+    #: Redis Cluster: every script must touch keys of one slot (strict_slots).
+    strict_slots: bool = False
 
 
 def _sqlite_url(tmp_path: Path) -> str:
@@ -127,7 +131,25 @@ REDIS_CLUSTER = Implementation(
     _cluster_paused,
     StoreOptions(busy_timeout=0.5),
     fixture="redis_cluster_url",
+    strict_slots=True,
 )
+
+
+def strict_slots(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make Redis refuse any script that touches keys of two slots.
+
+    Redis 7 lets a script without flags reach keys of several slots when one
+    master serves them all (as a 3-master cluster often does), so the suite
+    alone would not catch a script spanning slots. With a ``#!lua`` shebang
+    Redis refuses that ("keys that do not hash to the same slot"). The store
+    runs its scripts without it (a flagged script is refused whole at
+    ``maxmemory``, an ack included), so the tests add it.
+    """
+    strict = {
+        name: (f"#!lua\n{source}", hashlib.sha1(f"#!lua\n{source}".encode()).hexdigest())
+        for name, (source, _sha) in redis_store.SCRIPTS.items()
+    }
+    monkeypatch.setattr(redis_store, "SCRIPTS", strict)
 
 #: Every store implementation; the next one is one more entry.
 IMPLEMENTATIONS = [SQLITE, REDIS, REDIS_CLUSTER]
@@ -146,10 +168,12 @@ def url(impl: Implementation, request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 async def open_store(
-    impl: Implementation, url: str
+    impl: Implementation, url: str, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[Callable[[], Awaitable[Store]]]:
     """Open a store on the test's url (again after a close); all are closed at teardown."""
     opened: list[Store] = []
+    if impl.strict_slots:
+        strict_slots(monkeypatch)
 
     async def open_() -> Store:
         store = make_store(url, impl.options)
