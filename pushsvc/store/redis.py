@@ -2179,6 +2179,7 @@ async def _round_trip(target: _Target, commands: list[tuple[Any, ...]]) -> list[
     pool = None if node is not None else target.connection_pool  # type: ignore[union-attr]
     if node is not None:
         conn = node.acquire_connection()
+        await node.disconnect_if_needed(conn)  # marked by a slot map refresh: reconnect
     else:
         conn = await pool.get_connection()  # type: ignore[union-attr]
     packed = b"".join(map(_pack, commands))

@@ -11,7 +11,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
-from test_store_contract import REDIS, REDIS_CLUSTER, SQLITE, Implementation, strict_slots
+from test_store_contract import REDIS, REDIS_CLUSTER, SQLITE, Implementation
 
 from pushsvc.store import (
     PushSubscription,
@@ -20,6 +20,7 @@ from pushsvc.store import (
     StoreUnavailable,
     make_store,
 )
+from redis_server import strict_slots
 
 #: Store implementations with push subscriptions; the next one is one more entry.
 PUSH_IMPLEMENTATIONS = [SQLITE, REDIS, REDIS_CLUSTER]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -24,7 +23,6 @@ from urllib.parse import urlsplit
 import pytest
 
 from pushsvc.protocol import ids
-from pushsvc.store import redis as redis_store
 from pushsvc.store import (
     ACKED_RETENTION,
     IdempotencyKey,
@@ -34,7 +32,7 @@ from pushsvc.store import (
     StoreUnavailable,
     make_store,
 )
-from redis_server import RedisServer
+from redis_server import RedisServer, strict_slots
 
 MINUTE = 60.0
 HOUR = 3600.0
@@ -134,22 +132,6 @@ REDIS_CLUSTER = Implementation(
     strict_slots=True,
 )
 
-
-def strict_slots(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make Redis refuse any script that touches keys of two slots.
-
-    Redis 7 lets a script without flags reach keys of several slots when one
-    master serves them all (as a 3-master cluster often does), so the suite
-    alone would not catch a script spanning slots. With a ``#!lua`` shebang
-    Redis refuses that ("keys that do not hash to the same slot"). The store
-    runs its scripts without it (a flagged script is refused whole at
-    ``maxmemory``, an ack included), so the tests add it.
-    """
-    strict = {
-        name: (f"#!lua\n{source}", hashlib.sha1(f"#!lua\n{source}".encode()).hexdigest())
-        for name, (source, _sha) in redis_store.SCRIPTS.items()
-    }
-    monkeypatch.setattr(redis_store, "SCRIPTS", strict)
 
 #: Every store implementation; the next one is one more entry.
 IMPLEMENTATIONS = [SQLITE, REDIS, REDIS_CLUSTER]
