@@ -56,19 +56,22 @@ Times are stored as the strings Python wrote (``repr`` of a float), so they
 come back exactly; Lua compares them with ``tonumber``.
 
 Cluster. A user's keys share the hash tag ``{u:<user>}``, a message's keys
-``{m:<id>}``, the global indexes ``{g}``. This class uses a standalone client
-(one primary; no Sentinel or Cluster URL yet), where a script may touch any
-key, so accept, ack and the sweep each update the user's keys, the message and
-the global indexes in one atomic script. On Redis Cluster the same keys spread
-over slots and each script would be split by slot: accept of a message for N
-recipients becomes one script for the message slot, one per recipient slot
-group (the users hashed to one slot) and one for ``{g}``, i.e. up to N + 2
-round trips, sent concurrently; the per-user keys are the truth and the global
-indexes are derived from them, written before the per-user script on additions
-and after it on removals, so the indexes only over-approximate (the sweep skips
-members whose delivery is gone; stats may count them until it has). The frame is stored once per
-message (``{m:<id>}``), not per recipient: memory O(frame + recipients), at
-the price of a second read on Cluster for :meth:`RedisStore.pending`.
+``{m:<id>}``, the global indexes ``{g}``. On one Redis (a standalone client, or the
+primary the sentinels name) a script may touch any key, so accept, ack and the
+sweep each update the user's keys, the message and the global indexes in one
+atomic script. With ``redis+cluster://`` (``self.cluster``) every script touches
+one slot and declares one of its keys (``EVALSHA sha 1 key``: a moved slot is
+answered MOVED, not run): the operations that span tags are the ``_cluster_*``
+methods, steps of ``c_*`` scripts, one slot each, sent together within a step (the
+commands of one loop pass go as one pipeline per master, to every master at once:
+:meth:`RedisStore._cluster_batch`). The per-user keys are the truth; the global
+indexes are written with or before them on additions and after them on removals,
+so the indexes only over-approximate (the sweep skips members whose delivery is
+gone and repairs those a failed step left behind). An accept is reported only once
+every script of it succeeded, the idempotency key last; docs/redis.md, "Store on a
+cluster", lists the steps and what a half-failed operation leaves. The frame is
+stored once per message (``{m:<id>}``), not per recipient: memory O(frame +
+recipients), at the price of a second read on Cluster for :meth:`RedisStore.pending`.
 
 Failures. Every command is bounded by ``busy_timeout`` (socket connect and
 reply); an operation queued behind a pipeline that is timing out waits for it
