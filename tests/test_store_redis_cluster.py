@@ -12,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
 
 import pytest
 from redis.crc import key_slot
 
+from conftest import Server
 from pushsvc.protocol import ids
 from pushsvc.store import Store, StoreOptions, StoreUnavailable, make_store
 from pushsvc.store.redis import RedisStore
@@ -289,5 +291,48 @@ async def test_check_probes_every_master(cluster: RedisClusterSetup) -> None:
         assert await store.check()
         for node in cluster.nodes:
             assert any(k.endswith(":probe") for k in keys(node))
+    finally:
+        await store.close()
+
+
+async def test_two_nodes_share_an_inbox_on_the_cluster(
+    start_server: Any, cluster: RedisClusterSetup
+) -> None:
+    """Accepted on node A, delivered by node B from the cluster, acked on B: settled for A."""
+    url = f"{cluster.url}?prefix={PREFIX}"
+    node_a: Server = await start_server(store={"url": url})
+    node_b: Server = await start_server(store={"url": url})
+    sender = await node_a.connect("sam")
+    readers = ["rita", "ravi", "rosa", "rudy", "ruth", "remy"]  # spread over the masters
+    for n, user in enumerate(readers):
+        await sender.send({"type": "private", "to": user, "text": f"hi {user}", "ref": str(n)})
+        reply = await sender.recv_type("reply", "error")
+        assert reply["type"] == "reply" and reply["ok"] is True, reply
+    for user in readers:
+        client = await node_b.connect(user)  # offline when sent, connects to the other node
+        frame = await client.recv_type("private")
+        assert frame["text"] == f"hi {user}"
+        await client.send({"type": "ack", "ids": [frame["id"]], "ref": "a"})
+        answer = await client.recv_type("reply", "error")
+        assert answer["type"] == "reply" and answer["acked"] == 1, answer
+        assert await node_a.node.store.pending(user, "", 10) == []  # A sees B's ack
+        client.close()
+    assert (await node_a.node.store.stats()).pending == 0
+    sender.close()
+
+
+async def test_scripts_are_loaded_again_on_a_master_that_forgot_them(
+    cluster: RedisClusterSetup,
+) -> None:
+    table = owners(cluster)
+    forgetful = cluster.nodes[1]
+    users = [u for node in cluster.nodes for u in users_on(table, node, 2)]
+    store = await opened(cluster.url)
+    try:
+        forgetful.command("SCRIPT", "FLUSH")
+        message_id = await put(store, users)
+        pending = await asyncio.gather(*(store.pending(u, "", 10) for u in users))
+        assert all([m.id for m in p] == [message_id] for p in pending)
+        assert store.healthy()
     finally:
         await store.close()
