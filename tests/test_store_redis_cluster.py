@@ -336,3 +336,32 @@ async def test_scripts_are_loaded_again_on_a_master_that_forgot_them(
         assert store.healthy()
     finally:
         await store.close()
+
+
+async def test_a_slot_migrating_is_unavailable_then_followed(
+    redis_cluster: RedisClusterSetup,
+) -> None:
+    """While a user's slot migrates (ASK) their operations are refused, not half done;
+    once it moved (MOVED) they work on the new master, with everything migrated."""
+    table = owners(redis_cluster)
+    source, target = redis_cluster.nodes[0], redis_cluster.nodes[1]
+    (user,) = users_on(table, source, 1)
+    key = f"{PREFIX}{{u:{user}}}:p"
+    slot = str(key_slot(key.encode()))
+    store = await opened(redis_cluster.url)
+    try:
+        kept = await put(store, [user], message_id_off(table, source))
+        source_id, target_id = source.command("CLUSTER", "MYID"), target.command("CLUSTER", "MYID")
+        target.command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+        source.command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+        source.command("MIGRATE", "127.0.0.1", str(target.port), "", "0", "5000", "KEYS", key)
+        with pytest.raises(StoreUnavailable, match="ASK"):
+            await store.pending(user, "", 10)
+        for node in (target, source, redis_cluster.nodes[2]):
+            node.command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        assert [m.id for m in await store.pending(user, "", 10)] == [kept]
+        later = await put(store, [user], message_id_off(table, source))
+        assert [m.id for m in await store.pending(user, "", 10)] == [kept, later]
+        assert key in keys(target) and key not in keys(source)
+    finally:
+        await store.close()

@@ -119,14 +119,16 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import (
+    AskError,
     MovedError,
     NoScriptError,
     RedisClusterException,
     RedisError,
     ResponseError,
+    TryAgainError,
 )
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from pushsvc import redisurl
 from pushsvc.protocol import ids
@@ -1348,8 +1350,8 @@ class RedisStore:
             if redirect and isinstance(reply, MovedError):
                 moved.append(op)
             elif isinstance(reply, Exception):  # e.g. OOM at maxmemory: this command only
-                failed.append(f"{op.script or op.command[0]}: {reply}")
-                _settle(op, StoreUnavailable(f"Redis: {reply}"))
+                failed.append(f"{op.script or op.command[0]}: {_describe(reply)}")
+                _settle(op, StoreUnavailable(f"Redis: {_describe(reply)}"))
             else:
                 _settle(op, None, reply)
         if failed:
@@ -2109,6 +2111,18 @@ async def _load_scripts(target: _Target) -> None:
     for reply in replies:
         if isinstance(reply, Exception):
             raise reply
+
+
+def _describe(error: Exception) -> str:
+    """An error reply as a message (redis-py's redirections say only slot and address)."""
+    if isinstance(error, AskError):  # MovedError is one too
+        host, port = error.node_addr
+        if isinstance(error, MovedError):
+            return f"slot {error.slot_id} moved to {host}:{port} (MOVED)"
+        return f"slot {error.slot_id} is being migrated to {host}:{port} (ASK)"
+    if isinstance(error, TryAgainError):
+        return "a slot is being migrated (TRYAGAIN)"
+    return str(error)
 
 
 def _info(reply: Any) -> dict[str, str]:
