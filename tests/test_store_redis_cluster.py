@@ -19,7 +19,7 @@ from redis.crc import key_slot
 
 from conftest import Server
 from pushsvc.protocol import ids
-from pushsvc.store import Store, StoreOptions, StoreUnavailable, make_store
+from pushsvc.store import IdempotencyKey, Store, StoreOptions, StoreUnavailable, make_store
 from pushsvc.store.redis import RedisStore
 from redis_server import RedisClusterSetup, RedisServer, _wait, strict_slots
 
@@ -363,5 +363,33 @@ async def test_a_slot_migrating_is_unavailable_then_followed(
         later = await put(store, [user], message_id_off(table, source))
         assert [m.id for m in await store.pending(user, "", 10)] == [kept, later]
         assert key in keys(target) and key not in keys(source)
+    finally:
+        await store.close()
+
+
+async def test_a_half_failed_accept_is_never_reported_accepted(cluster: RedisClusterSetup) -> None:
+    """One master does not answer: the accept fails although other masters took their
+    part, its idempotency key is not written, and a retry with the key stores it whole."""
+    table = owners(cluster)
+    index_node = owner(table, f"{PREFIX}{{g}}:pending")
+    slow = next(n for n in cluster.nodes if n is not index_node)
+    users = [u for node in cluster.nodes for u in users_on(table, node, 2)]
+    store = await opened(cluster.url)
+    key = IdempotencyKey("backend", "k-1", "fp", time.time() + HOUR)
+    try:
+        slow.command("CLIENT", "PAUSE", "30000", "WRITE")
+        try:
+            with pytest.raises(StoreUnavailable):
+                await store.accept(ids.new_id(), "private", b"{}", users, time.time() + HOUR, key)
+        finally:
+            slow.command("CLIENT", "UNPAUSE")
+        assert await store.idempotent_result("backend", "k-1", time.time()) is None
+        retried = ids.new_id()  # the API's retry: the key is unknown, so a new message
+        await store.accept(retried, "private", b"{}", users, time.time() + HOUR, key)
+        result = await store.idempotent_result("backend", "k-1", time.time())
+        assert result is not None and result.message_id == retried
+        for user in users:  # every recipient has the retried one (some also the first)
+            assert retried in [m.id for m in await store.pending(user, "", 10)]
+        assert store.healthy()
     finally:
         await store.close()
