@@ -190,9 +190,13 @@ async def test_a_moved_slot_is_followed(redis_cluster: RedisClusterSetup) -> Non
 @pytest.fixture
 def degradable(redis_cluster: RedisClusterSetup) -> RedisClusterSetup:
     """A cluster whose other masters keep serving while one is down (without replicas,
-    ``cluster-require-full-coverage yes``, the default, stops them all)."""
+    ``cluster-require-full-coverage yes``, the default, stops them all), fsyncing
+    every write."""
     for node in redis_cluster.nodes:
         node.command("CONFIG", "SET", "cluster-require-full-coverage", "no")
+        # everysec postpones the AOF write while a background fsync runs (a loaded
+        # machine): a kill -9 then loses a write already answered
+        node.command("CONFIG", "SET", "appendfsync", "always")
     return redis_cluster
 
 

@@ -458,6 +458,7 @@ class SlotSplit:
             )
 
     async def pending(self, user: str, after_id: str, limit: int) -> list[PendingMessage]:
+        """The user's ids and attempts (its slot), then the messages (theirs)."""
         flat = await self._script("c_pending", user, after_id, limit, key=self._u(user, "p"))
         found = [text(flat[i]) for i in range(0, len(flat), 2)]
         messages = await self._messages(found, "t", "f", "e")
@@ -468,6 +469,7 @@ class SlotSplit:
         ]
 
     async def ack(self, user: str, wanted: list[str]) -> AckResult:
+        """The user's keys; then the index, with the message types (and foreign or unknown)."""
         flat = await self._script("c_ack", user, *wanted, key=self._u(user, "p"))
         repeated, count = int(flat[0]), int(flat[1])
         acked = [text(i) for i in flat[2 : 2 + count]]
@@ -490,6 +492,7 @@ class SlotSplit:
         )
 
     async def frames(self, wanted: list[str]) -> dict[str, tuple[str, bytes]]:
+        """One ``HMGET`` per message, one step."""
         messages = await self._messages(wanted, "t", "f")
         return {
             i: (text(m[0]), bytes(m[1]))
@@ -500,6 +503,7 @@ class SlotSplit:
     async def dead_letter(
         self, user: str, ids: Sequence[str], reason: str, now: float
     ) -> list[DeadLetter]:
+        """The user's keys; then the index, with the frames."""
         at = stamp(now)
         moved = [
             text(i)
@@ -521,6 +525,7 @@ class SlotSplit:
         ]
 
     async def dead_letters(self, user: str, limit: int) -> list[DeadLetter]:
+        """The user's dead letters (its slot), then their messages."""
         flat = await self._script("c_dead_letters", user, limit, key=self._u(user, "p"))
         found = [text(flat[i]) for i in range(0, len(flat), 2)]
         messages = await self._messages(found, "t", "f")
@@ -540,6 +545,7 @@ class SlotSplit:
         return letters
 
     async def requeue(self, user: str, ids: Sequence[str], expires_at: float) -> list[str]:
+        """The user's keys; then the messages' expiry and the index."""
         e = stamp(expires_at)
         moved = [
             text(i) for i in await self._script("c_requeue", user, *ids, key=self._u(user, "p"))
@@ -559,6 +565,7 @@ class SlotSplit:
         return moved
 
     async def delete_dead(self, user: str, ids: list[str]) -> int:
+        """The user's keys; then the index and the messages' counts."""
         gone = [
             text(i) for i in await self._script("c_delete_dead", user, *ids, key=self._u(user, "p"))
         ]
@@ -651,6 +658,7 @@ class SlotSplit:
         return room_key(self.prefix, room, what)
 
     async def trim_history(self, now: float) -> HistoryStats:
+        """Per chunk: what is due; each room slot group; the index and count. Then the figures."""
         at = stamp(now)
         index_key = self._g("hrooms")
         for _ in range(SWEEP_STEPS):
@@ -725,6 +733,7 @@ class SlotSplit:
         return "created"
 
     async def remove_push(self, user: str, endpoint: str) -> bool:
+        """The endpoint (its owner's only), then the user's list and the count."""
         name = f"{self.prefix}{{w:{endpoint}}}"
         removed = bool(int(await self._script("c_push_drop", endpoint, user, key=name)))
         mine = self._u(user, "w")
@@ -735,6 +744,7 @@ class SlotSplit:
         return removed
 
     async def push_list(self, user: str) -> list[PushSubscription]:
+        """The user's endpoints (its slot), then each endpoint's hash."""
         mine = self._u(user, "w")
         endpoints = [text(e) for e in await self._call("ZRANGE", mine, 0, -1, key=mine)]
         names = [f"{self.prefix}{{w:{e}}}" for e in endpoints]
