@@ -321,6 +321,7 @@ class StoreConfig:
         "'sqlite:///PATH'; empty: sqlite under server.data_dir (pushsvc.sqlite3); "
         "or Redis, shared by every node: 'redis://HOST:PORT/DB', 'rediss://...' (TLS), "
         "'unix:///PATH?db=N', 'redis+sentinel://HOST:PORT,HOST:PORT/MASTER/DB' (Sentinel), "
+        "'redis+cluster://HOST:PORT,HOST:PORT' (Redis Cluster: startup nodes, no DB), "
         "each taking '?prefix=NAME:' (before every key, default "
         "'pushsvc:', as for the broker) and '?max_connections=N' (default 4); see docs/redis.md.",
         schemes=("sqlite:///", *REDIS_SCHEMES),
