@@ -321,6 +321,7 @@ class StoreConfig:
         "'sqlite:///PATH'; empty: sqlite under server.data_dir (pushsvc.sqlite3); "
         "or Redis, shared by every node: 'redis://HOST:PORT/DB', 'rediss://...' (TLS), "
         "'unix:///PATH?db=N', 'redis+sentinel://HOST:PORT,HOST:PORT/MASTER/DB' (Sentinel), "
+        "'redis+cluster://HOST:PORT,HOST:PORT' (Redis Cluster: startup nodes, no DB), "
         "each taking '?prefix=NAME:' (before every key, default "
         "'pushsvc:', as for the broker) and '?max_connections=N' (default 4); see docs/redis.md.",
         schemes=("sqlite:///", *REDIS_SCHEMES),
@@ -389,7 +390,8 @@ class ClusterConfig:
         15.0,
         "Seconds a node's connections and room members keep counting after its last"
         " heartbeat (sent every node_ttl/3): the users of a crashed node leave presence and"
-        " free their connection slots within this bound.",
+        " free their connection slots within this bound; the other nodes send their"
+        " presence leave events within node_ttl + node_ttl/3.",
         minimum=0.3,
     )
     timeout: float = setting(
