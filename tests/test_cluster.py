@@ -143,11 +143,19 @@ async def test_room_messages_reach_only_nodes_with_members(
     for client, ref in ((alice, "j1"), (bob, "j2")):
         await client.send({"type": "join", "room": "ops", "ref": ref})
         assert (await answer(client, ref))["type"] == "reply"
-    # bob's join event is the last message the broker carries before the snapshot:
-    # once alice has it, node a has counted it.
-    presence = await alice.recv_type("presence")
-    assert (presence["event"], presence["user"]) == ("join", "bob")
+    # The join events (lobby and ops, from three nodes, in no set order) must all have
+    # arrived before the snapshot: wait for bob's ops join, then for the counts to settle.
+    while True:
+        presence = await alice.recv_type("presence")
+        if (presence["room"], presence["event"], presence["user"]) == ("ops", "join", "bob"):
+            break
     received = [await node.metric("pushsvc_broker_received_total") for node in (a, b, c)]
+    while True:
+        await asyncio.sleep(0.3)
+        again = [await node.metric("pushsvc_broker_received_total") for node in (a, b, c)]
+        if again == received:
+            break
+        received = again
     for n in range(20):
         await alice.send({"type": "chat", "room": "ops", "text": f"m{n}", "ref": f"c{n}"})
     texts = []
