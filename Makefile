@@ -38,8 +38,9 @@ test-async: $(STAMP)
 		tests/test_delivery.py tests/test_gateway.py tests/test_api.py
 
 # Best effort: in CI (CI set, running as root) install promtool and prometheus (Debian
-# package 'prometheus'), Chromium (the browser test), Node.js and redis-server for the tests
-# that use them; they skip when absent.
+# package 'prometheus'), Chromium (the browser test), Node.js, redis-server, and debootstrap
+# with systemd-nspawn (tests/test_systemd_real.py boots a Debian under a real systemd) for
+# the tests that use them; they skip when absent.
 tools:
 	@if [ -n "$$CI" ] && [ "$$(id -u)" = 0 ]; then \
 		missing=""; \
@@ -47,6 +48,8 @@ tools:
 		command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
 		command -v node >/dev/null 2>&1 || missing="$$missing nodejs npm"; \
 		command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
+		command -v debootstrap >/dev/null 2>&1 || missing="$$missing debootstrap"; \
+		command -v systemd-nspawn >/dev/null 2>&1 || missing="$$missing systemd-container"; \
 		if [ -n "$$missing" ]; then \
 			echo "tools: installing the Debian packages$$missing"; \
 			( apt-get update -qq && DEBIAN_FRONTEND=noninteractive \

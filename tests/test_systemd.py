@@ -129,7 +129,7 @@ def test_service_contract(name: str) -> None:
         "WatchdogSec": "30",
         "Restart": "on-failure",
         "KillSignal": "SIGTERM",
-        "ExecReload": "/bin/kill -HUP $MAINPID",
+        "ExecReload": "/bin/sh -c 'kill -HUP $MAINPID'",
         "LimitNOFILE": "262144",
         "DynamicUser": "yes",
         "ProtectSystem": "strict",
