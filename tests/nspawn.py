@@ -95,7 +95,7 @@ def build_image(log: Path) -> tuple[Path, float]:
             return IMAGE, time.monotonic() - started
         partial = IMAGE.with_name(f"{IMAGE.name}.partial")
         for stale in (partial, IMAGE):
-            shutil.rmtree(stale, ignore_errors=True)
+            _remove_tree(stale)
         command = [
             "debootstrap",
             "--variant=minbase",
@@ -106,15 +106,50 @@ def build_image(log: Path) -> tuple[Path, float]:
         if mirror := os.environ.get("PUSHSVC_DEBIAN_MIRROR"):
             command.append(mirror)
         with open(log, "w") as out:
-            result = subprocess.run(
-                command, stdout=out, stderr=subprocess.STDOUT, timeout=BUILD_TIMEOUT, check=False
+            build = subprocess.Popen(
+                command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
-        if result.returncode != 0:
+        try:
+            returncode: int | str = build.wait(BUILD_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            os.killpg(build.pid, signal.SIGKILL)  # debootstrap and its dpkg, chroot, wget
+            build.wait(10)
+            returncode = f"nothing: killed after {BUILD_TIMEOUT:.0f}s"
+        finally:
+            _unmount_under(partial)  # debootstrap mounts /proc and /sys in the target
+        if returncode != 0:
             tail = "\n".join(log.read_text(errors="replace").splitlines()[-8:])
-            raise RuntimeError(f"{' '.join(command)} exited {result.returncode}:\n{tail}")
+            raise RuntimeError(f"{' '.join(command)} exited {returncode}:\n{tail}")
         (partial / STAMP).write_text(_stamp())
         partial.rename(IMAGE)
     return IMAGE, time.monotonic() - started
+
+
+def _mounts_under(path: Path) -> list[str]:
+    """Mount points at or below ``path``, deepest first."""
+    prefix = str(path.resolve()) if path.exists() else str(path)
+    points = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        point = line.split()[4].encode().decode("unicode_escape")  # "\040" is a space
+        if point == prefix or point.startswith(prefix + "/"):
+            points.append(point)
+    return sorted(points, key=len, reverse=True)
+
+
+def _unmount_under(path: Path) -> None:
+    """Unmount whatever an interrupted debootstrap left mounted in ``path``."""
+    for point in _mounts_under(path):
+        subprocess.run(["umount", "--lazy", point], capture_output=True, timeout=30, check=False)
+
+
+def _remove_tree(path: Path) -> None:
+    """Delete ``path``, never through a mount (a bound /dev or /proc would be the host's)."""
+    if not path.exists():
+        return
+    _unmount_under(path)
+    if mounted := _mounts_under(path):
+        raise RuntimeError(f"will not delete {path}: still mounted there: {mounted}")
+    shutil.rmtree(path)
 
 
 class Container:

@@ -37,7 +37,6 @@ from typing import Any
 import orjson
 import pytest
 from test_lifecycle import REASON, connect, pings, watch_close
-from test_systemd import MAX_EXPOSURE
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
 import nspawn
@@ -61,6 +60,13 @@ WATCHDOG_SEC = 4
 #: DynamicUser= picks UIDs from this range (systemd's DYNAMIC_UID_MIN..MAX).
 DYNAMIC_UIDS = range(61184, 65519 + 1)
 DRAIN_CLIENTS = 50
+#: `systemd-analyze security` of the running unit may not exceed today's 1.1. The container's
+#: systemd is pinned (Debian 12, 252), so the score is exact, and 1.1 is what the network
+#: items docs/deploy.md "Hardening" lists leave; any weakened directive raises it (dropping
+#: CapabilityBoundingSet= gives 2.8, SystemCallFilter= 2.6, RestrictNamespaces= 1.8,
+#: DynamicUser= 1.4, PrivateDevices= 1.2). tests/test_systemd.py's offline bound (2.0) is
+#: looser because it runs on whatever systemd the host has.
+MAX_EXPOSURE = 1.1
 
 
 def install_block() -> str:
@@ -305,6 +311,7 @@ async def test_reload_applies_a_limit_without_dropping_connections(deployed: Dep
         assert await pings(client, 4) == ["pong", "pong", "pong", "rate_limited"]
         assert client.close_code is None
         assert deployed.main_pid() == pid
+        print(f"\nreload: burst 40 -> 3 on the open connection, main PID {pid} throughout")
     finally:
         client.close()
         deployed.write_config(deployed.config)
@@ -511,14 +518,18 @@ async def test_dynamic_user_state_directory_and_credential(deployed: Deployed) -
     frame = await bob.recv_type("notification", timeout=10)
     assert (frame["id"], frame["message"]) == (body["id"], "kept")
     bob.close()
+    print(
+        f"\nDynamicUser: UID {uid} -> {process_uid(c, deployed.main_pid())} after the restart; "
+        f"notification {body['id']} kept across it"
+    )
 
 
 # -- systemd-analyze security ----------------------------------------------------------------
 
 
 def test_security_exposure_on_the_running_system(deployed: Deployed) -> None:
-    """`systemd-analyze security pushsvc.service` of the loaded unit: the same bound as the
-    offline check of systemd/pushsvc.service (tests/test_systemd.py)."""
+    """`systemd-analyze security pushsvc.service` of the unit as loaded (with its drop-ins)
+    by the running systemd: no worse than today's 1.1 (see ``MAX_EXPOSURE``)."""
     deployed.running()
     out = deployed.c.run("systemd-analyze", "security", "--no-pager", UNIT).stdout
     match = re.search(r"Overall exposure level for \S+: (\d+(?:\.\d+)?) (\w+)", out)
