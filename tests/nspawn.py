@@ -38,8 +38,6 @@ SUITE = "bookworm"
 PACKAGES = ("systemd", "systemd-sysv", "dbus", "python3", "python3-venv")
 #: The cached tree; a stamp file inside names the suite and packages it was built with.
 IMAGE = Path(os.environ.get("PUSHSVC_NSPAWN_IMAGE", f"/var/cache/pushsvc-test/nspawn-{SUITE}"))
-#: pip's cache, shared by the containers (bind-mounted as /root/.cache/pip).
-PIP_CACHE = IMAGE.parent / "pip"
 STAMP = ".pushsvc-image"
 BUILD_TIMEOUT = 600.0
 BOOT_TIMEOUT = 90.0
@@ -280,7 +278,6 @@ def boot(image: Path, console: Path) -> Iterator[Container]:
         RuntimeError: the container did not reach ``running`` (or ``degraded``)
             within ``BOOT_TIMEOUT``; the message holds what it printed.
     """
-    PIP_CACHE.mkdir(parents=True, exist_ok=True)
     command = [
         "systemd-nspawn",
         f"--directory={image}",
@@ -291,7 +288,6 @@ def boot(image: Path, console: Path) -> Iterator[Container]:
         "--keep-unit",
         "--volatile=overlay",
         "--console=read-only",
-        f"--bind={PIP_CACHE}:/root/.cache/pip",
     ]
     with open(console, "wb") as out:
         nspawn = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=out)

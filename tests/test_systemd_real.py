@@ -7,8 +7,9 @@ block of docs/deploy.md's "Install" section, run as written. Where the test
 differs from a real host:
 
 * pip gets ``PIP_CERT`` = the host's CA bundle (the host may reach PyPI through
-  a TLS-inspecting proxy the container's fresh bundle does not know) and a pip
-  cache shared between runs; ``pip install .`` itself runs unchanged.
+  a TLS-inspecting proxy the container's fresh bundle does not know), and the
+  host's ``PIP_INDEX_URL``/``PIP_EXTRA_INDEX_URL`` if they are http(s);
+  ``pip install .`` itself runs unchanged.
 * A drop-in moves ``pushsvc.socket`` from 8888 to a free port (the container
   shares the host's network), as docs/deploy.md's "Changing settings" shows.
 * The watchdog test adds ``WatchdogSec=4`` in a drop-in for its duration, so
@@ -256,6 +257,7 @@ async def test_start_returns_only_when_ready(deployed: Deployed) -> None:
     c.systemctl("stop", UNIT)
     held = lock_store(deployed)
     try:
+        began = time.monotonic()
         start = subprocess.Popen(
             c.command("systemctl", "start", UNIT),
             stdout=subprocess.PIPE,
@@ -268,17 +270,18 @@ async def test_start_returns_only_when_ready(deployed: Deployed) -> None:
         assert waiting["ActiveState"] == "activating" and waiting["SubState"] == "start", waiting
         assert int(waiting["MainPID"]) > 0, waiting
     finally:
+        released = time.monotonic()  # the lock goes when the holder reads EOF, after this
         assert held.stdin is not None
         held.stdin.close()
         held.wait(10)
-    released = time.monotonic()
     assert start.wait(15) == 0, start.stdout.read() if start.stdout else ""
     returned = time.monotonic()
     status, body = await deployed.http("GET", "/readyz")
     ready_at = deployed.monotonic("ActiveEnterTimestampMonotonic")
     print(
-        f"\nType=notify: systemctl start blocked while the store was locked; READY=1 {ready_at - released:.2f}s after the store was released, "
-        f"systemctl start returned {returned - released:.2f}s after"
+        f"\nType=notify: systemctl start blocked {released - began:.1f}s while the store was "
+        f"locked; READY=1 {ready_at - released:.2f}s after its release, "
+        f"start returned {returned - released:.2f}s after it"
     )
     assert status == 200 and body["status"] == "ready", body
     assert released < ready_at <= returned
