@@ -540,3 +540,45 @@ def test_security_exposure_on_the_running_system(deployed: Deployed) -> None:
     exposure = float(match.group(1))
     print(f"\nsystemd-analyze security {UNIT} (running systemd 252): {exposure} {match.group(2)}")
     assert exposure <= MAX_EXPOSURE, out
+
+
+# -- pushsvc@.service ------------------------------------------------------------------------
+
+
+def instances_block(port: int) -> str:
+    """docs/deploy.md's "Several instances" block: on ``port``, without `journalctl -f`."""
+    section = DEPLOY.read_text().split("\n### Several instances\n", 1)[1].split("\n### ", 1)[0]
+    match = re.search(r"```sh\n(.*?)```", section, re.S)
+    assert match, "docs/deploy.md: no ```sh block under ### Several instances"
+    block = match.group(1)
+    assert "port = 8901" in block, "docs/deploy.md's instance block changed: update this test"
+    lines = [line for line in block.splitlines() if not line.rstrip().endswith(" -f")]
+    return "\n".join(lines).replace("port = 8901", f"port = {port}") + "\n"
+
+
+async def test_instance_template(deployed: Deployed) -> None:
+    """The last test (it takes pushsvc.service down): `pushsvc@eu1` from docs/deploy.md's
+    "Several instances" block serves with its own secret and port, and reloads; on a host
+    that ran pushsvc.service it first fails with 238/STATE_DIRECTORY, as documented."""
+    c = deployed.c
+    c.systemctl("disable", "--now", "pushsvc.socket", UNIT)
+    port = free_port()
+    cursor = c.cursor()
+    c.path("/root/instances.sh").write_text(instances_block(port))
+    first = c.run("bash", "-eu", "/root/instances.sh", check=False, timeout=120)
+    assert first.returncode != 0  # the main service's /var/lib/pushsvc is in the way
+    c.wait_journal("status=238/STATE_DIRECTORY", cursor, unit="pushsvc@eu1.service")
+
+    # What docs/deploy.md says to do about it: the main service's state out of the way.
+    c.run("rm", "-r", "/var/lib/pushsvc", "/var/lib/private/pushsvc")
+    c.systemctl("reset-failed", "pushsvc@eu1.service")
+    c.run("bash", "-eu", "/root/instances.sh", timeout=120)
+    c.wait_state("pushsvc@eu1.service", "active", SubState="running")
+    secret = c.path("/etc/pushsvc/eu1.jwt_secret").read_text().strip()
+    client = await connect(f"ws://127.0.0.1:{port}/ws", jwt=tokens.mint(secret, "eve"), sub="eve")
+    assert client.welcome["user"] == "eve"
+    client.close()
+    state = c.path("/var/lib/private/pushsvc/eu1").stat()
+    assert state.st_uid in DYNAMIC_UIDS and state.st_mode & 0o777 == 0o700
+    c.wait_journal("Reloaded pushsvc@eu1.service", cursor, unit="pushsvc@eu1.service")
+    print(f"\npushsvc@eu1: served on port {port} with its own secret, reloaded")
