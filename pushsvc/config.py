@@ -149,7 +149,11 @@ def parse_type_buckets(entries: list[str]) -> dict[str, tuple[float, float] | No
 class ServerConfig:
     """``[server]``: listening, origins, frame limits, heartbeat, drain."""
 
-    host: str = setting("127.0.0.1", "Listen address; 0.0.0.0 or :: for every interface.")
+    host: str = setting(
+        "127.0.0.1",
+        "Listen address; '' for every interface (IPv4 and IPv6), 0.0.0.0 for IPv4 only, "
+        ":: for IPv6 only.",
+    )
     port: int = setting(8888, "Listen port.", minimum=0)
     data_dir: str = setting("pushsvc-data", "State folder (SQLite store); created if missing.")
     allowed_origins: list[str] = setting(
