@@ -22,6 +22,7 @@ from tornado.websocket import websocket_connect
 
 from conftest import Server, ServerProcess, token
 from pushsvc.cluster import RegistryOptions
+from pushsvc.cluster import redis as registry_module
 from pushsvc.cluster.redis import NODES_KEY, RedisRegistry, index_key, node_key, roster_key
 from redis_server import RedisClusterSetup, RedisServer, strict_registry_slots
 
@@ -364,7 +365,10 @@ async def test_a_dead_master_fails_only_its_own_keys_then_repairs(
         kept = [room for room in rooms if ports[room] != doomed.port]
         assert lost and kept
         doomed.kill9()
-        await node.heartbeat()  # one pipeline per master: the live ones are renewed
+        # One pipeline per master: the live ones are renewed. The dead-node check after
+        # the renewals may fail (it reads keys on the dead master): redone next beat.
+        with contextlib.suppress(registry_module._Failed):
+            await node.heartbeat()
         assert node._dirty == {("members", room) for room in lost}
         assert "heartbeat" in failures
         for number, room in enumerate(rooms):
@@ -373,7 +377,8 @@ async def test_a_dead_master_fails_only_its_own_keys_then_repairs(
         doomed.start()  # empty (no AOF of what it had in the second), scripts forgotten
         deadline = time.monotonic() + 10
         while True:
-            await node.heartbeat()  # NOSCRIPT on the restarted master: loaded, sent again
+            with contextlib.suppress(registry_module._Failed):
+                await node.heartbeat()  # NOSCRIPT on the restarted master: loaded, sent again
             if not node._dirty:
                 break
             assert time.monotonic() < deadline, f"not rewritten: {node._dirty}"
