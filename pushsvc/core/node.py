@@ -108,15 +108,15 @@ class Node:
         broker.set_gap_callback(self.on_broker_gap)  # envelopes may have been lost
         self.draining = False  # True once shutdown began: refuse new work
         self.push: PushService | None = None  # Web Push, when push.enabled (enable_push)
-        self._tasks: set[asyncio.Task[Any]] = set()  # background work to finish on shutdown
+        self._tasks: set[asyncio.Future[Any]] = set()  # background work to finish on shutdown
         self._recording = 0  # room publications whose history append is in flight
 
-    def track(self, task: asyncio.Task[Any]) -> None:
-        """Keep a background task alive until it ends; its errors are logged."""
+    def track(self, task: asyncio.Future[Any]) -> None:
+        """Keep background work (a task or future) until it ends; its errors are logged."""
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
 
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
+    def _task_done(self, task: asyncio.Future[Any]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("background task failed", exc_info=task.exception())
