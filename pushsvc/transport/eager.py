@@ -17,6 +17,8 @@ import asyncio
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+from pushsvc.transport.pacing import pacer
+
 T = TypeVar("T")
 
 
@@ -53,6 +55,18 @@ class _Stepper:
         waiting_on.add_done_callback(self.step)
 
     def step(self, _finished: Any) -> None:
+        """Send the coroutine on, or in the pacer's next turn when this pass is busy.
+
+        After a store commit that answers hundreds of waiting frames at
+        once, they go on a turn at a time (:mod:`pushsvc.transport.pacing`).
+        """
+        paced = pacer()
+        if paced.busy():
+            paced.soon(self._go_on)
+            return
+        self._go_on()
+
+    def _go_on(self) -> None:
         """Send the coroutine on; its ``await`` picks up the future's result or error."""
         try:
             waiting_on = self.coroutine.send(None)

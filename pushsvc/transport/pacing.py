@@ -42,6 +42,9 @@ log = logging.getLogger("pushsvc.pacing")
 
 #: Longest turn: queued work stops for the pass once this much time went into it.
 TURN_SECONDS = 0.005
+#: Frames read in one loop pass are handled at once up to this much time into the
+#: pass; later reads in the same pass wait for a turn (:meth:`Pacer.busy`).
+PASS_SECONDS = 0.020
 
 
 class _Piece:
@@ -96,14 +99,34 @@ class Pacer:
         self._loop = loop  # the loop whose passes it follows
         self.turn = turn  # seconds of work per pass at most (one step at least)
         self._new: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()  # in order
-        self._woken: deque[_Piece] = deque()  # done waiting: they go on first
+        self._woken: deque[Callable[[], None]] = deque()  # done waiting: they go on first
         self._scheduled = False  # a turn is scheduled on the loop
         self._idle: asyncio.Future[None] | None = None  # resolved once the queues are empty
+        self._pass_started: float | None = None  # when this pass's first read was handled
         self.turns = 0  # turns run so far
 
     def __len__(self) -> int:
         """Work waiting for a turn (not started, or done waiting)."""
         return len(self._new) + len(self._woken)
+
+    def busy(self) -> bool:
+        """Whether this loop pass handled reads for :data:`PASS_SECONDS` already.
+
+        Called for each read of frames (cheap: one clock read). After a
+        stall (a burst of clients, the process descheduled, a collection)
+        libuv hands over every ready socket in one pass; past this share,
+        the frames of the rest wait for a turn instead of stretching the pass.
+        """
+        now = time.monotonic()
+        started = self._pass_started
+        if started is None:
+            self._pass_started = now
+            self._loop.call_soon(self._next_pass)
+            return False
+        return now - started >= PASS_SECONDS
+
+    def _next_pass(self) -> None:
+        self._pass_started = None
 
     def call(self, function: Callable[..., Any], *args: Any) -> None:
         """Queue ``function(*args)`` (its errors are logged)."""
@@ -128,7 +151,12 @@ class Pacer:
 
     def resume(self, piece: _Piece) -> None:
         """``piece`` is done waiting: go on in the next turn."""
-        self._woken.append(piece)
+        self._woken.append(piece.step)
+        self._schedule()
+
+    def soon(self, step: Callable[[], None]) -> None:
+        """Run ``step`` (work that was waiting and goes on) in the next turn, before new work."""
+        self._woken.append(step)
         self._schedule()
 
     async def drained(self) -> None:
@@ -150,7 +178,7 @@ class Pacer:
         deadline = time.monotonic() + self.turn
         while woken or new:
             if woken:
-                woken.popleft().step()
+                woken.popleft()()
             else:
                 function, args = new.popleft()
                 try:
@@ -171,10 +199,18 @@ class Pacer:
 _PACERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Pacer] = weakref.WeakKeyDictionary()
 
 
+_last: Pacer | None = None  # the one found last (the service runs on one loop)
+
+
 def pacer() -> Pacer:
     """The running loop's pacer."""
+    global _last
     loop = asyncio.get_running_loop()
+    found = _last
+    if found is not None and found._loop is loop:
+        return found
     found = _PACERS.get(loop)
     if found is None:
         found = _PACERS[loop] = Pacer(loop)
+    _last = found
     return found

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING
 from pushsvc.protocol.disconnects import DISCONNECTS
 from pushsvc.transport import eager, tornado_compat
 from pushsvc.transport.connection import ConnectionBase
+from pushsvc.transport.pacing import pacer
 
 if TYPE_CHECKING:
     from pushsvc.core.node import Node
@@ -296,13 +297,24 @@ class WireConnection(ConnectionBase, asyncio.Protocol):
         self._resume()
 
     def data_received(self, data: bytes) -> None:
-        """Parse every frame in ``data``; handle them in order."""
+        """Parse every frame in ``data``; handle them in order.
+
+        When this loop pass handled frames for long already (a burst after
+        a stall: :meth:`~pushsvc.transport.pacing.Pacer.busy`), they wait for
+        the pacer's next turn instead, in order, with reading paused.
+        """
         if self._ended:
             return
         frames = self._reader.feed(data)
         if self._waiting:
             self._hold(frames)
             self._pause()
+            return
+        paced = pacer()
+        if frames and paced.busy():
+            self._hold(frames)
+            self._waiting = True  # a read before the turn pauses (see above)
+            paced.call(self._resume)
             return
         for index, (opcode, payload) in enumerate(frames):
             pending = self._handle(opcode, payload)
