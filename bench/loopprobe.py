@@ -10,9 +10,9 @@ between two firings longer than :data:`RECORD_ABOVE` together with the
 process CPU time and the loop thread's CPU time (``time.thread_time()``)
 spent in it. Pinned to one core (``taskset -c 0``), the process CPU of a gap
 is the server's own work in it (the loop and its threads); the rest of the
-gap is time the core ran something else. Each garbage collection of
-generation 1 or 2 (and any longer than a millisecond) is recorded too
-(``gc.callbacks``).
+gap is time the core ran something else. Every garbage collection is
+recorded too (``gc.callbacks``); ``--gc0 N`` runs the server with a
+generation-0 threshold of N instead of ``pushsvc.cli.GC_GEN0_THRESHOLD``.
 
 Lines written to OUT (flushed every second, so the file is complete up to
 the last second when the server is killed)::
@@ -160,10 +160,7 @@ class Probe:
             return
         now = time.monotonic()
         seconds = now - self.gc_started
-        if info["generation"] >= 1 or seconds > 0.001:
-            self.lines.append(
-                f"C {now:.6f} {info['generation']} {seconds:.6f} {info['collected']}\n"
-            )
+        self.lines.append(f"C {now:.6f} {info['generation']} {seconds:.6f} {info['collected']}\n")
 
     def flush(self) -> None:
         """Write what was recorded (every second, and at exit)."""
@@ -200,12 +197,16 @@ def main() -> int:
     parser.add_argument("out", help="where the gaps and collections go")
     parser.add_argument("--stacks", default=None, help="sample long passes' stacks to FILE")
     parser.add_argument("--attribute", action="store_true", help="time the server's callbacks")
+    parser.add_argument("--gc0", type=int, default=0, help="generation-0 GC threshold")
     args = parser.parse_args(argv[:split])
     probe = Probe(args.out, args.stacks)
     if args.attribute:
         probe.attribute()
 
     from pushsvc import app, cli
+
+    if args.gc0:
+        cli.GC_GEN0_THRESHOLD = args.gc0
 
     start_timers = app.Service.start_timers
 

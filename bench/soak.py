@@ -531,7 +531,9 @@ class Phases:
                 "own_max_ms": 1000 * max(figures.own, default=0.0),
                 "own_p99_ms": 1000 * weighted_p99(figures.own, seconds),
                 "gc2": len(full),
-                "gc2_max_ms": 1000 * max(full, default=0.0),
+                "gc": len(figures.collections),
+                "gc_max_ms": 1000 * max((s for _g, s in figures.collections), default=0.0),
+                "gc_total_ms": 1000 * sum(s for _g, s in figures.collections),
             }
         self.rows.append(row)
         print(f"  lag, {format_row(row)}", flush=True)
@@ -541,7 +543,7 @@ class Phases:
         """The phases as a Markdown table."""
         head = (
             "| phase | s | monitor p99 / max ms (samples) | probe late p99 / max ms "
-            "| own CPU p99 / max ms | gen-2 GCs (max ms) | server / client CPU % |\n"
+            "| own CPU p99 / max ms | GCs: n, longest / all ms (gen-2) | server / client CPU % |\n"
             "|---|---:|---|---|---|---|---|\n"
         )
         return head + "".join(markdown_row(row) for row in self.rows)
@@ -557,7 +559,8 @@ def format_row(row: dict[str, object]) -> str:
         text += (
             f"; probe late p99 {row['late_p99_ms']:.1f} ms, max {row['late_max_ms']:.1f} ms; "
             f"own CPU p99 {row['own_p99_ms']:.1f} ms, max {row['own_max_ms']:.1f} ms; "
-            f"gen-2 GCs {row['gc2']} (max {row['gc2_max_ms']:.1f} ms)"
+            f"GCs {row['gc']} (longest {row['gc_max_ms']:.1f} ms, {row['gc_total_ms']:.0f} ms "
+            f"in all; gen-2: {row['gc2']})"
         )
     return (
         text + f"; CPU server {row['server_cpu_pct']:.0f} %, client {row['client_cpu_pct']:.0f} %"
@@ -568,7 +571,7 @@ def markdown_row(row: dict[str, object]) -> str:
     probe = (
         f"{row['late_p99_ms']:.1f} / {row['late_max_ms']:.1f} | "
         f"{row['own_p99_ms']:.1f} / {row['own_max_ms']:.1f} | "
-        f"{row['gc2']} ({row['gc2_max_ms']:.1f})"
+        f"{row['gc']}, {row['gc_max_ms']:.1f} / {row['gc_total_ms']:.0f} ({row['gc2']})"
         if "late_max_ms" in row
         else "- | - | -"
     )
@@ -596,6 +599,7 @@ class Launch:
     stacks: str | None = None  # the probe samples long passes' stacks to this file
     attribute: bool = False  # the probe times the server's callbacks (``A`` lines)
     keep: str | None = None  # the probe writes in this directory (else the data dir)
+    gc0: int = 0  # the server's generation-0 GC threshold (0: pushsvc's own)
     started: int = 0  # processes started (each writes its own probe file)
 
     def command(self, data_dir: str, port: int) -> tuple[list[str], Path | None]:
@@ -609,6 +613,7 @@ class Launch:
             probe = Path(self.keep or data_dir) / f"loopprobe-{self.started}.txt"
             extra = ["--stacks", f"{self.stacks}.{self.started}"] if self.stacks else []
             extra += ["--attribute"] if self.attribute else []
+            extra += ["--gc0", str(self.gc0)] if self.gc0 else []
             command = [sys.executable, str(Path(__file__).parent / "loopprobe.py"), str(probe),
                        *extra, "--", *serve]  # fmt: skip
         if self.cpu >= 0:
@@ -680,6 +685,7 @@ async def main() -> None:
         "--attribute", action="store_true", help="the probe times the server's callbacks"
     )
     parser.add_argument("--keep-probe", default=None, help="write the probe's files in DIR")
+    parser.add_argument("--gc0", type=int, default=0, help="the server's gen-0 GC threshold")
     parser.add_argument("--table", default=None, help="append the phases' table to FILE")
     args = parser.parse_args()
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -691,7 +697,7 @@ async def main() -> None:
         launch = Launch(args.server_cpu, not args.no_probe, args.stacks, args.attribute)
     else:
         launch = Launch(-1, not args.no_probe, args.stacks, args.attribute)
-    launch.keep = args.keep_probe
+    launch.keep, launch.gc0 = args.keep_probe, args.gc0
     print(
         f"server on CPU {launch.cpu}, load generator on CPU {args.client_cpu}"
         if launch.cpu >= 0
