@@ -17,8 +17,10 @@ is done it is queued again to go on (before the work not started yet, so
 started handshakes finish first). So the work after a wait is paced too:
 when one store commit answers a thousand handshakes at once, they go on a
 turn at a time, not all in the pass after the commit. Queued work starts
-in the order it was queued. One pacer serves every connection of an event
-loop (:func:`pacer`).
+in the order it was queued. Frames are paced the same way once a pass
+has had its share of them (:meth:`Pacer.busy`: reads after
+:data:`PASS_SECONDS`, and frame handlers resumed then, wait for a turn).
+One pacer serves every connection of an event loop (:func:`pacer`).
 
 Trade-off: in a burst, a handshake waits for the ones queued before it (a
 10,000-connection storm is served at about the same rate, in order, while
