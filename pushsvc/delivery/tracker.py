@@ -363,7 +363,7 @@ class Delivery:
             metrics.messages_acked.labels(kind).inc()
             entry = tracker.inflight.get(message_id) if tracker is not None else None
             if entry is not None:
-                metrics.ack_latency.observe(now - entry.sent_at)
+                metrics.ack_latency_loop.observe(now - entry.sent_at)
         ids = " ".join(message_id for message_id, _kind in result.acked).encode()
         await self._settle_everywhere(session.principal.user, ids)
         return len(result.acked)
