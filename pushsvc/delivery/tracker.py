@@ -348,13 +348,14 @@ class Delivery:
                 ErrorCode.UNAVAILABLE, f"ack not recorded: {exc}", RETRY_AFTER_UNAVAILABLE
             ) from exc
         metrics = self.metrics
-        for reason, count in (
-            ("repeated", result.repeated),
-            ("foreign", result.foreign),
-            ("unknown", result.unknown),
-        ):
-            if count:
-                metrics.acks_ignored.labels(reason).inc(count)
+        if result.repeated or result.foreign or result.unknown:
+            for reason, count in (
+                ("repeated", result.repeated),
+                ("foreign", result.foreign),
+                ("unknown", result.unknown),
+            ):
+                if count:
+                    metrics.acks_ignored.labels(reason).inc(count)
         if not result.acked:
             return 0
         now = time.monotonic()

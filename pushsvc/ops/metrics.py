@@ -264,6 +264,29 @@ class TypedCounter:
         self._children.clear()
 
 
+class FrameCounts:
+    """A frames counter and a bytes counter by ``type``, counted together (one lookup)."""
+
+    def __init__(self, frames: TypedCounter, size: TypedCounter) -> None:
+        self._frames = frames  # frames by type
+        self._size = size  # their bytes by type
+        self._pairs: dict[str, tuple[LoopValue, LoopValue]] = {}  # type -> both values
+
+    def count(self, kind: str, size: int) -> None:
+        """One frame of ``size`` bytes (event-loop thread only)."""
+        pair = self._pairs.get(kind)
+        if pair is None:
+            pair = (self._frames.labels(kind), self._size.labels(kind))
+            if len(self._pairs) < MAX_CACHED_CHILDREN:
+                self._pairs[kind] = pair
+        pair[0].amount += 1
+        pair[1].amount += size
+
+    def forget_children(self) -> None:
+        """Drop cached values (the known types changed)."""
+        self._pairs.clear()
+
+
 class Observed(Protocol):
     """What the state gauges read at scrape time (implemented by the node)."""
 
@@ -381,6 +404,8 @@ class Metrics:
         self.received_bytes = typed("pushsvc_received_bytes_total", "Client frame bytes received")
         self.frames_sent = typed("pushsvc_frames_sent_total", "Frames sent to clients")
         self.sent_bytes = typed("pushsvc_sent_bytes_total", "Frame bytes sent to clients")
+        self.received = FrameCounts(self.frames_received, self.received_bytes)  # per frame in
+        self.sent = FrameCounts(self.frames_sent, self.sent_bytes)  # per frame out
         self.broadcast_recipients = Histogram(
             "pushsvc_broadcast_recipients",
             "Local connections one room broadcast (chat fan-out) went to.",
@@ -586,7 +611,7 @@ class Metrics:
         """Read the state gauges from ``service`` at scrape time; learn its message types."""
         self.known_types.update(service.message_types())
         for series in vars(self).values():
-            if isinstance(series, TypedCounter):
+            if isinstance(series, TypedCounter | FrameCounts):
                 series.forget_children()  # looked up before the plugin types were known
         self.broker_up.set_function(lambda: float(service.broker_healthy()))
         self.cluster_up.set_function(lambda: float(service.cluster_healthy()))

@@ -86,6 +86,11 @@ DROP_ORPHAN = (
 )
 ADD_DELIVERY = "INSERT INTO deliveries (message_id, user) VALUES (?, ?)"
 ACK_SETTLE = "UPDATE deliveries SET state = 1, settled_at = ? WHERE message_id = ? AND user = ?"
+#: Settle one pending delivery and return its message's type (no row: nothing settled).
+ACK_SETTLE_ONE = (
+    "UPDATE deliveries SET state = 1, settled_at = ? WHERE message_id = ? AND user = ? "
+    "AND state = 0 RETURNING (SELECT type FROM messages WHERE id = message_id)"
+)
 ACK_LOOKUP_ONE = (
     "SELECT m.type, d.state FROM messages m LEFT JOIN deliveries d "
     "ON d.message_id = m.id AND d.user = ? WHERE m.id = ?"
@@ -468,15 +473,18 @@ class SqliteStore:
 
     @staticmethod
     def _ack_one(user: str, message_id: str, db: sqlite3.Connection) -> AckResult:
-        """:meth:`ack` of one id: the same lookup and update, with fixed statements."""
+        """:meth:`ack` of one id: one statement when it settles a pending delivery.
+
+        The update returns the message's type; only an id that settled
+        nothing is looked up, to say why (repeated, foreign or unknown).
+        """
+        settled = db.execute(ACK_SETTLE_ONE, (time.time(), message_id, user)).fetchall()
+        if settled:
+            return AckResult(acked=[(message_id, settled[0][0])])
         row = db.execute(ACK_LOOKUP_ONE, (user, message_id)).fetchone()
         if row is None:
             return AckResult(acked=[], repeated=0, foreign=0, unknown=1)
-        kind, state = row
-        if state == PENDING:
-            db.execute(ACK_SETTLE, (time.time(), message_id, user))
-            return AckResult(acked=[(message_id, kind)], repeated=0, foreign=0, unknown=0)
-        if state is None:
+        if row[1] is None:
             return AckResult(acked=[], repeated=0, foreign=1, unknown=0)
         return AckResult(acked=[], repeated=1, foreign=0, unknown=0)
 
