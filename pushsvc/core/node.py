@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import time
 import types
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Coroutine, Mapping, Sequence
 from typing import Any
 
 from pushsvc.auth import revocation
@@ -319,9 +319,13 @@ class Node:
         """``session`` holds a new token: re-arm its expiry."""
         self.keepalive.track_expiry(session)
 
-    async def ack(self, session: Session, ids: Sequence[str]) -> int:
-        """Settle at-least-once messages for ``session``'s user; returns how many."""
-        return await self.delivery.ack(session, ids)
+    def ack(self, session: Session, ids: Sequence[str]) -> Coroutine[Any, Any, int]:
+        """Settle at-least-once messages for ``session``'s user; awaited: how many.
+
+        Returns the delivery's coroutine itself (no coroutine of its own: one
+        layer less between an ack frame and its commit).
+        """
+        return self.delivery.ack(session, ids)
 
     # -- Web Push subscriptions ---------------------------------------------------
 
