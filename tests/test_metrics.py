@@ -307,3 +307,22 @@ def test_lock_free_values_read_as_prometheus_client_would() -> None:
     metrics.sent.count("reply", 2)
     assert metrics.frames_sent.labels("reply")._value.get() == 2
     assert metrics.registry.get_sample_value("pushsvc_sent_bytes_total", {"type": "reply"}) == 42
+
+
+def test_the_locked_fallback_counts_through_prometheus_client() -> None:
+    """If prometheus-client's internals move, the per-message series still count (locked)."""
+    from prometheus_client import Counter, Histogram
+
+    from pushsvc.ops.metrics import LOCKLESS, _LockedHistogram, _LockedValue
+
+    assert LOCKLESS  # the prometheus-client installed here keeps values where assumed
+    registry = CollectorRegistry()
+    counter = Counter("things", "", ["kind"], registry=registry)
+    histogram = Histogram("took_seconds", "", buckets=(1.0,), registry=registry)
+    value = _LockedValue(counter.labels("a"))
+    value.inc()
+    value.inc(2.0)
+    _LockedHistogram(histogram).observe(0.5)
+    assert value.get() == 3.0
+    assert registry.get_sample_value("things_total", {"kind": "a"}) == 3.0
+    assert registry.get_sample_value("took_seconds_bucket", {"le": "1.0"}) == 1

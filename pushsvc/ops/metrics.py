@@ -17,6 +17,7 @@ import asyncio
 import bisect
 import functools
 import inspect
+import logging
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -185,6 +186,8 @@ def loop_value(child: Any) -> LoopValue:
     Checked at import (below): prometheus-client keeps a child's value in
     ``_value``, a histogram's in ``_sum`` and the list ``_buckets``.
     """
+    if not LOCKLESS:  # pragma: no cover - a prometheus-client change
+        return _LockedValue(child)
     value = child._value = _lockless(child._value)
     return value
 
@@ -212,26 +215,71 @@ class LoopHistogram:
         self._buckets[bisect.bisect_left(self._bounds, amount)].amount += 1
 
 
-def _check_prometheus_client() -> None:
-    """Fail at import, clearly, if prometheus-client no longer keeps values where assumed."""
+class _LockedValue(LoopValue):
+    """The fallback when prometheus-client's internals moved: count through its own child."""
+
+    __slots__ = ("_child",)
+
+    def __init__(self, child: Any) -> None:
+        super().__init__()
+        self._child = child  # prometheus-client's child, with its lock
+
+    def inc(self, amount: float = 1.0) -> None:
+        """Add ``amount`` through prometheus-client."""
+        self._child.inc(amount)
+
+    def get(self) -> float:
+        """The value, as prometheus-client holds it."""
+        return float(self._child._value.get())
+
+
+class _LockedHistogram(LoopHistogram):
+    """The fallback when prometheus-client's internals moved: observe through it."""
+
+    __slots__ = ("_histogram",)
+
+    def __init__(self, histogram: Any) -> None:
+        self._histogram = histogram  # prometheus-client's histogram, with its locks
+
+    def observe(self, amount: float) -> None:
+        """Record ``amount`` through prometheus-client."""
+        self._histogram.observe(amount)
+
+
+def _lockless_values_work() -> bool:
+    """Whether prometheus-client still keeps values where :class:`LoopValue` puts them.
+
+    When not (a prometheus-client release changed its internals), pushsvc
+    logs a warning and counts through prometheus-client's own locked values:
+    slower per message, never wrong.
+    """
     registry = CollectorRegistry()
     counter = Counter("check", "", ["label"], registry=registry)
     histogram = Histogram("check_seconds", "", buckets=(1.0,), registry=registry)
     try:
-        loop_value(counter.labels("x")).inc(2)
+        value = counter.labels("x")
+        value._value = _lockless(value._value)
+        value._value.inc(2)
         LoopHistogram(histogram).observe(0.5)
-    except AttributeError as exc:  # pragma: no cover - a prometheus-client change
-        raise ImportError(
-            f"prometheus-client internals changed (pushsvc.ops.metrics): {exc}"
-        ) from exc
-    ok = registry.get_sample_value("check_total", {"label": "x"}) == 2 and (
-        registry.get_sample_value("check_seconds_bucket", {"le": "1.0"}) == 1
+        return registry.get_sample_value("check_total", {"label": "x"}) == 2 and (
+            registry.get_sample_value("check_seconds_bucket", {"le": "1.0"}) == 1
+        )
+    except Exception:  # pragma: no cover - a prometheus-client change
+        return False
+
+
+#: Whether the per-message series count without locks (:func:`loop_value`).
+LOCKLESS = _lockless_values_work()
+if not LOCKLESS:  # pragma: no cover - a prometheus-client change
+    logging.getLogger("pushsvc.metrics").warning(
+        "prometheus-client's internals changed: per-message metrics use its locked values "
+        "(correct, slower); pushsvc.ops.metrics needs an update"
     )
-    if not ok:  # pragma: no cover - a prometheus-client change
-        raise ImportError("prometheus-client no longer reads the values pushsvc counts into")
 
 
-_check_prometheus_client()
+def loop_histogram(histogram: Histogram) -> LoopHistogram:
+    """A :class:`LoopHistogram` for ``histogram`` (or a child), or the locked fallback."""
+    return LoopHistogram(histogram) if LOCKLESS else _LockedHistogram(histogram)
 
 
 class TypedCounter:
@@ -466,7 +514,7 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.ack_latency_loop = LoopHistogram(self.ack_latency)  # what delivery observes
+        self.ack_latency_loop = loop_histogram(self.ack_latency)  # what delivery observes
         self.store_seconds = Histogram(
             "pushsvc_store_operation_seconds",
             "Store operation latency as the caller sees it (queue and group commit).",
@@ -673,7 +721,7 @@ class _TimedStore:
             return attr
         if not inspect.iscoroutinefunction(attr):
             return attr
-        seconds = LoopHistogram(self._metrics.store_seconds.labels(name))
+        seconds = loop_histogram(self._metrics.store_seconds.labels(name))
         errors = self._metrics.store_errors.labels(name)
 
         @functools.wraps(attr)
