@@ -149,7 +149,11 @@ def parse_type_buckets(entries: list[str]) -> dict[str, tuple[float, float] | No
 class ServerConfig:
     """``[server]``: listening, origins, frame limits, heartbeat, drain."""
 
-    host: str = setting("127.0.0.1", "Listen address; 0.0.0.0 or :: for every interface.")
+    host: str = setting(
+        "127.0.0.1",
+        "Listen address; '' for every interface (IPv4 and IPv6), 0.0.0.0 for IPv4 only, "
+        ":: for IPv6 only.",
+    )
     port: int = setting(8888, "Listen port.", minimum=0)
     data_dir: str = setting("pushsvc-data", "State folder (SQLite store); created if missing.")
     allowed_origins: list[str] = setting(
@@ -321,6 +325,7 @@ class StoreConfig:
         "'sqlite:///PATH'; empty: sqlite under server.data_dir (pushsvc.sqlite3); "
         "or Redis, shared by every node: 'redis://HOST:PORT/DB', 'rediss://...' (TLS), "
         "'unix:///PATH?db=N', 'redis+sentinel://HOST:PORT,HOST:PORT/MASTER/DB' (Sentinel), "
+        "'redis+cluster://HOST:PORT,HOST:PORT' (Redis Cluster: startup nodes, no DB), "
         "each taking '?prefix=NAME:' (before every key, default "
         "'pushsvc:', as for the broker) and '?max_connections=N' (default 4); see docs/redis.md.",
         schemes=("sqlite:///", *REDIS_SCHEMES),
@@ -387,7 +392,8 @@ class ClusterConfig:
         15.0,
         "Seconds a node's connections and room members keep counting after its last"
         " heartbeat (sent every node_ttl/3): the users of a crashed node leave presence and"
-        " free their connection slots within this bound.",
+        " free their connection slots within this bound; the other nodes send their"
+        " presence leave events within node_ttl + node_ttl/3.",
         minimum=0.3,
     )
     timeout: float = setting(

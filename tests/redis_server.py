@@ -16,6 +16,7 @@ Without a ``redis-server`` binary these fixtures skip with the reason.
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import socket
 import subprocess
@@ -25,6 +26,8 @@ from pathlib import Path
 
 import pytest
 
+from pushsvc.store import redis as redis_store
+
 REDIS_SERVER = shutil.which("redis-server")
 NO_REDIS = "redis-server is not installed (Debian package redis-server; make tools installs it)"
 
@@ -33,6 +36,20 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _free_cluster_port() -> int:
+    """A free port for a cluster node: at most 55535, its bus port (+10000) free too."""
+    while True:
+        port = _free_port()
+        if port > 55535:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
 
 
 class RedisServer:
@@ -272,6 +289,7 @@ class RedisClusterSetup:
     def __init__(self, directory: Path) -> None:
         self.nodes = [RedisServer(directory / f"node{i}") for i in range(3)]
         for node in self.nodes:
+            node.port = _free_cluster_port()  # Redis refuses ports whose bus port is > 65535
             node.extra = [
                 "--cluster-enabled",
                 "yes",
@@ -352,3 +370,44 @@ def redis_cluster(tmp_path: Path) -> Iterator[RedisClusterSetup]:
         yield setup
     finally:
         setup.stop()
+
+
+@pytest.fixture(scope="session")
+def shared_redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterSetup]:
+    """One three-master cluster for the whole session (emptied per test through
+    ``redis_cluster_url``), for the contract suites."""
+    if REDIS_SERVER is None:
+        pytest.skip(NO_REDIS)
+    if shutil.which("redis-cli") is None:
+        pytest.skip("redis-cli is not installed (Debian package redis-tools)")
+    setup = RedisClusterSetup(tmp_path_factory.mktemp("cluster-shared"))
+    try:
+        setup.start()
+        yield setup
+    finally:
+        setup.stop()
+
+
+@pytest.fixture
+def redis_cluster_url(shared_redis_cluster: RedisClusterSetup) -> str:
+    """The URL of the shared cluster, every master emptied for this test."""
+    for node in shared_redis_cluster.nodes:
+        node.flush()
+    return shared_redis_cluster.url
+
+
+def strict_slots(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make Redis refuse any script that touches keys of two slots.
+
+    Redis 7 lets a script without flags reach keys of several slots when one
+    master serves them all (as a 3-master cluster often does), so the suite
+    alone would not catch a script spanning slots. With a ``#!lua`` shebang
+    Redis refuses that ("keys that do not hash to the same slot"). The store
+    runs its scripts without it (a flagged script is refused whole at
+    ``maxmemory``, an ack included), so the tests add it.
+    """
+    strict = {
+        name: (f"#!lua\n{source}", hashlib.sha1(f"#!lua\n{source}".encode()).hexdigest())
+        for name, (source, _sha) in redis_store.SCRIPTS.items()
+    }
+    monkeypatch.setattr(redis_store, "SCRIPTS", strict)

@@ -143,6 +143,10 @@ async def test_room_messages_reach_only_nodes_with_members(
     for client, ref in ((alice, "j1"), (bob, "j2")):
         await client.send({"type": "join", "room": "ops", "ref": ref})
         assert (await answer(client, ref))["type"] == "reply"
+    # bob's join event is the last message the broker carries before the snapshot:
+    # once alice has it, node a has counted it.
+    presence = await alice.recv_type("presence")
+    assert (presence["event"], presence["user"]) == ("join", "bob")
     received = [await node.metric("pushsvc_broker_received_total") for node in (a, b, c)]
     for n in range(20):
         await alice.send({"type": "chat", "room": "ops", "text": f"m{n}", "ref": f"c{n}"})
@@ -399,3 +403,70 @@ async def test_cluster_demo_script_serves_one_service(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(60)
+
+
+async def _presence_frames(client: Client, seconds: float) -> list[tuple[str, str, str]]:
+    """The ``presence`` events arriving within ``seconds``, as (room, event, user)."""
+    events = []
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            frame = await client.recv(left)
+        except TimeoutError:
+            break
+        assert frame is not None, "the watcher was closed"
+        if frame["type"] == "presence":
+            events.append((frame["room"], frame["event"], frame["user"]))
+    return events
+
+
+async def test_a_killed_nodes_members_leave_presence_once_within_the_bound(
+    cluster: Callable[..., list[Node]],
+) -> None:
+    node_ttl = 1.0
+    bound = node_ttl + node_ttl / 3  # documented: node_ttl + one heartbeat (docs/redis.md)
+    a, b, c = cluster(3, env={"PUSHSVC_CLUSTER__NODE_TTL": str(node_ttl)})
+    wendy = await a.connect("wendy")  # every client auto-joins the lobby too
+    await wendy.send({"type": "join", "room": "ops", "ref": "j"})
+    await answer(wendy, "j")
+    alice, bob_on_b, bob_on_c = (
+        await b.connect("alice"),
+        await b.connect("bob"),
+        await c.connect("bob"),
+    )
+    for number, client in enumerate((alice, bob_on_b, bob_on_c)):
+        await client.send({"type": "join", "room": "ops", "ref": f"j{number}"})
+        await answer(client, f"j{number}")
+    joins: list[tuple[str, str, str]] = []
+    await wait_for(
+        lambda: _collect(wendy, joins, 6), 10, "the joins of alice and bob in both rooms"
+    )
+    assert sorted(joins) == sorted(
+        (room, "join", user)
+        for room in ("lobby", "ops")
+        for user in ("alice", "bob", "bob")  # one event per connection
+    )
+
+    b.process.kill9()  # no cleanup: the other nodes must notice the death
+    killed = time.monotonic()
+    first = await wendy.recv_type("presence", timeout=bound + 5)
+    took = time.monotonic() - killed
+    later = await _presence_frames(wendy, 2 * node_ttl)  # nothing else: bob is still on c
+    assert sorted([(first["room"], first["event"], first["user"]), *later]) == [
+        ("lobby", "leave", "alice"),
+        ("ops", "leave", "alice"),
+    ]
+    assert took < bound + 1.0, f"the leave came {took:.2f} s after the kill (bound {bound:.2f} s)"
+    code, body, _ = await a.http("GET", "/api/v1/rooms/ops/presence")
+    assert (code, body) == (200, {"users": ["bob", "wendy"]})
+    # each node tells its own members; bob, still connected on c, hears of alice only
+    assert sorted(await _presence_frames(bob_on_c, 0.5)) == [
+        ("lobby", "leave", "alice"),
+        ("ops", "leave", "alice"),
+    ]
+    print(f"leave {took:.2f} s after kill -9 (bound {bound:.2f} s)")
+
+
+async def _collect(client: Client, into: list[tuple[str, str, str]], count: int) -> bool:
+    into.extend(await _presence_frames(client, 0.2))
+    return len(into) >= count

@@ -9,6 +9,7 @@ piece), so these tests check what the registry shares, not message routing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,7 +22,7 @@ from tornado.websocket import websocket_connect
 
 from conftest import Server, ServerProcess, token
 from pushsvc.cluster import RegistryOptions
-from pushsvc.cluster.redis import RedisRegistry, index_key
+from pushsvc.cluster.redis import NODES_KEY, RedisRegistry, index_key, node_key, roster_key
 from redis_server import RedisServer
 
 Start = Callable[..., Any]
@@ -135,8 +136,9 @@ async def test_redis_down_fails_open_then_repairs(fresh_redis: RedisServer) -> N
         assert await node.reserve_user("alice", "c2", 1)  # fails open
         await node.joined("r", "bob", "s2")
         assert await node.room_users("r") == ["alice", "bob"]  # this node's own members
+        assert await node.online(["alice", "zoe"]) == {"alice"}  # this node's own connections
         assert not node.healthy()
-        assert {"reserve", "joined", "room_users"} <= set(failures)
+        assert {"reserve", "joined", "room_users", "online"} <= set(failures)
 
         fresh_redis.start()
         await node.heartbeat()  # what the timer does every node_ttl / 3
@@ -216,6 +218,80 @@ async def test_the_heartbeat_rewrites_what_redis_lost(
         await node.heartbeat()
         assert await other.room_users("r") == ["alice"]
         assert not await other.reserve_user("alice", "c2", 1)
+        roster = redis_server.command("HGETALL", roster_key(node.node_id)).split("\n")
+        assert roster == ["s1\0r", "alice"]  # its member list, for the others if it dies
+        assert node.node_id in redis_server.command("SMEMBERS", NODES_KEY).split()
     finally:
         await node.close()
         await other.close()
+
+
+async def _die(registry: RedisRegistry) -> None:
+    """What ``kill -9`` leaves: no more heartbeats, no cleanup; its heartbeat key expires."""
+    while registry._roster_task is not None:  # what it was sending when it died has arrived
+        await asyncio.sleep(0.01)
+    beat = registry._heartbeat
+    assert beat is not None
+    beat.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await beat
+    registry._heartbeat, registry._client = None, None  # close() finds nothing to clean up
+
+
+async def test_a_dead_nodes_departed_are_reported_once_and_not_those_still_in_the_room(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    options = RegistryOptions(node_ttl=60.0, timeout=2.0)  # the test calls reap itself
+    watcher, doomed, other = (RedisRegistry(redis_url, options) for _ in range(3))
+    reports: list[tuple[str, list[str]]] = []
+    watcher.set_departed_callback(lambda room, users: reports.append((room, users)))
+    for registry in (watcher, doomed, other):
+        await registry.start()
+    try:
+        await watcher.joined("r", "wendy", "w1")
+        await watcher.joined("r", "carol", "w2")  # carol is here too
+        await doomed.joined("r", "alice", "d1")
+        await doomed.joined("r", "alice", "d2")  # two connections: one leave
+        await doomed.joined("r", "bob", "d3")
+        await doomed.joined("r", "carol", "d4")
+        await doomed.joined("r", "dave", "d5")
+        await doomed.left("r", "dave", "d5")  # left before the death: no second leave
+        await doomed.joined("elsewhere", "erin", "d6")  # no member of the watcher there
+        await other.joined("r", "bob", "o1")  # bob is still in the room on a live node
+        await watcher.reap()
+        assert reports == []  # everyone alive
+
+        client = doomed._client
+        await _die(doomed)
+        await client.delete(node_key(doomed.node_id))  # its heartbeat key expired
+        await watcher.reap()
+        assert reports == [("r", ["alice"])]
+        assert await watcher.room_users("r") == ["bob", "carol", "wendy"]  # agrees at once
+        await watcher.reap()
+        assert reports == [("r", ["alice"])]  # once
+
+        await client.delete(roster_key(doomed.node_id))  # its member list expired too
+        await watcher.reap()
+        assert doomed.node_id not in redis_server.command("SMEMBERS", NODES_KEY).split()
+        await client.aclose()
+    finally:
+        await watcher.close()
+        await other.close()
+    assert redis_server.command("SMEMBERS", NODES_KEY) == ""  # clean shutdowns leave it
+
+
+async def test_the_node_tells_its_members_of_the_departed_once_each(start_server: Start) -> None:
+    server: Server = await start_server(chat={"auto_join": False})
+    wendy, carol = await server.connect("wendy"), await server.connect("carol")
+    await join(wendy, "team")
+    await join(carol, "team")
+    await wendy.recv_type("presence")  # carol's join
+    server.node.departed("team", ["alice", "carol"])  # what the registry reports
+    server.node.departed("elsewhere", ["alice"])  # no member here: nothing
+    leave = {"type": "presence", "room": "team", "event": "leave", "user": "alice"}
+    assert await wendy.recv_type("presence") == leave  # not carol: she is here
+    assert await carol.recv_type("presence") == leave
+    await wendy.expect_nothing(0.3)
+    await carol.expect_nothing(0.3)
+    wendy.close()
+    carol.close()

@@ -3,6 +3,7 @@
 ``pushsvc serve`` runs as a child process; the tests play systemd's part:
 a unix datagram socket receives the sd_notify states, a listening socket is
 handed over as fd 3 for socket activation, and signals stop and reload it.
+tests/test_systemd_real.py shows the same behaviour under a real systemd.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ The unit checks run ``systemd-analyze`` offline (no running systemd needed)
 and are skipped when it is not installed. The sdnotify checks talk to real
 sockets: a datagram socket standing in for ``$NOTIFY_SOCKET`` and a listening
 TCP socket passed to a child process on fd 3, as systemd does.
+tests/test_systemd_real.py runs the units under a real systemd.
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ def test_service_contract(name: str) -> None:
         "WatchdogSec": "30",
         "Restart": "on-failure",
         "KillSignal": "SIGTERM",
-        "ExecReload": "/bin/kill -HUP $MAINPID",
+        "ExecReload": "/bin/sh -c 'kill -HUP $MAINPID'",
         "LimitNOFILE": "262144",
         "DynamicUser": "yes",
         "ProtectSystem": "strict",

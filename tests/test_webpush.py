@@ -34,12 +34,17 @@ import tornado.web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from py_vapid import jwt as vapid_jwt
+from tornado.httpclient import AsyncHTTPClient
+from tornado.websocket import websocket_connect
 
-from conftest import Client, Server
+from conftest import Client, Server, ServerProcess, token
 from pushsvc import hookimpl
+from pushsvc.cluster.redis import index_key
 from pushsvc.protocol.webpush import b64url_decode, b64url_encode
 from pushsvc.push.endpoints import EndpointPolicy, EndpointRefused, GuardedResolver, is_public
+from pushsvc.push.keys import VapidKeys
 from pushsvc.push.sender import MAX_PLAINTEXT, push_payload, retry_after
+from redis_server import RedisServer
 
 SUBJECT = "mailto:ops@example.com"
 WAIT = 10.0  # seconds any single expected event may take on a loaded machine
@@ -792,3 +797,106 @@ async def test_subscriptions_in_the_redis_store(
     _, listing, _ = await server.http("GET", "/api/v1/users/alice/push-subscriptions")
     assert [s["endpoint"] for s in listing["subscriptions"]] == [browser.endpoint]
     assert await server.node.store.count_push_subscriptions() == 1  # type: ignore[attr-defined]
+
+
+@pytest.mark.slow
+async def test_a_user_connected_to_another_node_is_not_pushed_until_gone(
+    tmp_path: Path,
+    push_service: PushService,
+    fresh_redis: RedisServer,
+    spawn: Callable[..., ServerProcess],
+) -> None:
+    """Two ``pushsvc serve`` on one Redis: "offline" is decided over the cluster."""
+    key_file = tmp_path / "vapid.pem"
+    VapidKeys.load_or_create(key_file, SUBJECT)  # one key for both nodes
+    after = 3.0  # push.after_seconds
+    env = {
+        "PUSHSVC_BROKER__URL": fresh_redis.url,
+        "PUSHSVC_STORE__URL": fresh_redis.url,  # the registry follows broker.url
+        "PUSHSVC_PUSH__ENABLED": "true",
+        "PUSHSVC_PUSH__SUBJECT": SUBJECT,
+        "PUSHSVC_PUSH__VAPID_PRIVATE_KEY_FILE": str(key_file),
+        "PUSHSVC_PUSH__ALLOW_PRIVATE_ENDPOINTS": "true",
+        "PUSHSVC_PUSH__ALLOWED_HOSTS": "127.0.0.1",
+        "PUSHSVC_PUSH__AFTER_SECONDS": str(after),
+        "PUSHSVC_CHAT__AUTO_JOIN": "false",
+    }
+    a, b = (spawn("--data-dir", str(tmp_path / name), env=env, name=name) for name in ("a", "b"))
+    push_service.vapid_key = (await _get_json(a.base + "/api/v1/push/vapid-public-key"))[
+        "public_key"
+    ]
+    browser = push_service.browser("laptop")
+    alice = Client(await websocket_connect(f"{b.ws_url}?access_token={token('alice')}"))
+    assert (await alice.recv_type("welcome"))["user"] == "alice"
+    assert (await subscribe(alice, browser))["result"] == "created"
+
+    # On b only, acked at once: a (which accepts it) pushes neither now nor after_seconds.
+    acked = await _notify_via(a, "alice")
+    frame = await alice.recv_type("notification")
+    assert frame["id"] == acked
+    await alice.send({"type": "ack", "id": acked, "ref": "a"})
+    assert (await alice.recv_type("reply"))["acked"] == 1
+    await browser.expect_no_push(after + 1.0)
+
+    # On b, not acked: pushed after_seconds later, from a (the inbox is shared).
+    sent = time.monotonic()
+    unacked = await _notify_via(a, "alice")
+    assert (await alice.recv_type("notification"))["id"] == unacked
+    push = await browser.push(after + WAIT)
+    assert push.payload["id"] == unacked
+    assert time.monotonic() - sent >= after - 0.5, "pushed before after_seconds"
+
+    # Gone from b: the next notification through a is pushed at once.
+    alice.close()
+    await until(lambda: not _connected_anywhere(fresh_redis, "alice"))  # b's close is in Redis
+    sent = time.monotonic()
+    offline = await _notify_via(a, "alice")
+    push = await browser.push()
+    assert push.payload["id"] == offline
+    assert time.monotonic() - sent < after - 0.5, "waited for after_seconds: not seen offline"
+    await browser.expect_no_push(1.0)
+
+
+def _connected_anywhere(redis: RedisServer, user: str) -> bool:
+    """What the registry keeps, read with plain commands: a connection of ``user`` on a node."""
+    index = index_key("conns", user)
+    nodes = redis.command("SMEMBERS", index).split()
+    return any(redis.command("EXISTS", f"{index}:{node}") == "1" for node in nodes)
+
+
+async def _get_json(url: str, **request: Any) -> Any:
+    response = await AsyncHTTPClient().fetch(url, **request)
+    return orjson.loads(response.body)
+
+
+async def _notify_via(node: ServerProcess, to: str) -> str:
+    headers = {"Authorization": f"Bearer {token('backend', scope='publish')}"}
+    body = orjson.dumps({"to": to, "title": "Hello", "message": "You have mail"})
+    answer = await _get_json(
+        node.base + "/api/v1/notify", method="POST", body=body, headers=headers
+    )
+    message_id: str = answer["id"]
+    return message_id
+
+
+async def test_users_elsewhere_are_pushed_when_the_registry_fails(
+    start_server: Start, push_service: PushService, fresh_redis: RedisServer
+) -> None:
+    """Fails open: a duplicate of a WebSocket delivery rather than a push lost."""
+    cluster = {"url": fresh_redis.url, "node_ttl": 60.0, "timeout": 0.5}
+    here: Server = await start_server(push=push_config(), cluster=cluster)
+    there: Server = await start_server(push=push_config(), cluster=cluster)
+    status, body, _ = await here.http("GET", "/api/v1/push/vapid-public-key")
+    push_service.vapid_key = body["public_key"]
+    browser = push_service.browser("laptop")
+    path = "/api/v1/users/alice/push-subscriptions"
+    status, _, _ = await here.http("POST", path, {"subscription": browser.subscription()})
+    assert status == 201
+    alice = await there.connect("alice")
+    await notify(here, "alice")
+    await browser.expect_no_push(1.0)  # connected to the other node
+    fresh_redis.kill9()
+    message_id = await notify(here, "alice")
+    assert (await browser.push()).payload["id"] == message_id
+    assert metric(here, "pushsvc_cluster_errors_total", operation="online") >= 1
+    alice.close()

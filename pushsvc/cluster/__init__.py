@@ -13,10 +13,10 @@ Redis; any form of :mod:`pushsvc.redisurl`).
 
 from __future__ import annotations
 
-from pushsvc.cluster.contracts import ErrorCallback, Registry, RegistryOptions
+from pushsvc.cluster.contracts import DepartedCallback, ErrorCallback, Registry, RegistryOptions
 from pushsvc.config import CLUSTER_SCHEMES, REDIS_SCHEMES
 
-__all__ = ["ErrorCallback", "Registry", "RegistryOptions", "make_registry"]
+__all__ = ["DepartedCallback", "ErrorCallback", "Registry", "RegistryOptions", "make_registry"]
 
 
 def make_registry(url: str, options: RegistryOptions | None = None) -> Registry:

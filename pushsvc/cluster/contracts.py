@@ -8,20 +8,33 @@ stops heartbeating (crashed, ``kill -9``, cut off) stop counting within
 ``node_ttl`` seconds of its last heartbeat.
 
 The hub calls the registry on connect, join, leave and disconnect only, never
-per message. A registry never raises for an unreachable back end: a cap check
-then allows the connection (fails open) and presence answers with this node's
-own members; ``on_error`` counts each failure.
+per message (Web Push asks :meth:`Registry.online` once per accepted
+notification, for all its recipients at once). A registry never raises for an
+unreachable back end: a cap check then allows the connection (fails open),
+presence and ``online`` answer with this node's own entries; ``on_error``
+counts each failure.
+
+When a node dies, the others notice it within ``node_ttl`` plus one heartbeat
+(``node_ttl / 3``). Each calls its :data:`DepartedCallback` once per room it
+has local members in, with the dead node's users who are in that room on no
+live node any more, so that each node tells only its own connections
+(``presence`` leave): one event per watcher, no broker traffic.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Protocol
 
 #: Called with the operation's name (``reserve``, ``release``, ``joined``,
-#: ``left``, ``room_users``, ``heartbeat``) each time the back end failed.
+#: ``left``, ``room_users``, ``online``, ``roster``, ``heartbeat``, ``departed``,
+#: ``close``) each time the back end failed.
 ErrorCallback = Callable[[str], None]
+
+#: Called with ``(room, users)``: these users were in ``room`` on a node that
+#: died, and are in it on no live node now (sorted, not empty).
+DepartedCallback = Callable[[str, list[str]], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,5 +101,22 @@ class Registry(Protocol):
         found: a list longer than ``limit`` is then incomplete (the caller
         only needs to know the room is larger). When the back end fails,
         answers with this node's own members.
+        """
+        ...
+
+    async def online(self, users: Collection[str]) -> set[str]:
+        """Those of ``users`` with a connection (open or opening) on any live node.
+
+        One round trip for all of them (batched), not one per user. When the
+        back end fails, answers with those connected to this node.
+        """
+        ...
+
+    def set_departed_callback(self, callback: DepartedCallback | None) -> None:
+        """Where to report users who left rooms because their node died (see the module).
+
+        Called at most once per (dead node, room) on each node, only for rooms
+        with members on this node; never for this node's own members. A
+        registry without other nodes never calls it.
         """
         ...

@@ -9,8 +9,9 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+from collections.abc import Collection
 
-from pushsvc.cluster.contracts import RegistryOptions
+from pushsvc.cluster.contracts import DepartedCallback, RegistryOptions
 
 
 def new_node_id() -> str:
@@ -98,3 +99,10 @@ class MemoryRegistry:
     async def room_users(self, room: str, limit: int | None = None) -> list[str]:
         """Distinct users in ``room``, sorted (complete: ``limit`` costs nothing to honour)."""
         return self.entries.room_users(room)
+
+    async def online(self, users: Collection[str]) -> set[str]:
+        """Those of ``users`` with a connection counted here."""
+        return {user for user in users if user in self.entries.users}
+
+    def set_departed_callback(self, callback: DepartedCallback | None) -> None:
+        """Never called: no other node can die."""

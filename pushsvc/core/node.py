@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import time
 import types
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Coroutine, Mapping, Sequence
 from typing import Any
 
 from pushsvc.auth import revocation
@@ -34,7 +34,7 @@ from pushsvc.broker import (
 from pushsvc.cluster import Registry
 from pushsvc.cluster.memory import MemoryRegistry
 from pushsvc.config import Config, parse_type_buckets
-from pushsvc.core.hub import Hub
+from pushsvc.core.hub import PRESENCE_FRAME, Hub
 from pushsvc.core.keepalive import Keepalive
 from pushsvc.core.ratelimit import KeyedBuckets
 from pushsvc.core.session import Joined, Session
@@ -106,6 +106,7 @@ class Node:
         self.revocations = Revocations(store)  # revoked tokens (loaded by app.start)
         self.hub.on_control = self.on_control  # control: broadcasts (revocations)
         broker.set_gap_callback(self.on_broker_gap)  # envelopes may have been lost
+        self.cluster.set_departed_callback(self.departed)  # members of dead nodes
         self.draining = False  # True once shutdown began: refuse new work
         self.push: PushService | None = None  # Web Push, when push.enabled (enable_push)
         self._tasks: set[asyncio.Future[Any]] = set()  # background work to finish on shutdown
@@ -147,6 +148,20 @@ class Node:
     def online(self, user: str) -> bool:
         """Whether ``user`` has an open connection on this node."""
         return bool(self.hub.user_clients(user))
+
+    async def online_users(self, users: Sequence[str]) -> set[str]:
+        """Those of ``users`` with a connection on any node (Web Push's "offline" test).
+
+        Users connected here are not looked up; the others are, in one batch
+        (the cluster registry). When the registry fails it answers with this
+        node's own connections: the users elsewhere then count as offline
+        and are pushed (a duplicate push rather than a lost one).
+        """
+        here = {user for user in users if user in self.hub.users}
+        rest = [user for user in users if user not in here]
+        if rest:
+            here |= await self.cluster.online(rest)
+        return here
 
     def welcome_frame(self, session: Session) -> bytes:
         """The ``welcome`` frame for a new connection (with the VAPID key when push is on)."""
@@ -304,9 +319,13 @@ class Node:
         """``session`` holds a new token: re-arm its expiry."""
         self.keepalive.track_expiry(session)
 
-    async def ack(self, session: Session, ids: Sequence[str]) -> int:
-        """Settle at-least-once messages for ``session``'s user; returns how many."""
-        return await self.delivery.ack(session, ids)
+    def ack(self, session: Session, ids: Sequence[str]) -> Coroutine[Any, Any, int]:
+        """Settle at-least-once messages for ``session``'s user; awaited: how many.
+
+        Returns the delivery's coroutine itself (no coroutine of its own: one
+        layer less between an ack frame and its commit).
+        """
+        return self.delivery.ack(session, ids)
 
     # -- Web Push subscriptions ---------------------------------------------------
 
@@ -509,6 +528,26 @@ class Node:
             await self.broker.publish(room_channel(room), envelope)
         except BrokerUnavailable as exc:  # at most once: the join or leave itself stands
             log.warning("presence %s in %s not sent: %s", event, room, exc)
+
+    def departed(self, room: str, users: list[str]) -> None:
+        """``users`` left ``room`` with a node that died: a ``presence`` leave to the members here.
+
+        The cluster registry calls this once per dead node and room, on every
+        node with members in the room, so each connection gets one ``leave``
+        per user; users still in the room on this node are left out.
+        """
+        members = self.hub.members(room)
+        if not members or len(members) > self.config.chat.presence_max_members:
+            return
+        here = {client.principal.user for client in members}
+        for user in users:
+            if user in here:
+                continue
+            leave = {"type": "presence", "room": room, "event": "leave", "user": user}
+            frame = frames.encode(leave)
+            self.hub.on_envelope(
+                room_channel(room), Envelope(EnvelopeKind.PRESENCE, PRESENCE_FRAME, "", frame)
+            )
 
     async def presence(self, room: str, limit: int | None = None) -> list[str]:
         """Distinct users with a connection in ``room`` on any node, sorted.

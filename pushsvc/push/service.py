@@ -6,8 +6,9 @@ accepted. For each recipient, by the message's push mode:
 - ``never``: nothing;
 - ``always``: push now;
 - ``offline`` (``notification``'s default): push now when the user has no open
-  connection on this node; otherwise, when ``push.after_seconds`` > 0, push
-  then if the message is still pending for the user (not acked).
+  connection on any node (:class:`Presence`, one batched look-up for all the
+  recipients); otherwise, when ``push.after_seconds`` > 0, push then if the
+  message is still pending for the user (not acked, read from the inbox).
 
 A push is a notification, never an ack: the message stays pending in the
 inbox and is delivered over the WebSocket when the user comes back (the
@@ -64,10 +65,13 @@ _EXPIRED_STATUSES = frozenset({404, 410})
 
 
 class Presence(Protocol):
-    """Whether a user has an open connection on this node (the hub)."""
+    """Which users have an open connection on any node (the node: hub and cluster registry)."""
 
-    def online(self, user: str) -> bool:
-        """True while ``user`` has a connection here."""
+    async def online_users(self, users: Sequence[str]) -> set[str]:
+        """Those of ``users`` connected somewhere; never raises.
+
+        When the cluster registry cannot be asked, those connected to this node.
+        """
         ...
 
 
@@ -232,17 +236,34 @@ class PushService:
         announced = types.MappingProxyType({"id": message_id, **message})  # for the hook
         urgency = options.urgency or self.config.urgency
         expires_at = time.time() + lifetime
+        jobs = [
+            Job(user, message_id, announced, payload, urgency, options.topic, expires_at)
+            for user in recipients
+        ]
+        self._spawn(self._expand(jobs) if mode == "always" else self._route(jobs))
+
+    async def _route(self, jobs: Sequence[Job]) -> None:
+        """Push the jobs of users connected nowhere now, the others' after ``after_seconds``.
+
+        Fails open: when presence cannot be told (the registry answers with
+        this node's users then), a user is pushed, maybe in duplicate of the
+        WebSocket delivery, never left without a push.
+        """
+        try:
+            online = await self.presence.online_users([job.user for job in jobs])
+        except Exception:  # a broken registry: rather a push too many than none
+            log.exception("push: cannot tell who is connected; pushing to all")
+            online = set()
         delay = self.config.after_seconds
         loop = asyncio.get_running_loop()
         now: list[Job] = []
-        for user in recipients:
-            job = Job(user, message_id, announced, payload, urgency, options.topic, expires_at)
-            if mode == "always" or not self.presence.online(user):
+        for job in jobs:
+            if job.user not in online:
                 now.append(job)
             elif delay > 0:
                 self._later(loop, delay, self._check_unacked, job)
         if now:
-            self._spawn(self._expand(now))
+            await self._expand(now)
 
     def _later(
         self, loop: asyncio.AbstractEventLoop, delay: float, fn: Callable[[Job], None], job: Job

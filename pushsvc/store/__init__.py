@@ -100,5 +100,5 @@ def make_store(url: str, options: StoreOptions | None = None) -> Store:
     raise ValueError(
         f"store.url: unsupported scheme in {url!r} "
         "(supported: sqlite:///PATH, redis://HOST:PORT/DB, rediss://..., unix://PATH, "
-        "redis+sentinel://HOST:PORT,.../MASTER/DB)"
+        "redis+sentinel://HOST:PORT,.../MASTER/DB, redis+cluster://HOST:PORT,HOST:PORT)"
     )

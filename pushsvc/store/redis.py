@@ -32,6 +32,7 @@ serves several deployments with different prefixes)::
     P{g}:rev             HASH  "<kind>\\n<subject>" -> "<until>\\n<created_at>\\n<expires_at>"
     P{g}:revexp          ZSET  revocations with an expiry, score expires_at
     P{g}:probe           STRING the write of check()
+    P{g:<n>}:probe       STRING the same on each master of a cluster (n: one of its slots)
     P{r:<room>}:h        HASH  room history: e epoch, n latest offset, x epoch forgotten at
     P{r:<room>}:l        ZSET  its entries "<offset>\\n<created>\\n<expires>\\n<type>\\n<frame>",
                                scored by offset
@@ -56,19 +57,23 @@ Times are stored as the strings Python wrote (``repr`` of a float), so they
 come back exactly; Lua compares them with ``tonumber``.
 
 Cluster. A user's keys share the hash tag ``{u:<user>}``, a message's keys
-``{m:<id>}``, the global indexes ``{g}``. This class uses a standalone client
-(one primary; no Sentinel or Cluster URL yet), where a script may touch any
-key, so accept, ack and the sweep each update the user's keys, the message and
-the global indexes in one atomic script. On Redis Cluster the same keys spread
-over slots and each script would be split by slot: accept of a message for N
-recipients becomes one script for the message slot, one per recipient slot
-group (the users hashed to one slot) and one for ``{g}``, i.e. up to N + 2
-round trips, sent concurrently; the per-user keys are the truth and the global
-indexes are derived from them, written before the per-user script on additions
-and after it on removals, so the indexes only over-approximate (the sweep skips
-members whose delivery is gone; stats may count them until it has). The frame is stored once per
-message (``{m:<id>}``), not per recipient: memory O(frame + recipients), at
-the price of a second read on Cluster for :meth:`RedisStore.pending`.
+``{m:<id>}``, the global indexes ``{g}``. On one Redis (a standalone client, or the
+primary the sentinels name) a script may touch any key, so accept, ack and the
+sweep each update the user's keys, the message and the global indexes in one
+atomic script. With ``redis+cluster://`` (``self.cluster``) every script touches
+one slot and declares one of its keys (``EVALSHA sha 1 key``: a moved slot is
+answered MOVED, not run): the operations that span tags are
+:class:`pushsvc.store.redis_cluster.SlotSplit`'s, steps of ``c_*`` scripts, one
+slot each, sent together within a step (the
+commands of one loop pass go as one pipeline per master, to every master at once:
+:meth:`RedisStore._cluster_batch`). The per-user keys are the truth; the global
+indexes are written with or before them on additions and after them on removals,
+so the indexes only over-approximate (the sweep skips members whose delivery is
+gone and repairs those a failed step left behind). An accept is reported only once
+every script of it succeeded, the idempotency key last; docs/redis.md, "Store on a
+cluster", lists the steps and what a half-failed operation leaves. The frame is
+stored once per message (``{m:<id>}``), not per recipient: memory O(frame +
+recipients), at the price of a second read on Cluster for :meth:`RedisStore.pending`.
 
 Failures. Every command is bounded by ``busy_timeout`` (socket connect and
 reply); an operation queued behind a pipeline that is timing out waits for it
@@ -112,10 +117,20 @@ from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.crc import key_slot
+from redis.exceptions import (
+    AskError,
+    MovedError,
+    NoScriptError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from pushsvc import redisurl
 from pushsvc.protocol import ids
@@ -138,6 +153,20 @@ from pushsvc.store.contracts import (
     StoreUnavailable,
     SubscribeResult,
 )
+from pushsvc.store.redis_cluster import (
+    CLUSTER_SCRIPTS,
+    PUSH_DROP,
+    PUSH_PUT,
+    SWEEP_CHUNK,
+    SWEEP_STEPS,
+    TRIM_ROOMS,
+    SlotSplit,
+    global_key,
+    room_key,
+    user_key,
+)
+from pushsvc.store.redis_cluster import stamp as _time
+from pushsvc.store.redis_cluster import text as _text
 
 log = logging.getLogger("pushsvc.store")
 
@@ -146,10 +175,6 @@ DEFAULT_PREFIX = "pushsvc:"
 #: Connections to Redis, each with one pipeline (a batch of operations) in flight at a
 #: time; ``?max_connections=N`` in the URL changes it.
 CONNECTIONS = 4
-#: Entries of each kind (TTL, old acks, old dead letters) one sweep script handles.
-SWEEP_CHUNK = 1_000
-#: Sweep scripts per :meth:`RedisStore.expire` call; the rest waits for the next call.
-SWEEP_STEPS = 25
 #: Reads and tries of an append whose frame needs its position before the script.
 APPEND_TRIES = 100
 #: Eviction policies that never drop a key (``volatile-*`` would drop only keys with a
@@ -434,8 +459,21 @@ local function rescore(P, room, l, forget)
 end
 """
 
+# The {g} index of an append: updated in the script on one Redis; on a cluster
+# (another slot) by a script of its own, after the room's (SlotSplit.append).
+_HISTORY_INDEX = """
+local function index(P, room, l, forget, added)
+  redis.call('INCRBY', gkey(P, 'hentries'), added)
+  rescore(P, room, l, forget)
+end
+"""
+_HISTORY_NO_INDEX = """
+local function index(P, room, l, forget, added) end
+"""
+
 # ARGV: P, room, type, created_at, expires_at, new epoch, size, forget at, mode, a, b, c,
-# [epoch, top] -> {offset, epoch} (mode 'cas' and another position: {0, epoch, top})
+# [epoch, top] -> {offset, epoch, entries added} (mode 'cas' and another position:
+# {0, epoch, top})
 # Modes: 'oe' (frame = a .. offset .. b .. epoch .. c), 'eo' (a .. epoch .. b .. offset
 # .. c), 'cas' (frame = a, made for ARGV[13], ARGV[14]: stored only at that position).
 _APPEND = """
@@ -467,10 +505,9 @@ local size = tonumber(ARGV[7])
 if offset > size then
   added = added - redis.call('ZREMRANGEBYSCORE', l, '-inf', offset - size)
 end
-redis.call('INCRBY', gkey(P, 'hentries'), added)
-rescore(P, room, l, ARGV[8])
+index(P, room, l, ARGV[8], added)
 redis.call('HSET', h, 'x', ARGV[8])
-return {offset, epoch}
+return {offset, epoch, added}
 """
 
 # ARGV: P, room, since ('' for none), limit, reverse ('1' or ''), now
@@ -593,14 +630,6 @@ return out
 """
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _time(value: float) -> str:
-    return repr(float(value))
-
-
 def _optional(value: Any) -> float | None:
     text = _text(value)
     return float(text) if text else None
@@ -684,12 +713,18 @@ _SCRIPTS = {
     "stats": _STATS,
     "frames": _FRAMES,
     "revoke": _REVOKE,
-    "append": _HISTORY_PRELUDE + _APPEND,
+    "append": _HISTORY_PRELUDE + _HISTORY_INDEX + _APPEND,
     "history": _HISTORY_PRELUDE + _HISTORY,
     "trim_history": _HISTORY_PRELUDE + _TRIM_HISTORY,
     "push_add": _PUSH_PRELUDE + _PUSH_ADD,
     "push_remove": _PUSH_PRELUDE + _PUSH_REMOVE,
     "push_list": _PUSH_PRELUDE + _PUSH_LIST,
+    # Redis Cluster (one slot each: pushsvc/store/redis_cluster.py)
+    **CLUSTER_SCRIPTS,
+    "c_append": _HISTORY_PRELUDE + _HISTORY_NO_INDEX + _APPEND,
+    "c_trim_rooms": _HISTORY_PRELUDE + TRIM_ROOMS,
+    "c_push_put": _PUSH_PRELUDE + PUSH_PUT,
+    "c_push_drop": _PUSH_PRELUDE + PUSH_DROP,
 }
 #: name -> (Lua source, its SHA-1 for EVALSHA)
 SCRIPTS = {
@@ -699,12 +734,25 @@ SCRIPTS = {
 
 
 class _Op:
-    __slots__ = ("command", "future", "script")
+    __slots__ = ("command", "future", "script", "slot")
 
-    def __init__(self, command: tuple[Any, ...], script: str | None, future: asyncio.Future[Any]):
+    def __init__(
+        self,
+        command: tuple[Any, ...],
+        script: str | None,
+        future: asyncio.Future[Any],
+        slot: int = -1,
+    ):
         self.command = command  # the arguments of one Redis command
         self.script = script  # the script EVALSHA runs (reloaded on NOSCRIPT), or None
         self.future = future  # resolved with the reply
+        self.slot = slot  # Redis Cluster: the slot of the command's keys (-1: one Redis)
+
+
+#: Where a batch goes: the one Redis (its client) or one master of a cluster.
+_Target = aioredis.Redis | ClusterNode
+#: Seconds between two topology refreshes started by failures (a MOVED refreshes at once).
+REFRESH_INTERVAL = 1.0
 
 
 class RedisStore:
@@ -720,13 +768,21 @@ class RedisStore:
         self.min_replicas = parsed.min_replicas
         self.replica_timeout = min(parsed.replica_timeout, busy_timeout / 2)  # WAIT < a read
         self.busy_timeout = busy_timeout  # seconds any command may take
-        self._redis: aioredis.Redis | None = None  # the client, while open
-        self._healthy = True  # result of the last batch
+        #: a Redis Cluster URL: operations split by slot, batches sent to each master
+        self.cluster = redisurl.is_cluster(url)
+        self._redis: aioredis.Redis | None = None  # the client, while open (one Redis)
+        self._nodes: RedisCluster | None = None  # the client, while open (Cluster)
+        self._failing: set[str] = set()  # targets whose last batch failed ("": one Redis)
         self._outbox: list[_Op] = []  # submitted, not yet sent
         self._senders: set[asyncio.Task[None]] = set()  # each sends one pipeline at a time
         self._starting = False  # a sender is started and has not taken the outbox yet
         self._batches = 0  # pipelines sent
         self._operations = 0  # operations in those pipelines
+        self._refresh: asyncio.Task[None] | None = None  # a cluster topology refresh
+        self._refreshed = 0.0  # when the last one started (monotonic)
+        self._background: set[asyncio.Future[Any]] = set()  # writes nobody awaits
+        #: the operations spanning slots, on a cluster
+        self._split = SlotSplit(self.prefix, self._call, self._script, self._all, self._later)
 
     @property
     def batches(self) -> int:
@@ -741,7 +797,13 @@ class RedisStore:
     # -- lifecycle --------------------------------------------------------------
 
     async def open(self) -> None:
-        """Connect, load the scripts, warn about unsafe persistence settings."""
+        """Connect, load the scripts, warn about unsafe persistence settings.
+
+        On a cluster: discover the masters, and load and check on every one.
+        """
+        if self.cluster:
+            await self._open_cluster()
+            return
         pool = redisurl.connection_pool(
             self.url,
             key="store.url",
@@ -763,64 +825,111 @@ class RedisStore:
         self._redis = client
         await self._check_settings(client)
 
-    async def _check_settings(self, client: aioredis.Redis) -> None:
+    async def _open_cluster(self) -> None:
+        client = redisurl.cluster_client(
+            self.url,
+            key="store.url",
+            # each sender holds at most one connection per master; the rest: discovery
+            max_connections=self.connections + 2,
+            socket_timeout=self.busy_timeout,
+            socket_connect_timeout=self.busy_timeout,
+        )
+        try:
+            await asyncio.wait_for(client.initialize(), self.busy_timeout * 2)
+            masters = client.get_primaries()
+            await asyncio.gather(*(_load_scripts(node) for node in masters))
+        except (RedisError, OSError, TimeoutError) as exc:
+            await client.aclose()
+            raise StoreUnavailable(
+                f"cannot reach the Redis Cluster at {redisurl.redacted(self.url)}: {exc}"
+            ) from exc
+        self._nodes = client
+        for node in masters:
+            await self._check_settings(node, f" on {node.name}")
+
+    async def _check_settings(self, target: _Target, where: str = "") -> None:
         """Log a warning when Redis may evict keys or keeps no AOF (never fails)."""
         policy = appendonly = None
         try:
-            found: dict[Any, Any] = await client.config_get("maxmemory-policy")
-            found.update(await client.config_get("appendonly"))
-            values = {_text(k): _text(v) for k, v in found.items()}
-            policy, appendonly = values.get("maxmemory-policy"), values.get("appendonly")
-        except ResponseError:  # CONFIG disabled or renamed (managed Redis): INFO instead
-            try:
-                memory = await client.info("memory")
-                policy = str(memory.get("maxmemory_policy", "")) or None
-                persistence = await client.info("persistence")
-                appendonly = "yes" if persistence.get("aof_enabled") else "no"
-            except (RedisError, OSError) as exc:
-                log.warning("cannot read the Redis settings (CONFIG and INFO refused): %s", exc)
+            found = await _round_trip(
+                target, [("CONFIG", "GET", "maxmemory-policy"), ("CONFIG", "GET", "appendonly")]
+            )
+            if any(isinstance(reply, Exception) for reply in found):
+                # CONFIG disabled or renamed (managed Redis): INFO instead
+                memory, persistence = await _round_trip(
+                    target, [("INFO", "memory"), ("INFO", "persistence")]
+                )
+                if isinstance(memory, Exception) or isinstance(persistence, Exception):
+                    raise memory if isinstance(memory, Exception) else persistence
+                info = _info(memory) | _info(persistence)
+                policy = info.get("maxmemory_policy") or None
+                appendonly = "yes" if info.get("aof_enabled") == "1" else "no"
+            else:
+                values: dict[str, str] = {}
+                for reply in found:  # a map (RESP3, some parsers) or [name, value]
+                    pairs = reply.items() if isinstance(reply, dict) else [tuple(reply)]
+                    values |= {_text(name): _text(value) for name, value in pairs}
+                policy, appendonly = values.get("maxmemory-policy"), values.get("appendonly")
         except (RedisError, OSError) as exc:
-            log.warning("cannot read the Redis settings: %s", exc)
+            log.warning("cannot read the Redis settings%s: %s", where, exc)
         if policy is not None and policy not in SAFE_POLICIES:
             log.warning(
-                "Redis maxmemory-policy is %r: at maxmemory Redis may evict pending messages "
+                "Redis maxmemory-policy is %r%s: at maxmemory Redis may evict pending messages "
                 "silently; set maxmemory-policy noeviction (docs/redis.md)",
                 policy,
+                where,
             )
         if appendonly == "no":
             log.warning(
-                "Redis appendonly is off: a Redis crash loses what was accepted since the "
-                "last snapshot; set appendonly yes (docs/redis.md)"
+                "Redis appendonly is off%s: a Redis crash loses what was accepted since the "
+                "last snapshot; set appendonly yes (docs/redis.md)",
+                where,
             )
 
     async def close(self) -> None:
         """Send what is submitted, then close the connections (again: does nothing)."""
         while self._senders:
             await asyncio.gather(*self._senders, return_exceptions=True)
+        if self._refresh is not None:
+            await asyncio.gather(self._refresh, return_exceptions=True)
         client, self._redis = self._redis, None
         if client is not None:
             await client.aclose()
+        nodes, self._nodes = self._nodes, None
+        if nodes is not None:
+            await nodes.aclose()
 
     def healthy(self) -> bool:
-        """Whether the last batch reached Redis and every command in it succeeded."""
-        return self._healthy
+        """Whether the last batch sent to each Redis (each master of a cluster) reached it
+        and every command in it succeeded."""
+        return not self._failing
 
     async def check(self) -> bool:
-        """Write a probe key (bounded by ``busy_timeout``); updates :meth:`healthy`."""
+        """Write a probe key (on every master of a cluster), bounded by ``busy_timeout``;
+        updates :meth:`healthy`."""
+        now = _time(time.time())
+        if self._nodes is None:
+            probes = [f"{self.prefix}{{g}}:probe"]
+        else:
+            probes = _probe_keys(self._nodes, self.prefix)
         try:
-            await self._call("SET", f"{self.prefix}{{g}}:probe", _time(time.time()))
+            await self._all([self._call("SET", key, now, key=key) for key in probes])
         except StoreUnavailable:
             return False
         return True
 
     # -- batches: what is submitted in one loop pass goes in one pipeline -------------
 
-    def _call(self, *command: Any, script: str | None = None) -> asyncio.Future[Any]:
-        """Queue one command; the future gets its reply or StoreUnavailable."""
-        if self._redis is None:
+    def _call(self, *command: Any, script: str | None = None, key: str = "") -> asyncio.Future[Any]:
+        """Queue one command; the future gets its reply or StoreUnavailable.
+
+        ``key``: on a cluster, a key of the command's slot (where it is sent).
+        """
+        if self._redis is None and self._nodes is None:
             raise StoreUnavailable("store is not open")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._outbox.append(_Op(command, script, future))
+        slot = key_slot(key.encode()) if self.cluster else -1
+        self._outbox.append(_Op(command, script, future, slot))
         if not self._starting and len(self._senders) < self.connections:
             # It starts on the next loop pass: the commands of this pass join its batch.
             self._starting = True
@@ -829,8 +938,32 @@ class RedisStore:
             sender.add_done_callback(self._senders.discard)
         return future
 
-    def _script(self, name: str, *args: Any) -> asyncio.Future[Any]:
-        return self._call("EVALSHA", SCRIPTS[name][1], 0, self.prefix, *args, script=name)
+    def _script(self, name: str, *args: Any, key: str = "") -> asyncio.Future[Any]:
+        """EVALSHA the script ``name``; on a cluster it goes to the slot of ``key``, which
+        every key it touches shares (declared, so a moved slot is answered MOVED)."""
+        if not self.cluster:
+            return self._call("EVALSHA", SCRIPTS[name][1], 0, self.prefix, *args, script=name)
+        return self._call(
+            "EVALSHA", SCRIPTS[name][1], 1, key, self.prefix, *args, script=name, key=key
+        )
+
+    async def _all(self, futures: Sequence[asyncio.Future[Any]]) -> list[Any]:
+        """Await every one (none is left unretrieved); raise the first failure."""
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return results
+
+    def _later(self, future: asyncio.Future[Any]) -> None:
+        """A write nobody waits for (a derived figure): its failure is only logged."""
+        self._background.add(future)
+        future.add_done_callback(self._forget)
+
+    def _forget(self, future: asyncio.Future[Any]) -> None:
+        self._background.discard(future)
+        if not future.cancelled() and future.exception() is not None:
+            log.warning("Redis store: an index update failed: %s", future.exception())
 
     async def _send(self) -> None:
         """Send the outbox as one pipeline (one round trip), again until it is empty.
@@ -838,25 +971,81 @@ class RedisStore:
         Up to ``connections`` senders run at once, so batches of operations submitted
         while others are in flight need not wait for them; operations of
         different batches are therefore not ordered (each caller awaits its own).
+        On a cluster a batch is one pipeline per master, sent to all at once.
         """
         self._starting = False
-        client = self._redis
-        while self._outbox and client is not None:
-            batch, self._outbox = self._outbox, []
-            await self._pipeline(client, batch)
+        while self._outbox:
+            if self._redis is not None:
+                batch, self._outbox = self._outbox, []
+                await self._pipeline(self._redis, "", batch)
+            elif self._nodes is not None:
+                batch, self._outbox = self._outbox, []
+                await self._cluster_batch(self._nodes, batch)
+            else:
+                break
 
-    async def _pipeline(self, client: aioredis.Redis, batch: list[_Op]) -> None:
+    async def _cluster_batch(self, client: RedisCluster, batch: list[_Op]) -> None:
+        """``batch`` grouped by the master of each slot, one pipeline to each at once.
+
+        Commands answered MOVED (their slot moved: not run) are sent once more after a
+        topology refresh; a second MOVED, an ASK (a slot being migrated) or a master
+        that cannot be reached fails those operations with StoreUnavailable.
+        """
+        moved = await self._route(client, batch, redirect=True)
+        if moved:
+            await self._refresh_topology(client, at_once=True)
+            await self._route(client, moved, redirect=False)
+
+    async def _route(self, client: RedisCluster, ops: list[_Op], *, redirect: bool) -> list[_Op]:
+        groups: dict[str, tuple[ClusterNode, list[_Op]]] = {}
+        for op in ops:
+            try:
+                node = client.nodes_manager.get_node_from_slot(op.slot)
+            except RedisClusterException as exc:  # slot not covered
+                _settle(op, StoreUnavailable(f"Redis Cluster: {exc}"))
+                continue
+            groups.setdefault(node.name, (node, []))[1].append(op)
+        sent = [
+            self._pipeline(node, name, group, redirect) for name, (node, group) in groups.items()
+        ]
+        moved = await asyncio.gather(*sent)
+        return [op for group in moved for op in group]
+
+    async def _refresh_topology(self, client: RedisCluster, *, at_once: bool = False) -> None:
+        """Ask the cluster which master serves which slots again (one at a time)."""
+        if self._refresh is None:
+            if not at_once and time.monotonic() - self._refreshed < REFRESH_INTERVAL:
+                return
+            self._refreshed = time.monotonic()
+            self._refresh = asyncio.get_running_loop().create_task(self._reinitialize(client))
+        refresh = self._refresh
+        if at_once:
+            await asyncio.gather(refresh, return_exceptions=True)
+
+    async def _reinitialize(self, client: RedisCluster) -> None:
+        try:
+            await asyncio.wait_for(client.nodes_manager.initialize(), self.busy_timeout)
+        except (RedisError, OSError, TimeoutError) as exc:
+            log.warning("Redis Cluster: cannot refresh the slot map: %s", exc)
+        finally:
+            self._refresh = None
+
+    async def _pipeline(
+        self, target: _Target, name: str, batch: list[_Op], redirect: bool = False
+    ) -> list[_Op]:
+        """One round trip to ``target`` (named ``name`` in the health set); returns the
+        operations answered MOVED when ``redirect`` (not settled), else none."""
         replies: list[Any]
         # WAIT rides in the same round trip, after the batch's writes.
         wait = ("WAIT", self.min_replicas, max(1, int(self.replica_timeout * 1000)))
         tail = [wait] if self.min_replicas else []
         try:
-            replies = await _round_trip(client, [*(op.command for op in batch), *tail])
+            replies = await _round_trip(target, [*(op.command for op in batch), *tail])
             confirmed = replies.pop() if tail else 0
             missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
             if missing:  # Redis restarted without our scripts: load them, run those again
-                await _load_scripts(client)
-                again = await _round_trip(client, [*(batch[i].command for i in missing), *tail])
+                await _load_scripts(target)
+                again = await _round_trip(target, [*(batch[i].command for i in missing), *tail])
                 confirmed = again.pop() if tail else 0
                 for i, reply in zip(missing, again, strict=True):
                     replies[i] = reply
@@ -866,29 +1055,40 @@ class RedisStore:
                     f"{self.replica_timeout:g} s"
                 )
         except Exception as exc:  # RedisError, OSError, or a bug: fail the batch, never hang
-            if self._healthy:
-                log.error("Redis store unavailable, nothing of this batch reported done: %s", exc)
-            self._healthy = False
+            if not self._failing:
+                log.error(
+                    "Redis store unavailable%s, nothing of this batch reported done: %s",
+                    f" ({name})" if name else "",
+                    exc,
+                )
+            self._failing.add(name)
             error = StoreUnavailable(f"Redis: {exc}")
             for op in batch:
                 _settle(op, error)
-            return
+            if self._nodes is not None:  # a master down or failed over: look again soon
+                await self._refresh_topology(self._nodes)
+            return []
         self._batches += 1
         self._operations += len(batch)
         failed: list[str] = []
+        moved: list[_Op] = []
         for op, reply in zip(batch, replies, strict=True):
-            if isinstance(reply, Exception):  # e.g. OOM at maxmemory: this command only
-                failed.append(f"{op.script or op.command[0]}: {reply}")
-                _settle(op, StoreUnavailable(f"Redis: {reply}"))
+            if redirect and isinstance(reply, MovedError):
+                moved.append(op)
+            elif isinstance(reply, Exception):  # e.g. OOM at maxmemory: this command only
+                failed.append(f"{op.script or op.command[0]}: {_describe(reply)}")
+                _settle(op, StoreUnavailable(f"Redis: {_describe(reply)}"))
             else:
                 _settle(op, None, reply)
         if failed:
-            if self._healthy:  # once per outage, as for a failed batch
+            if not self._failing:  # once per outage, as for a failed batch
                 log.error("Redis store commands failed (%d), e.g. %s", len(failed), failed[0])
-            self._healthy = False
-        elif not self._healthy:
-            log.warning("Redis store operations succeed again")
-            self._healthy = True
+            self._failing.add(name)
+        elif name in self._failing:
+            self._failing.discard(name)
+            if not self._failing:
+                log.warning("Redis store operations succeed again")
+        return moved
 
     # -- inbox ------------------------------------------------------------------
 
@@ -901,8 +1101,14 @@ class RedisStore:
         expires_at: float,
         idempotency: IdempotencyKey | None = None,
     ) -> None:
-        """Persist a message and one pending delivery per recipient: one EVALSHA."""
+        """Persist a message and one pending delivery per recipient: one EVALSHA (on a
+        cluster: one per slot, then the idempotency key)."""
         users = list(dict.fromkeys(recipients))
+        if self.cluster:
+            await self._split.accept(
+                message_id, message_type, frame, users, expires_at, idempotency, len(recipients)
+            )
+            return
         args: list[Any] = [message_id, message_type, frame, _time(expires_at)]
         args += [int(expires_at * 1000), len(users), *users]
         if idempotency is not None:
@@ -922,6 +1128,8 @@ class RedisStore:
 
     async def pending(self, user: str, after_id: str, limit: int) -> list[PendingMessage]:
         """The oldest pending deliveries of ``user`` after ``after_id``."""
+        if self.cluster:
+            return await self._split.pending(user, after_id, limit)
         flat = await self._script("pending", user, after_id, limit)
         return [
             PendingMessage(
@@ -939,6 +1147,8 @@ class RedisStore:
         wanted = list(dict.fromkeys(ids))
         if not wanted:
             return AckResult(acked=[])
+        if self.cluster:
+            return await self._split.ack(user, wanted)
         flat = await self._script("ack", user, _time(time.time()), *wanted)
         acked = [(_text(flat[i]), _text(flat[i + 1])) for i in range(3, len(flat), 2)]
         return AckResult(
@@ -948,11 +1158,16 @@ class RedisStore:
     async def record_attempts(self, user: str, attempts: Sequence[tuple[str, int]]) -> None:
         """Store send counts (never lowering them)."""
         if attempts:
-            await self._script("attempts", user, *(v for pair in attempts for v in pair))
+            await self._script(
+                "attempts",
+                user,
+                *(v for pair in attempts for v in pair),
+                key=user_key(self.prefix, user, "a"),
+            )
 
     async def stats(self) -> StoreStats:
         """Pending deliveries and the oldest one's creation time (O(1) in Redis)."""
-        count, oldest = await self._script("stats")
+        count, oldest = await self._script("stats", key=global_key(self.prefix, "pending"))
         first = _text(oldest).split("\n", 1)[0]
         return StoreStats(int(count), ids.timestamp_ms(first) if first else None)
 
@@ -961,6 +1176,8 @@ class RedisStore:
         wanted = list(dict.fromkeys(ids))
         if not wanted:
             return {}
+        if self.cluster:
+            return await self._split.frames(wanted)
         flat = await self._script("frames", *wanted)
         return {
             _text(flat[i]): (_text(flat[i + 1]), bytes(flat[i + 2])) for i in range(0, len(flat), 3)
@@ -973,6 +1190,8 @@ class RedisStore:
         if not ids:
             return []
         now = time.time()
+        if self.cluster:
+            return await self._split.dead_letter(user, ids, reason, now)
         flat = await self._script("dead_letter", user, reason, _time(now), *ids)
         return [
             DeadLetter(user, _text(flat[i]), _text(flat[i + 1]), bytes(flat[i + 2]), reason, now)
@@ -988,6 +1207,12 @@ class RedisStore:
         dead: list[DeadLetter] = []
         args = (_time(now), _time(now - ACKED_RETENTION), _time(now - retention), SWEEP_CHUNK)
         for _ in range(SWEEP_STEPS):
+            if self.cluster:
+                letters, more = await self._split.sweep(now, retention)
+                dead += letters
+                if not more:
+                    break
+                continue
             flat = await self._script("sweep", *args)
             for i in range(3, len(flat), 4):
                 dead.append(
@@ -1008,6 +1233,8 @@ class RedisStore:
         """``user``'s dead letters, oldest first."""
         if limit <= 0:
             return []
+        if self.cluster:
+            return await self._split.dead_letters(user, limit)
         flat = await self._script("dead_letters", user, limit)
         letters = []
         for i in range(0, len(flat), 4):
@@ -1028,6 +1255,8 @@ class RedisStore:
         """Make dead letters pending again with fresh attempts and TTL."""
         if not ids:
             return []
+        if self.cluster:
+            return await self._split.requeue(user, ids, expires_at)
         done = await self._script("requeue", user, _time(expires_at), *ids)
         return [_text(i) for i in done]
 
@@ -1035,6 +1264,8 @@ class RedisStore:
         """Delete dead letters of ``user``."""
         if not ids:
             return 0
+        if self.cluster:
+            return await self._split.delete_dead(user, list(dict.fromkeys(ids)))
         return int(await self._script("delete_dead", user, *dict.fromkeys(ids)))
 
     # -- idempotency keys, revocations --------------------------------------------
@@ -1042,7 +1273,9 @@ class RedisStore:
     async def idempotent_result(self, client: str, key: str, now: float) -> IdempotentResult | None:
         """What ``client``'s request with ``key`` created, unless unknown or expired."""
         name = f"{self.prefix}{{i:{client}}}:{key}"
-        fp, message_id, count, expires = await self._call("HMGET", name, "fp", "id", "n", "e")
+        fp, message_id, count, expires = await self._call(
+            "HMGET", name, "fp", "id", "n", "e", key=name
+        )
         if message_id is None or float(expires) <= now:
             return None
         return IdempotentResult(_text(message_id), int(count), _text(fp))
@@ -1056,6 +1289,7 @@ class RedisStore:
             "" if revocation.until is None else _time(revocation.until),
             _time(revocation.created_at),
             "" if revocation.expires_at is None else _time(revocation.expires_at),
+            key=global_key(self.prefix, "rev"),
         )
         return Revocation(
             revocation.kind,
@@ -1067,7 +1301,9 @@ class RedisStore:
 
     async def revocations(self, now: float) -> list[Revocation]:
         """Every revocation not expired at ``now``, oldest first."""
-        flat = await self._call("HGETALL", f"{self.prefix}{{g}}:rev")
+        flat = await self._call(
+            "HGETALL", global_key(self.prefix, "rev"), key=global_key(self.prefix, "rev")
+        )
         stored = dict(zip(flat[::2], flat[1::2], strict=True)) if isinstance(flat, list) else flat
         found = []
         for field, value in stored.items():
@@ -1115,7 +1351,7 @@ class RedisStore:
         parts = _split_template(template, offset_mark.encode(), epoch_mark.encode())
         if parts is not None:
             mode, a, b, c = parts
-            offset, epoch = await self._script("append", *head, mode, a, b, c)
+            offset, epoch, *_ = await self._appended(head, mode, a, b, c)
             epoch = _text(epoch)
             o = b"%d" % int(offset)
             e = epoch.encode()
@@ -1125,7 +1361,7 @@ class RedisStore:
         epoch, top = page.epoch or _text(head[4]), page.top
         for _ in range(APPEND_TRIES):
             frame = encode(top + 1, epoch)
-            reply = await self._script("append", *head, "cas", frame, "", "", epoch, top)
+            reply = await self._appended(head, "cas", frame, "", "", epoch, top)
             if int(reply[0]):
                 return Appended(int(reply[0]), epoch, frame)
             epoch, top = _text(reply[1]), int(reply[2])
@@ -1142,6 +1378,7 @@ class RedisStore:
             limit,
             "1" if reverse else "",
             _time(time.time()),
+            key=room_key(self.prefix, room, "h"),
         )
         entries = []
         for member in flat[3:]:
@@ -1151,6 +1388,8 @@ class RedisStore:
 
     async def trim_history(self, now: float) -> HistoryStats:
         """Drop expired entries and forgotten epochs, SWEEP_CHUNK rooms per script."""
+        if self.cluster:
+            return await self._split.trim_history(now)
         for _ in range(SWEEP_STEPS):
             looked, rooms, entries = await self._script("trim_history", _time(now), SWEEP_CHUNK)
             if int(looked) < SWEEP_CHUNK:
@@ -1164,6 +1403,8 @@ class RedisStore:
     ) -> SubscribeResult:
         """Store a subscription (its endpoint moves to this user) unless at ``limit``."""
         sub = subscription
+        if self.cluster:
+            return await self._split.add_push(sub, limit)
         result = _text(
             await self._script(
                 "push_add",
@@ -1181,10 +1422,14 @@ class RedisStore:
 
     async def remove_push_subscription(self, user: str, endpoint: str) -> bool:
         """Delete ``user``'s subscription with ``endpoint``."""
+        if self.cluster:
+            return await self._split.remove_push(user, endpoint)
         return bool(int(await self._script("push_remove", user, endpoint)))
 
     async def push_subscriptions(self, user: str) -> list[PushSubscription]:
         """``user``'s subscriptions, oldest first (ties by endpoint)."""
+        if self.cluster:
+            return await self._split.push_list(user)
         flat = await self._script("push_list", user)
         return [
             PushSubscription(
@@ -1195,16 +1440,64 @@ class RedisStore:
 
     async def count_push_subscriptions(self) -> int:
         """Every user's subscriptions together."""
-        count = await self._call("GET", f"{self.prefix}{{g}}:push")
+        count = await self._call(
+            "GET", global_key(self.prefix, "push"), key=global_key(self.prefix, "push")
+        )
         return 0 if count is None else int(count)
 
+    async def _appended(self, head: list[Any], *rest: Any) -> Any:
+        """The append script's reply (on a cluster: SlotSplit.append)."""
+        if not self.cluster:
+            return await self._script("append", *head, *rest)
+        return await self._split.append(head, *rest)
 
-async def _load_scripts(client: aioredis.Redis) -> None:
+
+async def _load_scripts(target: _Target) -> None:
     """``SCRIPT LOAD`` every script (at open, and after Redis forgot them)."""
-    async with client.pipeline(transaction=False) as pipe:
-        for source, _sha in SCRIPTS.values():
-            pipe.script_load(source)
-        await pipe.execute()
+    replies = await _round_trip(
+        target, [("SCRIPT", "LOAD", source) for source, _ in SCRIPTS.values()]
+    )
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+
+
+def _describe(error: Exception) -> str:
+    """An error reply as a message (redis-py's redirections say only slot and address)."""
+    if isinstance(error, AskError):  # MovedError is one too
+        host, port = error.node_addr
+        if isinstance(error, MovedError):
+            return f"slot {error.slot_id} moved to {host}:{port} (MOVED)"
+        return f"slot {error.slot_id} is being migrated to {host}:{port} (ASK)"
+    if isinstance(error, TryAgainError):
+        return "a slot is being migrated (TRYAGAIN)"
+    return str(error)
+
+
+def _info(reply: Any) -> dict[str, str]:
+    """An ``INFO`` reply's ``name:value`` lines."""
+    fields = {}
+    for line in _text(reply).splitlines():
+        name, sep, value = line.partition(":")
+        if sep and not name.startswith("#"):
+            fields[name.strip()] = value.strip()
+    return fields
+
+
+def _probe_keys(client: RedisCluster, prefix: str) -> list[str]:
+    """One key per master (``P{g:<n>}:probe``, the first ``n`` whose slot it serves)."""
+    keys = []
+    for node in client.get_primaries():
+        for n in range(100_000):
+            key = f"{prefix}{{g:{n}}}:probe"
+            try:
+                owner = client.nodes_manager.get_node_from_slot(key_slot(key.encode()))
+            except RedisClusterException:
+                continue
+            if owner.name == node.name:
+                keys.append(key)
+                break
+    return keys
 
 
 def _split_template(
@@ -1236,8 +1529,11 @@ def _settle(op: _Op, error: BaseException | None, value: Any = None) -> None:
         op.future.set_result(value)
 
 
-async def _round_trip(client: aioredis.Redis, commands: list[tuple[Any, ...]]) -> list[Any]:
+async def _round_trip(target: _Target, commands: list[tuple[Any, ...]]) -> list[Any]:
     """Send ``commands`` in one write on one pooled connection, read every reply.
+
+    ``target``: the one Redis's client or a cluster master (a ClusterNode: its own
+    connections, at most ``max_connections``).
 
     An error reply is returned in its place (a ResponseError); a timeout or a
     lost connection raises, and the connection is closed, so a command Redis
@@ -1245,8 +1541,13 @@ async def _round_trip(client: aioredis.Redis, commands: list[tuple[Any, ...]]) -
     before any reply (Redis restarted or killed it while it sat in the pool)
     is replaced and the commands sent once more.
     """
-    pool = client.connection_pool
-    conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+    node = target if isinstance(target, ClusterNode) else None
+    pool = None if node is not None else target.connection_pool  # type: ignore[union-attr]
+    if node is not None:
+        conn = node.acquire_connection()
+        await node.disconnect_if_needed(conn)  # marked by a slot map refresh: reconnect
+    else:
+        conn = await pool.get_connection()  # type: ignore[union-attr]
     packed = b"".join(map(_pack, commands))
     try:
         reused = conn.is_connected
@@ -1270,7 +1571,10 @@ async def _round_trip(client: aioredis.Redis, commands: list[tuple[Any, ...]]) -
         await conn.disconnect()  # replies may still be on the way: never reuse it
         raise
     finally:
-        await pool.release(conn)
+        if node is not None:
+            node.release(conn)
+        else:
+            await pool.release(conn)  # type: ignore[union-attr]
 
 
 async def _reply(conn: Any) -> Any:

@@ -11,7 +11,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
-from test_store_contract import REDIS, SQLITE, Implementation
+from test_store_contract import REDIS, REDIS_CLUSTER, SQLITE, Implementation
 
 from pushsvc.store import (
     PushSubscription,
@@ -20,9 +20,10 @@ from pushsvc.store import (
     StoreUnavailable,
     make_store,
 )
+from redis_server import strict_slots
 
 #: Store implementations with push subscriptions; the next one is one more entry.
-PUSH_IMPLEMENTATIONS = [SQLITE, REDIS]
+PUSH_IMPLEMENTATIONS = [SQLITE, REDIS, REDIS_CLUSTER]
 P256DH = "B" + "A" * 86  # the store keeps keys as given: no decoding here
 AUTH = "A" * 22
 
@@ -46,8 +47,12 @@ def url(impl: Implementation, request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-async def open_store(impl: Implementation, url: str) -> AsyncIterator[Open]:
+async def open_store(
+    impl: Implementation, url: str, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Open]:
     opened: list[Store] = []
+    if impl.strict_slots:
+        strict_slots(monkeypatch)
 
     async def open_() -> Both:
         store = make_store(url, impl.options)

@@ -103,6 +103,32 @@ async def test_room_users_limit_says_too_many(registry: Registry) -> None:
     assert await registry.room_users("r", 0) != []  # more than none
 
 
+async def test_online_tells_who_has_a_connection(registry: Registry) -> None:
+    assert await registry.online([]) == set()
+    assert await registry.reserve_user("alice", "c1", 5)
+    assert await registry.reserve_user("alice", "c2", 5)
+    assert await registry.reserve_user("a}b{", "c3", 5)
+    await registry.joined("r", "bob", "s1")  # a member without a counted connection: not online
+    many = [f"user{n}" for n in range(2500)]  # more than one pipeline's worth
+    assert await registry.online(["alice", "bob", "a}b{", "alice", *many]) == {"alice", "a}b{"}
+    await registry.release_user("alice", "c1")
+    assert await registry.online(["alice"]) == {"alice"}  # c2 still counts
+    await registry.release_user("alice", "c2")
+    assert await registry.online(["alice", "a}b{"]) == {"a}b{"}
+
+
+async def test_online_sees_the_other_nodes(
+    open_registry: Callable[[], Awaitable[Registry]], url: str
+) -> None:
+    if url.startswith("memory://"):
+        pytest.skip("memory:// is one node")
+    here, there = await open_registry(), await open_registry()
+    assert await there.reserve_user("alice", "c1", 1)
+    assert await here.online(["alice", "bob"]) == {"alice"}
+    await there.close()  # a clean shutdown removes its connections at once
+    assert await here.online(["alice"]) == set()
+
+
 async def test_names_with_hash_tag_characters(registry: Registry) -> None:
     await registry.joined("{r}:x", "a}b{", "s1")
     assert await registry.room_users("{r}:x") == ["a}b{"]

@@ -32,7 +32,7 @@ from pushsvc.store import (
     StoreUnavailable,
     make_store,
 )
-from redis_server import RedisServer
+from redis_server import RedisServer, strict_slots
 
 MINUTE = 60.0
 HOUR = 3600.0
@@ -56,6 +56,8 @@ class Implementation:
     options: StoreOptions = field(default_factory=lambda: StoreOptions(busy_timeout=0.05))
     #: The fixture whose value ``url`` gets: the test's tmp dir, or a server's URL.
     fixture: str = "tmp_path"
+    #: Redis Cluster: every script must touch keys of one slot (strict_slots).
+    strict_slots: bool = False
 
 
 def _sqlite_url(tmp_path: Path) -> str:
@@ -105,8 +107,34 @@ REDIS = Implementation(
     fixture="redis_url",
 )
 
+
+@contextlib.contextmanager
+def _cluster_paused(url: str) -> Iterator[None]:
+    """Every master of the cluster postpones every write (as ``_redis_paused``)."""
+    hosts = urlsplit(url).netloc.split(",")
+    nodes = [f"redis://{host}/0" for host in hosts]
+    for node in nodes:
+        _redis_command(node, "CLIENT", "PAUSE", "30000", "WRITE")
+    try:
+        yield
+    finally:
+        for node in nodes:
+            _redis_command(node, "CLIENT", "UNPAUSE")
+
+
+#: The shared three-master Redis Cluster: every operation split by slot.
+REDIS_CLUSTER = Implementation(
+    "redis-cluster",
+    lambda redis_cluster_url: f"{redis_cluster_url}?prefix=contract:",
+    _cluster_paused,
+    StoreOptions(busy_timeout=0.5),
+    fixture="redis_cluster_url",
+    strict_slots=True,
+)
+
+
 #: Every store implementation; the next one is one more entry.
-IMPLEMENTATIONS = [SQLITE, REDIS]
+IMPLEMENTATIONS = [SQLITE, REDIS, REDIS_CLUSTER]
 
 
 @pytest.fixture(params=IMPLEMENTATIONS, ids=lambda impl: impl.name)
@@ -122,10 +150,12 @@ def url(impl: Implementation, request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 async def open_store(
-    impl: Implementation, url: str
+    impl: Implementation, url: str, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[Callable[[], Awaitable[Store]]]:
     """Open a store on the test's url (again after a close); all are closed at teardown."""
     opened: list[Store] = []
+    if impl.strict_slots:
+        strict_slots(monkeypatch)
 
     async def open_() -> Store:
         store = make_store(url, impl.options)
