@@ -53,6 +53,7 @@ from pushsvc.protocol.disconnects import DISCONNECTS
 from pushsvc.push.keys import VapidKeyError, VapidKeys
 from pushsvc.push.sender import Sender
 from pushsvc.store import PushSubscriptionStore, StoreOptions, make_store
+from pushsvc.transport.pacing import pacer
 from pushsvc.transport.upgrade import UpgradeServer
 
 log = logging.getLogger("pushsvc.app")
@@ -393,6 +394,7 @@ class Service:
             if not await _wait_until(lambda: not app.in_progress, REQUEST_GRACE_SECONDS):
                 log.warning("%d HTTP requests unanswered at shutdown", len(app.in_progress))
         await self.server.close_all_connections()  # idle keep-alive connections
+        await _bounded(pacer().drained(), "paced connection work")
         await _bounded(node.settle_background(), "background tasks")
         await _bounded(node.delivery.drain(), "delivery bookkeeping")
         if node.push is not None:

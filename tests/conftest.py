@@ -33,7 +33,7 @@ pytest_plugins = ["redis_server"]
 
 #: Tests of the WebSocket transport run on both event loops: pushsvc serves on uvloop
 #: when it is installed, and on asyncio's own loop otherwise.
-BOTH_LOOPS = frozenset({"test_wire.py", "test_upgrade.py", "test_gateway.py"})
+BOTH_LOOPS = frozenset({"test_wire.py", "test_upgrade.py", "test_gateway.py", "test_pacing.py"})
 
 
 def pytest_asyncio_loop_factories(

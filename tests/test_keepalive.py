@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 
-from pushsvc.core.keepalive import COMPACT_SLACK, Keepalive
+from pushsvc.core.keepalive import COMPACT_SLACK, PING_SLICE, Keepalive
 from pushsvc.plugin.api import Principal
 from pushsvc.protocol.disconnects import Disconnect
 
@@ -76,3 +77,17 @@ def test_closed_connections_are_not_kept() -> None:
     assert len(keepalive._expiries) == 3 * COMPACT_SLACK
     keepalive.tick(wall=0.0, mono=keepalive._next_ping)
     assert keepalive._expiries == []  # rebuilt from the open connections
+
+
+async def test_a_big_ping_round_goes_a_slice_per_loop_pass() -> None:
+    connections = [FakeConnection(str(n), principal(None)) for n in range(2 * PING_SLICE + 1)]
+    keepalive, _ = make(*connections)
+    start = keepalive._next_ping
+    for connection in connections:
+        connection.last_seen = start
+    keepalive.tick(wall=0.0, mono=start)
+    assert sum(c.pings for c in connections) == PING_SLICE  # the first slice, now
+    await asyncio.sleep(0)
+    assert sum(c.pings for c in connections) == 2 * PING_SLICE
+    await asyncio.sleep(0)
+    assert all(c.pings == 1 for c in connections)

@@ -26,6 +26,7 @@ from pushsvc.plugin.manager import load_plugins
 from pushsvc.protocol.codes import HandshakeError
 from pushsvc.protocol.disconnects import DISCONNECTS
 from pushsvc.transport.memory import FRAMING, MemoryConnection, open_session
+from pushsvc.transport.pacing import pacer
 
 TICK = 0.02  # the delivery timer's period here (app: 50 ms)
 
@@ -76,6 +77,7 @@ async def make_node(tmp_path: Path, broker_url: str) -> AsyncIterator[NodeFactor
             await ticker
         for client in list(node.hub.all_clients()):
             client.close(DISCONNECTS.going_away)
+        await pacer().drained()
         await node.settle_background()
         await node.delivery.drain()
         await node.broker.close()

@@ -275,3 +275,54 @@ async def test_promtool_check_metrics(start_server: Start) -> None:
         ["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_lock_free_values_read_as_prometheus_client_would() -> None:
+    """LoopHistogram buckets like prometheus-client (``le`` inclusive); counters read back."""
+    from prometheus_client import Counter, Histogram
+
+    from pushsvc.ops.metrics import LoopHistogram, Metrics, loop_value
+
+    registry = CollectorRegistry()
+    plain = Histogram("plain_seconds", "", buckets=(0.1, 1.0), registry=registry)
+    fast = Histogram("fast_seconds", "", buckets=(0.1, 1.0), registry=registry)
+    loop = LoopHistogram(fast)
+    for value in (0.0, 0.1, 0.10001, 1.0, 5.0):
+        plain.observe(value)
+        loop.observe(value)
+    for le in ("0.1", "1.0", "+Inf"):
+        assert registry.get_sample_value("fast_seconds_bucket", {"le": le}) == (
+            registry.get_sample_value("plain_seconds_bucket", {"le": le})
+        )
+    assert registry.get_sample_value("fast_seconds_sum") == pytest.approx(6.20001)
+    counter = Counter("things", "", ["kind"], registry=registry)
+    value = loop_value(counter.labels("a"))
+    assert loop_value(counter.labels("a")) is value  # one value object per child
+    value.inc()
+    value.inc(2.5)
+    counter.labels("a").inc()  # prometheus-client's own inc lands in the same value
+    assert registry.get_sample_value("things_total", {"kind": "a"}) == 4.5
+    metrics = Metrics()
+    metrics.sent.count("reply", 40)
+    metrics.sent.count("reply", 2)
+    assert metrics.frames_sent.labels("reply")._value.get() == 2
+    assert metrics.registry.get_sample_value("pushsvc_sent_bytes_total", {"type": "reply"}) == 42
+
+
+def test_the_locked_fallback_counts_through_prometheus_client() -> None:
+    """If prometheus-client's internals move, the per-message series still count (locked)."""
+    from prometheus_client import Counter, Histogram
+
+    from pushsvc.ops.metrics import LOCKLESS, _LockedHistogram, _LockedValue
+
+    assert LOCKLESS  # the prometheus-client installed here keeps values where assumed
+    registry = CollectorRegistry()
+    counter = Counter("things", "", ["kind"], registry=registry)
+    histogram = Histogram("took_seconds", "", buckets=(1.0,), registry=registry)
+    value = _LockedValue(counter.labels("a"))
+    value.inc()
+    value.inc(2.0)
+    _LockedHistogram(histogram).observe(0.5)
+    assert value.get() == 3.0
+    assert registry.get_sample_value("things_total", {"kind": "a"}) == 3.0
+    assert registry.get_sample_value("took_seconds_bucket", {"le": "1.0"}) == 1

@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import re
 from typing import Any
 
 import orjson
+from hypothesis import given
+from hypothesis import strategies as st
 
 from conftest import Server, token
-from pushsvc.transport.upgrade import FastConnection, parse_upgrade
+from pushsvc.transport.upgrade import FastConnection, head_end, parse_upgrade
 
 
 def upgrade_request(path: str = "/ws", **headers: str) -> bytes:
@@ -48,6 +51,16 @@ async def exchange(port: int, *requests: bytes, read: int = 1) -> list[bytes]:
         return answers[:read] if read else answers
     finally:
         writer.close()
+
+
+#: Bytes made of line ends and a letter: every kind of blank line, in every order.
+HEADS = st.lists(st.sampled_from([b"\r", b"\n", b"a"]), max_size=40).map(b"".join)
+
+
+@given(HEADS, st.integers(0, 48))
+def test_head_end_finds_the_blank_line_a_regex_finds(buffer: bytes, limit: int) -> None:
+    found = re.compile(rb"\r?\n\r?\n").search(buffer, 0, limit)
+    assert head_end(buffer, limit) == (found.end() if found else -1)
 
 
 def test_parse_upgrade() -> None:

@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import time
 import types
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Coroutine, Mapping, Sequence
 from typing import Any
 
 from pushsvc.auth import revocation
@@ -109,15 +109,15 @@ class Node:
         self.cluster.set_departed_callback(self.departed)  # members of dead nodes
         self.draining = False  # True once shutdown began: refuse new work
         self.push: PushService | None = None  # Web Push, when push.enabled (enable_push)
-        self._tasks: set[asyncio.Task[Any]] = set()  # background work to finish on shutdown
+        self._tasks: set[asyncio.Future[Any]] = set()  # background work to finish on shutdown
         self._recording = 0  # room publications whose history append is in flight
 
-    def track(self, task: asyncio.Task[Any]) -> None:
-        """Keep a background task alive until it ends; its errors are logged."""
+    def track(self, task: asyncio.Future[Any]) -> None:
+        """Keep background work (a task or future) until it ends; its errors are logged."""
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
 
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
+    def _task_done(self, task: asyncio.Future[Any]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("background task failed", exc_info=task.exception())
@@ -319,9 +319,13 @@ class Node:
         """``session`` holds a new token: re-arm its expiry."""
         self.keepalive.track_expiry(session)
 
-    async def ack(self, session: Session, ids: Sequence[str]) -> int:
-        """Settle at-least-once messages for ``session``'s user; returns how many."""
-        return await self.delivery.ack(session, ids)
+    def ack(self, session: Session, ids: Sequence[str]) -> Coroutine[Any, Any, int]:
+        """Settle at-least-once messages for ``session``'s user; awaited: how many.
+
+        Returns the delivery's coroutine itself (no coroutine of its own: one
+        layer less between an ack frame and its commit).
+        """
+        return self.delivery.ack(session, ids)
 
     # -- Web Push subscriptions ---------------------------------------------------
 

@@ -184,9 +184,7 @@ class Session:
         """Write one encoded frame (``kind`` labels the metrics)."""
         if self.closing:
             return
-        metrics = self.services.metrics
-        metrics.frames_sent.labels(kind).inc()
-        metrics.sent_bytes.labels(kind).inc(len(data))
+        self.services.metrics.sent.count(kind, len(data))
         self.transport.write_frame(data)
 
     def send_broadcast(self, broadcast: Broadcast) -> bool:
@@ -250,10 +248,8 @@ class Session:
                 kind, cost = command.type, CORE_COMMANDS[command.type].cost
             else:
                 kind = "unknown"
-        metrics = self.services.metrics
-        metrics.frames_received.labels(kind).inc()
-        metrics.received_bytes.labels(kind).inc(len(data))
-        ref = command.ref if isinstance(command, Command | FrameError) else None
+        self.services.metrics.received.count(kind, len(data))
+        ref = command.ref  # a Command or a FrameError: both carry it
         if not self._admit(now, cost, ref, own):
             return
         if isinstance(command, FrameError):

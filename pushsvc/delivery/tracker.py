@@ -348,13 +348,14 @@ class Delivery:
                 ErrorCode.UNAVAILABLE, f"ack not recorded: {exc}", RETRY_AFTER_UNAVAILABLE
             ) from exc
         metrics = self.metrics
-        for reason, count in (
-            ("repeated", result.repeated),
-            ("foreign", result.foreign),
-            ("unknown", result.unknown),
-        ):
-            if count:
-                metrics.acks_ignored.labels(reason).inc(count)
+        if result.repeated or result.foreign or result.unknown:
+            for reason, count in (
+                ("repeated", result.repeated),
+                ("foreign", result.foreign),
+                ("unknown", result.unknown),
+            ):
+                if count:
+                    metrics.acks_ignored.labels(reason).inc(count)
         if not result.acked:
             return 0
         now = time.monotonic()
@@ -363,7 +364,7 @@ class Delivery:
             metrics.messages_acked.labels(kind).inc()
             entry = tracker.inflight.get(message_id) if tracker is not None else None
             if entry is not None:
-                metrics.ack_latency.observe(now - entry.sent_at)
+                metrics.ack_latency_loop.observe(now - entry.sent_at)
         ids = " ".join(message_id for message_id, _kind in result.acked).encode()
         await self._settle_everywhere(session.principal.user, ids)
         return len(result.acked)

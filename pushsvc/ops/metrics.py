@@ -14,8 +14,10 @@ draining, ready) to the node so they are read at scrape time.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import functools
 import inspect
+import logging
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -130,24 +132,177 @@ def code_label(value: str) -> str:
 MAX_CACHED_CHILDREN = 1024  # per counter; label values past this are looked up each time
 
 
+class LoopValue:
+    """A series' value without a lock: what the per-message series count into.
+
+    prometheus-client guards each value with a mutex, and its ``inc()`` is
+    three Python calls and a lock (0.6 µs; a histogram's ``observe`` 1.1 µs);
+    a durable message counts about twenty of them. Every series installed
+    here (:func:`loop_value`) is changed only on the event-loop thread, so a
+    plain float does: ``inc`` is one call, and prometheus-client reads the
+    same object at scrape time (``get``). It is also what
+    :meth:`TypedCounter.labels` returns: ``labels(t).inc()`` stays the call.
+    """
+
+    __slots__ = ("_exemplar", "amount")
+
+    def __init__(self, amount: float = 0.0) -> None:
+        self.amount = amount  # the series' value
+        self._exemplar: Any = None  # prometheus-client's exemplar slot (unused by pushsvc)
+
+    def inc(self, amount: float = 1.0) -> None:
+        """Add ``amount`` (event-loop thread only)."""
+        self.amount += amount
+
+    def set(self, value: float, timestamp: float | None = None) -> None:
+        """Set the value (prometheus-client's value interface)."""
+        self.amount = value
+
+    def get(self) -> float:
+        """The value (read at scrape time)."""
+        return self.amount
+
+    def set_exemplar(self, exemplar: Any) -> None:
+        """prometheus-client's value interface."""
+        self._exemplar = exemplar
+
+    def get_exemplar(self) -> Any:
+        """prometheus-client's value interface."""
+        return self._exemplar
+
+    @property
+    def _value(self) -> LoopValue:
+        """Itself: ``labels(t)._value.get()`` reads a child as with prometheus-client."""
+        return self
+
+
+def _lockless(value: Any) -> LoopValue:
+    return value if isinstance(value, LoopValue) else LoopValue(value.get())
+
+
+def loop_value(child: Any) -> LoopValue:
+    """Give a counter child a :class:`LoopValue` (idempotent: one per child).
+
+    Checked at import (below): prometheus-client keeps a child's value in
+    ``_value``, a histogram's in ``_sum`` and the list ``_buckets``.
+    """
+    if not LOCKLESS:  # pragma: no cover - a prometheus-client change
+        return _LockedValue(child)
+    value = child._value = _lockless(child._value)
+    return value
+
+
+class LoopHistogram:
+    """A histogram (without labels, or one child) observed without locks (event loop only).
+
+    ``observe`` adds to the sum and to the first bucket whose bound is not
+    below the value (a bisection), as prometheus-client does with a loop,
+    three lock round trips and an exemplar check.
+    """
+
+    __slots__ = ("_bounds", "_buckets", "_sum")
+
+    def __init__(self, histogram: Histogram) -> None:
+        self._bounds = list(histogram._upper_bounds)  # the last one is +Inf
+        buckets = histogram._buckets
+        buckets[:] = [_lockless(bucket) for bucket in buckets]
+        self._buckets: list[LoopValue] = buckets
+        self._sum = histogram._sum = _lockless(histogram._sum)
+
+    def observe(self, amount: float) -> None:
+        """Record ``amount`` (seconds)."""
+        self._sum.amount += amount
+        self._buckets[bisect.bisect_left(self._bounds, amount)].amount += 1
+
+
+class _LockedValue(LoopValue):
+    """The fallback when prometheus-client's internals moved: count through its own child."""
+
+    __slots__ = ("_child",)
+
+    def __init__(self, child: Any) -> None:
+        super().__init__()
+        self._child = child  # prometheus-client's child, with its lock
+
+    def inc(self, amount: float = 1.0) -> None:
+        """Add ``amount`` through prometheus-client."""
+        self._child.inc(amount)
+
+    def get(self) -> float:
+        """The value, as prometheus-client holds it."""
+        return float(self._child._value.get())
+
+
+class _LockedHistogram(LoopHistogram):
+    """The fallback when prometheus-client's internals moved: observe through it."""
+
+    __slots__ = ("_histogram",)
+
+    def __init__(self, histogram: Any) -> None:
+        self._histogram = histogram  # prometheus-client's histogram, with its locks
+
+    def observe(self, amount: float) -> None:
+        """Record ``amount`` through prometheus-client."""
+        self._histogram.observe(amount)
+
+
+def _lockless_values_work() -> bool:
+    """Whether prometheus-client still keeps values where :class:`LoopValue` puts them.
+
+    When not (a prometheus-client release changed its internals), pushsvc
+    logs a warning and counts through prometheus-client's own locked values:
+    slower per message, never wrong.
+    """
+    registry = CollectorRegistry()
+    counter = Counter("check", "", ["label"], registry=registry)
+    histogram = Histogram("check_seconds", "", buckets=(1.0,), registry=registry)
+    try:
+        value = counter.labels("x")
+        value._value = _lockless(value._value)
+        value._value.inc(2)
+        LoopHistogram(histogram).observe(0.5)
+        return registry.get_sample_value("check_total", {"label": "x"}) == 2 and (
+            registry.get_sample_value("check_seconds_bucket", {"le": "1.0"}) == 1
+        )
+    except Exception:  # pragma: no cover - a prometheus-client change
+        return False
+
+
+#: Whether the per-message series count without locks (:func:`loop_value`).
+LOCKLESS = _lockless_values_work()
+if not LOCKLESS:  # pragma: no cover - a prometheus-client change
+    logging.getLogger("pushsvc.metrics").warning(
+        "prometheus-client's internals changed: per-message metrics use its locked values "
+        "(correct, slower); pushsvc.ops.metrics needs an update"
+    )
+
+
+def loop_histogram(histogram: Histogram) -> LoopHistogram:
+    """A :class:`LoopHistogram` for ``histogram`` (or a child), or the locked fallback."""
+    return LoopHistogram(histogram) if LOCKLESS else _LockedHistogram(histogram)
+
+
 class TypedCounter:
     """A counter whose first label, the message ``type``, is kept to known types."""
 
     def __init__(self, counter: Counter, known: Callable[[str], bool]) -> None:
         self.counter = counter  # the registered series
         self._known = known  # whether a type may be a label value
-        self._children: dict[tuple[str, ...], Counter] = {}  # label values -> child
+        self._children: dict[tuple[str, ...], LoopValue] = {}  # label values -> child's value
 
-    def labels(self, kind: str, *rest: str) -> Counter:
-        """The child for ``kind`` (:data:`OTHER_TYPE` when undeclared) and ``rest``.
+    def labels(self, kind: str, *rest: str) -> LoopValue:
+        """The value of the child for ``kind`` (:data:`OTHER_TYPE` when undeclared) and ``rest``.
 
         Children are cached: prometheus-client's own ``labels()`` costs about
-        a microsecond, and this runs several times per frame.
+        a microsecond, and this runs several times per frame. Event-loop
+        thread only (:class:`LoopValue`).
         """
         key = (kind, *rest)
         child = self._children.get(key)
         if child is None:
-            child = self.counter.labels(kind if self._known(kind) else OTHER_TYPE, *rest)
+            child = loop_value(
+                self.counter.labels(kind if self._known(kind) else OTHER_TYPE, *rest)
+            )
             if len(self._children) < MAX_CACHED_CHILDREN:
                 self._children[key] = child
         return child
@@ -155,6 +310,29 @@ class TypedCounter:
     def forget_children(self) -> None:
         """Drop cached children (the known types changed)."""
         self._children.clear()
+
+
+class FrameCounts:
+    """A frames counter and a bytes counter by ``type``, counted together (one lookup)."""
+
+    def __init__(self, frames: TypedCounter, size: TypedCounter) -> None:
+        self._frames = frames  # frames by type
+        self._size = size  # their bytes by type
+        self._pairs: dict[str, tuple[LoopValue, LoopValue]] = {}  # type -> both values
+
+    def count(self, kind: str, size: int) -> None:
+        """One frame of ``size`` bytes (event-loop thread only)."""
+        pair = self._pairs.get(kind)
+        if pair is None:
+            pair = (self._frames.labels(kind), self._size.labels(kind))
+            if len(self._pairs) < MAX_CACHED_CHILDREN:
+                self._pairs[kind] = pair
+        pair[0].amount += 1
+        pair[1].amount += size
+
+    def forget_children(self) -> None:
+        """Drop cached values (the known types changed)."""
+        self._pairs.clear()
 
 
 class Observed(Protocol):
@@ -274,6 +452,8 @@ class Metrics:
         self.received_bytes = typed("pushsvc_received_bytes_total", "Client frame bytes received")
         self.frames_sent = typed("pushsvc_frames_sent_total", "Frames sent to clients")
         self.sent_bytes = typed("pushsvc_sent_bytes_total", "Frame bytes sent to clients")
+        self.received = FrameCounts(self.frames_received, self.received_bytes)  # per frame in
+        self.sent = FrameCounts(self.frames_sent, self.sent_bytes)  # per frame out
         self.broadcast_recipients = Histogram(
             "pushsvc_broadcast_recipients",
             "Local connections one room broadcast (chat fan-out) went to.",
@@ -334,6 +514,7 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.ack_latency_loop = loop_histogram(self.ack_latency)  # what delivery observes
         self.store_seconds = Histogram(
             "pushsvc_store_operation_seconds",
             "Store operation latency as the caller sees it (queue and group commit).",
@@ -478,7 +659,7 @@ class Metrics:
         """Read the state gauges from ``service`` at scrape time; learn its message types."""
         self.known_types.update(service.message_types())
         for series in vars(self).values():
-            if isinstance(series, TypedCounter):
+            if isinstance(series, TypedCounter | FrameCounts):
                 series.forget_children()  # looked up before the plugin types were known
         self.broker_up.set_function(lambda: float(service.broker_healthy()))
         self.cluster_up.set_function(lambda: float(service.cluster_healthy()))
@@ -540,7 +721,7 @@ class _TimedStore:
             return attr
         if not inspect.iscoroutinefunction(attr):
             return attr
-        seconds = self._metrics.store_seconds.labels(name)
+        seconds = loop_histogram(self._metrics.store_seconds.labels(name))
         errors = self._metrics.store_errors.labels(name)
 
         @functools.wraps(attr)

@@ -89,6 +89,11 @@ _TYPE_NAMES = {
 }
 
 
+#: What ``max_length`` and ``min_length`` apply to (a tuple: ``str | list`` would build a
+#: union object on every check).
+_SIZED = (str, list)
+
+
 def _type_ok(value: Any, wanted: type) -> bool:
     if wanted is float:
         return isinstance(value, int | float) and not isinstance(value, bool)
@@ -135,7 +140,7 @@ def validate(command: Command, fields: Mapping[str, Field]) -> Command | FrameEr
             if not any(_type_ok(value, t) for t in types):
                 message = f"{name}: must be {_describe(types)}"
                 return FrameError(ErrorCode.BAD_REQUEST, message, command.ref)
-        if spec.max_length is not None and isinstance(value, str | list):
+        if spec.max_length is not None and isinstance(value, _SIZED):
             too_long = len(value) > spec.max_length
         else:
             too_long = False
@@ -163,11 +168,7 @@ def validate(command: Command, fields: Mapping[str, Field]) -> Command | FrameEr
 
 def _extra_problem(value: Any, spec: Field) -> str | None:
     """The first failed check among min_length, pattern, choices, validator, or None."""
-    if (
-        spec.min_length is not None
-        and isinstance(value, str | list)
-        and len(value) < spec.min_length
-    ):
+    if spec.min_length is not None and isinstance(value, _SIZED) and len(value) < spec.min_length:
         unit = "characters" if isinstance(value, str) else "items"
         return f"at least {spec.min_length} {unit}"
     if (
@@ -192,11 +193,16 @@ def _extra_problem(value: Any, spec: Field) -> str | None:
     return None
 
 
+_STAMPED = frozenset(("type", "id", "timestamp"))  # the keys stamp() sets itself
+
+
 def stamp(message: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     """Give a message its ``id`` and ``timestamp`` (server clock, ms); ``type`` stays first."""
     message_id = ids.new_id()
     out = {"type": message["type"], "id": message_id}
-    out.update((k, v) for k, v in message.items() if k not in ("type", "id", "timestamp"))
+    for key, value in message.items():
+        if key not in _STAMPED:
+            out[key] = value
     out["timestamp"] = int(time.time() * 1000)
     return message_id, out
 

@@ -84,6 +84,17 @@ DROP_ORPHAN = (
     "DELETE FROM messages WHERE id = ? AND NOT EXISTS "
     "(SELECT 1 FROM deliveries WHERE message_id = ?)"
 )
+ADD_DELIVERY = "INSERT INTO deliveries (message_id, user) VALUES (?, ?)"
+ACK_SETTLE = "UPDATE deliveries SET state = 1, settled_at = ? WHERE message_id = ? AND user = ?"
+#: Settle one pending delivery and return its message's type (no row: nothing settled).
+ACK_SETTLE_ONE = (
+    "UPDATE deliveries SET state = 1, settled_at = ? WHERE message_id = ? AND user = ? "
+    "AND state = 0 RETURNING (SELECT type FROM messages WHERE id = message_id)"
+)
+ACK_LOOKUP_ONE = (
+    "SELECT m.type, d.state FROM messages m LEFT JOIN deliveries d "
+    "ON d.message_id = m.id AND d.user = ? WHERE m.id = ?"
+)
 ACK_LOOKUP = (
     "SELECT m.id, m.type, d.state FROM messages m LEFT JOIN deliveries d "
     "ON d.message_id = m.id AND d.user = ? WHERE m.id IN ({marks})"
@@ -354,14 +365,20 @@ class SqliteStore:
         self._healthy = True
         return [(op, value, None) for op, value in zip(batch, values, strict=True)]
 
-    async def _submit(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        if self._thread is None or self._loop is None:
+    def _submit(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        """Queue ``fn`` for the writer; the future resolves on the loop with its result.
+
+        A plain function returning the future (awaited by the caller), not a
+        coroutine: one coroutine layer less between a frame and its commit.
+        """
+        loop = self._loop
+        if self._thread is None or loop is None:
             raise StoreUnavailable("store is not open")
-        future: asyncio.Future[T] = self._loop.create_future()
+        future: asyncio.Future[T] = loop.create_future()
         if not self._outbox:  # the first operation of this loop pass
-            self._loop.call_soon(self._hand_over)
+            loop.call_soon(self._hand_over)
         self._outbox.append(_Op(fn, future))
-        return await future
+        return future
 
     def _hand_over(self) -> None:
         """Give the writer everything submitted in this loop pass: one wake-up, one batch."""
@@ -388,10 +405,10 @@ class SqliteStore:
                 "INSERT INTO messages VALUES (?, ?, ?, ?)",
                 (message_id, message_type, frame, expires_at),
             )
-            db.executemany(
-                "INSERT INTO deliveries (message_id, user) VALUES (?, ?)",
-                [(message_id, user) for user in recipients],
-            )
+            if len(recipients) == 1:  # the common case: no list, no executemany cursor
+                db.execute(ADD_DELIVERY, (message_id, recipients[0]))
+            else:
+                db.executemany(ADD_DELIVERY, [(message_id, user) for user in recipients])
             if idempotency is not None:
                 _remember_key(db, idempotency, message_id, len(recipients))
 
@@ -431,6 +448,9 @@ class SqliteStore:
         """Settle ``user``'s pending deliveries among ``message_ids``."""
         wanted = list(dict.fromkeys(message_ids))
 
+        if len(wanted) == 1:  # the common case (one ack per message): no IN list to build
+            return await self._submit(functools.partial(self._ack_one, user, wanted[0]))
+
         def write(db: sqlite3.Connection) -> AckResult:
             found: dict[str, tuple[str, int | None]] = {}
             for chunk in _chunks(wanted):
@@ -440,10 +460,7 @@ class SqliteStore:
                     found[message_id] = (kind, state)
             acked = [(i, kind) for i, (kind, state) in found.items() if state == PENDING]
             now = time.time()
-            db.executemany(
-                "UPDATE deliveries SET state = 1, settled_at = ? WHERE message_id = ? AND user = ?",
-                [(now, message_id, user) for message_id, _kind in acked],
-            )
+            db.executemany(ACK_SETTLE, [(now, message_id, user) for message_id, _kind in acked])
             states = [state for _kind, state in found.values()]
             return AckResult(
                 acked=acked,
@@ -453,6 +470,23 @@ class SqliteStore:
             )
 
         return await self._submit(write)
+
+    @staticmethod
+    def _ack_one(user: str, message_id: str, db: sqlite3.Connection) -> AckResult:
+        """:meth:`ack` of one id: one statement when it settles a pending delivery.
+
+        The update returns the message's type; only an id that settled
+        nothing is looked up, to say why (repeated, foreign or unknown).
+        """
+        settled = db.execute(ACK_SETTLE_ONE, (time.time(), message_id, user)).fetchall()
+        if settled:
+            return AckResult(acked=[(message_id, settled[0][0])])
+        row = db.execute(ACK_LOOKUP_ONE, (user, message_id)).fetchone()
+        if row is None:
+            return AckResult(acked=[], repeated=0, foreign=0, unknown=1)
+        if row[1] is None:
+            return AckResult(acked=[], repeated=0, foreign=1, unknown=0)
+        return AckResult(acked=[], repeated=1, foreign=0, unknown=0)
 
     async def record_attempts(self, user: str, attempts: Sequence[tuple[str, int]]) -> None:
         """Store send counts (never lowering them)."""

@@ -11,7 +11,6 @@ sessions and queues frames with :class:`ConnectionBase`.
 
 from __future__ import annotations
 
-import asyncio
 import fnmatch
 import logging
 import time
@@ -27,6 +26,7 @@ from pushsvc.protocol.codes import HandshakeError
 from pushsvc.protocol.disconnects import CLIENT_CLOSE_LABEL, DISCONNECTS
 from pushsvc.protocol.frames import Broadcast
 from pushsvc.transport.outbox import flusher
+from pushsvc.transport.pacing import pacer
 from pushsvc.transport.tornado_compat import text_frame
 
 log = logging.getLogger("pushsvc.connection")
@@ -124,26 +124,40 @@ class ConnectionBase:
         await node.connected(session)
 
     def connection_closed(self, code: int | None, sent_code: int | None) -> None:
-        """The socket closed (``code`` from the peer, ``sent_code`` ours): clean up once."""
+        """The socket closed (``code`` from the peer, ``sent_code`` ours): clean up once.
+
+        The session is marked closing now; the rest (metrics, the hub, the
+        rooms, the connection slot) is paced (:mod:`pushsvc.transport.pacing`):
+        10,000 resets at once are cleaned up over several loop passes, not in one.
+        """
         session = self.session
         if session is None:
             return
         self.session = None
-        if not session.closing:
-            session.closing = True
+        by_peer = not session.closing  # else the close we started was counted already
+        session.closing = True
+        reserved, self._reserved = self._reserved, False
+        pacer().call(self._clean_up, session, code, sent_code, by_peer, reserved)
+
+    def _clean_up(
+        self, session: Session, code: int | None, sent_code: int | None, by_peer: bool,
+        reserved: bool,
+    ) -> None:  # fmt: skip
+        """In the pacer's turn: count and log the close, release the slot, forget the session."""
+        node = self.node
+        paced = pacer()
+        if by_peer:
             oversize = DISCONNECTS.oversize
             reason = oversize.label if (code or sent_code) == oversize.code else CLIENT_CLOSE_LABEL
-            self.node.metrics.closes.labels(reason).inc()
+            node.metrics.closes.labels(reason).inc()
         log.debug(
             "connection closed (code %s)",
             code,
             extra={"session": session.session, "user": session.principal.user},
         )
-        if self._reserved:
-            self._reserved = False
-            release = self.node.hub.release(session.principal.user, session.remote_ip)
-            self.node.track(asyncio.ensure_future(release))
-        self.node.track(asyncio.ensure_future(self.node.disconnected(session, code)))
+        if reserved:  # with a remote registry the two wait side by side
+            node.track(paced.run(node.hub.release(session.principal.user, session.remote_ip)))
+        node.track(paced.run(node.disconnected(session, code)))
 
     # -- frames out ---------------------------------------------------------------------
 

@@ -41,6 +41,7 @@ from pushsvc.protocol.codes import CloseCode
 from pushsvc.protocol.disconnects import DISCONNECTS
 from pushsvc.protocol.frames import Broadcast
 from pushsvc.transport.connection import ConnectionBase, admit
+from pushsvc.transport.pacing import pacer
 
 #: The address memory connections report (per-address caps and buckets count it).
 MEMORY_ADDRESS = "memory"
@@ -175,6 +176,7 @@ class MemoryConnection(ConnectionBase):
     async def close(self, code: int = CloseCode.NORMAL) -> None:
         """The client closes: end the session and wait until the node forgot it."""
         self.connection_closed(code, None)
+        await pacer().drained()  # the clean-up is paced
         await self.node.settle_background()
 
     async def wait_closed(self, seconds: float = 5.0) -> int | None:
@@ -182,6 +184,7 @@ class MemoryConnection(ConnectionBase):
         deadline = time.monotonic() + seconds
         while not self.closes:
             await self._wait(deadline)
+        await pacer().drained()  # the clean-up is paced
         await self.node.settle_background()
         return self.close_code
 

@@ -48,10 +48,20 @@ _FLUSHERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Flusher] = (
 )
 
 
+#: The flusher looked up last, and a weak reference to its loop: a process runs one
+#: loop at a time, so this spares the weak dictionary's lookup on every queued frame.
+_last: tuple[weakref.ref[asyncio.AbstractEventLoop], Flusher] | None = None
+
+
 def flusher() -> Flusher:
     """The running loop's flusher."""
+    global _last
     loop = asyncio.get_running_loop()
+    last = _last
+    if last is not None and last[0]() is loop:
+        return last[1]
     found = _FLUSHERS.get(loop)
     if found is None:
         found = _FLUSHERS[loop] = Flusher(loop)
+    _last = (weakref.ref(loop), found)
     return found

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import socket
 import time
 import urllib.parse
@@ -42,14 +41,15 @@ from pushsvc.ops import logs
 from pushsvc.plugin.api import Principal
 from pushsvc.protocol.codes import HandshakeError, retry_after_header
 from pushsvc.protocol.disconnects import DISCONNECTS
-from pushsvc.transport import eager, tornado_compat
+from pushsvc.transport import tornado_compat
 from pushsvc.transport.connection import admit
+from pushsvc.transport.pacing import pacer
 from pushsvc.transport.websocket import WireConnection
 
 log = logging.getLogger("pushsvc.upgrade")
 
 WEBSOCKET_PATH = "/ws"
-_HEAD_END = re.compile(rb"\r?\n\r?\n")
+_UPGRADE_START = b"GET " + WEBSOCKET_PATH.encode()
 _SWITCHING = (
     b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
     b"Sec-WebSocket-Accept: "
@@ -106,6 +106,22 @@ def parse_upgrade(head: bytes) -> UpgradeRequest | None:
             if name == "access_token":
                 token = value
     return UpgradeRequest(parts[1], headers, key, token)
+
+
+def head_end(buffer: bytes, limit: int) -> int:
+    """Where the request head in ``buffer[:limit]`` ends (after its blank line), or -1.
+
+    The blank line is ``\\n\\n`` or ``\\n\\r\\n`` (``\\r\\n`` line ends or bare
+    ``\\n``), whichever comes first: two ``bytes.find`` instead of a regular
+    expression, a twentieth of the cost on a 400-byte head.
+    """
+    bare = buffer.find(b"\n\n", 0, limit)
+    crlf = buffer.find(b"\n\r\n", 0, limit)
+    if crlf < 0:
+        return -1 if bare < 0 else bare + 2
+    if bare < 0 or crlf < bare:
+        return crlf + 3
+    return bare + 2
 
 
 class UpgradeServer(tornado.httpserver.HTTPServer):
@@ -171,15 +187,30 @@ class UpgradeServer(tornado.httpserver.HTTPServer):
         tornado_compat.push_back(stream, head)
         super().handle_stream(stream, peer if isinstance(peer, tuple) else ("",))
 
-    def upgrade(self, transport: asyncio.Transport, request: UpgradeRequest, early: bytes) -> None:
+    def upgrade_later(self, transport: asyncio.Transport, buffer: bytes, end: int) -> None:
+        """Parse the head ``buffer[:end]`` and admit the upgrade in its turn.
+
+        Paced (:mod:`pushsvc.transport.pacing`): in this loop pass unless a
+        burst of handshakes is queued before it. A head that is no upgrade
+        of ``/ws`` after all goes to Tornado then.
+        """
+        pacer().call(self._upgrade_now, transport, buffer, end)
+
+    def _upgrade_now(self, transport: asyncio.Transport, buffer: bytes, end: int) -> None:
+        pacer().run(self._upgrade(transport, buffer, end)).add_done_callback(_report)
+
+    async def _upgrade(self, transport: asyncio.Transport, buffer: bytes, end: int) -> None:
         """Admit a ``/ws`` upgrade and run it as a :class:`FastConnection`."""
         assert self.node is not None
+        if transport.is_closing():  # the peer left while the handshake waited its turn
+            return
+        request = parse_upgrade(buffer[:end])
+        if request is None:
+            self.hand_over(transport, buffer)
+            return
         peer = transport.get_extra_info("peername")
         remote_ip = self._remote_ip(peer if isinstance(peer, tuple) else (), request)
-        accepting = FastConnection.accept(self.node, transport, request, remote_ip, early)
-        pending = eager.start(accepting)  # usually finishes without waiting
-        if pending is not None:
-            pending.add_done_callback(_report)
+        await FastConnection.accept(self.node, transport, request, remote_ip, buffer[end:])
 
     def _remote_ip(self, address: tuple[Any, ...], request: UpgradeRequest) -> str:
         ip = str(address[0]) if address and address[0] else "local"  # unix socket
@@ -226,8 +257,8 @@ class FirstRequest(asyncio.Protocol):
             return
         buffer = self._buffer + data if self._buffer else data
         limit = self._server.max_head_bytes
-        end = _HEAD_END.search(buffer, 0, limit)
-        if end is None:
+        end = head_end(buffer, limit)
+        if end < 0:
             if len(buffer) >= limit:
                 self._drop()
                 transport.abort()
@@ -236,11 +267,10 @@ class FirstRequest(asyncio.Protocol):
             return
         self._drop()
         transport.pause_reading()  # what follows waits for the connection's new owner
-        request = parse_upgrade(buffer[: end.end()])
-        if request is None:
-            self._server.hand_over(transport, buffer)
+        if buffer.startswith(_UPGRADE_START):  # parsed in its turn (a storm's are many)
+            self._server.upgrade_later(transport, buffer, end)
         else:
-            self._server.upgrade(transport, request, buffer[end.end() :])
+            self._server.hand_over(transport, buffer)
 
     def connection_lost(self, exc: Exception | None) -> None:
         """The peer left before its head was complete."""

@@ -9,7 +9,9 @@ write goes to the transport, which sends at once when nothing is buffered
 awaits two to four small reads per frame, each with its Future.
 
 Frames of one connection are handled in order: while a frame's handler
-waits (a store commit), reading pauses and later frames wait in a backlog.
+waits (a store commit), later frames wait in a backlog, and reading pauses
+as soon as one arrives (not before: a client waiting for the answer costs
+no pause and resume).
 
 Writes go to the transport only while it holds nothing unsent (its high
 water mark is 0): once the kernel does not take a write whole, later frames
@@ -41,6 +43,7 @@ from typing import TYPE_CHECKING
 from pushsvc.protocol.disconnects import DISCONNECTS
 from pushsvc.transport import eager, tornado_compat
 from pushsvc.transport.connection import ConnectionBase
+from pushsvc.transport.pacing import pacer
 
 if TYPE_CHECKING:
     from pushsvc.core.node import Node
@@ -296,7 +299,12 @@ class WireConnection(ConnectionBase, asyncio.Protocol):
         self._resume()
 
     def data_received(self, data: bytes) -> None:
-        """Parse every frame in ``data``; handle them in order."""
+        """Parse every frame in ``data``; handle them in order.
+
+        When this loop pass handled frames for long already (a burst after
+        a stall: :meth:`~pushsvc.transport.pacing.Pacer.busy`), they wait for
+        the pacer's next turn instead, in order, with reading paused.
+        """
         if self._ended:
             return
         frames = self._reader.feed(data)
@@ -304,11 +312,15 @@ class WireConnection(ConnectionBase, asyncio.Protocol):
             self._hold(frames)
             self._pause()
             return
+        paced = pacer()
+        if frames and paced.busy():
+            self._hold(frames)
+            self._waiting = True  # a read before the turn pauses (see above)
+            paced.call(self._resume)
+            return
         for index, (opcode, payload) in enumerate(frames):
-            pending = self._handle(opcode, payload)
-            if pending is not None:
+            if self._handle(opcode, payload):
                 self._hold(frames[index + 1 :])
-                self._wait_for(pending)
                 return
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -327,12 +339,19 @@ class WireConnection(ConnectionBase, asyncio.Protocol):
 
     # -- frames in ----------------------------------------------------------------------
 
-    def _handle(self, opcode: int, payload: bytes) -> asyncio.Future[None] | None:
+    def _handle(self, opcode: int, payload: bytes) -> bool:
+        """Handle one frame; True when its handler waits (later frames wait their turn)."""
         session = self.session
         if opcode <= OP_BINARY:
             if session is None or self._close_sent:
-                return None  # closing: only the peer's close frame matters now
-            return eager.start(session.on_frame(payload, binary=opcode == OP_BINARY))
+                return False  # closing: only the peer's close frame matters now
+            if eager.run(session.on_frame(payload, binary=opcode == OP_BINARY), self._handled):
+                return False
+            # Reading pauses only once more bytes arrive meanwhile (data_received): a
+            # client that waits for the answer, as most do, costs no pause and resume
+            # (two epoll changes) per frame, and at most one read waits in the backlog.
+            self._waiting = True
+            return True
         if opcode == OP_PING:
             self._write(control_frame(OP_PONG, payload))
         elif opcode == OP_PONG:
@@ -343,16 +362,12 @@ class WireConnection(ConnectionBase, asyncio.Protocol):
         else:  # OP_VIOLATION: the frames before it were handled
             assert self._reader.violation is not None
             self._violation(self._reader.violation)
-        return None
+        return False
 
-    def _wait_for(self, pending: asyncio.Future[None]) -> None:
-        self._waiting = True
-        self._pause()
-        pending.add_done_callback(self._handled)
-
-    def _handled(self, done: asyncio.Future[None]) -> None:
-        if not done.cancelled() and done.exception() is not None:
-            log.error("a frame handler failed", exc_info=done.exception())
+    def _handled(self, error: BaseException | None) -> None:
+        """The waiting frame's handler ended (called from its last step): go on."""
+        if error is not None:
+            log.error("a frame handler failed", exc_info=error)
         self._resume()
 
     def _hold(self, frames: list[tuple[int, bytes]]) -> None:
@@ -366,9 +381,7 @@ class WireConnection(ConnectionBase, asyncio.Protocol):
         backlog = self._backlog
         while backlog and not self._ended:
             opcode, payload = backlog.popleft()
-            pending = self._handle(opcode, payload)
-            if pending is not None:
-                self._wait_for(pending)
+            if self._handle(opcode, payload):
                 return
         self._backlog = None  # an empty deque is 600 bytes: most connections never need one
         transport = self._transport
