@@ -486,19 +486,18 @@ async def _collect(client: Client, into: list[tuple[str, str, str]], count: int)
 @pytest.fixture
 def sharded_cluster(
     tmp_path: Path,
-    fresh_redis: RedisServer,
     redis_cluster_url: str,
     spawn: Callable[..., ServerProcess],
 ) -> Callable[..., list[Node]]:
-    """Nodes with the broker and the registry on the session's 3-master Redis Cluster
-    (``cluster.url`` defaults to ``broker.url``) and the store on one shared Redis: a
-    documented deployment (docs/redis.md, "Redis Cluster")."""
+    """Nodes with the store, the broker and the registry on the session's 3-master
+    Redis Cluster (``cluster.url`` defaults to ``broker.url``; docs/redis.md, "Redis
+    Cluster")."""
 
     def start(n: int = 3, env: dict[str, str] | None = None) -> list[Node]:
         full_env = {
             **FAST,
             "PUSHSVC_BROKER__URL": redis_cluster_url,
-            "PUSHSVC_STORE__URL": fresh_redis.url,
+            "PUSHSVC_STORE__URL": redis_cluster_url,
             **(env or {}),
         }
         return [
@@ -521,3 +520,47 @@ async def test_everything_works_on_a_redis_cluster(
 
 async def test_per_user_cap_on_a_redis_cluster(sharded_cluster: Callable[..., list[Node]]) -> None:
     await test_per_user_connection_cap_holds_across_nodes(sharded_cluster)
+
+
+async def test_chat_and_durable_delivery_across_a_redis_cluster(
+    sharded_cluster: Callable[..., list[Node]],
+) -> None:
+    """Chat, and offline messages to users whose keys live on every master."""
+    a, b = sharded_cluster(2)
+    alice, bob = await a.connect("alice"), await b.connect("bob")
+
+    # chat with presence across nodes (sharded pub/sub on the room's slot)
+    await bob.send({"type": "join", "room": "team", "ref": "jb"})
+    await answer(bob, "jb")
+    await alice.send({"type": "join", "room": "team", "ref": "ja"})
+    assert (await answer(alice, "ja")).get("users") == ["alice", "bob"]
+    presence = await bob.recv_type("presence")
+    assert (presence["event"], presence["user"]) == ("join", "alice")
+    for n in range(5):
+        await alice.send({"type": "chat", "room": "team", "text": f"m{n}", "ref": f"c{n}"})
+    assert [(await bob.recv_type("chat"))["text"] for _ in range(5)] == [f"m{n}" for n in range(5)]
+
+    # durable: private messages to users whose keys live on every master, sent on
+    # node a while they are offline, delivered by node b, acked there
+    readers = ["rita", "ravi", "rosa", "rudy", "ruth", "remy"]
+    for n, user in enumerate(readers):
+        await alice.send({"type": "private", "to": user, "text": f"hi {user}", "ref": f"p{n}"})
+        assert (await answer(alice, f"p{n}"))["type"] == "reply"
+    code, body, _ = await a.http(
+        "POST", "/api/v1/notify", {"to": "bob", "title": "t", "message": "m"}
+    )
+    assert code == 202, body
+    notification = await bob.recv_type("notification")
+    await bob.send({"type": "ack", "id": notification["id"]})
+    for user in readers:
+        reader = await b.connect(user)
+        frame = await reader.recv_type("private")
+        assert frame["text"] == f"hi {user}"
+        await reader.send({"type": "ack", "ids": [frame["id"]], "ref": "a"})
+        assert (await answer(reader, "a"))["acked"] == 1
+        reader.close()
+    for user in (*readers, "bob"):
+        code, body, _ = await a.http("GET", f"/api/v1/users/{user}/pending")
+        assert code == 200 and not body["messages"], (user, body)
+    for client in (alice, bob):
+        client.close()
