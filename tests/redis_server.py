@@ -358,35 +358,31 @@ def redis_sentinel(tmp_path: Path) -> Iterator[RedisSentinelSetup]:
         setup.stop()
 
 
-@pytest.fixture
-def redis_cluster(tmp_path: Path) -> Iterator[RedisClusterSetup]:
-    """A three-master Redis Cluster of this test's own; killed at teardown."""
+def _running_cluster(directory: Path) -> Iterator[RedisClusterSetup]:
+    """Start a cluster in ``directory`` (skip without the binaries); kill it afterwards."""
     if REDIS_SERVER is None:
         pytest.skip(NO_REDIS)
     if shutil.which("redis-cli") is None:
         pytest.skip("redis-cli is not installed (Debian package redis-tools)")
-    setup = RedisClusterSetup(tmp_path / "cluster")
+    setup = RedisClusterSetup(directory)
     try:
         setup.start()
         yield setup
     finally:
         setup.stop()
+
+
+@pytest.fixture
+def redis_cluster(tmp_path: Path) -> Iterator[RedisClusterSetup]:
+    """A three-master Redis Cluster of this test's own; killed at teardown."""
+    yield from _running_cluster(tmp_path / "cluster")
 
 
 @pytest.fixture(scope="session")
 def shared_redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterSetup]:
     """One three-master cluster for the whole session (emptied per test through
     ``redis_cluster_url``), for the contract suites."""
-    if REDIS_SERVER is None:
-        pytest.skip(NO_REDIS)
-    if shutil.which("redis-cli") is None:
-        pytest.skip("redis-cli is not installed (Debian package redis-tools)")
-    setup = RedisClusterSetup(tmp_path_factory.mktemp("cluster-shared"))
-    try:
-        setup.start()
-        yield setup
-    finally:
-        setup.stop()
+    yield from _running_cluster(tmp_path_factory.mktemp("cluster-shared"))
 
 
 @pytest.fixture

@@ -70,8 +70,9 @@ class Recorder:
     def gap(self) -> None:
         self.gaps += 1
 
-    def ids(self) -> list[str]:
-        return [envelope.id for _, envelope in self.received]
+    def ids(self, channel: str | None = None) -> list[str]:
+        """The ids received, in order (on ``channel`` only, if given)."""
+        return [e.id for c, e in self.received if channel is None or c == channel]
 
 
 @pytest.fixture

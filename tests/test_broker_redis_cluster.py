@@ -18,41 +18,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from redis.crc import key_slot
+from test_broker_redis import PROBE, RECOVERY, Recorder, command_calls, live, until
 
-from pushsvc.broker import BrokerUnavailable, Envelope, EnvelopeKind, make_broker
-from pushsvc.broker.redis import BACKOFF_MAX, DEFAULT_PARTITIONS, RedisBroker, partition_tags
+from pushsvc.broker import BrokerUnavailable, make_broker
+from pushsvc.broker.redis import DEFAULT_PARTITIONS, RedisBroker, partition_tags
 from redis_server import RedisClusterSetup, RedisServer
-
-#: Longest a reconnect and resubscribe may take once a master is back (as for one Redis).
-RECOVERY = BACKOFF_MAX + 1.0 + 3.0
-PROBE = 0.1  # probe interval of the brokers under test
-
-
-def live(n: int) -> Envelope:
-    return Envelope(EnvelopeKind.LIVE, "chat", f"m{n}", b'{"n":%d}' % n)
-
-
-async def until(condition: Callable[[], bool], timeout: float, what: str) -> float:
-    started = time.monotonic()
-    while not condition():
-        assert time.monotonic() - started < timeout, f"not within {timeout} s: {what}"
-        await asyncio.sleep(0.01)
-    return time.monotonic() - started
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.received: list[tuple[str, Envelope]] = []
-        self.gaps = 0
-
-    def __call__(self, channel: str, envelope: Envelope) -> None:
-        self.received.append((channel, envelope))
-
-    def gap(self) -> None:
-        self.gaps += 1
-
-    def ids(self, channel: str | None = None) -> list[str]:
-        return [e.id for c, e in self.received if channel is None or c == channel]
 
 
 def slot_owners(cluster: RedisClusterSetup) -> dict[int, RedisServer]:
@@ -89,13 +59,6 @@ def rooms_per_master(cluster: RedisClusterSetup, count: int = 1) -> dict[int, li
             rooms.append(channel)
         number += 1
     return found
-
-
-def command_calls(redis: RedisServer, command: str) -> int:
-    for line in redis.command("INFO", "commandstats").splitlines():
-        if line.startswith(f"cmdstat_{command}:"):
-            return int(line.split("calls=")[1].split(",")[0])
-    return 0
 
 
 def shardnumsub(redis: RedisServer, *channels: str) -> dict[str, int]:
