@@ -30,7 +30,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -218,6 +218,25 @@ def _typed(options: dict[str, str]) -> dict[str, Any]:
     for name in ("host", "port", "db", "path", "username", "password"):
         parsed.pop(name, None)
     return parsed
+
+
+def take_params(url: str, names: tuple[str, ...], key: str) -> tuple[str, dict[str, str]]:
+    """Take a component's own query parameters (``prefix``, ...) out of ``url``.
+
+    Returns ``url`` without them (the rest is redis-py's) and those given.
+    Raises ValueError (naming ``key``) for one of ``names`` given twice.
+    """
+    parts = urlsplit(url)
+    given: dict[str, str] = {}
+    rest = []
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name not in names:
+            rest.append((name, value))
+        elif name in given:
+            raise ValueError(f"{key}: {name} given more than once in {redacted(url)!r}")
+        else:
+            given[name] = value
+    return urlunsplit(parts._replace(query=urlencode(rest))), given
 
 
 def redacted(url: str) -> str:

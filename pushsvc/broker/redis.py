@@ -59,7 +59,6 @@ import time
 import zlib
 from collections.abc import Callable, Iterable
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, PipelineCommand, RedisCluster
@@ -196,7 +195,6 @@ class RedisBroker:
         Every other query parameter is redis-py's (``socket_keepalive``,
         ``ssl_cert_reqs``, ...). Raises ``ValueError`` for a bad URL.
         """
-        parts = urlsplit(url)
         if not url.startswith(redisurl.SCHEMES):
             raise ValueError(
                 f"broker.url: expected one of {', '.join(redisurl.SCHEMES)}, "
@@ -204,16 +202,8 @@ class RedisBroker:
             )
         redisurl.check_path(url, "broker.url")
         sharded = redisurl.is_cluster(url)
-        query = parse_qsl(parts.query, keep_blank_values=True)
         ours = ("prefix", "partitions") if sharded else ("prefix",)
-        given: dict[str, str] = {}
-        for key, value in query:
-            if key in ours:
-                if key in given:
-                    raise ValueError(
-                        f"broker.url: {key} given more than once in {redisurl.redacted(url)!r}"
-                    )
-                given[key] = value
+        redis_url, given = redisurl.take_params(url, ours, "broker.url")
         prefix = given.get("prefix", DEFAULT_PREFIX)
         partitions = DEFAULT_PARTITIONS
         if sharded:
@@ -231,8 +221,6 @@ class RedisBroker:
                     f"broker.url: partitions must be an integer from 1 to {MAX_PARTITIONS}, "
                     f"not {given.get('partitions')!r}"
                 )
-        rest = urlencode([(key, value) for key, value in query if key not in ours])
-        redis_url = urlunsplit(parts._replace(query=rest))
         broker = cls(
             redis_url,
             prefix=prefix,

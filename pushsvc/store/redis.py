@@ -114,7 +114,6 @@ import secrets
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -659,21 +658,10 @@ def parse_url(url: str) -> StoreUrl:
     holding ``{``, ``}`` or a newline (they would break the hash tags and
     members), numbers out of range, or a parameter given twice.
     """
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    for name in _OWN:
-        if sum(1 for key, _ in query if key == name) > 1:
-            raise ValueError(
-                f"store.url: {name} given more than once in {redisurl.redacted(url)!r}"
-            )
+    redis_url, given = redisurl.take_params(url, _OWN, "store.url")
     own = {"prefix": DEFAULT_PREFIX, "max_connections": str(CONNECTIONS)}
     own |= {"min_replicas": "0", "replica_timeout": "0.5"}
-    kept = []
-    for name, value in query:
-        if name in own:
-            own[name] = value
-        else:
-            kept.append((name, value))
+    own |= given
     prefix, connections = own["prefix"], own["max_connections"]
     if any(c in prefix for c in "{}\n"):
         raise ValueError(f"store.url: prefix must not hold {{, }} or a newline: {prefix!r}")
@@ -692,7 +680,7 @@ def parse_url(url: str) -> StoreUrl:
             f"store.url: replica_timeout must be seconds in (0, 60]: {own['replica_timeout']!r}"
         )
     return StoreUrl(
-        urlunsplit(parts._replace(query=urlencode(kept))),
+        redis_url,
         prefix,
         int(connections),
         int(own["min_replicas"]),
