@@ -45,3 +45,15 @@ def test_cluster_client_reaches_every_master(redis_cluster: RedisClusterSetup) -
             await client.aclose()
 
     assert asyncio.run(scenario()) == [b"a", b"b", b"c", b"d"]
+
+
+def test_a_components_own_parameters_are_taken_out_once() -> None:
+    url, given = redisurl.take_params(
+        "redis://h:1/0?prefix=a:&socket_keepalive=true&partitions=8", ("prefix", "partitions"), "k"
+    )
+    assert (url, given) == (
+        "redis://h:1/0?socket_keepalive=true",
+        {"prefix": "a:", "partitions": "8"},
+    )
+    with pytest.raises(ValueError, match=r"store\.url: prefix given more than once"):
+        redisurl.take_params("redis://h/0?prefix=a&prefix=b", ("prefix",), "store.url")
