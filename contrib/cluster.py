@@ -99,14 +99,14 @@ def main() -> int:
     redis_url = f"redis://127.0.0.1:{redis_port}/0"
     procs: list[subprocess.Popen[bytes]] = []
 
-    def stop(*_: object) -> None:
+    def stop(*_: object, status: int = 0) -> None:
         for proc in reversed(procs):
             if proc.poll() is None:
                 proc.terminate()
         for proc in procs:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(30)
-        sys.exit(0)
+        sys.exit(status)
 
     signal.signal(signal.SIGTERM, stop)
     redis_dir = state / "redis"
@@ -153,9 +153,9 @@ def main() -> int:
     try:
         for (host, port), proc in zip(backends, procs[1:], strict=True):
             _wait_ready(f"http://{host}:{port}/readyz", proc)
-    except SystemExit:
-        stop()
-        raise
+    except SystemExit as failed:
+        print(f"{failed}; the nodes' logs: {state}/node*/pushsvc.log", file=sys.stderr, flush=True)
+        stop(status=1)
     print(f"cluster: redis {redis_url}; nodes {', '.join(str(p) for _, p in backends)}")
     print(f"cluster: open http://127.0.0.1:{args.port}/ (round robin over the nodes)")
     print(f"cluster: state and logs in {state}; Ctrl-C stops it", flush=True)

@@ -365,6 +365,7 @@ async def test_pubsub_connection_killed_is_detected_and_repaired(
 async def test_cluster_demo_script_serves_one_service(tmp_path: Path) -> None:
     """``make cluster``'s script: three nodes behind a round-robin balancer on one Redis."""
     import shutil
+    import socket
     import subprocess
     import sys
 
@@ -373,8 +374,18 @@ async def test_cluster_demo_script_serves_one_service(tmp_path: Path) -> None:
 
     if shutil.which("redis-server") is None:
         pytest.skip(NO_REDIS)
+
+    def usable(port: int) -> bool:  # the balancer, its 3 nodes (+1..+3) and Redis (+100)
+        try:
+            for offset in (1, 2, 3, 100):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", port + offset))
+        except (OSError, OverflowError):  # taken, or past 65535
+            return False
+        return True
+
     port = free_port()
-    while port + 103 > 65535:
+    while not usable(port):
         port = free_port()
     state = tmp_path / "cluster"
     state.mkdir()
