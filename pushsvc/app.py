@@ -76,7 +76,6 @@ LISTEN_BACKLOG = 4096
 #: Name under which load_plugins registers the built-in room policy.
 DEFAULT_ROOM_POLICY = "pushsvc.default_room_policy"
 _TIMER_INTERVALS = {
-    "delivery_tick": 0.05,
     "delivery_sweep": 5.0,
     "history_trim": 5.0,
     "prune": 60.0,
@@ -202,9 +201,9 @@ class Service:
     def start_timers(self) -> None:
         """Start the shared timers (keepalive, retries, sweeps, loop lag, systemd)."""
         node = self.node
+        node.delivery.start_timer()  # resends: a timer armed for the earliest due one
         self._timers = [
             asyncio.ensure_future(_every(node.keepalive.tick_interval(), node.keepalive.tick)),
-            asyncio.ensure_future(_every(_TIMER_INTERVALS["delivery_tick"], node.delivery.tick)),
             asyncio.ensure_future(
                 _every_async(_TIMER_INTERVALS["delivery_sweep"], node.delivery.sweep)
             ),
@@ -399,6 +398,7 @@ class Service:
         await _bounded(node.delivery.drain(), "delivery bookkeeping")
         if node.push is not None:
             await node.push.close()  # pushes not sent yet are forgotten: the inbox has them
+        node.delivery.stop_timer()
         for timer in self._timers:
             timer.cancel()
         await asyncio.gather(*self._timers, return_exceptions=True)

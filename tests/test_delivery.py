@@ -175,6 +175,26 @@ async def test_two_connections_both_get_it_one_ack_settles_both(start_server: An
     assert metric(server, "pushsvc_messages_redelivered_total", type="private") == 0
 
 
+async def test_resend_timers_follow_what_is_in_flight(start_server: Any) -> None:
+    """An ack of one message keeps the other's resend; a new message re-arms the pass."""
+    server: Server = await start_server(delivery={**FAST, "max_attempts": 5})
+    dora = await server.connect("dora")
+    sender = await server.connect("sam")
+    first = await send_private(sender, "dora", "one", "s1")
+    second = await send_private(sender, "dora", "two", "s2")
+    got = [(await dora.recv_type("private"))["id"] for _ in range(2)]
+    assert got == [first, second]
+    assert (await ack(dora, [first], "a1"))["acked"] == 1
+    resent = await dora.recv_type("private", timeout=3)  # ack_timeout 0.2 s, jitter 20 %
+    assert resent["id"] == second
+    assert server.node.delivery._timer is not None  # second is still in flight
+    assert (await ack(dora, [second], "a2"))["acked"] == 1
+    await dora.expect_nothing(1.0, ignore=("reply",))
+    third = await send_private(sender, "dora", "three", "s3")
+    assert (await dora.recv_type("private"))["id"] == third
+    assert (await dora.recv_type("private", timeout=3))["id"] == third  # armed again
+
+
 async def test_never_acking_client_backs_off_then_dead_letter(start_with: Any) -> None:
     recorder = DeadRecorder()
     server: Server = await start_with([("recorder", recorder)], delivery=FAST)

@@ -34,6 +34,10 @@ from pushsvc.store import DeadLetter, IdempotencyKey, Store, StoreUnavailable
 
 log = logging.getLogger("pushsvc.delivery")
 
+#: Shortest gap between two resend passes (seconds): a resend goes out at most this
+#: long after it is due, and a busy node runs at most one pass per gap.
+TICK_MIN_GAP = 0.05
+
 #: ``reason`` of a dead letter: the attempts ran out, or the TTL did.
 DEAD_MAX_ATTEMPTS = "max_attempts"
 DEAD_TTL = "ttl"
@@ -155,6 +159,12 @@ class Delivery:
         self._sessions: dict[str, Recipient] = {}  # session id -> connection with a window
         self._seq = itertools.count()  # heap tie-breaker
         self._tasks: set[asyncio.Task[Any]] = set()  # refills in progress
+        # The resend pass is armed for the earliest due entry (start_timer), not run on
+        # a fixed period: no wake-up while nothing is due.
+        self._loop: asyncio.AbstractEventLoop | None = None  # set by start_timer
+        self._timer: asyncio.TimerHandle | None = None  # the armed pass
+        self._timer_at = float("inf")  # monotonic time it runs at
+        self._last_pass = float("-inf")  # monotonic time of the last pass
 
     # -- accepting --------------------------------------------------------------
 
@@ -271,6 +281,8 @@ class Delivery:
         due = now + self.policy.delay(attempts)
         tracker.sent(message_id, kind, frame, attempts, now, due)
         heapq.heappush(self._timers, (due, next(self._seq), session.session, message_id))
+        if due < self._timer_at:
+            self._arm()
         metrics = self.metrics
         metrics.messages_delivered.labels(kind).inc()
         if attempts > 1:
@@ -380,9 +392,46 @@ class Delivery:
 
     # -- timers -----------------------------------------------------------------
 
+    def start_timer(self) -> None:
+        """Run :meth:`tick` on this loop whenever a resend timer is due (``stop_timer``).
+
+        One timer armed at the earliest due time (at least ``TICK_MIN_GAP``
+        after the previous pass), re-armed after each pass and when an earlier
+        one is scheduled: the loop wakes only when something may be due.
+        """
+        self._loop = asyncio.get_running_loop()
+        self._arm()
+
+    def stop_timer(self) -> None:
+        """Stop running :meth:`tick` (shutdown)."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._loop, self._timer, self._timer_at = None, None, float("inf")
+
+    def _arm(self) -> None:
+        """(Re-)arm the pass for the earliest due entry, if started and anything is due."""
+        if self._loop is None or not self._timers:
+            return
+        at = max(self._timers[0][0], self._last_pass + TICK_MIN_GAP)
+        if self._timer is not None:
+            if self._timer_at <= at:
+                return
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = self._loop.call_later(max(0.0, at - time.monotonic()), self._pass)
+
+    def _pass(self) -> None:
+        self._timer, self._timer_at = None, float("inf")
+        try:
+            self.tick()
+        except Exception:  # the pass re-arms below: a bug must not stop resends
+            log.exception("resend pass failed")
+        self._arm()
+
     def tick(self) -> None:
-        """Resend or dead-letter what timed out (call often, e.g. every 50 ms)."""
+        """Resend or dead-letter what timed out (run by :meth:`start_timer`'s timer)."""
         now = time.monotonic()
+        self._last_pass = now
         timers = self._timers
         resends: dict[Recipient, list[tuple[str, int]]] = {}
         dead: dict[str, list[str]] = {}

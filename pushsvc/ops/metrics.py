@@ -708,15 +708,38 @@ class _TimedStore:
     """Wraps a store: each coroutine method is timed under its own name.
 
     Any method a store implementation adds is timed without a change here;
-    other attributes pass through unchanged.
+    other attributes pass through unchanged. A store whose ``self_timed``
+    operations return a future (no coroutine to await in a wrapper) gets a
+    recorder through ``time_operations(record)`` and reports them as they
+    settle: the same series, one coroutine layer less per message.
     """
 
     def __init__(self, inner: Store, metrics: Metrics) -> None:
         self.inner = inner  # the real store
         self._metrics = metrics
+        self._self_timed: frozenset[str] = frozenset(getattr(inner, "self_timed", ()))
+        self._timed_series: dict[str, tuple[LoopHistogram, Any]] = {}  # name -> (seconds, errors)
+        if self._self_timed:
+            inner.time_operations(self._record)  # type: ignore[attr-defined]
+
+    def _record(self, name: str, seconds: float, failed: bool) -> None:
+        """A self-timed operation settled: observe its latency, or count its failure."""
+        series = self._timed_series.get(name)
+        if series is None:
+            series = self._timed_series[name] = (
+                loop_histogram(self._metrics.store_seconds.labels(name)),
+                self._metrics.store_errors.labels(name),
+            )
+        if failed:
+            series[1].inc()
+        else:
+            series[0].observe(seconds)
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self.inner, name)
+        if name in self._self_timed:
+            self.__dict__[name] = attr  # timed by the store as it settles
+            return attr
         if name.startswith("_") or name in _STORE_LIFECYCLE:
             return attr
         if not inspect.iscoroutinefunction(attr):

@@ -25,7 +25,7 @@ guarantees for every implementation.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
@@ -200,7 +200,7 @@ class InboxStore(Protocol):
         """Try a small write now; updates and returns :meth:`healthy`."""
         ...
 
-    async def accept(
+    def accept(
         self,
         message_id: str,
         message_type: str,
@@ -208,8 +208,11 @@ class InboxStore(Protocol):
         recipients: Sequence[str],
         expires_at: float,
         idempotency: IdempotencyKey | None = None,
-    ) -> None:
-        """Persist a message and a pending delivery per recipient (durable on return).
+    ) -> Awaitable[None]:
+        """Persist a message and a pending delivery per recipient (durable once awaited).
+
+        An ``async def``, or a plain method returning an awaitable (a future:
+        one coroutine layer less on the path of every message).
 
         With ``idempotency``, the key is remembered in the same transaction
         (replacing an expired entry with the same client and key); see
@@ -229,8 +232,11 @@ class InboxStore(Protocol):
         """Up to ``limit`` pending deliveries of ``user`` with id > ``after_id``, oldest first."""
         ...
 
-    async def ack(self, user: str, ids: Sequence[str]) -> AckResult:
-        """Settle ``user``'s pending deliveries among ``ids`` (durable on return)."""
+    def ack(self, user: str, ids: Sequence[str]) -> Awaitable[AckResult]:
+        """Settle ``user``'s pending deliveries among ``ids`` (durable once awaited).
+
+        An ``async def``, or a plain method returning an awaitable, as :meth:`accept`.
+        """
         ...
 
     async def record_attempts(self, user: str, attempts: Sequence[tuple[str, int]]) -> None:
