@@ -113,12 +113,19 @@ def cluster(
     tmp_path: Path, fresh_redis: RedisServer, spawn: Callable[..., ServerProcess]
 ) -> Callable[..., list[Node]]:
     """Start ``n`` nodes on the test's Redis (store and broker); all killed at teardown."""
+    return node_starter(tmp_path, spawn, fresh_redis.url)
+
+
+def node_starter(
+    tmp_path: Path, spawn: Callable[..., ServerProcess], redis_url: str
+) -> Callable[..., list[Node]]:
+    """``start(n, env, first)``: ``n`` nodes with store and broker on ``redis_url``."""
 
     def start(n: int = 3, env: dict[str, str] | None = None, first: int = 0) -> list[Node]:
         full_env = {
             **FAST,
-            "PUSHSVC_BROKER__URL": fresh_redis.url,
-            "PUSHSVC_STORE__URL": fresh_redis.url,
+            "PUSHSVC_BROKER__URL": redis_url,
+            "PUSHSVC_STORE__URL": redis_url,
             **(env or {}),
         }
         nodes = []
@@ -503,20 +510,7 @@ def sharded_cluster(
     """Nodes with the store, the broker and the registry on the session's 3-master
     Redis Cluster (``cluster.url`` defaults to ``broker.url``; docs/redis.md, "Redis
     Cluster")."""
-
-    def start(n: int = 3, env: dict[str, str] | None = None) -> list[Node]:
-        full_env = {
-            **FAST,
-            "PUSHSVC_BROKER__URL": redis_cluster_url,
-            "PUSHSVC_STORE__URL": redis_cluster_url,
-            **(env or {}),
-        }
-        return [
-            Node(spawn("--data-dir", str(tmp_path / f"c{i}"), env=full_env, name=f"c{i}"), f"c{i}")
-            for i in range(n)
-        ]
-
-    return start
+    return node_starter(tmp_path, spawn, redis_cluster_url)
 
 
 async def test_room_routing_on_a_redis_cluster(sharded_cluster: Callable[..., list[Node]]) -> None:

@@ -140,9 +140,13 @@ class ConnectionBase:
         pacer().call(self._clean_up, session, code, sent_code, by_peer, reserved)
 
     def _clean_up(
-        self, session: Session, code: int | None, sent_code: int | None, by_peer: bool,
+        self,
+        session: Session,
+        code: int | None,
+        sent_code: int | None,
+        by_peer: bool,
         reserved: bool,
-    ) -> None:  # fmt: skip
+    ) -> None:
         """In the pacer's turn: count and log the close, release the slot, forget the session."""
         node = self.node
         paced = pacer()

@@ -8,8 +8,9 @@ serves every connection of an event loop (:func:`flusher`).
 from __future__ import annotations
 
 import asyncio
-import weakref
 from typing import Protocol
+
+from pushsvc.transport.perloop import PerLoop
 
 
 class Outbox(Protocol):
@@ -43,25 +44,9 @@ class Flusher:
             outbox.flush_outbox()
 
 
-_FLUSHERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Flusher] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-#: The flusher looked up last, and a weak reference to its loop: a process runs one
-#: loop at a time, so this spares the weak dictionary's lookup on every queued frame.
-_last: tuple[weakref.ref[asyncio.AbstractEventLoop], Flusher] | None = None
+_FLUSHERS: PerLoop[Flusher] = PerLoop(Flusher)
 
 
 def flusher() -> Flusher:
     """The running loop's flusher."""
-    global _last
-    loop = asyncio.get_running_loop()
-    last = _last
-    if last is not None and last[0]() is loop:
-        return last[1]
-    found = _FLUSHERS.get(loop)
-    if found is None:
-        found = _FLUSHERS[loop] = Flusher(loop)
-    _last = (weakref.ref(loop), found)
-    return found
+    return _FLUSHERS.get()

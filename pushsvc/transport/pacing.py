@@ -12,8 +12,8 @@ A :class:`Pacer` queues that work and runs it in turns of
 the loop runs its timers and its I/O. What a socket callback queues costs
 it a deque append (:meth:`Pacer.call`): the parsing, checking and clean-up
 happen in the turns. Coroutines run without a Task (:meth:`Pacer.start`,
-:meth:`Pacer.run`): each runs until it waits, and when what it waited for
-is done it is queued again to go on (before the work not started yet, so
+:meth:`Pacer.run`, driven by a :class:`Stepper`): each runs until it waits,
+and when what it waited for is done it is queued again to go on (before the work not started yet, so
 started handshakes finish first). So the work after a wait is paced too:
 when one store commit answers a thousand handshakes at once, they go on a
 turn at a time, not all in the pass after the commit. Queued work starts
@@ -31,12 +31,14 @@ each wait of a paced piece costs it one loop pass more than a Task's.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-import weakref
 from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
+
+from pushsvc.transport.perloop import PerLoop
 
 T = TypeVar("T")
 
@@ -49,49 +51,77 @@ TURN_SECONDS = 0.005
 PASS_SECONDS = 0.020
 
 
-class _Piece:
-    """A paced coroutine and the future of its result (what a Task does, without the Task)."""
+#: How a :class:`Stepper` reports the end: (result, exception, cancelled).
+Settle = Callable[[Any, BaseException | None, bool], None]
 
-    __slots__ = ("coroutine", "done", "pacer")
+
+def settle_future(
+    done: asyncio.Future[Any], value: Any, error: BaseException | None, cancelled: bool
+) -> None:
+    """A :data:`Settle` that resolves ``done`` as a Task resolves itself (unless cancelled)."""
+    if done.cancelled():
+        return
+    if cancelled:
+        done.cancel()
+    elif error is not None:
+        done.set_exception(error)
+    else:
+        done.set_result(value)
+
+
+class Stepper:
+    """Drives a started coroutine from future callbacks, as a Task would, without the Task.
+
+    When what the coroutine awaits is done, it goes on at once, or in the
+    pacer's next turn when this loop pass is busy (:meth:`Pacer.busy`), or
+    always in a turn with ``paced`` (work queued on the pacer). A bare
+    ``yield`` (``asyncio.sleep(0)``) goes on from a later loop pass.
+    """
+
+    __slots__ = ("coroutine", "paced", "pacer", "settle")
 
     def __init__(
-        self, pacer: Pacer, coroutine: Coroutine[Any, Any, Any], done: asyncio.Future[Any]
+        self,
+        pacer: Pacer,
+        coroutine: Coroutine[Any, Any, Any],
+        settle: Settle,
+        *,
+        paced: bool = False,
     ) -> None:
-        self.pacer = pacer  # where it is queued again after a wait
+        self.pacer = pacer  # whose turns it may wait for
         self.coroutine = coroutine  # not started yet, or suspended in an ``await``
-        self.done = done  # resolved with the coroutine's result or exception
+        self.settle = settle  # called once with the coroutine's result or exception
+        self.paced = paced  # go on only in the pacer's turns
 
-    def begin(self) -> None:
-        """The first step, unless the future was cancelled meanwhile."""
-        if self.done.cancelled():
-            self.coroutine.close()
-        else:
-            self.step()
-
-    def step(self) -> None:
-        """Run the coroutine until it waits or ends; its ``await`` gets the result or error."""
-        done = self.done
-        try:
-            waiting_on = self.coroutine.send(None)
-        except StopIteration as stop:
-            if not done.cancelled():
-                done.set_result(stop.value)
-            return
-        except asyncio.CancelledError:
-            done.cancel()
-            return
-        except Exception as error:  # delivered through the future, like a Task
-            if not done.cancelled():
-                done.set_exception(error)
-            return
-        if waiting_on is None:  # a bare ``yield``, as in ``asyncio.sleep(0)``
-            self.pacer.resume(self)
+    def wait(self, waiting_on: Any) -> None:
+        """Go on once ``waiting_on`` (what the coroutine yielded) is done."""
+        if waiting_on is None:  # a bare ``yield``
+            self.pacer._loop.call_soon(self._woken, None)
             return
         waiting_on._asyncio_future_blocking = False
         waiting_on.add_done_callback(self._woken)
 
     def _woken(self, _finished: Any) -> None:
-        self.pacer.resume(self)
+        paced = self.pacer
+        if self.paced or paced.busy():
+            paced.soon(self.go_on)
+        else:
+            self.go_on()
+
+    def go_on(self) -> None:
+        """Send the coroutine on until it waits or ends; its ``await`` gets the result or error."""
+        try:
+            waiting_on = self.coroutine.send(None)
+        except StopIteration as stop:
+            self.settle(stop.value, None, False)
+            return
+        except asyncio.CancelledError:
+            self.settle(None, None, True)
+            return
+        except Exception as error:  # delivered through settle, like a Task
+            self.settle(None, error, False)
+            return
+        self.wait(waiting_on)
 
 
 class Pacer:
@@ -141,20 +171,23 @@ class Pacer:
         Cancelling the future before its turn drops the coroutine unstarted.
         """
         done: asyncio.Future[T] = self._loop.create_future()
-        self._new.append((_Piece(self, coroutine, done).begin, ()))
+        stepper = Stepper(self, coroutine, functools.partial(settle_future, done), paced=True)
+        self._new.append((self._begin, (stepper, done)))
         self._schedule()
         return done
+
+    @staticmethod
+    def _begin(stepper: Stepper, done: asyncio.Future[Any]) -> None:
+        if done.cancelled():
+            stepper.coroutine.close()
+        else:
+            stepper.go_on()
 
     def run(self, coroutine: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
         """Run ``coroutine`` now (from a turn) until it waits; it goes on in later turns."""
         done: asyncio.Future[T] = self._loop.create_future()
-        _Piece(self, coroutine, done).step()
+        Stepper(self, coroutine, functools.partial(settle_future, done), paced=True).go_on()
         return done
-
-    def resume(self, piece: _Piece) -> None:
-        """``piece`` is done waiting: go on in the next turn."""
-        self._woken.append(piece.step)
-        self._schedule()
 
     def soon(self, step: Callable[[], None]) -> None:
         """Run ``step`` (work that was waiting and goes on) in the next turn, before new work."""
@@ -198,21 +231,9 @@ class Pacer:
             idle.set_result(None)
 
 
-_PACERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Pacer] = weakref.WeakKeyDictionary()
-
-
-_last: Pacer | None = None  # the one found last (the service runs on one loop)
+_PACERS: PerLoop[Pacer] = PerLoop(Pacer)
 
 
 def pacer() -> Pacer:
     """The running loop's pacer."""
-    global _last
-    loop = asyncio.get_running_loop()
-    found = _last
-    if found is not None and found._loop is loop:
-        return found
-    found = _PACERS.get(loop)
-    if found is None:
-        found = _PACERS[loop] = Pacer(loop)
-    _last = found
-    return found
+    return _PACERS.get()

@@ -194,10 +194,7 @@ class UpgradeServer(tornado.httpserver.HTTPServer):
         burst of handshakes is queued before it. A head that is no upgrade
         of ``/ws`` after all goes to Tornado then.
         """
-        pacer().call(self._upgrade_now, transport, buffer, end)
-
-    def _upgrade_now(self, transport: asyncio.Transport, buffer: bytes, end: int) -> None:
-        pacer().run(self._upgrade(transport, buffer, end)).add_done_callback(_report)
+        pacer().start(self._upgrade(transport, buffer, end)).add_done_callback(_report)
 
     async def _upgrade(self, transport: asyncio.Transport, buffer: bytes, end: int) -> None:
         """Admit a ``/ws`` upgrade and run it as a :class:`FastConnection`."""
