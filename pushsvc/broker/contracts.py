@@ -122,6 +122,11 @@ class BrokerStats:
 class Broker(Protocol):
     """Fans envelopes out to every node subscribed to a channel, at most once."""
 
+    #: True when every subscriber is this process and :meth:`publish` runs the callback
+    #: inside the call (``memory://``): a caller may then hand an envelope to this
+    #: node's own connections itself, with the same result and no round trip.
+    in_process: bool
+
     def set_callback(self, callback: MessageCallback) -> None:
         """Where envelopes for subscribed channels go (the local hub)."""
         ...

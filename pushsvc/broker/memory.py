@@ -38,6 +38,7 @@ class MemoryBroker:
         if delivery not in (SYNC, ASYNC):
             raise ValueError(f"delivery: {delivery!r} is not 'sync' or 'async'")
         self.delivery = delivery  # SYNC: inside publish; ASYNC: on a later loop pass
+        self.in_process = delivery == SYNC  # see Broker.in_process
         self._callback: MessageCallback | None = None  # the local hub's entry point
         self._channels: set[str] = set()  # channels with a local subscriber
         self._closed = False  # close() was called: deliver nothing more

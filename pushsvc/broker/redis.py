@@ -131,6 +131,8 @@ def partition_tags(count: int) -> list[str]:
 class RedisBroker:
     """Fans envelopes out through Redis pub/sub (at most once)."""
 
+    in_process = False  # this node's own subscriptions hear it back from Redis
+
     def __init__(
         self,
         url: str,

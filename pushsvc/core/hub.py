@@ -56,6 +56,7 @@ class Client(Protocol):
     rooms: set[str]  # rooms joined on this connection
     last_seen: float  # monotonic time of the last frame or pong
     closing: bool  # a close was started
+    inflight: Any  # its delivery window, owned by the delivery module
 
     def ping(self) -> None:
         """Send a protocol-level ping."""

@@ -91,6 +91,7 @@ class Node:
         self.hub = Hub(
             broker, metrics, self.delivery, self.cluster, store, config.history.max_recovery
         )  # local connections and rooms, gap repair from the history
+        self.delivery.serve_locally(self.hub.user_clients)  # if the broker is in-process
         self.authenticator = Authenticator(config.auth, config.secret())  # token checks
         self.user_buckets = KeyedBuckets(limits.user_rate, limits.user_burst)  # per user
         self.handshake_buckets = KeyedBuckets(limits.handshake_rate, limits.handshake_burst)

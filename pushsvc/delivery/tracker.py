@@ -125,6 +125,8 @@ class Recipient(Protocol):
 class Publisher(Protocol):
     """Where settled and durable envelopes go (the broker)."""
 
+    in_process: bool  # every subscriber is this process, served inside publish
+
     async def publish(self, channel: str, envelope: Envelope) -> None:
         """Send ``envelope`` to every node subscribed to ``channel``."""
         ...
@@ -132,6 +134,9 @@ class Publisher(Protocol):
 
 #: Called for each dead letter: ``(user, message, reason)`` (the plugins' hook).
 DeadLetterHook = Callable[[str, dict[str, Any], str], None]
+
+#: This node's open connections of a user (the hub's ``user_clients``).
+LocalConnections = Callable[[str], Collection[Recipient]]
 
 
 class Delivery:
@@ -165,6 +170,19 @@ class Delivery:
         self._timer: asyncio.TimerHandle | None = None  # the armed pass
         self._timer_at = float("inf")  # monotonic time it runs at
         self._last_pass = float("-inf")  # monotonic time of the last pass
+        # This node's connections, when the broker is in-process (see serve_locally).
+        self._local: LocalConnections | None = None
+
+    def serve_locally(self, connections: LocalConnections) -> None:
+        """Hand envelopes to this node's connections directly when the broker is in-process.
+
+        With :attr:`~pushsvc.broker.Broker.in_process` (``memory://``), a
+        publish would only call back into this node, inside the call: offering
+        and settling here does the same without building, publishing and
+        dispatching an envelope (two per acked message). Any other broker
+        keeps the publish, which also reaches the other nodes.
+        """
+        self._local = connections if self.broker.in_process else None
 
     # -- accepting --------------------------------------------------------------
 
@@ -200,11 +218,22 @@ class Delivery:
         self.metrics.messages_accepted.labels(kind).inc()
         envelope = Envelope(EnvelopeKind.DURABLE, kind, message_id, data)
         for user in recipients:
+            if self._offer_here(user, envelope):
+                continue
             try:
                 await self.broker.publish(user_channel(user), envelope)
             except Exception:  # persisted already: delivered on reconnect
                 log.exception("broker publish failed for an accepted message %s", message_id)
         return message_id
+
+    def _offer_here(self, user: str, envelope: Envelope) -> bool:
+        """Offer ``envelope`` to ``user``'s connections on an in-process broker; else False."""
+        local = self._local
+        if local is None:
+            return False
+        for session in list(local(user)):
+            self.offer(session, envelope)
+        return True
 
     # -- connections ------------------------------------------------------------
 
@@ -377,12 +406,19 @@ class Delivery:
             entry = tracker.inflight.get(message_id) if tracker is not None else None
             if entry is not None:
                 metrics.ack_latency_loop.observe(now - entry.sent_at)
-        ids = " ".join(message_id for message_id, _kind in result.acked).encode()
-        await self._settle_everywhere(session.principal.user, ids)
+        await self._settle_everywhere(
+            session.principal.user, [message_id for message_id, _kind in result.acked]
+        )
         return len(result.acked)
 
-    async def _settle_everywhere(self, user: str, ids: bytes) -> None:
-        """Tell every node to stop resending ``ids``; a broker failure is logged (acks stand)."""
+    async def _settle_everywhere(self, user: str, message_ids: Sequence[str]) -> None:
+        """Tell every node to stop resending these ids; a broker failure is logged (acks stand)."""
+        local = self._local
+        if local is not None:
+            for session in list(local(user)):
+                self.settled(session, message_ids)
+            return
+        ids = " ".join(message_ids).encode()
         try:
             await self.broker.publish(
                 user_channel(user), Envelope(EnvelopeKind.SETTLED, "", "", ids)
@@ -487,7 +523,7 @@ class Delivery:
             by_user.setdefault(letter.user, []).append(letter.id)
             self.dead_lettered(letter.user, orjson.loads(letter.frame), letter.reason)
         for user, message_ids in by_user.items():
-            await self._settle_everywhere(user, " ".join(message_ids).encode())
+            await self._settle_everywhere(user, message_ids)
 
     async def sweep(self) -> None:
         """TTL expiry, retention clean-up and backlog gauges (call every few seconds)."""
@@ -519,6 +555,8 @@ class Delivery:
         for message_id in requeued:
             kind, frame = stored[message_id]
             envelope = Envelope(EnvelopeKind.DURABLE, kind, message_id, frame)
+            if self._offer_here(user, envelope):
+                continue
             try:
                 await self.broker.publish(user_channel(user), envelope)
             except BrokerUnavailable as exc:  # pending: sent after the broker's gap or a reconnect
