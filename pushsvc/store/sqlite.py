@@ -84,6 +84,7 @@ DROP_ORPHAN = (
     "DELETE FROM messages WHERE id = ? AND NOT EXISTS "
     "(SELECT 1 FROM deliveries WHERE message_id = ?)"
 )
+ADD_MESSAGE = "INSERT INTO messages VALUES (?, ?, ?, ?)"
 ADD_DELIVERY = "INSERT INTO deliveries (message_id, user) VALUES (?, ?)"
 ACK_SETTLE = "UPDATE deliveries SET state = 1, settled_at = ? WHERE message_id = ? AND user = ?"
 #: Settle one pending delivery and return its message's type (no row: nothing settled).
@@ -174,8 +175,18 @@ OperationTiming = Callable[[str, float, bool], None]
 SELF_TIMED = frozenset({"accept", "ack"})
 
 
+#: A ``messages`` row: (id, type, frame, expires_at).
+MessageRow = tuple[str, str, bytes, float]
+#: What a plain accept inserts: its message row and its recipients.
+Accepted = tuple[MessageRow, Sequence[str]]
+
+
+def _bulk_only(db: sqlite3.Connection) -> None:
+    raise AssertionError("an accept is inserted with its batch (_Op.accepted), not called")
+
+
 class _Op:
-    __slots__ = ("fn", "future", "single", "started", "timed")
+    __slots__ = ("accepted", "fn", "future", "single", "started", "timed")
 
     def __init__(
         self,
@@ -184,6 +195,7 @@ class _Op:
         timed: str | None = None,
         started: float = 0.0,
         single: bool = False,
+        accepted: Accepted | None = None,
     ):
         self.fn = fn  # runs on the writer thread inside the batch transaction
         self.future = future  # resolved on the loop with fn's result
@@ -192,6 +204,8 @@ class _Op:
         # fn writes with one statement (and may read after it): alone in a batch, that
         # statement is its own transaction, with no BEGIN and COMMIT around it.
         self.single = single
+        # A plain accept (no idempotency key): inserted with the batch's other accepts.
+        self.accepted = accepted
 
 
 class SqliteStore:
@@ -393,7 +407,13 @@ class SqliteStore:
         try:
             if not alone:
                 db.execute("BEGIN IMMEDIATE")
-            values = [op.fn(db) for op in batch]
+            # Accepts insert rows under new ids that no operation queued before them
+            # can name, so inserting them all first, with one statement per table,
+            # commits what running them in order would.
+            accepted = [op.accepted for op in batch if op.accepted is not None]
+            if accepted:
+                self._insert_accepted(db, accepted)
+            values = [None if op.accepted is not None else op.fn(db) for op in batch]
             if not alone:
                 db.execute("COMMIT")
             self._transactions += 1
@@ -413,14 +433,19 @@ class SqliteStore:
         return [(op, value, None) for op, value in zip(batch, values, strict=True)]
 
     def _submit(
-        self, fn: Callable[[sqlite3.Connection], T], timed: str | None = None, single: bool = False
+        self,
+        fn: Callable[[sqlite3.Connection], T],
+        timed: str | None = None,
+        single: bool = False,
+        accepted: Accepted | None = None,
     ) -> asyncio.Future[T]:
         """Queue ``fn`` for the writer; the future resolves on the loop with its result.
 
         A plain function returning the future (awaited by the caller), not a
         coroutine: one coroutine layer less between a frame and its commit.
         ``timed`` names an operation of :data:`SELF_TIMED` for the timing callback;
-        ``single``: ``fn`` writes with one statement (see ``_Op.single``).
+        ``single``: ``fn`` writes with one statement (see ``_Op.single``);
+        ``accepted``: a plain accept, inserted with the batch's others (``fn`` is not called).
         """
         loop = self._loop
         if self._thread is None or loop is None:
@@ -431,9 +456,9 @@ class SqliteStore:
         if not self._outbox:  # the first operation of this loop pass
             loop.call_soon(self._hand_over)
         if timed is not None and self._timing is not None:
-            self._outbox.append(_Op(fn, future, timed, time.perf_counter(), single))
+            self._outbox.append(_Op(fn, future, timed, time.perf_counter(), single, accepted))
         else:
-            self._outbox.append(_Op(fn, future, single=single))
+            self._outbox.append(_Op(fn, future, single=single, accepted=accepted))
         return future
 
     def _settle_all(self, results: list[tuple[_Op, Any, BaseException | None]]) -> None:
@@ -467,20 +492,33 @@ class SqliteStore:
         Returns the writer's future (no coroutine layer; timed as it settles).
         """
 
+        row = (message_id, message_type, frame, expires_at)
+        if idempotency is None:  # the common case: inserted with the batch's other accepts
+            return self._submit(_bulk_only, "accept", accepted=(row, recipients))
+
         def write(db: sqlite3.Connection) -> None:
-            self._nothing_pending.difference_update(recipients)
-            db.execute(
-                "INSERT INTO messages VALUES (?, ?, ?, ?)",
-                (message_id, message_type, frame, expires_at),
-            )
-            if len(recipients) == 1:  # the common case: no list, no executemany cursor
-                db.execute(ADD_DELIVERY, (message_id, recipients[0]))
-            else:
-                db.executemany(ADD_DELIVERY, [(message_id, user) for user in recipients])
-            if idempotency is not None:
-                _remember_key(db, idempotency, message_id, len(recipients))
+            self._insert_accepted(db, [(row, recipients)])
+            _remember_key(db, idempotency, message_id, len(recipients))
 
         return self._submit(write, "accept")
+
+    def _insert_accepted(
+        self, db: sqlite3.Connection, accepted: Sequence[tuple[MessageRow, Sequence[str]]]
+    ) -> None:
+        """Insert messages and their pending deliveries: one statement per table and batch."""
+        pending = self._nothing_pending
+        deliveries: list[tuple[str, str]] = []
+        for (message_id, *_rest), recipients in accepted:
+            pending.difference_update(recipients)
+            deliveries.extend((message_id, user) for user in recipients)
+        if len(accepted) == 1:  # a quiet moment: no executemany cursor
+            db.execute(ADD_MESSAGE, accepted[0][0])
+        else:
+            db.executemany(ADD_MESSAGE, [row for row, _recipients in accepted])
+        if len(deliveries) == 1:
+            db.execute(ADD_DELIVERY, deliveries[0])
+        else:
+            db.executemany(ADD_DELIVERY, deliveries)
 
     async def pending(self, user: str, after_id: str, limit: int) -> list[PendingMessage]:
         """The oldest pending deliveries of ``user`` after ``after_id``."""
