@@ -25,7 +25,7 @@ from pushsvc.protocol import ids
 from pushsvc.protocol.codes import HandshakeError
 from pushsvc.protocol.disconnects import CLIENT_CLOSE_LABEL, DISCONNECTS
 from pushsvc.protocol.frames import Broadcast
-from pushsvc.transport.outbox import flusher
+from pushsvc.transport.outbox import Flusher
 from pushsvc.transport.pacing import pacer
 from pushsvc.transport.tornado_compat import text_frame
 
@@ -100,11 +100,12 @@ class ConnectionBase:
     ``close_connection``, ``send_ping``) and ``flush_outbox``.
     """
 
-    __slots__ = ("_outbox", "_reserved", "node", "session")
+    __slots__ = ("_flusher", "_outbox", "_reserved", "node", "session")
 
     node: Node
     session: Session | None
     _outbox: list[bytes] | None  # frames queued for this loop pass
+    _flusher: Flusher  # the loop's flusher (looked up once: a connection lives on one loop)
     _reserved: bool  # holds a slot of node.hub.reserve
 
     # -- lifecycle --------------------------------------------------------------
@@ -170,7 +171,7 @@ class ConnectionBase:
         outbox = self._outbox
         if outbox is None:
             self._outbox = [frame]
-            flusher().mark(self)
+            self._flusher.mark(self)
         else:
             outbox.append(frame)
 

@@ -18,7 +18,7 @@ import functools
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from pushsvc.transport.pacing import Stepper, pacer, settle_future
+from pushsvc.transport.pacing import Pacer, Stepper, pacer, settle_future
 
 T = TypeVar("T")
 
@@ -38,7 +38,9 @@ def start(coroutine: Coroutine[Any, Any, T]) -> asyncio.Future[T] | None:
     return done
 
 
-def run(coroutine: Coroutine[Any, Any, Any], finished: Finished) -> bool:
+def run(
+    coroutine: Coroutine[Any, Any, Any], finished: Finished, paced: Pacer | None = None
+) -> bool:
     """Run ``coroutine`` until it suspends; True when it finished without suspending.
 
     Otherwise ``finished(error)`` is called, directly from the step that ends
@@ -46,13 +48,16 @@ def run(coroutine: Coroutine[Any, Any, Any], finished: Finished) -> bool:
     and no extra loop callback per suspended frame, which :func:`start` costs.
     Exceptions raised before the first suspension propagate to the caller.
     After a commit that answers hundreds of waiting frames at once, they go
-    on a turn at a time (:mod:`pushsvc.transport.pacing`).
+    on a turn at a time (:mod:`pushsvc.transport.pacing`): ``paced``, the running
+    loop's pacer (looked up when not given).
     """
     try:
         waiting_on = coroutine.send(None)
     except StopIteration:
         return True
-    Stepper(pacer(), coroutine, lambda _value, error, _cancelled: finished(error)).wait(waiting_on)
+    Stepper(paced or pacer(), coroutine, lambda _value, error, _cancelled: finished(error)).wait(
+        waiting_on
+    )
     return False
 
 

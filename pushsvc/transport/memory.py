@@ -41,6 +41,7 @@ from pushsvc.protocol.codes import CloseCode
 from pushsvc.protocol.disconnects import DISCONNECTS
 from pushsvc.protocol.frames import Broadcast
 from pushsvc.transport.connection import ConnectionBase, admit
+from pushsvc.transport.outbox import flusher
 from pushsvc.transport.pacing import pacer
 
 #: The address memory connections report (per-address caps and buckets count it).
@@ -101,6 +102,7 @@ class MemoryConnection(ConnectionBase):
         self.session = None  # set by start_session, cleared by connection_closed
         self._reserved = False  # set once admit() reserved a slot for this connection
         self._outbox = None  # unused: frames are written at once
+        self._flusher = flusher()  # the running loop's
         self.payloads: list[bytes] = []  # every payload written, in order
         self.broadcasts: list[Broadcast] = []  # the shared payloads among them
         self.framed: list[bytes] = []  # what FRAMING made of each broadcast (shared bytes)

@@ -43,7 +43,8 @@ from typing import TYPE_CHECKING
 from pushsvc.protocol.disconnects import DISCONNECTS
 from pushsvc.transport import eager, tornado_compat
 from pushsvc.transport.connection import ConnectionBase
-from pushsvc.transport.pacing import pacer
+from pushsvc.transport.outbox import flusher
+from pushsvc.transport.pacing import Pacer, pacer
 
 if TYPE_CHECKING:
     from pushsvc.core.node import Node
@@ -249,6 +250,7 @@ class WireConnection(ConnectionBase, asyncio.Protocol):
         "_early",
         "_ended",
         "_greeting",
+        "_pacer",
         "_paused",
         "_peer_close_code",
         "_peer_closed",
@@ -265,6 +267,8 @@ class WireConnection(ConnectionBase, asyncio.Protocol):
         self.session = None  # set by start_session
         self._reserved = True  # admit() reserved a slot for this connection
         self._outbox = None  # frames queued for this loop pass
+        self._flusher = flusher()  # the running loop's
+        self._pacer: Pacer = pacer()  # the running loop's
         self._transport: asyncio.Transport | None = None  # None once closed
         self._greeting = greeting
         self._reader = FrameReader(node.config.server.max_message_bytes)
@@ -312,7 +316,7 @@ class WireConnection(ConnectionBase, asyncio.Protocol):
             self._hold(frames)
             self._pause()
             return
-        paced = pacer()
+        paced = self._pacer
         if frames and paced.busy():
             self._hold(frames)
             self._waiting = True  # a read before the turn pauses (see above)
@@ -345,7 +349,8 @@ class WireConnection(ConnectionBase, asyncio.Protocol):
         if opcode <= OP_BINARY:
             if session is None or self._close_sent:
                 return False  # closing: only the peer's close frame matters now
-            if eager.run(session.on_frame(payload, binary=opcode == OP_BINARY), self._handled):
+            handler = session.on_frame(payload, binary=opcode == OP_BINARY)
+            if eager.run(handler, self._handled, self._pacer):
                 return False
             # Reading pauses only once more bytes arrive meanwhile (data_received): a
             # client that waits for the answer, as most do, costs no pause and resume
