@@ -216,23 +216,25 @@ class Delivery:
                 RETRY_AFTER_UNAVAILABLE,
             ) from exc
         self.metrics.messages_accepted.labels(kind).inc()
+        if self._local is not None:  # the in-process broker: no envelope to build
+            for user in recipients:
+                self._offer_here(user, message_id, kind, data)
+            return message_id
         envelope = Envelope(EnvelopeKind.DURABLE, kind, message_id, data)
         for user in recipients:
-            if self._offer_here(user, envelope):
-                continue
             try:
                 await self.broker.publish(user_channel(user), envelope)
             except Exception:  # persisted already: delivered on reconnect
                 log.exception("broker publish failed for an accepted message %s", message_id)
         return message_id
 
-    def _offer_here(self, user: str, envelope: Envelope) -> bool:
-        """Offer ``envelope`` to ``user``'s connections on an in-process broker; else False."""
+    def _offer_here(self, user: str, message_id: str, kind: str, frame: bytes) -> bool:
+        """Offer a message to ``user``'s connections on an in-process broker; else False."""
         local = self._local
         if local is None:
             return False
         for session in list(local(user)):
-            self.offer(session, envelope)
+            self._offer(session, message_id, kind, frame)
         return True
 
     # -- connections ------------------------------------------------------------
@@ -272,15 +274,18 @@ class Delivery:
 
     def offer(self, session: Recipient, envelope: Envelope) -> None:
         """A new at-least-once message for ``session``'s user arrived from the broker."""
+        self._offer(session, envelope.id, envelope.type, envelope.frame)
+
+    def _offer(self, session: Recipient, message_id: str, kind: str, frame: bytes) -> None:
         tracker: AckTracker | None = session.inflight
-        if tracker is None or session.closing or envelope.id in tracker.inflight:
+        if tracker is None or session.closing or message_id in tracker.inflight:
             return
         if tracker.can_send_live():
-            self._send(session, tracker, envelope.id, envelope.type, envelope.frame, 1)
+            self._send(session, tracker, message_id, kind, frame, 1)
             return
         tracker.dirty = True
         tracker.backlog = True
-        if envelope.id <= tracker.cursor:  # e.g. a requeued dead letter: reread from the start
+        if message_id <= tracker.cursor:  # e.g. a requeued dead letter: reread from the start
             tracker.rewind = True
         self._spawn_refill(session)
 
@@ -406,17 +411,23 @@ class Delivery:
             entry = tracker.inflight.get(message_id) if tracker is not None else None
             if entry is not None:
                 metrics.ack_latency_loop.observe(now - entry.sent_at)
-        await self._settle_everywhere(
-            session.principal.user, [message_id for message_id, _kind in result.acked]
-        )
+        settled = [message_id for message_id, _kind in result.acked]
+        if not self._settle_here(session.principal.user, settled):
+            await self._settle_everywhere(session.principal.user, settled)
         return len(result.acked)
+
+    def _settle_here(self, user: str, message_ids: Sequence[str]) -> bool:
+        """Settle on ``user``'s connections on an in-process broker; else False."""
+        local = self._local
+        if local is None:
+            return False
+        for session in list(local(user)):
+            self.settled(session, message_ids)
+        return True
 
     async def _settle_everywhere(self, user: str, message_ids: Sequence[str]) -> None:
         """Tell every node to stop resending these ids; a broker failure is logged (acks stand)."""
-        local = self._local
-        if local is not None:
-            for session in list(local(user)):
-                self.settled(session, message_ids)
+        if self._settle_here(user, message_ids):
             return
         ids = " ".join(message_ids).encode()
         try:
@@ -554,9 +565,9 @@ class Delivery:
         stored = await self.store.frames(requeued) if requeued else {}
         for message_id in requeued:
             kind, frame = stored[message_id]
-            envelope = Envelope(EnvelopeKind.DURABLE, kind, message_id, frame)
-            if self._offer_here(user, envelope):
+            if self._offer_here(user, message_id, kind, frame):
                 continue
+            envelope = Envelope(EnvelopeKind.DURABLE, kind, message_id, frame)
             try:
                 await self.broker.publish(user_channel(user), envelope)
             except BrokerUnavailable as exc:  # pending: sent after the broker's gap or a reconnect
