@@ -55,9 +55,9 @@ def run(
         waiting_on = coroutine.send(None)
     except StopIteration:
         return True
-    Stepper(paced or pacer(), coroutine, lambda _value, error, _cancelled: finished(error)).wait(
-        waiting_on
-    )
+    if paced is None:  # not ``paced or``: an idle pacer is falsy (its len() is 0)
+        paced = pacer()
+    Stepper(paced, coroutine, lambda _value, error, _cancelled: finished(error)).wait(waiting_on)
     return False
 
 
