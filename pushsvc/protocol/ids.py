@@ -32,6 +32,9 @@ class IdGenerator:
         self._last_random = 0  # random part of the previous id
         self._prefix_ms = -1  # millisecond whose encoding is in _prefix
         self._prefix = ""  # the 10 time characters of an id
+        self._head_ms = -1  # millisecond of the id whose first 24 characters are in _head
+        self._head_random = -1  # its random part without the last 10 bits
+        self._head = ""  # those 24 characters
 
     def new(self, now_ms: int | None = None) -> str:
         """Return a new id, greater than every id this generator made before."""
@@ -47,16 +50,22 @@ class IdGenerator:
             rand = self._random.getrandbits(_RANDOM_BITS - 1)
         self._last_ms, self._last_random = ms, rand
         pairs = _PAIRS  # 80 bits are exactly 16 digits (and 48 fit in 10): encode()'s digits
-        if ms != self._prefix_ms:
-            self._prefix_ms = ms
-            self._prefix = "".join((pairs[ms >> 40], pairs[(ms >> 30) & 1023],
-                                    pairs[(ms >> 20) & 1023], pairs[(ms >> 10) & 1023],
-                                    pairs[ms & 1023]))  # fmt: skip
-        return "".join((self._prefix,
-                        pairs[rand >> 70], pairs[(rand >> 60) & 1023],
-                        pairs[(rand >> 50) & 1023], pairs[(rand >> 40) & 1023],
-                        pairs[(rand >> 30) & 1023], pairs[(rand >> 20) & 1023],
-                        pairs[(rand >> 10) & 1023], pairs[rand & 1023]))  # fmt: skip
+        high = rand >> 10
+        if ms != self._head_ms or high != self._head_random:
+            # A new millisecond (or 1,024 increments): encode all but the last two digits.
+            # Ids made in the same millisecond share them, so they are encoded once.
+            if ms != self._prefix_ms:
+                self._prefix_ms = ms
+                self._prefix = "".join((pairs[ms >> 40], pairs[(ms >> 30) & 1023],
+                                        pairs[(ms >> 20) & 1023], pairs[(ms >> 10) & 1023],
+                                        pairs[ms & 1023]))  # fmt: skip
+            self._head_ms, self._head_random = ms, high
+            self._head = "".join((self._prefix,
+                                  pairs[rand >> 70], pairs[(rand >> 60) & 1023],
+                                  pairs[(rand >> 50) & 1023], pairs[(rand >> 40) & 1023],
+                                  pairs[(rand >> 30) & 1023], pairs[(rand >> 20) & 1023],
+                                  pairs[(rand >> 10) & 1023]))  # fmt: skip
+        return self._head + pairs[rand & 1023]
 
 
 def encode(ms: int, rand: int) -> str:
