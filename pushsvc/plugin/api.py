@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import enum
 import http.cookies
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -257,19 +257,22 @@ class FrameContext:
         """
         return await self.node.presence(room, limit)
 
-    async def send(
+    def send(
         self,
         to: str | Sequence[str],
         message: dict[str, Any],
         ttl: float | None = None,
         push: PushOptions | None = None,
-    ) -> Delivery:
-        """Deliver ``message`` to every connection of the users in ``to``.
+    ) -> Coroutine[Any, Any, Delivery]:
+        """Deliver ``message`` to every connection of the users in ``to`` (await it).
 
         With :attr:`Guarantee.AT_LEAST_ONCE` the message is persisted for each
-        recipient before this returns, carries ``ack: true``, and is resent
+        recipient before the await returns, carries ``ack: true``, and is resent
         until acked; otherwise it is live only. The server adds ``id`` and
         ``timestamp``. ``push`` overrides the type's Web Push mode for this message.
+
+        Returns the node's coroutine itself (no coroutine of its own: one layer
+        less between a frame and its commit).
         """
         users = [to] if isinstance(to, str) else list(to)
-        return await self.node.send(users, message, self.message_type.guarantee, ttl, push=push)
+        return self.node.send(users, message, self.message_type.guarantee, ttl, push=push)
