@@ -308,10 +308,15 @@ async def test_one_ack_settles_every_connection_of_the_user(make_node: NodeFacto
     node: Node = await make_node(delivery={"ack_timeout": 0.2, "max_attempts": 5})
     phone, laptop = await connect(node, "dora"), await connect(node, "dora")
     sam = await connect(node, "sam")
+    published = node.broker.stats().published
     message_id = await send_private(sam, "dora", "hello", "s")
     for conn in (phone, laptop):
         assert (await conn.recv_type("private"))["id"] == message_id
     assert (await phone.request({"type": "ack", "id": message_id, "ref": "a1"}))["acked"] == 1
+    # The in-process broker is skipped (Broker.in_process); any other one carries a DURABLE
+    # and a SETTLED envelope on the user's channel.
+    envelopes = node.broker.stats().published - published
+    assert envelopes == (0 if node.broker.in_process else 2)
     await asyncio.sleep(0.6)  # three ack timeouts: a resend would have come by now
     assert len(laptop.messages("private")) == 1 and len(phone.messages("private")) == 1
     for conn in (phone, laptop):

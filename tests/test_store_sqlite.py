@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from pushsvc.protocol import ids
-from pushsvc.store import StoreOptions, StoreUnavailable, make_store
+from pushsvc.store import IdempotencyKey, StoreOptions, StoreUnavailable, make_store
 from pushsvc.store import sqlite as sqlite_module
 from pushsvc.store.sqlite import ACKED_RETENTION, SqliteStore
 
@@ -85,6 +85,47 @@ async def test_group_commit_under_concurrency(store: SqliteStore) -> None:
     assert stats.pending == count
     loaded = [m.id for u in range(7) for m in await store.pending(f"u{u}", "", count)]
     assert sorted(loaded) == sorted(message_ids)
+
+
+async def test_accepts_of_one_batch_are_inserted_together_with_the_rest_in_order(
+    store: SqliteStore,
+) -> None:
+    """Plain accepts go in one INSERT per table; keyed ones, reads and acks keep their place."""
+    first = await put(store, "ann")
+    before = store.transactions
+    plain = [ids.new_id() for _ in range(3)]
+    keyed = ids.new_id()
+    key = IdempotencyKey("app", "k-1", "f", LATER)
+    read = store.pending("ann", "", 10)  # submitted before the accepts of its batch
+    results = await asyncio.gather(
+        store.ack("ann", [first]),
+        store.accept(plain[0], "private", b"{}", ["ann", "bob"], LATER),
+        store.accept(keyed, "private", b"{}", ["ann"], LATER, idempotency=key),
+        store.accept(plain[1], "private", b"{}", ["bob"], LATER),
+        store.accept(plain[2], "private", b"{}", ["ann"], LATER),
+        read,
+    )
+    assert store.transactions - before == 1  # one loop pass: one transaction
+    assert results[0].acked == [(first, "private")]
+    assert [m.id for m in results[-1]] == sorted([plain[0], keyed, plain[2]])
+    assert [m.id for m in await store.pending("bob", "", 10)] == sorted(plain[:2])
+    assert (await store.idempotent_result("app", "k-1", time.time())) is not None
+
+
+async def test_a_failing_accept_fails_its_whole_batch(store: SqliteStore) -> None:
+    """Inserted together, the batch's accepts commit together or not at all."""
+    taken = await put(store, "ann")
+    fresh = ids.new_id()
+    outcomes = await asyncio.gather(
+        store.accept(fresh, "private", b"{}", ["ann"], LATER),
+        store.accept(taken, "private", b"{}", ["bob"], LATER),  # the id exists: refused
+        return_exceptions=True,
+    )
+    assert all(isinstance(outcome, StoreUnavailable) for outcome in outcomes)
+    assert [m.id for m in await store.pending("ann", "", 10)] == [taken]
+    assert await store.pending("bob", "", 10) == []
+    await store.accept(fresh, "private", b"{}", ["ann"], LATER)  # the store goes on
+    assert store.healthy()
 
 
 async def test_locked_database_fails_then_recovers(store: SqliteStore) -> None:

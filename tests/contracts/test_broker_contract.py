@@ -206,6 +206,13 @@ async def test_healthy_after_start(broker: Broker) -> None:
     assert broker.healthy()
 
 
+async def test_in_process_only_when_every_subscriber_is_served_inside_publish(
+    broker: Broker, request: pytest.FixtureRequest
+) -> None:
+    """``in_process`` lets delivery skip the publish: true of synchronous memory:// alone."""
+    assert broker.in_process is (request.node.callspec.id == "memory-sync")
+
+
 # -- the two in-memory modes --------------------------------------------------------------
 
 
