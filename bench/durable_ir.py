@@ -89,7 +89,10 @@ def main() -> int:
         return rows(found)
 
     durable.server_cpu, durable.machine_cpu, durable.rows = track_pid, toggle, keep
-    status = durable.main(["--pushsvc", str(script), *args.durable_args])
+    # Its table goes beside the callgrind output unless --out says otherwise: a run
+    # under callgrind is no figure for bench/results/durable-latest.md.
+    out_args = [] if "--out" in args.durable_args else ["--out", str(work / "durable.md")]
+    status = durable.main(["--pushsvc", str(script), *out_args, *args.durable_args])
     total = 0
     for path in work.glob(f"callgrind.{args.label}*"):
         found = re.search(r"^totals: (\d+)", path.read_text(), re.M)

@@ -502,9 +502,7 @@ class SqliteStore:
 
         return self._submit(write, "accept")
 
-    def _insert_accepted(
-        self, db: sqlite3.Connection, accepted: Sequence[tuple[MessageRow, Sequence[str]]]
-    ) -> None:
+    def _insert_accepted(self, db: sqlite3.Connection, accepted: Sequence[Accepted]) -> None:
         """Insert messages and their pending deliveries: one statement per table and batch."""
         pending = self._nothing_pending
         deliveries: list[tuple[str, str]] = []

@@ -72,21 +72,28 @@ test("the example service worker registers and shows a pushed notification", { s
   const scope = `${server.base}/client/`;
   await until(() => registrations.has(scope), 10000, "the service worker registration");
   const payload = { id: "01TESTID", type: "notification", title: "Build failed", message: "main is red", data: { url: "/ci/1" } };
-  await cdp.send("ServiceWorker.deliverPushMessage", {
-    origin: server.base,
-    registrationId: registrations.get(scope),
-    data: JSON.stringify(payload),
-  });
-  const shown = await until(
-    () =>
-      page.evaluate(async () => {
-        const registration = await navigator.serviceWorker.getRegistration("/client/");
-        const list = await registration.getNotifications();
-        return list.length ? list.map((n) => ({ title: n.title, body: n.body, tag: n.tag, data: n.data })) : null;
-      }),
-    10000,
-    "the notification",
-  );
+  const push = () =>
+    cdp.send("ServiceWorker.deliverPushMessage", {
+      origin: server.base,
+      registrationId: registrations.get(scope),
+      data: JSON.stringify(payload),
+    });
+  const notifications = () =>
+    page.evaluate(async () => {
+      const registration = await navigator.serviceWorker.getRegistration("/client/");
+      const list = await registration.getNotifications();
+      return list.length ? list.map((n) => ({ title: n.title, body: n.body, tag: n.tag, data: n.data })) : null;
+    });
+  await push();
+  // Once in a full suite run on a loaded machine, Chromium showed nothing within 10 s of the
+  // push (the worker did not run it); the push is then made once more. The tag makes the
+  // second one replace the first, so one notification is still what must be shown.
+  let shown = await until(notifications, 10000, "the notification").catch(() => null);
+  if (!shown) {
+    t.diagnostic("no notification 10 s after the push: pushed once more");
+    await push();
+    shown = await until(notifications, 10000, "the notification");
+  }
   assert.deepEqual(shown, [{ title: "Build failed", body: "main is red", tag: "01TESTID", data: payload }]);
   assert.deepEqual(problems, []);
   await context.close();
