@@ -304,6 +304,25 @@ async def test_private_to_an_offline_user_is_delivered_on_connect(node: Node) ->
     assert metric(node, "pushsvc_messages_acked_total", type="private") == 3
 
 
+async def test_an_accepted_message_stays_accepted_when_its_delivery_fails(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug on the way to a recipient's connection is logged; the sender's reply is ok."""
+    rita, sam = await connect(node, "rita"), await connect(node, "sam")
+    write = MemoryConnection.write_frame
+
+    def broken(self: MemoryConnection, data: bytes) -> None:
+        if self is rita and b'"private"' in data:
+            raise RuntimeError("a transport bug")
+        write(self, data)
+
+    monkeypatch.setattr(MemoryConnection, "write_frame", broken)
+    message_id = await send_private(sam, "rita", "still stored", "s")  # reply ok
+    monkeypatch.undo()
+    again = await connect(node, "rita")  # the message is pending: a new connection gets it
+    assert (await again.recv_type("private"))["id"] == message_id
+
+
 async def test_one_ack_settles_every_connection_of_the_user(make_node: NodeFactory) -> None:
     node: Node = await make_node(delivery={"ack_timeout": 0.2, "max_attempts": 5})
     phone, laptop = await connect(node, "dora"), await connect(node, "dora")

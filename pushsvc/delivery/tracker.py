@@ -218,7 +218,10 @@ class Delivery:
         self.metrics.messages_accepted.labels(kind).inc()
         if self._local is not None:  # the in-process broker: no envelope to build
             for user in recipients:
-                self._offer_here(user, message_id, kind, data)
+                try:
+                    self._offer_here(user, message_id, kind, data)
+                except Exception:  # persisted already: resent, or delivered on reconnect
+                    log.exception("delivering an accepted message %s failed", message_id)
             return message_id
         envelope = Envelope(EnvelopeKind.DURABLE, kind, message_id, data)
         for user in recipients:
