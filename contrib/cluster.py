@@ -156,18 +156,23 @@ def main() -> int:
     except SystemExit as failed:
         print(f"{failed}; the nodes' logs: {state}/node*/pushsvc.log", file=sys.stderr, flush=True)
         stop(status=1)
-    print(f"cluster: redis {redis_url}; nodes {', '.join(str(p) for _, p in backends)}")
-    print(f"cluster: open http://127.0.0.1:{args.port}/ (round robin over the nodes)")
-    print(f"cluster: state and logs in {state}; Ctrl-C stops it", flush=True)
 
     async def serve() -> None:
         balancer = RoundRobin(backends)
         server = await asyncio.start_server(balancer.handle, "127.0.0.1", args.port)
+        # Printed once the balancer listens: a script waiting for these lines may connect.
+        print(f"cluster: redis {redis_url}; nodes {', '.join(str(p) for _, p in backends)}")
+        print(f"cluster: open http://127.0.0.1:{args.port}/ (round robin over the nodes)")
+        print(f"cluster: state and logs in {state}; Ctrl-C stops it", flush=True)
         async with server:
             await server.serve_forever()
 
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve())
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(serve())
+    except OSError as exc:  # the balancer's port is taken: stop the nodes too
+        print(f"cluster: cannot listen on {args.port}: {exc}", file=sys.stderr, flush=True)
+        stop(status=1)
     stop()
     return 0
 
