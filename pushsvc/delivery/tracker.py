@@ -416,7 +416,7 @@ class Delivery:
                 metrics.ack_latency_loop.observe(now - entry.sent_at)
         settled = [message_id for message_id, _kind in result.acked]
         if not self._settle_here(session.principal.user, settled):
-            await self._settle_everywhere(session.principal.user, settled)
+            await self._publish_settled(session.principal.user, settled)
         return len(result.acked)
 
     def _settle_here(self, user: str, message_ids: Sequence[str]) -> bool:
@@ -428,10 +428,8 @@ class Delivery:
             self.settled(session, message_ids)
         return True
 
-    async def _settle_everywhere(self, user: str, message_ids: Sequence[str]) -> None:
+    async def _publish_settled(self, user: str, message_ids: Sequence[str]) -> None:
         """Tell every node to stop resending these ids; a broker failure is logged (acks stand)."""
-        if self._settle_here(user, message_ids):
-            return
         ids = " ".join(message_ids).encode()
         try:
             await self.broker.publish(
@@ -537,7 +535,8 @@ class Delivery:
             by_user.setdefault(letter.user, []).append(letter.id)
             self.dead_lettered(letter.user, orjson.loads(letter.frame), letter.reason)
         for user, message_ids in by_user.items():
-            await self._settle_everywhere(user, message_ids)
+            if not self._settle_here(user, message_ids):
+                await self._publish_settled(user, message_ids)
 
     async def sweep(self) -> None:
         """TTL expiry, retention clean-up and backlog gauges (call every few seconds)."""

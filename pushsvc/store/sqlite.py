@@ -506,8 +506,9 @@ class SqliteStore:
         """Insert messages and their pending deliveries: one statement per table and batch."""
         pending = self._nothing_pending
         deliveries: list[tuple[str, str]] = []
-        for (message_id, *_rest), recipients in accepted:
+        for row, recipients in accepted:
             pending.difference_update(recipients)
+            message_id = row[0]
             deliveries.extend((message_id, user) for user in recipients)
         if len(accepted) == 1:  # a quiet moment: no executemany cursor
             db.execute(ADD_MESSAGE, accepted[0][0])
