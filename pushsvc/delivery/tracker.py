@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-import itertools
 import logging
 import random
 import time
@@ -37,6 +36,9 @@ log = logging.getLogger("pushsvc.delivery")
 #: Shortest gap between two resend passes (seconds): a resend goes out at most this
 #: long after it is due, and a busy node runs at most one pass per gap.
 TICK_MIN_GAP = 0.05
+#: Resend timers are kept in slots, this many per second (one per gap): a pass takes
+#: the slots whose start passed, and an ack takes its message out of its slot.
+SLOTS_PER_SECOND = round(1 / TICK_MIN_GAP)
 
 #: ``reason`` of a dead letter: the attempts ran out, or the TTL did.
 DEAD_MAX_ATTEMPTS = "max_attempts"
@@ -157,12 +159,14 @@ class Delivery:
         self.metrics = metrics  # Prometheus series
         self.dead_lettered = dead_lettered  # the plugins' pushsvc_dead_lettered hook
         self.policy = RetryPolicy(delivery.ack_timeout, delivery.max_attempts, delivery.backoff_max)
-        # (due, seq, session id, message id) heap. Ids, not Recipient objects: an entry
-        # outlives its ack until it is due, and must neither keep a closed connection
-        # alive nor be scanned by the garbage collector (tuples of strings are not).
-        self._timers: list[tuple[float, int, str, str]] = []
+        # Resend timers, a timing wheel: slot -> {(session id, message id): due}, and a
+        # heap of the slots in use. A send adds its entry to the slot its due time falls
+        # in, an ack or a close removes it (no entry left for the pass to skip), a pass
+        # takes the slots that started. Ids, not Recipient objects: the garbage
+        # collector does not scan dicts of strings.
+        self._slots: dict[int, dict[tuple[str, str], float]] = {}
+        self._slot_heap: list[int] = []  # the keys of _slots, earliest first
         self._sessions: dict[str, Recipient] = {}  # session id -> connection with a window
-        self._seq = itertools.count()  # heap tie-breaker
         self._tasks: set[asyncio.Task[Any]] = set()  # refills in progress
         # The resend pass is armed for the earliest due entry (start_timer), not run on
         # a fixed period: no wake-up while nothing is due.
@@ -272,8 +276,12 @@ class Delivery:
 
     def disconnected(self, session: Recipient) -> None:
         """Drop a closed connection's window (its messages stay pending in the store)."""
+        tracker: AckTracker | None = session.inflight
         session.inflight = None
         self._sessions.pop(session.session, None)
+        if tracker is not None:
+            for message_id, entry in tracker.inflight.items():
+                self._unschedule(session.session, message_id, entry.due)
 
     def offer(self, session: Recipient, envelope: Envelope) -> None:
         """A new at-least-once message for ``session``'s user arrived from the broker."""
@@ -299,7 +307,10 @@ class Delivery:
             return
         freed = False
         for message_id in message_ids:
-            freed |= tracker.settle(message_id) is not None
+            entry = tracker.settle(message_id)
+            if entry is not None:
+                freed = True
+                self._unschedule(session.session, message_id, entry.due)
         if freed and tracker.backlog:
             self._spawn_refill(session)
 
@@ -317,14 +328,26 @@ class Delivery:
         now = time.monotonic()
         due = now + self.policy.delay(attempts)
         tracker.sent(message_id, kind, frame, attempts, now, due)
-        heapq.heappush(self._timers, (due, next(self._seq), session.session, message_id))
-        if due < self._timer_at:
-            self._arm()
+        slot = int(due * SLOTS_PER_SECOND) + 1  # starts after due
+        entries = self._slots.get(slot)
+        if entries is not None:
+            entries[session.session, message_id] = due
+        else:
+            self._slots[slot] = {(session.session, message_id): due}
+            heapq.heappush(self._slot_heap, slot)
+            if slot / SLOTS_PER_SECOND < self._timer_at:
+                self._arm()
         metrics = self.metrics
         metrics.messages_delivered.labels(kind).inc()
         if attempts > 1:
             metrics.messages_redelivered.labels(kind).inc()
         session.send(frame, kind)
+
+    def _unschedule(self, session_id: str, message_id: str, due: float) -> None:
+        """Take a message's resend timer out of its slot (acked, dead, or its connection closed)."""
+        entries = self._slots.get(int(due * SLOTS_PER_SECOND) + 1)
+        if entries is not None:
+            entries.pop((session_id, message_id), None)
 
     def _spawn_refill(self, session: Recipient) -> None:
         tracker: AckTracker | None = session.inflight
@@ -458,9 +481,12 @@ class Delivery:
 
     def _arm(self) -> None:
         """(Re-)arm the pass for the earliest due entry, if started and anything is due."""
-        if self._loop is None or not self._timers:
+        slot_heap, slots = self._slot_heap, self._slots
+        while slot_heap and not slots[slot_heap[0]]:  # every entry in it was acked
+            del slots[heapq.heappop(slot_heap)]
+        if self._loop is None or not slot_heap:
             return
-        at = max(self._timers[0][0], self._last_pass + TICK_MIN_GAP)
+        at = max(slot_heap[0] / SLOTS_PER_SECOND, self._last_pass + TICK_MIN_GAP)
         if self._timer is not None:
             if self._timer_at <= at:
                 return
@@ -480,27 +506,28 @@ class Delivery:
         """Resend or dead-letter what timed out (run by :meth:`start_timer`'s timer)."""
         now = time.monotonic()
         self._last_pass = now
-        timers = self._timers
+        slot_heap, slots = self._slot_heap, self._slots
         resends: dict[Recipient, list[tuple[str, int]]] = {}
         dead: dict[str, list[str]] = {}
         freed: set[Recipient] = set()
         sessions = self._sessions
-        while timers and timers[0][0] <= now:
-            due, _seq, session_id, message_id = heapq.heappop(timers)
-            session = sessions.get(session_id)
-            if session is None:
-                continue  # the connection is gone
-            tracker: AckTracker | None = session.inflight
-            entry = tracker.inflight.get(message_id) if tracker is not None else None
-            if tracker is None or entry is None or entry.due != due or session.closing:
-                continue  # acked, rescheduled, or the connection is gone
-            if entry.attempts >= self.policy.max_attempts:
-                tracker.settle(message_id)
-                dead.setdefault(session.principal.user, []).append(message_id)
-                freed.add(session)
-                continue
-            self._send(session, tracker, message_id, entry.type, entry.frame, entry.attempts + 1)
-            resends.setdefault(session, []).append((message_id, entry.attempts))
+        while slot_heap and slot_heap[0] / SLOTS_PER_SECOND <= now:
+            for (session_id, message_id), due in slots.pop(heapq.heappop(slot_heap)).items():
+                session = sessions.get(session_id)
+                if session is None:
+                    continue  # the connection is gone
+                tracker: AckTracker | None = session.inflight
+                entry = tracker.inflight.get(message_id) if tracker is not None else None
+                if tracker is None or entry is None or entry.due != due or session.closing:
+                    continue  # settled or rescheduled meanwhile
+                if entry.attempts >= self.policy.max_attempts:
+                    tracker.settle(message_id)
+                    dead.setdefault(session.principal.user, []).append(message_id)
+                    freed.add(session)
+                    continue
+                attempts = entry.attempts + 1
+                self._send(session, tracker, message_id, entry.type, entry.frame, attempts)
+                resends.setdefault(session, []).append((message_id, attempts))
         for session in freed:  # the window has room again: load the backlog behind it
             if session.inflight is not None and session.inflight.backlog:
                 self._spawn_refill(session)
