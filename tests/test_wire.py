@@ -70,6 +70,64 @@ def test_any_split_of_the_stream_gives_the_same_messages(
     assert messages == [(2, p) for p in payloads]
 
 
+def _parsed_in_full(max_size: int, data: bytes) -> tuple[list[tuple[int, bytes]], int | None]:
+    """What the general parser makes of ``data`` (no shortcut for one whole frame)."""
+    reader = FrameReader(max_size)
+    messages: list[tuple[int, bytes]] = []
+    try:
+        reader._parse(data, messages)
+    except ProtocolViolation as violation:
+        return [*messages, (OP_VIOLATION, b"")], violation.code
+    return messages, None
+
+
+@given(
+    first=st.sampled_from([0x81, 0x01, 0x82, 0x89, 0xC1, 0x80]),
+    second=st.integers(min_value=0, max_value=255),
+    rest=st.binary(max_size=300),
+    max_size=st.sampled_from([50, 125, 200, 1 << 16]),
+)
+def test_one_read_of_one_frame_reads_as_the_general_parser_does(
+    first: int, second: int, rest: bytes, max_size: int
+) -> None:
+    """The shortcut for a read that is one whole text frame changes no outcome.
+
+    Any first byte (final text, not final, binary, ping, a reserved bit,
+    continuation), any second byte (masked or not, every length class), any
+    rest, with the length fitted to the rest when it can be: messages and
+    violation as the general parser finds them.
+    """
+    length = second & 0x7F
+    if length < 126:  # make the read exactly one frame as often as hypothesis likes
+        rest = rest[: 4 + length].ljust(4 + length, b"\x00") if len(rest) > 4 else rest
+    data = bytes((first, second)) + rest
+    reader = FrameReader(max_size)
+    messages = reader.feed(data)
+    code = reader.violation.code if reader.violation is not None else None
+    assert (messages, code) == _parsed_in_full(max_size, data)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        masked(0x1, b'{"type":"ack"}'),  # 7-bit length
+        masked(0x1, b"x" * 300),  # 16-bit length
+        bytes((0x81, 0x0E)) + b"\x00" * 4 + b'{"type":"ack"}',  # not masked
+        bytes((0x81, 0x10)) + b"x" * 148,  # not masked, as long as 0x10 ^ 0x80 says
+        bytes((0x81, 0x80 | 127)) + (10).to_bytes(8, "big") + b"\x00" * 4 + b"x" * 10,
+        masked(0x1, "é".encode() * 20),  # not ASCII: UTF-8 checked
+        masked(0x1, b"\xff" * 20),  # not UTF-8: 1007
+        masked(0x1, b"x" * 201),  # over max_size: 1009
+    ],
+    ids=["short", "16-bit", "unmasked", "unmasked-sized", "64-bit", "utf8", "not-utf8", "oversize"],
+)
+def test_single_frame_reads_as_the_general_parser_does(data: bytes) -> None:
+    reader = FrameReader(200)
+    messages = reader.feed(data)
+    code = reader.violation.code if reader.violation is not None else None
+    assert (messages, code) == _parsed_in_full(200, data)
+
+
 def test_fragments_are_joined_and_control_frames_pass_between() -> None:
     reader = FrameReader(100)
     stream = masked(0x1, b"he", final=False) + masked(0x9, b"p") + masked(0x0, b"llo")

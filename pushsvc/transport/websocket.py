@@ -116,9 +116,23 @@ class FrameReader:
         ``max_size``, from its header, before its payload is buffered).
         Later calls return nothing.
         """
-        messages: list[tuple[int, bytes]] = []
         if self.violation is not None:
-            return messages
+            return []
+        # The usual read: one whole, final, masked text frame of ASCII JSON (a 7- or
+        # 16-bit length), nothing buffered or fragmented. Any other read, or any doubt
+        # (a reserved bit, no mask, an oversize length, other bytes), takes _parse.
+        if not self._buffer and self._fragments is None and len(data) > 6 and data[0] == 0x81:
+            length = data[1] ^ 0x80  # the length, or >= 128 when the mask bit is not set
+            start = 2
+            if length == 126:
+                length, start = (data[2] << 8) | data[3], 4
+            elif length > 126:  # a 64-bit length, or not masked: _parse
+                length = -1
+            if 0 <= length <= self.max_size and len(data) == start + 4 + length:
+                payload = mask(data[start : start + 4], data[start + 4 :])
+                if payload.isascii():
+                    return [(OP_TEXT, payload)]
+        messages: list[tuple[int, bytes]] = []
         try:
             self._parse(data, messages)
         except ProtocolViolation as violation:
@@ -430,7 +444,14 @@ class WireConnection(ConnectionBase, asyncio.Protocol):
 
     def write_frame(self, data: bytes) -> None:
         """Queue ``data`` as one text frame (written at the end of this loop pass)."""
-        self.write_framed(tornado_compat.text_frame(data))
+        size = len(data)  # text_frame and write_framed, inline: this runs for every frame
+        frame = bytes((0x81, size)) + data if size < 126 else tornado_compat.text_frame(data)
+        outbox = self._outbox
+        if outbox is None:
+            self._outbox = [frame]
+            self._flusher.mark(self)
+        else:
+            outbox.append(frame)
 
     def flush_outbox(self) -> None:
         """Write the queued frames in one call, then check for a slow consumer."""
