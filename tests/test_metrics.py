@@ -295,6 +295,14 @@ def test_lock_free_values_read_as_prometheus_client_would() -> None:
             registry.get_sample_value("plain_seconds_bucket", {"le": le})
         )
     assert registry.get_sample_value("fast_seconds_sum") == pytest.approx(6.20001)
+    for _ in range(3):  # a group of operations timed together is one call with a count
+        plain.observe(0.5)
+    loop.observe(0.5, 3)
+    for le in ("0.1", "1.0", "+Inf"):
+        assert registry.get_sample_value("fast_seconds_bucket", {"le": le}) == (
+            registry.get_sample_value("plain_seconds_bucket", {"le": le})
+        )
+    assert registry.get_sample_value("fast_seconds_sum") == pytest.approx(7.70001)
     counter = Counter("things", "", ["kind"], registry=registry)
     value = loop_value(counter.labels("a"))
     assert loop_value(counter.labels("a")) is value  # one value object per child
@@ -323,6 +331,7 @@ def test_the_locked_fallback_counts_through_prometheus_client() -> None:
     value.inc()
     value.inc(2.0)
     _LockedHistogram(histogram).observe(0.5)
+    _LockedHistogram(histogram).observe(0.5, 2)
     assert value.get() == 3.0
     assert registry.get_sample_value("things_total", {"kind": "a"}) == 3.0
-    assert registry.get_sample_value("took_seconds_bucket", {"le": "1.0"}) == 1
+    assert registry.get_sample_value("took_seconds_bucket", {"le": "1.0"}) == 3

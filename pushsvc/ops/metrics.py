@@ -209,10 +209,10 @@ class LoopHistogram:
         self._buckets: list[LoopValue] = buckets
         self._sum = histogram._sum = _lockless(histogram._sum)
 
-    def observe(self, amount: float) -> None:
-        """Record ``amount`` (seconds)."""
-        self._sum.amount += amount
-        self._buckets[bisect.bisect_left(self._bounds, amount)].amount += 1
+    def observe(self, amount: float, count: int = 1) -> None:
+        """Record ``amount`` (seconds), ``count`` times."""
+        self._sum.amount += amount * count
+        self._buckets[bisect.bisect_left(self._bounds, amount)].amount += count
 
 
 class _LockedValue(LoopValue):
@@ -241,9 +241,10 @@ class _LockedHistogram(LoopHistogram):
     def __init__(self, histogram: Any) -> None:
         self._histogram = histogram  # prometheus-client's histogram, with its locks
 
-    def observe(self, amount: float) -> None:
-        """Record ``amount`` through prometheus-client."""
-        self._histogram.observe(amount)
+    def observe(self, amount: float, count: int = 1) -> None:
+        """Record ``amount`` through prometheus-client, ``count`` times."""
+        for _ in range(count):
+            self._histogram.observe(amount)
 
 
 def _lockless_values_work() -> bool:
@@ -722,8 +723,8 @@ class _TimedStore:
         if self._self_timed:
             inner.time_operations(self._record)  # type: ignore[attr-defined]
 
-    def _record(self, name: str, seconds: float, failed: bool) -> None:
-        """A self-timed operation settled: observe its latency, or count its failure."""
+    def _record(self, name: str, seconds: float, failed: bool, count: int) -> None:
+        """``count`` self-timed operations settled: observe their latency, or count failures."""
         series = self._timed_series.get(name)
         if series is None:
             series = self._timed_series[name] = (
@@ -731,9 +732,9 @@ class _TimedStore:
                 self._metrics.store_errors.labels(name),
             )
         if failed:
-            series[1].inc()
+            series[1].inc(count)
         else:
-            series[0].observe(seconds)
+            series[0].observe(seconds, count)
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self.inner, name)

@@ -168,8 +168,8 @@ def _chunks(items: Sequence[T]) -> Iterator[Sequence[T]]:
         yield items[start : start + _CHUNK]
 
 
-#: Called on the loop as a timed operation settles: (operation, seconds, failed).
-OperationTiming = Callable[[str, float, bool], None]
+#: Called on the loop as timed operations settle: (operation, seconds, failed, count).
+OperationTiming = Callable[[str, float, bool, int], None]
 #: Operations that return the writer's future itself (no coroutine of their own) and
 #: that the store times as they settle (see :meth:`SqliteStore.time_operations`).
 SELF_TIMED = frozenset({"accept", "ack"})
@@ -200,7 +200,9 @@ class _Op:
         self.fn = fn  # runs on the writer thread inside the batch transaction
         self.future = future  # resolved on the loop with fn's result
         self.timed = timed  # operation name reported to the timing callback, if any
-        self.started = started  # perf_counter() at submission (timed operations)
+        # perf_counter() at the first submission of its loop pass (timed operations):
+        # the operations of a pass and a transaction are timed together.
+        self.started = started
         # fn writes with one statement (and may read after it): alone in a batch, that
         # statement is its own transaction, with no BEGIN and COMMIT around it.
         self.single = single
@@ -243,6 +245,7 @@ class SqliteStore:
         # writer thread only, cleared when a transaction fails.
         self._history_rooms: dict[str, tuple[str, int]] = {}
         self._timing: OperationTiming | None = None  # see time_operations
+        self._outbox_started = 0.0  # perf_counter() at this loop pass's first submission
         # The read-only connection of stats() and history_stats(), opened on first use
         # and kept (opening one parses the whole schema: ~450,000 instructions a sweep).
         self._reader: sqlite3.Connection | None = None
@@ -254,7 +257,9 @@ class SqliteStore:
         ``accept`` and ``ack`` return the writer's future rather than a
         coroutine, so a wrapper cannot time them by awaiting; the metrics'
         instrumented store passes its recorder here instead: ``record(name,
-        seconds from the call to its result on the loop, failed)``.
+        seconds, failed, count)``, once per kind of the operations that were
+        submitted in one loop pass and settled by one transaction, the
+        seconds from the pass's first submission to their results on the loop.
         """
         self._timing = record
 
@@ -450,13 +455,14 @@ class SqliteStore:
         loop = self._loop
         if self._thread is None or loop is None:
             if timed is not None and self._timing is not None:
-                self._timing(timed, 0.0, True)
+                self._timing(timed, 0.0, True, 1)
             raise StoreUnavailable("store is not open")
         future: asyncio.Future[T] = loop.create_future()
         if not self._outbox:  # the first operation of this loop pass
             loop.call_soon(self._hand_over)
+            self._outbox_started = time.perf_counter()
         if timed is not None and self._timing is not None:
-            self._outbox.append(_Op(fn, future, timed, time.perf_counter(), single, accepted))
+            self._outbox.append(_Op(fn, future, timed, self._outbox_started, single, accepted))
         else:
             self._outbox.append(_Op(fn, future, single=single, accepted=accepted))
         return future
@@ -464,11 +470,20 @@ class SqliteStore:
     def _settle_all(self, results: list[tuple[_Op, Any, BaseException | None]]) -> None:
         """On the loop: resolve a transaction's futures, and time the timed operations."""
         timing = self._timing
-        now = time.perf_counter() if timing is not None else 0.0
+        if timing is None:
+            for op, value, error in results:
+                _settle_one(op.future, value, error)
+            return
+        now = time.perf_counter()
+        # (operation, its pass's start, failed) -> how many: one observation per group.
+        counts: dict[tuple[str, float, bool], int] = {}
         for op, value, error in results:
             _settle_one(op.future, value, error)
-            if op.timed is not None and timing is not None:
-                timing(op.timed, now - op.started, error is not None)
+            if op.timed is not None:
+                key = (op.timed, op.started, error is not None)
+                counts[key] = counts.get(key, 0) + 1
+        for (name, started, failed), count in counts.items():
+            timing(name, now - started, failed, count)
 
     def _hand_over(self) -> None:
         """Give the writer everything submitted in this loop pass: one wake-up, one batch."""
