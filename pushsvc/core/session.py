@@ -372,12 +372,21 @@ class Session:
             self.send_error(checked.code, checked.message, checked.ref)
             return
         fields, ref = checked.fields, checked.ref
-        if command.type == "ping":
+        kind = command.type
+        if kind == "ack":  # first: one per at-least-once message
+            ids = fields.get("ids") or []
+            if "id" in fields:
+                ids = [fields["id"], *ids]
+            if not ids:
+                raise CommandError(ErrorCode.BAD_REQUEST, "ack: needs id or ids")
+            acked = await self.services.ack(self, ids)
+            self._reply(ref, {"acked": acked})
+        elif kind == "ping":
             pong: dict[str, Any] = {"type": "pong"}
             if ref is not None:
                 pong["ref"] = ref
             self.send(frames.encode(pong), "pong")
-        elif command.type == "join":
+        elif kind == "join":
             room = fields["room"]
             since = fields.get("since")
             result = await self.services.join(
@@ -394,26 +403,18 @@ class Session:
                 self._reply(ref, joined)
             finally:  # never leave the room held
                 result.finish()
-        elif command.type == "history":
+        elif kind == "history":
             await self._history(fields, ref)
-        elif command.type == "leave":
+        elif kind == "leave":
             await self.services.leave(self, fields["room"])
             self._reply(ref, {"room": fields["room"]})
-        elif command.type == "auth":
+        elif kind == "auth":
             await self._reauthenticate(fields["token"], ref)
-        elif command.type == "ack":
-            ids = fields.get("ids") or []
-            if "id" in fields:
-                ids = [fields["id"], *ids]
-            if not ids:
-                raise CommandError(ErrorCode.BAD_REQUEST, "ack: needs id or ids")
-            acked = await self.services.ack(self, ids)
-            self._reply(ref, {"acked": acked})
-        elif command.type == "push_subscribe":
+        elif kind == "push_subscribe":
             subscription = fields["subscription"]
             outcome = await self.services.push_subscribe(self.principal.user, subscription)
             self._reply(ref, {"endpoint": subscription["endpoint"], "result": outcome})
-        elif command.type == "push_unsubscribe":
+        elif kind == "push_unsubscribe":
             removed = await self.services.push_unsubscribe(self.principal.user, fields["endpoint"])
             self._reply(ref, {"endpoint": fields["endpoint"], "removed": removed})
 

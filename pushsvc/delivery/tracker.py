@@ -219,11 +219,13 @@ class Delivery:
                 f"not accepted, store unavailable: {exc}",
                 RETRY_AFTER_UNAVAILABLE,
             ) from exc
-        self.metrics.messages_accepted.labels(kind).inc()
-        if self._local is not None:  # the in-process broker: no envelope to build
+        self.metrics.messages_accepted.count(kind)
+        local = self._local
+        if local is not None:  # the in-process broker: no envelope to build
             for user in recipients:
                 try:
-                    self._offer_here(user, message_id, kind, data)
+                    for session in list(local(user)):
+                        self._offer(session, message_id, kind, data)
                 except Exception:  # persisted already: resent, or delivered on reconnect
                     log.exception("delivering an accepted message %s failed", message_id)
             return message_id
@@ -289,9 +291,13 @@ class Delivery:
 
     def _offer(self, session: Recipient, message_id: str, kind: str, frame: bytes) -> None:
         tracker: AckTracker | None = session.inflight
-        if tracker is None or session.closing or message_id in tracker.inflight:
+        if tracker is None or session.closing:
             return
-        if tracker.can_send_live():
+        inflight = tracker.inflight
+        if message_id in inflight:
+            return
+        # tracker.can_send_live(), inline: this runs for every delivery
+        if not tracker.backlog and not tracker.refilling and len(inflight) < tracker.window:
             self._send(session, tracker, message_id, kind, frame, 1)
             return
         tracker.dirty = True
@@ -306,8 +312,9 @@ class Delivery:
         if tracker is None:
             return
         freed = False
+        inflight = tracker.inflight
         for message_id in message_ids:
-            entry = tracker.settle(message_id)
+            entry = inflight.pop(message_id, None)  # tracker.settle, inline
             if entry is not None:
                 freed = True
                 self._unschedule(session.session, message_id, entry.due)
@@ -338,9 +345,9 @@ class Delivery:
             if slot / SLOTS_PER_SECOND < self._timer_at:
                 self._arm()
         metrics = self.metrics
-        metrics.messages_delivered.labels(kind).inc()
+        metrics.messages_delivered.count(kind)
         if attempts > 1:
-            metrics.messages_redelivered.labels(kind).inc()
+            metrics.messages_redelivered.count(kind)
         session.send(frame, kind)
 
     def _unschedule(self, session_id: str, message_id: str, due: float) -> None:
@@ -433,7 +440,7 @@ class Delivery:
         now = time.monotonic()
         tracker: AckTracker | None = session.inflight
         for message_id, kind in result.acked:
-            metrics.messages_acked.labels(kind).inc()
+            metrics.messages_acked.count(kind)
             entry = tracker.inflight.get(message_id) if tracker is not None else None
             if entry is not None:
                 metrics.ack_latency_loop.observe(now - entry.sent_at)

@@ -220,13 +220,22 @@ class _LockedValue(LoopValue):
 
     __slots__ = ("_child",)
 
-    def __init__(self, child: Any) -> None:
-        super().__init__()
+    def __init__(self, child: Any) -> None:  # no LoopValue.__init__: it would set amount
+        self._exemplar = None
         self._child = child  # prometheus-client's child, with its lock
 
     def inc(self, amount: float = 1.0) -> None:
         """Add ``amount`` through prometheus-client."""
         self._child.inc(amount)
+
+    @property  # the slot of LoopValue, through the child here
+    def amount(self) -> float:
+        """The value; ``amount += n`` (what the hot paths write) adds through the child."""
+        return self.get()
+
+    @amount.setter
+    def amount(self, value: float) -> None:
+        self._child.inc(value - self.get())
 
     def get(self) -> float:
         """The value, as prometheus-client holds it."""
@@ -290,6 +299,16 @@ class TypedCounter:
         self.counter = counter  # the registered series
         self._known = known  # whether a type may be a label value
         self._children: dict[tuple[str, ...], LoopValue] = {}  # label values -> child's value
+        self._by_kind: dict[str, LoopValue] = {}  # the same, for counters of one label
+
+    def count(self, kind: str) -> None:
+        """Add one to the child for ``kind`` alone: ``labels(kind).inc()`` in one call."""
+        child = self._by_kind.get(kind)
+        if child is None:
+            child = self.labels(kind)
+            if len(self._by_kind) < MAX_CACHED_CHILDREN:
+                self._by_kind[kind] = child
+        child.amount += 1
 
     def labels(self, kind: str, *rest: str) -> LoopValue:
         """The value of the child for ``kind`` (:data:`OTHER_TYPE` when undeclared) and ``rest``.
@@ -311,6 +330,7 @@ class TypedCounter:
     def forget_children(self) -> None:
         """Drop cached children (the known types changed)."""
         self._children.clear()
+        self._by_kind.clear()
 
 
 class FrameCounts:
