@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from pushsvc.transport.pacing import Pacer, Stepper, pacer, settle_future
+from pushsvc.transport.pacing import Pacer, Settle, Stepper, pacer, settle_future
 
 T = TypeVar("T")
 
@@ -38,14 +38,13 @@ def start(coroutine: Coroutine[Any, Any, T]) -> asyncio.Future[T] | None:
     return done
 
 
-def run(
-    coroutine: Coroutine[Any, Any, Any], finished: Finished, paced: Pacer | None = None
-) -> bool:
+def run(coroutine: Coroutine[Any, Any, Any], finished: Settle, paced: Pacer | None = None) -> bool:
     """Run ``coroutine`` until it suspends; True when it finished without suspending.
 
-    Otherwise ``finished(error)`` is called, directly from the step that ends
-    it, with its exception (None for a result or a cancellation): no future
-    and no extra loop callback per suspended frame, which :func:`start` costs.
+    Otherwise ``finished(value, error, cancelled)`` (a
+    :data:`~pushsvc.transport.pacing.Settle`) is called directly from the step
+    that ends it: no future and no extra loop callback per suspended frame,
+    which :func:`start` costs.
     Exceptions raised before the first suspension propagate to the caller.
     After a commit that answers hundreds of waiting frames at once, they go
     on a turn at a time (:mod:`pushsvc.transport.pacing`): ``paced``, the running
@@ -57,9 +56,5 @@ def run(
         return True
     if paced is None:  # not ``paced or``: an idle pacer is falsy (its len() is 0)
         paced = pacer()
-    Stepper(paced, coroutine, lambda _value, error, _cancelled: finished(error)).wait(waiting_on)
+    Stepper(paced, coroutine, finished).wait(waiting_on)
     return False
-
-
-#: What :func:`run` calls when a suspended coroutine ended: its exception or None.
-Finished = Callable[[BaseException | None], None]

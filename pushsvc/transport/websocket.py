@@ -38,7 +38,7 @@ import asyncio
 import codecs
 import logging
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pushsvc.protocol.disconnects import DISCONNECTS
 from pushsvc.transport import eager, tornado_compat
@@ -383,7 +383,7 @@ class WireConnection(ConnectionBase, asyncio.Protocol):
             self._violation(self._reader.violation)
         return False
 
-    def _handled(self, error: BaseException | None) -> None:
+    def _handled(self, _value: Any, error: BaseException | None, _cancelled: bool) -> None:
         """The waiting frame's handler ended (called from its last step): go on."""
         if error is not None:
             log.error("a frame handler failed", exc_info=error)
