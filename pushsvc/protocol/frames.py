@@ -132,7 +132,12 @@ _PLANS_MAX = 10_000  # declarations cached (a plugin building its fields per fra
 
 
 def _plan(fields: Mapping[str, Field]) -> tuple[_Check, ...]:
-    """The checks of a fields declaration, made once per declaration (kept alive here)."""
+    """The checks of a fields declaration, made once per declaration (kept alive here).
+
+    A declaration is fixed once registered (a message type's or a core
+    command's ``fields``): a mapping changed after its first frame keeps its
+    first plan.
+    """
     cached = _PLANS.get(id(fields))
     if cached is not None and cached[0] is fields:
         return cached[1]
