@@ -444,14 +444,10 @@ class WireConnection(ConnectionBase, asyncio.Protocol):
 
     def write_frame(self, data: bytes) -> None:
         """Queue ``data`` as one text frame (written at the end of this loop pass)."""
-        size = len(data)  # text_frame and write_framed, inline: this runs for every frame
-        frame = bytes((0x81, size)) + data if size < 126 else tornado_compat.text_frame(data)
-        outbox = self._outbox
-        if outbox is None:
-            self._outbox = [frame]
-            self._flusher.mark(self)
-        else:
-            outbox.append(frame)
+        size = len(data)  # a short frame's header inline: this runs for every frame
+        self.write_framed(
+            bytes((0x81, size)) + data if size < 126 else tornado_compat.text_frame(data)
+        )
 
     def flush_outbox(self) -> None:
         """Write the queued frames in one call, then check for a slow consumer."""
