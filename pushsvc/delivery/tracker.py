@@ -40,6 +40,12 @@ TICK_MIN_GAP = 0.05
 #: the slots whose start passed, and an ack takes its message out of its slot.
 SLOTS_PER_SECOND = round(1 / TICK_MIN_GAP)
 
+
+def _slot_of(due: float) -> int:
+    """The slot a resend due at ``due`` (monotonic seconds) waits in: the first after it."""
+    return int(due * SLOTS_PER_SECOND) + 1
+
+
 #: ``reason`` of a dead letter: the attempts ran out, or the TTL did.
 DEAD_MAX_ATTEMPTS = "max_attempts"
 DEAD_TTL = "ttl"
@@ -92,7 +98,7 @@ class AckTracker:
 
     def can_send_live(self) -> bool:
         """Whether a message arriving now may go straight out (order stays by id)."""
-        return not self.backlog and not self.refilling and self.room() > 0
+        return not self.backlog and not self.refilling and len(self.inflight) < self.window
 
     def sent(
         self, message_id: str, kind: str, frame: bytes, attempts: int, now: float, due: float
@@ -220,12 +226,10 @@ class Delivery:
                 RETRY_AFTER_UNAVAILABLE,
             ) from exc
         self.metrics.messages_accepted.count(kind)
-        local = self._local
-        if local is not None:  # the in-process broker: no envelope to build
+        if self._local is not None:  # the in-process broker: no envelope to build
             for user in recipients:
                 try:
-                    for session in list(local(user)):
-                        self._offer(session, message_id, kind, data)
+                    self._offer_here(user, message_id, kind, data)
                 except Exception:  # persisted already: resent, or delivered on reconnect
                     log.exception("delivering an accepted message %s failed", message_id)
             return message_id
@@ -291,13 +295,9 @@ class Delivery:
 
     def _offer(self, session: Recipient, message_id: str, kind: str, frame: bytes) -> None:
         tracker: AckTracker | None = session.inflight
-        if tracker is None or session.closing:
+        if tracker is None or session.closing or message_id in tracker.inflight:
             return
-        inflight = tracker.inflight
-        if message_id in inflight:
-            return
-        # tracker.can_send_live(), inline: this runs for every delivery
-        if not tracker.backlog and not tracker.refilling and len(inflight) < tracker.window:
+        if tracker.can_send_live():
             self._send(session, tracker, message_id, kind, frame, 1)
             return
         tracker.dirty = True
@@ -312,9 +312,8 @@ class Delivery:
         if tracker is None:
             return
         freed = False
-        inflight = tracker.inflight
         for message_id in message_ids:
-            entry = inflight.pop(message_id, None)  # tracker.settle, inline
+            entry = tracker.settle(message_id)
             if entry is not None:
                 freed = True
                 self._unschedule(session.session, message_id, entry.due)
@@ -335,7 +334,7 @@ class Delivery:
         now = time.monotonic()
         due = now + self.policy.delay(attempts)
         tracker.sent(message_id, kind, frame, attempts, now, due)
-        slot = int(due * SLOTS_PER_SECOND) + 1  # starts after due
+        slot = _slot_of(due)
         entries = self._slots.get(slot)
         if entries is not None:
             entries[session.session, message_id] = due
@@ -352,7 +351,7 @@ class Delivery:
 
     def _unschedule(self, session_id: str, message_id: str, due: float) -> None:
         """Take a message's resend timer out of its slot (acked, dead, or its connection closed)."""
-        entries = self._slots.get(int(due * SLOTS_PER_SECOND) + 1)
+        entries = self._slots.get(_slot_of(due))
         if entries is not None:
             entries.pop((session_id, message_id), None)
 

@@ -470,20 +470,17 @@ class SqliteStore:
     def _settle_all(self, results: list[tuple[_Op, Any, BaseException | None]]) -> None:
         """On the loop: resolve a transaction's futures, and time the timed operations."""
         timing = self._timing
-        if timing is None:
-            for op, value, error in results:
-                _settle_one(op.future, value, error)
-            return
-        now = time.perf_counter()
+        now = time.perf_counter() if timing is not None else 0.0
         # (operation, its pass's start, failed) -> how many: one observation per group.
         counts: dict[tuple[str, float, bool], int] = {}
         for op, value, error in results:
             _settle_one(op.future, value, error)
-            if op.timed is not None:
+            if op.timed is not None and timing is not None:
                 key = (op.timed, op.started, error is not None)
                 counts[key] = counts.get(key, 0) + 1
-        for (name, started, failed), count in counts.items():
-            timing(name, now - started, failed, count)
+        if timing is not None:
+            for (name, started, failed), count in counts.items():
+                timing(name, now - started, failed, count)
 
     def _hand_over(self) -> None:
         """Give the writer everything submitted in this loop pass: one wake-up, one batch."""
