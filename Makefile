@@ -7,35 +7,43 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The frame path compiled with mypyc (setup.py's COMPILED list): rebuilt in place when one
+# of its modules changes, so that nothing runs a stale .so (tests/test_build.py checks).
+COMPILED := $(shell sed -n '/^COMPILED = \[/,/^\]/p' setup.py | grep -o 'pushsvc/[a-z_/]*\.py')
+BUILT := $(VENV)/.compiled
 PYTEST_ARGS ?=
 
 .PHONY: run cluster check lint test test-async test-systemd tools bench fuzz soak clean
 
-$(STAMP): setup.cfg pyproject.toml tests/example_plugin/setup.cfg
+$(STAMP): setup.cfg setup.py pyproject.toml tests/example_plugin/setup.cfg
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,redis]' ./tests/example_plugin
+	PUSHSVC_COMPILE=0 $(BIN)/pip install --quiet -e '.[dev,redis]' ./tests/example_plugin
 	touch $(STAMP)
 
-run: $(STAMP)
+$(BUILT): $(STAMP) $(COMPILED)
+	$(BIN)/python setup.py --quiet build_ext --inplace
+	touch $(BUILT)
+
+run: $(BUILT)
 	$(BIN)/pushsvc serve --dev
 
 # Three nodes on one redis-server behind a round-robin balancer on :8888 (contrib/cluster.py).
-cluster: $(STAMP)
+cluster: $(BUILT)
 	$(BIN)/python contrib/cluster.py --nodes 3
 
-lint: $(STAMP)
+lint: $(BUILT)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
 # tests/test_systemd_real.py runs in test-systemd (it may first build a Debian image).
-test: $(STAMP)
+test: $(BUILT)
 	$(BIN)/pytest --ignore=tests/test_systemd_real.py $(PYTEST_ARGS)
 
 # The delivery, gateway and API tests again on the asynchronous in-memory broker
 # (delivery on a later loop pass, as over a network; docs/broker.md).
-test-async: $(STAMP)
+test-async: $(BUILT)
 	PUSHSVC_BROKER__URL='memory://?delivery=async' $(BIN)/pytest $(PYTEST_ARGS) \
 		tests/test_delivery.py tests/test_gateway.py tests/test_api.py
 
@@ -43,7 +51,7 @@ test-async: $(STAMP)
 # systemd-nspawn (root only, else skipped with the reason). The first run builds the image
 # with debootstrap (1.5-2.5 min, cached in /var/cache/pushsvc-test); then about 65 s.
 # -rP prints each test's figures.
-test-systemd: $(STAMP)
+test-systemd: $(BUILT)
 	$(BIN)/pytest -rP $(PYTEST_ARGS) tests/test_systemd_real.py
 
 # Best effort: in CI (CI set, running as root) install promtool and prometheus (Debian
@@ -85,14 +93,15 @@ fuzz: $(STAMP)
 
 # Rounds of 1,000 clients connecting, joining, chatting, acking and leaving, then a leak
 # check and a reconnect storm (bench/soak.py; figures in docs/performance.md).
-soak: $(STAMP)
+soak: $(BUILT)
 	$(BIN)/python bench/soak.py --rounds 5 --clients 1000 --storm 10000 --restart-storm 10000
 
-bench: $(STAMP)
+bench: $(BUILT)
 	bench/peers.sh
 	$(BIN)/python bench/durable.py
 	$(BIN)/python bench/features.py
 	$(BIN)/python bench/memory.py
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache build
+	find pushsvc -name '*.so' -delete
