@@ -31,6 +31,8 @@ COMPILED = [
     "pushsvc/transport/eager.py",
     "pushsvc/core/session.py",
     "pushsvc/delivery/tracker.py",
+    "pushsvc/core/hub.py",
+    "pushsvc/store/sqlite.py",
 ]
 
 

@@ -213,9 +213,6 @@ class _Op:
 class SqliteStore:
     """The SQLite implementation of :class:`pushsvc.store.Store` (every contract)."""
 
-    #: Operations this store times itself (:meth:`time_operations`).
-    self_timed = SELF_TIMED
-
     def __init__(
         self,
         path: str,
@@ -225,12 +222,13 @@ class SqliteStore:
         busy_timeout: float = 5.0,
     ) -> None:
         self.path = path  # database file
+        self.self_timed = SELF_TIMED  # operations this store times itself (time_operations)
         self.synchronous = synchronous  # "normal" or "full"
         self.batch_max = batch_max  # most operations per transaction
         self.busy_timeout = busy_timeout  # seconds to wait on a locked database
         self._queue: queue.SimpleQueue[list[_Op] | None] = queue.SimpleQueue()  # for the thread
         self._outbox: list[_Op] = []  # submitted in this loop pass, handed over at its end
-        self._thread: threading.Thread | None = None  # the writer
+        self._writer: threading.Thread | None = None  # the writer
         self._loop: asyncio.AbstractEventLoop | None = None  # where futures resolve
         self._healthy = True  # result of the last transaction
         self._transactions = 0  # transactions committed (each serves a batch of operations)
@@ -273,20 +271,20 @@ class SqliteStore:
         except OSError as exc:
             raise StoreUnavailable(f"cannot create {Path(self.path).parent}: {exc}") from exc
         ready: asyncio.Future[None] = self._loop.create_future()
-        self._thread = threading.Thread(
+        self._writer = threading.Thread(
             target=self._run, args=(ready,), name="pushsvc-store", daemon=True
         )
-        self._thread.start()
+        self._writer.start()
         await ready
 
     async def close(self) -> None:
         """Run what is queued, then stop the thread."""
-        if self._thread is None:
+        if self._writer is None:
             return
         self._hand_over()
         self._queue.put(None)
-        await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
-        self._thread = None
+        await asyncio.get_running_loop().run_in_executor(None, self._writer.join)
+        self._writer = None
         with self._reader_lock:
             if self._reader is not None:
                 self._reader.close()
@@ -453,7 +451,7 @@ class SqliteStore:
         ``accepted``: a plain accept, inserted with the batch's others (``fn`` is not called).
         """
         loop = self._loop
-        if self._thread is None or loop is None:
+        if self._writer is None or loop is None:
             if timed is not None and self._timing is not None:
                 self._timing(timed, 0.0, True, 1)
             raise StoreUnavailable("store is not open")
@@ -759,7 +757,7 @@ class SqliteStore:
         count walks every pending delivery (~20 ms per 30,000), which would
         hold up every message accepted meanwhile.
         """
-        if self._thread is None:
+        if self._writer is None:
             raise StoreUnavailable("store is not open")
         return await asyncio.get_running_loop().run_in_executor(None, self._read_stats)
 
