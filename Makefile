@@ -21,7 +21,8 @@ $(STAMP): setup.cfg setup.py pyproject.toml tests/example_plugin/setup.cfg
 	PUSHSVC_COMPILE=0 $(BIN)/pip install --quiet -e '.[dev,redis]' ./tests/example_plugin
 	touch $(STAMP)
 
-$(BUILT): $(STAMP) $(COMPILED)
+$(BUILT): $(STAMP) $(COMPILED) setup.py
+	find pushsvc -name '*.so' -delete
 	$(BIN)/python setup.py --quiet build_ext --inplace
 	touch $(BUILT)
 

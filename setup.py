@@ -32,7 +32,6 @@ COMPILED = [
     "pushsvc/core/session.py",
     "pushsvc/delivery/tracker.py",
     "pushsvc/core/hub.py",
-    "pushsvc/store/sqlite.py",
 ]
 
 

@@ -54,6 +54,18 @@ def test_the_frame_path_runs_compiled_and_current(source: str) -> None:
     )
 
 
+def test_nothing_outside_the_list_runs_compiled() -> None:
+    """A module taken off the list leaves no .so behind that would shadow its source."""
+    listed = {Path(source).with_suffix("") for source in compiled_sources()}
+    group = Path("pushsvc/frame_path__mypyc")  # mypyc's library of the whole group
+    stray = [
+        built.relative_to(ROOT)
+        for built in (ROOT / "pushsvc").rglob("*.so")
+        if (built.relative_to(ROOT).parent / built.name.split(".")[0]) not in listed | {group}
+    ]
+    assert not stray, f"compiled modules not in setup.py's COMPILED: {stray} (`make` removes them)"
+
+
 @pytest.mark.slow
 def test_a_failing_compiler_installs_the_plain_modules(tmp_path: Path) -> None:
     """No C compiler (a slim container): the wheel holds the plain modules, not half a build."""
