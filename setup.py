@@ -1,12 +1,12 @@
 """pushsvc's build: setup.cfg holds the metadata; this file adds the compiled frame path.
 
-The modules in ``COMPILED`` carry every frame from a socket's bytes to the store and
-back. They are compiled with mypyc (mypy's compiler for type-annotated Python, as
-black and mypy itself ship) when the build can: mypy in the build environment
-(pyproject.toml asks for it) and a working C compiler. Otherwise, or with
-``PUSHSVC_COMPILE=0``, they stay plain Python: the same source and behaviour, slower
-(docs/performance.md, round 5). A compile that fails never fails the install: it
-warns and installs the plain modules.
+The modules in ``COMPILED`` are most of the way a frame goes between the WebSocket
+engine and the store (docs/architecture.md says which stay out, and why). They are
+compiled with mypyc (mypy's compiler for type-annotated Python, which black and mypy
+ship with) when the build can: mypy in the build environment (pyproject.toml asks
+for it) and a working C compiler. Otherwise, or with ``PUSHSVC_COMPILE=0``, they stay
+plain Python: the same source and behaviour, slower (docs/performance.md, round 5).
+A compile that fails never fails the install: it warns and installs the plain modules.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
-#: The hot path, leaf first. A module here must not be subclassed or monkeypatched
+#: The frame path. A module here must not be subclassed or monkeypatched
 #: from interpreted code (mypyc classes refuse both) and its annotations must hold at
 #: run time (mypyc checks them at every call into compiled code).
 COMPILED = [
