@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 
 .PHONY: run cluster check lint test test-async test-systemd tools bench fuzz soak clean
 
-$(STAMP): setup.cfg setup.py pyproject.toml tests/example_plugin/setup.cfg
+$(STAMP): setup.cfg pyproject.toml tests/example_plugin/setup.cfg
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	PUSHSVC_COMPILE=0 $(BIN)/pip install --quiet -e '.[dev,redis]' ./tests/example_plugin

@@ -47,11 +47,10 @@ class OptionalBuildExt(build_ext):
             super().run()
         except Exception as exc:  # compiler missing or failing: the plain modules serve
             _warn(f"compiling the frame path failed ({exc})")
-            for output in self.get_outputs():
-                Path(output).unlink(missing_ok=True)  # a partial set would not import
-            inplace = [self.get_ext_fullpath(ext.name) for ext in self.extensions]
-            for output in inplace:
-                Path(output).unlink(missing_ok=True)
+            # A partial set would not import. setuptools builds in build_lib and copies
+            # in place (--inplace) only after a whole build, so build_lib is all there is.
+            for ext in self.extensions:
+                Path(self.get_ext_fullpath(ext.name)).unlink(missing_ok=True)
 
 
 def _extensions() -> list[Any]:

@@ -213,6 +213,9 @@ class _Op:
 class SqliteStore:
     """The SQLite implementation of :class:`pushsvc.store.Store` (every contract)."""
 
+    #: Operations this store times itself (:meth:`time_operations`).
+    self_timed = SELF_TIMED
+
     def __init__(
         self,
         path: str,
@@ -222,7 +225,6 @@ class SqliteStore:
         busy_timeout: float = 5.0,
     ) -> None:
         self.path = path  # database file
-        self.self_timed = SELF_TIMED  # operations this store times itself (time_operations)
         self.synchronous = synchronous  # "normal" or "full"
         self.batch_max = batch_max  # most operations per transaction
         self.busy_timeout = busy_timeout  # seconds to wait on a locked database
